@@ -1,0 +1,85 @@
+"""The adapter contract: everything the rollout and the trainer know about a backbone.
+
+A backbone (the toy, FLUX, Wan) is wrapped in a `FlowAdapter`. Rollout, advantages, losses and the trainer talk
+only to this interface; timestep scaling, latent packing, guidance vs classifier-free guidance, video dimensions and
+text-embedding layouts stay inside the adapter.
+
+Conventions shared by every adapter:
+- Latents are stored and handed over in fp32, shape `[B, *latent_shape]` (FLUX: packed tokens `[B, L, 64]`, the toy:
+  `[B, 1, H, W]`, Wan: `[B, C, F, H, W]`).
+- `sigmas_B` is a float32 tensor `[B]`: one noise level per sample (sigma = 1 is noise, 0 is data), so one forward can
+  mix nodes of different steps (training micro-batches do).
+- The model predicts the flow-matching velocity v = eps - x0 (x_sigma = (1 - sigma) x0 + sigma eps). Adapters whose
+  backbone predicts something else convert it here.
+- `cond` is a dict of tensors whose leading dim equals B (already gathered per sample by the caller), with the keys
+  of `embedding_keys` as written by the preprocessing step (see `branchgrpo.data.embeddings`).
+- `velocity` returns fp32. Autocast (bf16 on GPU) is set by the caller around the call, not inside the adapter.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class FlowAdapter(abc.ABC):
+    """A flow-matching backbone as seen by branchgrpo."""
+
+    #: short name used in logs and checkpoints ("toy", "flux", "wan")
+    name: str = "base"
+    #: "image" (decode -> [B, C, H, W]) or "video" (decode -> [B, C, F, H, W])
+    media: str = "image"
+    #: per-sample latent shape; initial noise is drawn with this shape in fp32
+    latent_shape: tuple[int, ...] = ()
+    #: the keys of the prompt-embedding dict this adapter consumes (the preprocess step writes them)
+    embedding_keys: tuple[str, ...] = ()
+    #: module names that LoRA targets by default
+    default_lora_targets: tuple[str, ...] = ()
+
+    #: the trained network. Parallelism is applied to it in place (FSDP2) or by replacing the attribute (DDP).
+    transformer: nn.Module
+
+    @abc.abstractmethod
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Velocity v(x, sigma | prompt) in fp32, same shape as `latents`; `sigmas` is `[B]` (per sample)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents -> media in [0, 1], float32: images `[B, C, H, W]` or videos `[B, C, F, H, W]`."""
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks of `transformer`: one FSDP2 unit and one activation-checkpoint unit each."""
+        return []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def to(self, device: torch.device | str) -> "FlowAdapter":
+        """Move every module the adapter owns (transformer, VAE, ...) to `device`."""
+        self.transformer.to(device)
+        return self
+
+    def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trained weights where users can load them (diffusers layout for FLUX/Wan).
+
+        `state_dict` is a full (gathered) state dict of `transformer`; None means take it from the module.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not export weights")
+
+
+def gather_cond(embeddings: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample conditioning: row `prompt_index[b]` of every per-prompt embedding tensor."""
+    return {key: value.index_select(0, prompt_index.to(value.device)) for key, value in embeddings.items()}
+
+
+def check_embedding_keys(adapter: FlowAdapter, keys: Sequence[str], source: str) -> None:
+    """Fail early, naming the file, when the embeddings lack a key the backbone needs."""
+    missing = [k for k in adapter.embedding_keys if k not in keys]
+    if missing:
+        raise ValueError(
+            f"{source}: prompt embeddings lack {missing} needed by the '{adapter.name}' backbone "
+            f"(it has {sorted(keys)}); re-run the {adapter.name} preprocess script"
+        )

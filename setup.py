@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#") and not line.startswith(("pytest",))
+]
+
+setup(
+    name="branchgrpo",
+    version="0.1.0",
+    description="Tree-structured GRPO (BranchGRPO), DanceGRPO, MixGRPO and G2RPO for flow-matching generators",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["branchgrpo", "branchgrpo.*"]),
+    include_package_data=True,
+    package_data={"branchgrpo": ["toy/assets/*", "assets/*"]},
+    install_requires=requirements,
+    extras_require={"wandb": ["wandb"]},
+)
