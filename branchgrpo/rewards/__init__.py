@@ -1,4 +1,5 @@
-"""Reward models. Importing this package registers the built-in reward factories."""
+"""Reward models. `available_rewards()` / `build_reward()` import the built-in reward modules below, each of which
+registers its factories with `@register_reward(name)`; heavy imports happen inside the factories."""
 
 from branchgrpo.rewards.base import (  # noqa: F401
     COMBINE_MODES,
@@ -9,4 +10,15 @@ from branchgrpo.rewards.base import (  # noqa: F401
     build_reward_set,
     parse_reward_spec,
     register_reward,
+)
+
+# Modules that register built-in rewards (imported on first use by branchgrpo.rewards.base).
+BUILTIN_REWARD_MODULES = (
+    "branchgrpo.toy.reward",
+    "branchgrpo.rewards.hps",
+    "branchgrpo.rewards.pickscore",
+    "branchgrpo.rewards.clipscore",
+    "branchgrpo.rewards.imagereward",
+    "branchgrpo.rewards.video",
+    "branchgrpo.rewards.videoalign",
 )

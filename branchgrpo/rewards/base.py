@@ -56,8 +56,15 @@ def build_reward(name: str, device: torch.device | str = "cpu", **options) -> Re
 
 
 def _import_builtin_rewards() -> None:
-    # Importing the package registers the built-in factories (each module decorates its own).
-    import branchgrpo.rewards  # noqa: F401
+    """Import every built-in reward module (each registers its own factories); modules not shipped are skipped."""
+    import importlib
+    import importlib.util
+
+    from branchgrpo.rewards import BUILTIN_REWARD_MODULES
+
+    for module in BUILTIN_REWARD_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
 
 
 def parse_reward_spec(spec: str) -> dict[str, float]:
