@@ -63,7 +63,11 @@ def _import_builtin_rewards() -> None:
     from branchgrpo.rewards import BUILTIN_REWARD_MODULES
 
     for module in BUILTIN_REWARD_MODULES:
-        if importlib.util.find_spec(module) is not None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:  # its parent package is not part of this install
+            spec = None
+        if spec is not None:
             importlib.import_module(module)
 
 
