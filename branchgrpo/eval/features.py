@@ -1,0 +1,205 @@
+"""Image feature extractors for the diversity metrics (KID / MMD^2 between two sets of samples).
+
+Every extractor maps a batch of images `[B, C, H, W]`, float in [0, 1], to a float64 numpy array `[B, D]`, batched
+under no_grad. Weights always come from local files given by the user: nothing is downloaded, and a missing file is
+a clear `FileNotFoundError` naming the option that points to it.
+
+- `ClipFeatures`: image embeddings of any open_clip architecture, built with `pretrained=None` and then filled from
+  a local checkpoint (the same path HPS-v2.1 uses), so a ViT-H-14 HPS checkpoint or an OpenAI ViT-L-14 works alike.
+- `InceptionFeatures`: the 2048-d pool features of torchvision's Inception-v3. The file that fits is torchvision's
+  own ImageNet checkpoint `inception_v3_google-0cc3c7bd.pth` (any state dict of `torchvision.models.inception_v3`
+  with aux logits works). Note: these are NOT the TF-ported FID Inception weights (`pt_inception-2015-12-05-*.pth`
+  of pytorch-fid), so absolute values are not comparable with published FID/KID numbers; comparisons between two
+  sets of samples scored the same way are what this is for.
+- `PixelFeatures`: raw pixels after area downsampling, no checkpoint (for the toy and for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_center_crop(images_BCHW: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """torchvision's `Resize(size)` + `CenterCrop(size)` on a float tensor batch, with antialiasing (as PIL does).
+
+    The shorter side becomes `size` (the longer one `int(size * long / short)`, torchvision's rounding), then the
+    centre `size x size` window is kept (offset `round((L - size) / 2)`). Bicubic can overshoot, so the result is
+    clamped to [0, 1] like PIL's uint8 output."""
+    height, width = images_BCHW.shape[-2:]
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    if (new_h, new_w) != (height, width):
+        images_BCHW = F.interpolate(images_BCHW, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return images_BCHW[..., top:top + size, left:left + size].clamp(0.0, 1.0)
+
+
+def to_rgb(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """[B, 1 or 3, H, W] -> [B, 3, H, W] (grey images are repeated, like PIL's convert('RGB'))."""
+    if images_BCHW.ndim != 4 or images_BCHW.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [B, 1 or 3, H, W] in [0, 1], got shape {tuple(images_BCHW.shape)}")
+    return images_BCHW.expand(-1, 3, -1, -1) if images_BCHW.shape[1] == 1 else images_BCHW
+
+
+def load_state_dict_file(path: str, option: str) -> dict[str, torch.Tensor]:
+    """A state dict from a `.safetensors`, `.pt`/`.pth`/`.bin` file (weights_only), unwrapping the usual
+    `{'state_dict': ...}` / `{'model': ...}` wrappers and a DDP `module.` prefix."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{option}: checkpoint file not found: '{path}'")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{option}: '{path}' does not hold a state dict (got {type(state).__name__})")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+class _BatchedExtractor:
+    """Shared batching: subclasses implement `_features(images on device) -> [b, D] tensor`."""
+
+    def __init__(self, device: torch.device | str = "cpu", batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images_BCHW: torch.Tensor) -> np.ndarray:
+        images_BCHW = to_rgb(images_BCHW)
+        chunks = []
+        for start in range(0, images_BCHW.shape[0], self.batch_size):
+            batch = images_BCHW[start:start + self.batch_size].to(self.device, torch.float32)
+            chunks.append(self._features(batch).double().cpu())
+        if not chunks:
+            return np.zeros((0, 0))
+        return torch.cat(chunks).numpy()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PixelFeatures(_BatchedExtractor):
+    """Raw RGB pixels after area downsampling to `size x size` (resize + centre crop first), flattened: D = 3 size^2."""
+
+    def __init__(self, size: int = 32, device: torch.device | str = "cpu", batch_size: int = 256):
+        super().__init__(device, batch_size)
+        self.size = size
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        short = min(images.shape[-2:])
+        square = resize_center_crop(images, short) if images.shape[-2] != images.shape[-1] else images
+        return F.adaptive_avg_pool2d(square, self.size).flatten(1)
+
+
+class ClipFeatures(_BatchedExtractor):
+    """open_clip image embeddings (`encode_image`) from a local checkpoint.
+
+    `arch` is an open_clip model name (`ViT-H-14`, `ViT-L-14`, or one defined by a json in `model_config_dir`, which
+    is registered with `open_clip.add_model_config`); the model is built with `pretrained=None` and filled strictly
+    from `checkpoint`. Preprocessing follows the model's own preprocess config (size, mean, std; bicubic resize of
+    the short side and centre crop). `normalize=True` L2-normalises the embeddings."""
+
+    def __init__(self, arch: str, checkpoint: str, model_config_dir: str | None = None, normalize: bool = False,
+                 device: torch.device | str = "cpu", batch_size: int = 32):
+        super().__init__(device, batch_size)
+        import open_clip
+
+        if model_config_dir is not None:
+            if not os.path.exists(model_config_dir):
+                raise FileNotFoundError(f"--clip_model_config: '{model_config_dir}' does not exist")
+            open_clip.add_model_config(model_config_dir)
+        if arch not in open_clip.list_models():
+            raise ValueError(f"--clip_arch: unknown open_clip architecture '{arch}' (add its json with "
+                             f"--clip_model_config DIR)")
+        state = load_state_dict_file(checkpoint, "--clip_checkpoint")
+        model = open_clip.create_model(arch, pretrained=None)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"--clip_checkpoint: '{checkpoint}' does not fit open_clip '{arch}': "
+                             f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(result.unexpected_keys)[:10]}")
+        self.model = model.to(self.device).eval()
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", model.visual.image_size)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean = torch.tensor(cfg.get("mean", OPENAI_CLIP_MEAN), device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.get("std", OPENAI_CLIP_STD), device=self.device).view(1, 3, 1, 1)
+        self.normalize = normalize
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (resize_center_crop(images, self.image_size) - self.mean) / self.std
+        return self.model.encode_image(pixels, normalize=self.normalize).float()
+
+
+class InceptionFeatures(_BatchedExtractor):
+    """torchvision Inception-v3 pool3 features (2048-d, the input of the final fc), from a local weights file.
+
+    The Google-trained weights expect inputs scaled to [-1, 1] (torchvision's `transform_input=True` converts
+    ImageNet-normalised inputs to exactly that), so images are resized to 299 x 299 (bilinear, antialiased) and fed
+    as `2 x - 1` with `transform_input=False`."""
+
+    def __init__(self, weights: str, device: torch.device | str = "cpu", batch_size: int = 32):
+        super().__init__(device, batch_size)
+        from torchvision.models import inception_v3
+
+        state = load_state_dict_file(weights, "--inception_weights")
+        model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"--inception_weights: '{weights}' is not a torchvision inception_v3 state dict "
+                             f"(e.g. inception_v3_google-0cc3c7bd.pth): missing {sorted(result.missing_keys)[:10]}, "
+                             f"unexpected {sorted(result.unexpected_keys)[:10]}")
+        model.fc = torch.nn.Identity()  # eval-mode forward then returns the dropout-free pooled features
+        self.model = model.to(self.device).eval()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        return self.model(pixels * 2.0 - 1.0).float()
+
+
+def build_extractor(kind: str, device: torch.device | str = "cpu", batch_size: int = 32, clip_arch: str | None = None,
+                    clip_checkpoint: str | None = None, clip_model_config: str | None = None,
+                    clip_normalize: bool = False, inception_weights: str | None = None,
+                    pixel_size: int = 32) -> _BatchedExtractor:
+    """The extractor named by the CLI's `--features` (clip | inception | pixels)."""
+    if kind == "pixels":
+        return PixelFeatures(size=pixel_size, device=device, batch_size=max(batch_size, 1))
+    if kind == "clip":
+        if not clip_arch or not clip_checkpoint:
+            raise ValueError("--features clip needs --clip_arch NAME and --clip_checkpoint FILE")
+        return ClipFeatures(clip_arch, clip_checkpoint, clip_model_config, clip_normalize, device, batch_size)
+    if kind == "inception":
+        if not inception_weights:
+            raise ValueError("--features inception needs --inception_weights FILE "
+                             "(torchvision's inception_v3_google-0cc3c7bd.pth)")
+        return InceptionFeatures(inception_weights, device, batch_size)
+    raise ValueError(f"--features: expected clip, inception or pixels, got '{kind}'")
+
+
+def extract_list(extractor: _BatchedExtractor, images: Sequence[torch.Tensor]) -> np.ndarray:
+    """Features of a list of `[C, H, W]` images that may differ in size: runs of equal shape are batched together."""
+    out, run = [], []
+    for image in list(images) + [None]:
+        if run and (image is None or image.shape != run[0].shape):
+            out.append(extractor(torch.stack(run)))
+            run = []
+        if image is not None:
+            run.append(image)
+    return np.concatenate(out) if out else np.zeros((0, 0))

@@ -1,0 +1,67 @@
+"""Count what a configuration costs before renting GPUs: `python -m branchgrpo.plan --algo branchgrpo ...`.
+
+Prints, per prompt: leaves, transformer forward passes in the rollout (total and per leaf), nodes, trainable edges
+(SDE transitions) and the edges trained after pruning/selection (total and per leaf) - the papers' "NFE" columns,
+counted honestly (forward passes, not nodes). `--iteration N` evaluates sliding windows at training iteration N.
+Width pruning keeps a fixed number of edges per tree whatever the rewards, so the count uses a stand-in ranking.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from branchgrpo.algorithms import Algorithm
+from branchgrpo.config import AlgoConfig, parse_config
+from branchgrpo.graph import RolloutGraph, expand_plan, plan_counts
+
+
+def _skeleton(plan) -> RolloutGraph:
+    """A rollout graph with the plan's topology and no latents (selection only looks at topology and values)."""
+    nodes = expand_plan(plan, 1)
+    n = plan.num_nodes
+    return RolloutGraph(plan=plan, num_prompts=1, sigmas=torch.zeros(plan.num_steps + 1), log_prob=torch.zeros(n),
+                        std=torch.zeros(n), latents=torch.zeros(0), latent_row=torch.full((n,), -1), **nodes)
+
+
+def count(cfg: AlgoConfig, iteration: int = 0) -> dict:
+    algo = Algorithm(cfg)
+    plan = algo.plan(iteration)
+    graph = _skeleton(plan)
+    stand_in = torch.arange(graph.num_nodes, dtype=torch.float64)  # any ranking gives the same counts
+    trained = algo.select(graph, stand_in, iteration)
+    out = {"algo": cfg.algo, "iteration": iteration, "sampling_steps": cfg.sampling_steps}
+    out.update(plan_counts(plan, trained))
+    out["sequential_forward_passes_per_leaf"] = cfg.sampling_steps
+    return out
+
+
+def format_counts(c: dict) -> str:
+    rows = [
+        ("leaves (rewarded samples)", c["leaves"]),
+        ("rollout forward passes", f"{c['forward_passes']}  ({c['forward_passes_per_leaf']:.4g} per leaf; "
+                                   f"a sequential rollout needs {c['sequential_forward_passes_per_leaf']})"),
+        ("nodes / edges", f"{c['nodes']} / {c['edges']}"),
+        ("trainable edges (SDE)", f"{c['trainable_edges']}  ({c['trainable_edges_per_leaf']:.4g} per leaf)"),
+        ("trained edges", f"{c['trained_edges']}  ({c['trained_edges_per_leaf']:.4g} per leaf)"),
+        ("training forward passes", f"{c['train_forward_passes']}  ({c['train_forward_passes_per_leaf']:.4g} per leaf;"
+                                    " siblings share one)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    head = f"{c['algo']}, T = {c['sampling_steps']}, iteration {c['iteration']}, per prompt:"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def main(argv=None) -> None:
+    def extra(p):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
+
+    cfg, extras = parse_config(AlgoConfig, argv, description=__doc__, extra_args=extra)
+    counts = count(cfg, extras.iteration)
+    print(json.dumps(counts) if extras.json else format_counts(counts))
+
+
+if __name__ == "__main__":
+    main()

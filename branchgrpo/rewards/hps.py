@@ -1,0 +1,133 @@
+"""HPS-v2.1 (the paper's training reward) on plain open_clip, plus the open_clip scorer the "clip" reward reuses.
+
+Why not the `hpsv2` package: as shipped on PyPI (1.2.0) it pins pytest 7.2 and protobuf < 4, its wheel lacks the BPE
+vocabulary file its bundled open_clip needs, and `hpsv2.score()` always downloads the 3.9 GB laion ViT-H-14 weights,
+even when handed a local checkpoint (notes/ecosystem.md). HPS-v2.1 is an open_clip ViT-H-14 with fine-tuned weights,
+and hpsv2's bundled open_clip and open_clip 3.x share the state-dict layout, so we build `ViT-H-14` with
+`pretrained=None` (no download) and load `HPS_v2.1_compressed.pt['state_dict']` into it.
+
+Score = cosine(normalised image features, normalised text features) with no logit scale, as hpsv2 and the official
+BranchGRPO code compute it (about 0.31 for base FLUX.1-dev, 0.36 after training: DESIGN section 9).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess, image_size_of
+from branchgrpo.rewards.base import register_reward
+
+HPS_CHECKPOINT = "hps_ckpt/HPS_v2.1_compressed.pt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device, reward: str) -> torch.dtype:
+    """"auto": fp16 on CUDA (what hpsv2 and the official code run under autocast), fp32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"reward '{reward}': dtype must be one of auto, {', '.join(DTYPES)}; got '{name}'")
+    return DTYPES[name]
+
+
+def _load_checkpoint(path: Path, reward: str, expected: str, require_key: bool) -> dict[str, torch.Tensor]:
+    """Read a state dict from `path` (weights only), unwrapping {'state_dict': ...} and a DDP 'module.' prefix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"reward '{reward}': checkpoint {path} does not exist; expected {expected} "
+                                "(see docs/flux.md for where to get it)")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickled code, git-lfs pointer...
+        raise ValueError(f"reward '{reward}': cannot read {path} as a torch checkpoint ({err}); expected {expected}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif require_key or not isinstance(obj, dict):
+        raise ValueError(f"reward '{reward}': {path} is not {expected} (found {type(obj).__name__} with keys "
+                         f"{sorted(obj)[:5] if isinstance(obj, dict) else '-'})")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_open_clip(
+    arch: str, checkpoint: str | Path, reward: str, model_config_dir: str | None = None, require_state_dict_key=False
+):
+    """An open_clip model of architecture `arch` with the weights of a local file, and its tokenizer. Nothing is
+    downloaded (`pretrained=None`); a mismatch between file and architecture is a ValueError naming both."""
+    import open_clip
+
+    if model_config_dir is not None:
+        if not Path(model_config_dir).is_dir():
+            raise FileNotFoundError(f"reward '{reward}': model_config_dir {model_config_dir} is not a folder of "
+                                    "open_clip model-config json files")
+        open_clip.add_model_config(str(model_config_dir))
+    if arch not in open_clip.list_models():
+        raise ValueError(f"reward '{reward}': unknown open_clip architecture '{arch}' (register a config json with "
+                         "the model_config_dir option)")
+    expected = (f"a dict with key 'state_dict' holding an open_clip {arch} state dict" if require_state_dict_key
+                else f"an open_clip {arch} state dict")
+    state_dict = _load_checkpoint(Path(checkpoint), reward, expected, require_state_dict_key)
+    model = open_clip.create_model(arch, pretrained=None)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        summary = str(err).split("\n")[1:4]
+        raise ValueError(f"reward '{reward}': {checkpoint} does not match open_clip {arch} ({' '.join(summary)}); "
+                         f"expected {expected}") from None
+    return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch)
+
+
+class OpenClipScorer:
+    """Cosine similarity of an open_clip model's normalised image and text features, batched, under no_grad."""
+
+    def __init__(self, name: str, model, tokenizer, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                 transform=None):
+        if batch_size < 1:
+            raise ValueError(f"reward '{name}': batch_size must be >= 1, got {batch_size}")
+        self.name, self.tokenizer, self.device, self.dtype, self.batch_size = name, tokenizer, device, dtype, batch_size
+        self.model = model.to(device=device, dtype=dtype)
+        self.image_size = image_size_of(model.visual.image_size)
+        self.mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
+        self.std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
+        self.transform = transform or (lambda cos: cos)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised fp32 image and text features [B, D]; each distinct prompt is encoded once."""
+        pixels = clip_preprocess(images.to(self.device), self.image_size, mean=self.mean, std=self.std, dtype=self.dtype)
+        image_f = self.model.encode_image(pixels).float()
+        unique = sorted(set(prompts))
+        tokens = self.tokenizer(unique).to(self.device)
+        text_u = self.model.encode_text(tokens).float()
+        text_f = text_u[torch.tensor([unique.index(p) for p in prompts], device=self.device)]
+        return torch.nn.functional.normalize(image_f, dim=-1), torch.nn.functional.normalize(text_f, dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        check_images(media, self.name)
+        if len(prompts) != media.shape[0]:
+            raise ValueError(f"reward '{self.name}': {media.shape[0]} images but {len(prompts)} prompts")
+        scores = []
+        for i in range(0, media.shape[0], self.batch_size):
+            image_f, text_f = self.features(media[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
+            scores.append(self.transform((image_f * text_f).sum(dim=-1)))
+        return torch.cat(scores).float().cpu()
+
+
+@register_reward("hps")
+def build_hps(
+    device: torch.device | str = "cpu",
+    checkpoint: str = HPS_CHECKPOINT,
+    arch: str = "ViT-H-14",
+    model_config_dir: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 16,
+) -> OpenClipScorer:
+    """HPS-v2.1. `checkpoint`: HPS_v2.1_compressed.pt ({'state_dict': open_clip ViT-H-14 weights}); `arch`: the open_clip
+    architecture (a tiny one registered from `model_config_dir` in tests); `dtype`: auto | fp32 | bf16 | fp16."""
+    device = torch.device(device)
+    model, tokenizer = load_open_clip(arch, checkpoint, "hps", model_config_dir, require_state_dict_key=True)
+    return OpenClipScorer("hps", model, tokenizer, device, resolve_dtype(dtype, device, "hps"), batch_size)
