@@ -78,7 +78,6 @@ class Algorithm:
                 c.branch_factor,
                 sde_steps=self.window.window(iteration) if self.window else None,
                 split_noise_scale=c.tree_split_noise_scale,
-                shared_split_noise=c.branch_innovation < 1.0,
             )
         if c.algo == "dancegrpo":
             return builders.group_plan(T, c.num_generations)

@@ -23,13 +23,12 @@ def tree_plan(
     branch_factor: int = 2,
     sde_steps: Iterable[int] | None = None,
     split_noise_scale: float = 1.0,
-    shared_split_noise: bool = False,
 ) -> GraphPlan:
     """BranchGRPO: one root; at each step in `split_points` every node emits `branch_factor` SDE children.
 
     `sde_steps` (BranchGRPO-Mix): the non-split steps that are SDE; None = all. Split steps are always SDE.
-    `split_noise_scale` (lambda) scales the std of split edges' kernels. `shared_split_noise` marks split children
-    to mix a sibling-shared noise component (paper Eq. 2, used when branch_innovation r < 1).
+    `split_noise_scale` (lambda) scales the std of split edges' kernels. Split children are marked as siblings whose
+    noise may share a component (paper Eq. 2; the rollout's `branch_innovation` r decides how much, r = 1: none).
     """
     splits = set(split_points)
     sde = None if sde_steps is None else set(sde_steps) | splits
@@ -40,7 +39,7 @@ def tree_plan(
         for node in frontier:
             if i in splits:
                 children += [
-                    b.edge(node, i + 1, SDE, std_scale=split_noise_scale, shares_noise=shared_split_noise)
+                    b.edge(node, i + 1, SDE, std_scale=split_noise_scale, shares_noise=True)
                     for _ in range(branch_factor)
                 ]
             else:

@@ -157,6 +157,15 @@ def expand_plan(plan: GraphPlan, num_prompts: int) -> dict[str, torch.Tensor]:
     }
 
 
+def skeleton_graph(plan: GraphPlan, num_prompts: int = 1) -> RolloutGraph:
+    """A rollout graph with the plan's topology and no latents (log-probs 0): for counting, selection and tests."""
+    nodes = expand_plan(plan, num_prompts)
+    n = nodes["parent"].numel()
+    return RolloutGraph(plan=plan, num_prompts=num_prompts, sigmas=torch.zeros(plan.num_steps + 1),
+                        log_prob=torch.zeros(n), std=torch.zeros(n), latents=torch.zeros(0),
+                        latent_row=torch.full((n,), -1, dtype=torch.long), **nodes)
+
+
 def plan_counts(plan: GraphPlan, trained: torch.Tensor | None = None) -> dict[str, float]:
     """The honest cost figures of one prompt's graph ("NFE" in the papers' tables).
 

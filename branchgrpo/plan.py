@@ -14,21 +14,13 @@ import torch
 
 from branchgrpo.algorithms import Algorithm
 from branchgrpo.config import AlgoConfig, parse_config
-from branchgrpo.graph import RolloutGraph, expand_plan, plan_counts
-
-
-def _skeleton(plan) -> RolloutGraph:
-    """A rollout graph with the plan's topology and no latents (selection only looks at topology and values)."""
-    nodes = expand_plan(plan, 1)
-    n = plan.num_nodes
-    return RolloutGraph(plan=plan, num_prompts=1, sigmas=torch.zeros(plan.num_steps + 1), log_prob=torch.zeros(n),
-                        std=torch.zeros(n), latents=torch.zeros(0), latent_row=torch.full((n,), -1), **nodes)
+from branchgrpo.graph import plan_counts, skeleton_graph
 
 
 def count(cfg: AlgoConfig, iteration: int = 0) -> dict:
     algo = Algorithm(cfg)
     plan = algo.plan(iteration)
-    graph = _skeleton(plan)
+    graph = skeleton_graph(plan)
     stand_in = torch.arange(graph.num_nodes, dtype=torch.float64)  # any ranking gives the same counts
     trained = algo.select(graph, stand_in, iteration)
     out = {"algo": cfg.algo, "iteration": iteration, "sampling_steps": cfg.sampling_steps}
@@ -58,8 +50,11 @@ def main(argv=None) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
 
-    cfg, extras = parse_config(AlgoConfig, argv, description=__doc__, extra_args=extra)
-    counts = count(cfg, extras.iteration)
+    try:
+        cfg, extras = parse_config(AlgoConfig, argv, description=__doc__, extra_args=extra)
+        counts = count(cfg, extras.iteration)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     print(json.dumps(counts) if extras.json else format_counts(counts))
 
 

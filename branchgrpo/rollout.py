@@ -2,8 +2,9 @@
 
 All nodes of one depth - across every tree, chain and prompt of the batch - go through the velocity function
 together, in micro-batches of `batch_size`; never one node at a time (the official code's batch-1 loop).
-Noise is drawn per node from generators keyed by (seed, iteration, prompt, node): the same inputs give bitwise the
-same graph whatever the batch size, and another iteration gives another graph.
+Noise comes from generators keyed by (seed, iteration, prompt, depth), one row per node of that prompt and depth
+in plan order - i.e. keyed by (seed, iteration, prompt, node): the same inputs give bitwise the same graph whatever
+the rollout batch size or the batch's other prompts, and another iteration gives another graph.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from branchgrpo import sde
-from branchgrpo.graph import ODE, ROOT, SDE, GraphPlan, RolloutGraph, expand_plan
+from branchgrpo.graph import SDE, GraphPlan, RolloutGraph, expand_plan
 from branchgrpo.seeding import keyed_normal, mix_key
 
 # velocity_fn(latents [B, ...] fp32, sigmas [B] fp32, prompt index [B] long) -> velocity [B, ...] fp32
@@ -40,11 +41,13 @@ class NoiseKeys:
             return mix_key(self.seed, self.iteration, "root-shared", self.shared_root_key)
         return mix_key(self.seed, self.iteration, "root", self.prompt_keys[prompt], slot)
 
-    def edge(self, prompt: int, local_node: int) -> int:
-        return mix_key(self.seed, self.iteration, "edge", self.prompt_keys[prompt], local_node)
+    def edge(self, prompt: int, depth: int) -> int:
+        """Own noise of the SDE edges into the prompt's nodes at `depth` (one draw, a row per edge)."""
+        return mix_key(self.seed, self.iteration, "edge", self.prompt_keys[prompt], depth)
 
-    def split(self, prompt: int, local_parent: int) -> int:
-        return mix_key(self.seed, self.iteration, "split", self.prompt_keys[prompt], local_parent)
+    def split(self, prompt: int, depth: int) -> int:
+        """Sibling-shared noise of the splits whose parents sit at `depth` (a row per split parent)."""
+        return mix_key(self.seed, self.iteration, "split", self.prompt_keys[prompt], depth)
 
 
 def _evaluate(velocity_fn: VelocityFn, x: torch.Tensor, sigma_B: torch.Tensor, prompt_B: torch.Tensor,
@@ -71,77 +74,70 @@ def run_rollout(
 ) -> RolloutGraph:
     """Execute `plan` for every prompt of `noise.prompt_keys`; returns the filled RolloutGraph.
 
-    Split children with `shares_noise` draw eps_k = sqrt(1 - r^2) xi_shared + r xi_k (paper Eq. 2, r =
-    `branch_innovation`): each child alone is an ordinary SDE step, siblings correlate by 1 - r^2.
-    Latents are kept for the nodes training and rewards need (both ends of SDE edges, leaves); all with
+    Split children (`shares_noise`) draw eps_k = sqrt(1 - r^2) xi_shared + r xi_k (paper Eq. 2, r =
+    `branch_innovation`): each child alone is an ordinary SDE step, and siblings correlate by 1 - r^2.
+    Latents are kept for the nodes training and rewards need (both ends of SDE edges, and leaves); all of them with
     `keep_all_latents`.
     """
     device = torch.device(device)
     num_prompts = len(noise.prompt_keys)
-    n_local = plan.num_nodes
     nodes = expand_plan(plan, num_prompts)
-    parent, step, kind, prompt = nodes["parent"], nodes["step"], nodes["kind"], nodes["prompt"]
+    parent, step, kind, prompt, depth = (nodes[k] for k in ("parent", "step", "kind", "prompt", "depth"))
     num_nodes = parent.numel()
-    local = torch.arange(num_nodes) % n_local
     std_scale = plan.std_scale.repeat(num_prompts)
     shares_noise = plan.shares_noise.repeat(num_prompts)
+    has_children = plan.evaluated.repeat(num_prompts)
     sigma32 = sigmas.to(torch.float32)
     shape = tuple(latent_shape)
 
-    log_prob = torch.zeros(num_nodes, dtype=torch.float32)
-    std = torch.zeros(num_nodes, dtype=torch.float32)
-    current: dict[int, torch.Tensor] = {}  # latents of the frontier
-    kept: dict[int, torch.Tensor] = {}
     keep = plan.is_leaf.repeat(num_prompts) | (kind == SDE)
     keep[parent[kind == SDE]] = True
     if keep_all_latents:
         keep[:] = True
+    log_prob = torch.zeros(num_nodes, dtype=torch.float32)
+    std = torch.zeros(num_nodes, dtype=torch.float32)
 
-    roots = torch.nonzero(kind == ROOT).flatten().tolist()
+    # level d holds the latents of every node at depth d, in node-id order
+    level_ids = torch.nonzero(depth == 0).flatten()
     root_slot = plan.root_slot.repeat(num_prompts)
-    for r in roots:
-        current[r] = keyed_normal(shape, noise.root(int(prompt[r]), int(root_slot[r])), device)
+    level_x = torch.stack([keyed_normal(shape, noise.root(int(prompt[r]), int(root_slot[r])), device)
+                           for r in level_ids.tolist()])
+    kept_ids, kept_x = [], []
     forward_passes = 0
-    depth = nodes["depth"]
-    has_children = plan.evaluated.repeat(num_prompts)
-    for d in range(int(depth.max())):
-        evaluated = torch.nonzero((depth == d) & has_children).flatten()
-        x = torch.stack([current[int(i)] for i in evaluated])
-        v = _evaluate(velocity_fn, x, sigma32[step[evaluated]].to(device), prompt[evaluated].to(device), batch_size)
-        forward_passes += evaluated.numel()
-        row_of = {int(node): row for row, node in enumerate(evaluated.tolist())}
-
+    for d in range(int(depth.max()) + 1):
+        keep_rows = keep[level_ids]
+        kept_ids.append(level_ids[keep_rows])
+        kept_x.append(level_x[keep_rows.to(device)])
         children = torch.nonzero(depth == d + 1).flatten()
-        rows = torch.tensor([row_of[int(p)] for p in parent[children]], dtype=torch.long, device=device)
-        xp, vp = x[rows], v[rows]
-        s_from = sigma32[step[parent[children]]].to(device)
-        s_to = sigma32[step[children]].to(device)
-        x_next = sde.ode_step(xp, vp, s_from, s_to)
+        if children.numel() == 0:
+            break
+        evaluated = has_children[level_ids]
+        ev_ids, ev_x = level_ids[evaluated], level_x[evaluated.to(device)]
+        v = _evaluate(velocity_fn, ev_x, sigma32[step[ev_ids]].to(device), prompt[ev_ids].to(device), batch_size)
+        forward_passes += ev_ids.numel()
+
+        row_of = torch.full((num_nodes,), -1, dtype=torch.long)
+        row_of[ev_ids] = torch.arange(ev_ids.numel())
+        rows = row_of[parent[children]].to(device)
+        xp, vp = ev_x[rows], v[rows]
+        s_from, s_to = sigma32[step[parent[children]]].to(device), sigma32[step[children]].to(device)
+        level_x = sde.ode_step(xp, vp, s_from, s_to)
         is_sde = kind[children] == SDE
         if bool(is_sde.any()):
             idx = torch.nonzero(is_sde).flatten()
-            eps = torch.stack([_edge_noise(int(c), noise, prompt, local, parent, shares_noise, branch_innovation,
-                                           shape, device) for c in children[idx]])
-            step_out = sde.sde_step(xp[idx], vp[idx], s_from[idx], s_to[idx], kernel, noise=eps,
-                                    std_scale=std_scale[children[idx]].to(device))
-            x_next[idx] = step_out.sample
-            log_prob[children[idx]] = step_out.log_prob.cpu()
-            std[children[idx]] = step_out.std.cpu()
-        for node in evaluated.tolist():
-            if keep[node]:
-                kept[node] = current[node]
-            del current[node]
-        for j, c in enumerate(children.tolist()):
-            current[c] = x_next[j]
-    for node, latent in current.items():  # leaves
-        kept[node] = latent
-    for r in roots:  # a root without children (T = 0 never happens) would stay in `current`
-        if keep[r] and r in current:
-            kept[r] = current[r]
+            c = children[idx]
+            eps = _edge_noise(c, parent, prompt, depth, shares_noise, noise, branch_innovation, shape, device)
+            out = sde.sde_step(xp[idx], vp[idx], s_from[idx], s_to[idx], kernel, noise=eps,
+                               std_scale=std_scale[c].to(device))
+            level_x[idx.to(device)] = out.sample
+            log_prob[c] = out.log_prob.cpu()
+            std[c] = out.std.cpu()
+        level_ids = children
 
-    kept_ids = sorted(kept)
+    ids = torch.cat(kept_ids)
+    order = torch.argsort(ids)
     latent_row = torch.full((num_nodes,), -1, dtype=torch.long)
-    latent_row[kept_ids] = torch.arange(len(kept_ids))
+    latent_row[ids[order]] = torch.arange(ids.numel())
     return RolloutGraph(
         plan=plan,
         num_prompts=num_prompts,
@@ -154,16 +150,26 @@ def run_rollout(
         group=nodes["group"],
         log_prob=log_prob,
         std=std,
-        latents=torch.stack([kept[i] for i in kept_ids]),
+        latents=torch.cat(kept_x)[order.to(device)],
         latent_row=latent_row,
         num_forward_passes=forward_passes,
     )
 
 
-def _edge_noise(child: int, noise: NoiseKeys, prompt, local, parent, shares_noise, r: float, shape, device):
-    b = int(prompt[child])
-    own = keyed_normal(shape, noise.edge(b, int(local[child])), device)
-    if not bool(shares_noise[child]) or r >= 1.0:
+def _edge_noise(children, parent, prompt, depth, shares_noise, noise: NoiseKeys, r: float, shape, device):
+    """Noise of the SDE edges into `children` (all at one depth, in node-id order, hence grouped by prompt): one
+    keyed draw per (prompt, depth) for the children's own components, and one per (prompt, depth) for the
+    components that the siblings of a split share."""
+    d = int(depth[children[0]])
+    prompts, counts = torch.unique_consecutive(prompt[children], return_counts=True)
+    own = torch.cat([keyed_normal((n, *shape), noise.edge(b, d), device)
+                     for b, n in zip(prompts.tolist(), counts.tolist())])
+    mix = shares_noise[children] & (r < 1.0)
+    if not bool(mix.any()):
         return own
-    shared = keyed_normal(shape, noise.split(b, int(local[parent[child]])), device)
-    return math.sqrt(1.0 - r * r) * shared + r * own
+    shared_rows, which = torch.unique_consecutive(parent[children], return_inverse=True)
+    per_prompt = torch.unique_consecutive(prompt[shared_rows], return_counts=True)
+    shared = torch.cat([keyed_normal((n, *shape), noise.split(b, d - 1), device)
+                        for b, n in zip(per_prompt[0].tolist(), per_prompt[1].tolist())])
+    mixed = math.sqrt(1.0 - r * r) * shared[which.to(device)] + r * own
+    return torch.where(mix.to(device).reshape(-1, *([1] * len(shape))), mixed, own)
