@@ -134,7 +134,8 @@ class ClipFeatures(_BatchedExtractor):
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"--clip_checkpoint: '{checkpoint}' does not fit open_clip '{arch}': "
-                             f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(result.unexpected_keys)[:10]}")
+                             f"missing {sorted(result.missing_keys)[:10]}, "
+                             f"unexpected {sorted(result.unexpected_keys)[:10]}")
         self.model = model.to(self.device).eval()
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = cfg.get("size", model.visual.image_size)
