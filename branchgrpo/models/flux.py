@@ -1,0 +1,320 @@
+"""FLUX.1-dev as a `FlowAdapter`: packed latents, guidance embedding, per-sample sigmas, decode, export, prompt encoder.
+
+Conventions verified against diffusers (FluxPipeline + FlowMatchEulerDiscreteScheduler, 0.42; tests/test_flux.py):
+- Velocity sign: the scheduler noises as x = sigma * noise + (1 - sigma) * x0 and steps x' = x + (sigma' - sigma) * out,
+  so FLUX's output is d x / d sigma = noise - x0: already our v = eps - x0, no sign flip.
+- Timestep: FluxPipeline passes `t / 1000` with t = 1000 * sigma, i.e. sigma itself, and the transformer multiplies by
+  1000 inside. We pass the exact sigma of each sample (the official BranchGRPO code floors it to 1e-3; we do not).
+- Guidance: FLUX.1-dev is guidance-distilled; it takes `guidance = full(B, 3.5)` (also scaled by 1000 inside), no CFG.
+- Latents: the VAE latent [B, 16, H/8, W/8] is cut into 2x2 patches -> tokens [B, (H/16)(W/16), 64]; `img_ids` are
+  (0, row, col) per token and `txt_ids` zeros (L_txt, 3), both without a batch dim.
+- Latent normalisation: the transformer sees (z - shift_factor) * scaling_factor; decode inverts it (VAE config).
+- Schedules: the static SD3 shift (DanceGRPO/BranchGRPO default, shift 3) and FluxPipeline's resolution-dependent
+  shift, `FluxAdapter.mu()` -> `sde.make_sigmas(T, mu=...)`.
+
+dtypes: master weights fp32 (`load_flux(dtype=...)`); the caller sets bf16 autocast around `velocity`. Inputs are cast
+to the transformer's parameter dtype (embeddings may be stored in bf16), the output is returned in fp32. The VAE runs
+in `vae_dtype` (bf16 on CUDA by default) under no_grad: GRPO never back-propagates through the decoder or the reward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from branchgrpo import sde
+from branchgrpo.models.base import FlowAdapter
+
+FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
+               "tokenizer_2/")
+# Attention projections of the image stream (double and single blocks) and, in double blocks, of the text stream.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_flux_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> Path:
+    """Fail before loading anything heavy when the checkpoint folder or one of the needed subfolders is missing."""
+    layout = ", ".join(FLUX_LAYOUT)
+    if model_path is None:
+        raise ValueError(f"--pretrained_model_name_or_path / --model_path: no FLUX folder given (diffusers layout: {layout})")
+    root = Path(model_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"FLUX checkpoint folder {root} does not exist; expected a diffusers-layout FLUX.1-dev "
+                                f"folder holding {layout} (see docs/flux.md)")
+    missing = [p for p in parts if not (root / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"FLUX checkpoint folder {root} lacks {', '.join(missing)}; expected a diffusers-layout "
+                                f"FLUX.1-dev folder holding {layout} (see docs/flux.md)")
+    return root
+
+
+def check_image_size(height: int, width: int, multiple: int = 16) -> None:
+    """FLUX packs 2x2 patches of the 8x-downsampled latent, so image sides must be multiples of 16."""
+    for flag, value in (("--h", height), ("--w", width)):
+        if not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ValueError(f"{flag} must be a positive multiple of {multiple} (VAE factor x 2x2 packing), got {value}")
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: each 2x2 patch becomes one token, channels-major within the token."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of `pack_latents` for a latent of h x w (both even)."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model behind DDP (`.module`) or torch.compile (`._orig_mod`); FSDP2 keeps the module itself."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(module, attr) and isinstance(getattr(module, attr), nn.Module):
+            module = getattr(module, attr)
+    return module
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _require_full(state_dict: dict[str, torch.Tensor], what: str) -> None:
+    """Sharded (FSDP2 DTensor) state dicts must be gathered first; saving local shards would corrupt the export."""
+    if any(type(v).__name__ == "DTensor" for v in state_dict.values()):
+        raise ValueError(f"{what}: got sharded DTensor weights; pass a full state dict (e.g. torch.distributed."
+                         "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                         "full_state_dict=True, cpu_offload=True)))")
+
+
+def merge_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold peft LoRA layers into plain weights: W = W_base + scaling * B @ A per active adapter (fp32 math), keys
+    without `.base_layer` / `lora_*`, i.e. the state dict of a plain FluxTransformer2DModel."""
+    out = {k: v for k, v in state_dict.items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "scaling")):
+            continue
+        if any(f"{name}.lora_magnitude_vector" in k for k in state_dict):
+            raise ValueError(f"export: DoRA layer {name} cannot be merged; export the LoRA with export_lora instead")
+        base_key = f"{name}.base_layer.weight"
+        weight = state_dict[base_key].float()
+        if not getattr(module, "merged", False):
+            for adapter in module.active_adapters:
+                lora_a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
+                lora_b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
+                weight = weight + module.scaling[adapter] * (lora_b @ lora_a)
+        out[f"{name}.weight"] = weight.to(state_dict[base_key].dtype)
+        del out[base_key]
+    return {k.replace(".base_layer.", "."): v for k, v in out.items()}
+
+
+class FluxAdapter(FlowAdapter):
+    """FluxTransformer2DModel + its VAE at a fixed image size (see the module docstring for the conventions)."""
+
+    name = "flux"
+    media = "image"
+    embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, height: int, width: int, guidance_scale: float = 3.5,
+                 scheduler_config: dict | None = None):
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        check_image_size(height, width, 2 * self.vae_scale_factor)
+        self.transformer, self.vae = transformer, vae.eval().requires_grad_(False)
+        self.height, self.width, self.guidance_scale = height, width, float(guidance_scale)
+        config = transformer.config  # read once: the attribute may later be replaced by a DDP wrapper
+        self.has_guidance = bool(config.guidance_embeds)
+        self.latent_h, self.latent_w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        self.latent_shape = ((self.latent_h // 2) * (self.latent_w // 2), int(config.in_channels))
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+        self.scheduler_config = dict(scheduler_config or {})
+        module_names = [n for n, _ in transformer.named_modules()]
+        self.default_lora_targets = tuple(t for t in LORA_TARGETS if any(n.endswith("." + t) for n in module_names))
+
+    # ----- sampling ------------------------------------------------------------------------------------------------
+
+    def image_ids(self, device: torch.device) -> torch.Tensor:
+        """(0, row, col) of each packed token, [L, 3] float32, as FluxPipeline builds them."""
+        rows, cols = self.latent_h // 2, self.latent_w // 2
+        ids = torch.zeros(rows, cols, 3, device=device)
+        ids[..., 1] = torch.arange(rows, device=device)[:, None]
+        ids[..., 2] = torch.arange(cols, device=device)[None, :]
+        return ids.reshape(rows * cols, 3)
+
+    def mu(self) -> float:
+        """FluxPipeline's resolution-dependent shift for this image size (use with `sde.make_sigmas(T, mu=...)`)."""
+        keys = {"base_image_seq_len": "base_seq_len", "max_image_seq_len": "max_seq_len", "base_shift": "base_shift",
+                "max_shift": "max_shift"}
+        kwargs = {ours: self.scheduler_config[theirs] for theirs, ours in keys.items() if theirs in self.scheduler_config}
+        return sde.flux_mu(self.latent_shape[0], **kwargs)
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v = eps - x0 for packed latents [B, L, 64] at per-sample sigmas [B]; fp32 out."""
+        batch = latents.shape[0]
+        assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
+        assert sigmas.shape == (batch,), sigmas.shape
+        device = latents.device
+        dtype = next(self.transformer.parameters()).dtype
+        prompt_embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        guidance = torch.full((batch,), self.guidance_scale, device=device) if self.has_guidance else None
+        out = self.transformer(
+            hidden_states=latents.to(dtype),
+            timestep=sigmas.to(device=device, dtype=dtype),  # sigma in [0, 1]; the model scales by 1000
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device),
+            img_ids=self.image_ids(device),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents -> images [B, 3, H, W] in [0, 1], float32 (FluxPipeline's decode path)."""
+        param = next(self.vae.parameters())
+        z = unpack_latents(latents.to(device=param.device, dtype=torch.float32), self.latent_h, self.latent_w)
+        z = z / self.scaling_factor + self.shift_factor
+        images = self.vae.decode(z.to(param.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    # ----- training support ----------------------------------------------------------------------------------------
+
+    def blocks(self) -> list[nn.Module]:
+        """The 19 double-stream and 38 single-stream blocks of FLUX.1-dev (FSDP2 / checkpointing units)."""
+        model = _unwrap(self.transformer)
+        return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def to(self, device: torch.device | str) -> "FluxAdapter":
+        self.transformer.to(device)
+        self.vae.to(device)
+        return self
+
+    def add_lora(self, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0):
+        """Inject peft LoRA layers (B = 0, so the model is unchanged) and freeze everything else. Returns the config."""
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1, got {rank}")
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            target_modules=list(target_modules or self.default_lora_targets), init_lora_weights=True)
+        _unwrap(self.transformer).add_adapter(config)  # diffusers' PeftAdapterMixin: the layout load_lora_weights reads
+        self.lora_config = config
+        return config
+
+    def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+        """Write `out_dir/transformer/` (config.json + diffusion_pytorch_model.safetensors) for
+        `FluxTransformer2DModel.from_pretrained`. LoRA layers, if any, are merged into the weights."""
+        import diffusers
+        from safetensors.torch import save_file
+
+        model = _unwrap(self.transformer)
+        state = _strip_wrapper_prefixes(state_dict if state_dict is not None else model.state_dict())
+        _require_full(state, "export")
+        state = merge_lora_state_dict(model, state)
+        folder = Path(out_dir) / "transformer"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Written by hand: under FSDP2 the class is renamed (FSDPFluxTransformer2DModel) and save_config would say so.
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__, **config}
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+        save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+    def export_lora(self, out_dir: str, lora_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `out_dir/pytorch_lora_weights.safetensors` for `FluxPipeline.load_lora_weights`. `lora_state_dict`:
+        None (take it from the module), a full state dict of the LoRA'd transformer, or peft-format LoRA weights."""
+        from diffusers import FluxPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        model = _unwrap(self.transformer)
+        if not getattr(model, "peft_config", None):
+            raise ValueError("export_lora: the transformer has no LoRA adapter (call add_lora first)")
+        if lora_state_dict is None:
+            lora = get_peft_model_state_dict(model)
+        else:
+            lora_state_dict = _strip_wrapper_prefixes(lora_state_dict)
+            if any(".base_layer." in k or ".default." in k for k in lora_state_dict):
+                lora = get_peft_model_state_dict(model, state_dict=lora_state_dict)
+            else:
+                lora = {k: v for k, v in lora_state_dict.items() if ".lora_" in k}
+        _require_full(lora, "export_lora")
+        lora = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
+        metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def _read_scheduler_config(root: Path) -> dict:
+    path = root / "scheduler" / "scheduler_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              vae_dtype: torch.dtype | None = None, height: int = 720, width: int = 720,
+              guidance_scale: float = 3.5) -> FluxAdapter:
+    """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`; default bf16 on CUDA,
+    fp32 on CPU) from a local diffusers-layout folder; nothing is downloaded."""
+    check_image_size(height, width)
+    root = check_flux_folder(model_path, ("transformer", "vae"))
+    from diffusers import AutoencoderKL, FluxTransformer2DModel  # after the checks: importing takes seconds
+
+    device = torch.device(device)
+    if vae_dtype is None:
+        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = FluxTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=dtype,
+                                                         local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
+    adapter = FluxAdapter(transformer, vae, height, width, guidance_scale, _read_scheduler_config(root))
+    return adapter.to(device)
+
+
+def build_prompt_encoder(model_path: str | Path | None, device: torch.device | str, args):
+    """`encode(texts) -> {"prompt_embeds": [n, max_sequence_length, D_t5], "pooled_prompt_embeds": [n, D_clip]}`,
+    equal to `FluxPipeline.encode_prompt(prompt=texts, prompt_2=texts, max_sequence_length=...)`: CLIP's pooled output
+    (77 tokens) and T5's last hidden state (padded to `max_sequence_length`), in the encoders' dtype."""
+    root = check_flux_folder(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    max_len = int(getattr(args, "max_sequence_length", 512))
+    if not 1 <= max_len <= 512:
+        raise ValueError(f"--max_sequence_length must be in [1, 512] for FLUX (T5 context), got {max_len}")
+    device = torch.device(device)
+    name = getattr(args, "dtype", "auto")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name not in ENCODER_DTYPES:  # fp16 T5 overflows to inf: not offered
+        raise ValueError(f"--dtype must be auto, fp32 or bf16 for FLUX text encoders, got '{name}'")
+    dtype = ENCODER_DTYPES[name]
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # after the checks: importing takes seconds
+
+    clip_tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    t5_tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+    # Load in the target dtype (T5-XXL is 19 GB in fp32, per rank); `.to` below covers transformers < 4.56.
+    clip = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True, dtype=dtype)
+    t5 = T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), local_files_only=True, dtype=dtype)
+    clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    t5 = t5.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    clip_len = int(clip_tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        texts = list(texts)
+        clip_ids = clip_tokenizer(texts, padding="max_length", max_length=clip_len, truncation=True,
+                                  return_tensors="pt").input_ids
+        t5_ids = t5_tokenizer(texts, padding="max_length", max_length=max_len, truncation=True,
+                              return_tensors="pt").input_ids
+        pooled = clip(clip_ids.to(device), output_hidden_states=False).pooler_output
+        embeds = t5(t5_ids.to(device), output_hidden_states=False)[0]
+        return {"prompt_embeds": embeds.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
+
+    return encode
