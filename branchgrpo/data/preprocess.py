@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from branchgrpo.data.embeddings import shard_name, write_index, write_shard
+from branchgrpo.data.embeddings import shard_name, write_extras, write_index, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ def run_preprocess(
     barrier()
     if rank != 0:
         return None
+    extras = getattr(encode, "extras", None)  # dataset-wide tensors, written before the index that marks completion
+    if extras is not None:
+        with torch.no_grad():
+            write_extras(output_dir, extras())
     index = write_index(output_dir, model, num_shards, skipped)
     log.info("index %s: %d prompts in %d shards; skipped lines %s", index, len(texts), num_shards, skipped)
     return index

@@ -1,0 +1,325 @@
+"""Wan2.1 text-to-video as a `FlowAdapter`: raw-timestep conditioning, batched CFG, per-sample sigmas, video decode,
+export, prompt encoder and the negative-prompt embedding.
+
+Conventions verified against diffusers 0.42 (WanPipeline, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler;
+tests/test_wan.py):
+- Velocity sign: Wan's schedulers noise as x = sigma * noise + (1 - sigma) * x0 and their Euler step is
+  x' = x + (sigma' - sigma) * out, so the transformer's output is d x / d sigma = noise - x0: already our
+  v = eps - x0, no sign flip.
+- Timestep: WanPipeline passes the raw scheduler timestep t = 1000 * sigma (a float, not an integer) and the
+  transformer embeds it as is. We pass 1000 * sigma of each sample (per-sample `[B]` timesteps are supported).
+- Classifier-free guidance (Wan is not guidance-distilled): v = v_uncond + s (v_cond - v_uncond) with s = 5 by
+  default; WanPipeline runs two forwards, we run ONE forward on 2B rows (cond rows first). s <= 1: cond only.
+- Latents: [B, 16, (F - 1) / 4 + 1, H / 8, W / 8], normalised per channel, x = (z - latents_mean) / latents_std
+  (VAE config); decode undoes it and maps the VAE's [-1, 1] output to [0, 1].
+- Schedule: the real checkpoint ships UniPCMultistepScheduler(flow_shift=3.0), a multistep solver; branchgrpo samples
+  with its own Euler/SDE steps on the static shift (`sde.make_sigmas(T, shift=adapter.shift)`), where `shift` is read
+  from the scheduler config (`flow_shift` of UniPC or `shift` of FlowMatchEuler; 3.0 if absent).
+
+Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout. Not supported (clear error at load): image-to-video
+(its transformer takes CLIP image embeddings and 20 extra condition channels per step, which the prompt-only
+preprocessing and rollout do not provide) and Wan2.2 (two-expert `transformer_2` / `boundary_ratio`, per-token
+timesteps).
+
+dtypes: master weights fp32 (`load_wan(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
+cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:
+Wan's authors recommend an fp32 VAE) under no_grad.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from branchgrpo.models.base import FlowAdapter
+from branchgrpo.models.flux import _strip_wrapper_prefixes, _unwrap, merge_lora_state_dict
+
+WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
+# Self- (attn1) and cross-attention (attn2) projections of every block.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_SHIFT = 3.0
+MAX_TEXT_LEN = 512  # Wan2.1's text_len
+# Wan2.1's own default negative prompt (`sample_neg_prompt` of its shared config); diffusers' docs use an English
+# translation of it. Chinese is what the model was tuned with.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def check_wan_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> Path:
+    """Fail before loading anything heavy when the checkpoint folder or one of the needed subfolders is missing."""
+    layout = ", ".join(WAN_LAYOUT)
+    if model_path is None:
+        raise ValueError("--pretrained_model_name_or_path / --model_path: no Wan folder given "
+                         f"(diffusers layout: {layout})")
+    root = Path(model_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Wan checkpoint folder {root} does not exist; expected a diffusers-layout "
+                                f"Wan2.1-T2V folder holding {layout} (see docs/wan.md)")
+    missing = [p for p in parts if not (root / p).exists()]
+    if missing:
+        raise FileNotFoundError(f"Wan checkpoint folder {root} lacks {', '.join(missing)}; expected a diffusers-layout "
+                                f"Wan2.1-T2V folder holding {layout} (see docs/wan.md)")
+    return root
+
+
+def check_video_size(num_frames: int, height: int, width: int, temporal: int = 4, spatial: int = 16) -> None:
+    """The VAE compresses 1 + 4k frames to 1 + k latent frames, and 8x spatially before 2x2 patches: sides % 16 == 0."""
+    if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(f"--num_frames must be {temporal}k + 1 (1, 5, 9, ..., 81) for Wan's VAE, got {num_frames}")
+    for flag, value in (("--h", height), ("--w", width)):
+        if not isinstance(value, int) or value <= 0 or value % spatial:
+            raise ValueError(f"{flag} must be a positive multiple of {spatial} (VAE factor 8 x patch 2), got {value}")
+
+
+def read_flow_shift(root: Path) -> float:
+    """The static shift of the checkpoint's scheduler config (UniPC: `flow_shift`; FlowMatchEuler: `shift`)."""
+    path = root / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if config.get("use_dynamic_shifting"):
+        raise ValueError(f"{path}: dynamic shifting is not used by Wan2.1; expected a static flow_shift")
+    return float(config.get("flow_shift", config.get("shift", DEFAULT_SHIFT)))
+
+
+def _check_supported(root: Path, transformer_config) -> None:
+    index_path = root / "model_index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None \
+            or index.get("expand_timesteps"):
+        raise ValueError(f"{root}: a Wan2.2 checkpoint (two experts / per-token timesteps); only Wan2.1 text-to-video "
+                         "is supported (docs/wan.md)")
+    if transformer_config.image_dim is not None or transformer_config.in_channels != transformer_config.out_channels:
+        raise ValueError(f"{root}: an image-to-video Wan transformer (image_dim={transformer_config.image_dim}, "
+                         f"in_channels={transformer_config.in_channels}); only text-to-video is supported "
+                         "(docs/wan.md)")
+
+
+class WanAdapter(FlowAdapter):
+    """WanTransformer3DModel + its VAE at a fixed video size (see the module docstring for the conventions)."""
+
+    name = "wan"
+    media = "video"
+    embedding_keys = ("prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, num_frames: int, height: int, width: int,
+                 guidance_scale: float = 5.0, shift: float = DEFAULT_SHIFT):
+        vae_config, config = vae.config, transformer.config  # read once: the attribute may later be wrapped (DDP)
+        self.temporal_factor = int(vae_config.scale_factor_temporal)
+        self.spatial_factor = int(vae_config.scale_factor_spatial)
+        check_video_size(num_frames, height, width, self.temporal_factor, self.spatial_factor * config.patch_size[1])
+        self.transformer, self.vae = transformer, vae.eval().requires_grad_(False)
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.guidance_scale, self.shift = float(guidance_scale), float(shift)
+        self.latent_shape = (int(vae_config.z_dim), (num_frames - 1) // self.temporal_factor + 1,
+                             height // self.spatial_factor, width // self.spatial_factor)
+        if self.latent_shape[0] != config.in_channels:
+            raise ValueError(f"Wan VAE has {self.latent_shape[0]} latent channels but the transformer takes "
+                             f"{config.in_channels}")
+        view = (1, self.latent_shape[0], 1, 1, 1)
+        self.latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(view)
+        self.latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(view)
+        module_names = [n for n, _ in transformer.named_modules()]
+        self.default_lora_targets = tuple(t for t in LORA_TARGETS if any(n.endswith("." + t) for n in module_names))
+
+    @property
+    def uses_cfg(self) -> bool:
+        """WanPipeline's rule: guidance only when the scale exceeds 1."""
+        return self.guidance_scale > 1.0
+
+    # ----- sampling ------------------------------------------------------------------------------------------------
+
+    def _negative(self, cond: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The uncond embedding per sample: [B, L, D] as the trainer passes it, or one [L, D] / [1, L, D] expanded."""
+        if "negative_prompt_embeds" not in cond:
+            raise KeyError("Wan with guidance_scale > 1 needs cond['negative_prompt_embeds'] (the embedding store's "
+                           "extras, written by the wan preprocess script); or set guidance_scale <= 1")
+        neg = cond["negative_prompt_embeds"]
+        neg = neg.unsqueeze(0) if neg.dim() == 2 else neg
+        if neg.shape[1:] != like.shape[1:]:
+            raise ValueError(f"negative_prompt_embeds {tuple(neg.shape)} and prompt_embeds {tuple(like.shape)} differ "
+                             "in length or width; encode both with the same --max_sequence_length")
+        return neg.expand(like.shape[0], -1, -1).to(device=like.device, dtype=like.dtype)
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v = eps - x0 (guided when guidance_scale > 1) for latents [B, C, F, h, w] at per-sample sigmas [B]; fp32."""
+        batch = latents.shape[0]
+        assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
+        assert sigmas.shape == (batch,), sigmas.shape
+        device = latents.device
+        dtype = next(self.transformer.parameters()).dtype
+        x = latents.to(dtype)
+        timestep = sigmas.to(device=device, dtype=torch.float32) * 1000.0  # Wan embeds raw timesteps in [0, 1000]
+        text = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        if self.uses_cfg:  # one forward on [cond; uncond]: 2B rows, half the kernel launches of two forwards
+            x = torch.cat([x, x])
+            timestep = torch.cat([timestep, timestep])
+            text = torch.cat([text, self._negative(cond, text)])
+        # The timestep stays fp32 even for a bf16 transformer (as in WanPipeline): bf16 would round 1000 * sigma
+        # to 3 significant digits.
+        out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                               return_dict=False)[0].float()
+        if not self.uses_cfg:
+            return out
+        v_cond, v_uncond = out.chunk(2)
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> videos [B, 3, F, H, W] in [0, 1], float32 (WanPipeline's decode path)."""
+        param = next(self.vae.parameters())
+        z = latents.to(device=param.device, dtype=torch.float32)
+        z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)
+        video = self.vae.decode(z.to(param.dtype), return_dict=False)[0]
+        return (video.float() / 2 + 0.5).clamp(0.0, 1.0)
+
+    # ----- training support ----------------------------------------------------------------------------------------
+
+    def blocks(self) -> list[nn.Module]:
+        """The WanTransformerBlocks (30 for 1.3B, 40 for 14B): FSDP2 / activation-checkpointing units."""
+        return list(_unwrap(self.transformer).blocks)
+
+    def to(self, device: torch.device | str) -> "WanAdapter":
+        self.transformer.to(device)
+        self.vae.to(device)
+        return self
+
+    def add_lora(self, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0):
+        """Inject peft LoRA layers (B = 0, so the model is unchanged) and freeze everything else. Returns the config."""
+        from peft import LoraConfig
+
+        if rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1, got {rank}")
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            target_modules=list(target_modules or self.default_lora_targets), init_lora_weights=True)
+        _unwrap(self.transformer).add_adapter(config)  # diffusers' PeftAdapterMixin: the layout load_lora_weights reads
+        self.lora_config = config
+        return config
+
+    def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+        """Write `out_dir/transformer/` (config.json + diffusion_pytorch_model.safetensors) for
+        `WanTransformer3DModel.from_pretrained`. LoRA layers, if any, are merged into the weights."""
+        import diffusers
+        from safetensors.torch import save_file
+
+        model = _unwrap(self.transformer)
+        state = _strip_wrapper_prefixes(state_dict if state_dict is not None else model.state_dict())
+        if any(".base_layer." in k or ".lora_" in k for k in state):  # a LoRA'd state dict: merge; plain: as is
+            state = merge_lora_state_dict(model, state)
+        folder = Path(out_dir) / "transformer"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Written by hand: under FSDP2 the class is renamed (FSDPWanTransformer3DModel) and save_config would say so.
+        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+        config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers.__version__, **config}
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+        save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+    def export_lora(self, out_dir: str, lora_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `out_dir/pytorch_lora_weights.safetensors` for `WanPipeline.load_lora_weights`. `lora_state_dict`:
+        None (take it from the module), a full state dict of the LoRA'd transformer, or peft-format LoRA weights."""
+        from diffusers import WanPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        model = _unwrap(self.transformer)
+        if not getattr(model, "peft_config", None):
+            raise ValueError("export_lora: the transformer has no LoRA adapter (call add_lora first)")
+        if lora_state_dict is None:
+            lora = get_peft_model_state_dict(model)
+        else:
+            lora_state_dict = _strip_wrapper_prefixes(lora_state_dict)
+            if any(".base_layer." in k or ".default." in k for k in lora_state_dict):
+                lora = get_peft_model_state_dict(model, state_dict=lora_state_dict)
+            else:
+                lora = {k: v for k, v in lora_state_dict.items() if ".lora_" in k}
+        lora = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
+        metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
+        WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
+        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             vae_dtype: torch.dtype = torch.float32, height: int = 480, width: int = 832, num_frames: int = 81,
+             guidance_scale: float = 5.0) -> WanAdapter:
+    """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`) from a local
+    diffusers-layout Wan2.1 text-to-video folder; nothing is downloaded."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    check_video_size(num_frames, height, width)
+    root = check_wan_folder(model_path, ("transformer", "vae"))
+    transformer = WanTransformer3DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=dtype,
+                                                        local_files_only=True)
+    _check_supported(root, transformer.config)
+    vae = AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
+    adapter = WanAdapter(transformer, vae, num_frames, height, width, guidance_scale, read_flow_shift(root))
+    return adapter.to(device)
+
+
+# ----- prompt encoding ---------------------------------------------------------------------------------------------
+
+
+def clean_prompt(text: str) -> str:
+    """The text clean-up WanPipeline applies before tokenising: ftfy (when installed), HTML unescaping (twice, for
+    doubly escaped scraped captions), whitespace collapsed. Embeddings only equal the pipeline's with it."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def build_prompt_encoder(model_path: str | Path | None, device: torch.device | str, args):
+    """`encode(texts) -> {"prompt_embeds": [n, max_sequence_length, D]}`, equal to `WanPipeline.encode_prompt`:
+    UMT5's last hidden state, zeroed after each prompt's last token (Wan attends to the padded rows, so zeros - not the
+    encoder's outputs at padding - are part of the conditioning). `encode.extras()` gives the dataset-wide
+    negative-prompt embedding (`args.negative_prompt`, default Wan's own), written once by the preprocess driver."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = check_wan_folder(model_path, ("text_encoder", "tokenizer"))
+    max_len = int(getattr(args, "max_sequence_length", MAX_TEXT_LEN))
+    if not 1 <= max_len <= MAX_TEXT_LEN:
+        raise ValueError(f"--max_sequence_length must be in [1, {MAX_TEXT_LEN}] for Wan (its text_len), got {max_len}")
+    device = torch.device(device)
+    name = getattr(args, "dtype", "auto")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name not in ENCODER_DTYPES:  # fp16 T5 overflows to inf: not offered
+        raise ValueError(f"--dtype must be auto, fp32 or bf16 for Wan's UMT5 encoder, got '{name}'")
+    dtype = ENCODER_DTYPES[name]
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    encoder = UMT5EncoderModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
+    encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    negative = getattr(args, "negative_prompt", None)
+    negative = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        tokens = tokenizer([clean_prompt(t) for t in texts], padding="max_length", max_length=max_len,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        return {"prompt_embeds": (hidden * mask[..., None].to(hidden.dtype)).to(dtype)}
+
+    def extras() -> dict[str, torch.Tensor]:
+        return negative_prompt_extras(encode, negative)
+
+    encode.extras = extras
+    return encode
+
+
+def negative_prompt_extras(encode, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> dict[str, torch.Tensor]:
+    """{"negative_prompt_embeds": [L, D]}: the one uncond embedding shared by every prompt of a dataset (stored with
+    `write_extras`; the trainer expands it per sample). An empty string is a valid negative prompt."""
+    return {"negative_prompt_embeds": encode([negative_prompt])["prompt_embeds"][0]}
