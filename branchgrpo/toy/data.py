@@ -195,7 +195,7 @@ def measure_attributes(images_B1HW: torch.Tensor) -> dict[str, torch.Tensor]:
     # Rows grow downward, so a stroke leaning right has x falling as y grows: mu11 < 0 -> slant > 0.
     return {
         "weight": img_BHW.mean(dim=(1, 2)),
-        "width": mu20_B.sqrt() * (8.0 / width),  # in 8x8-pixel units whatever the resolution
+        "width": mu20_B.sqrt(),
         "slant": -mu11_B / mu02_B.clamp_min(1e-6),
     }
 

@@ -1,0 +1,169 @@
+"""The embedded default backbone: a tiny text-conditioned flow model of real 8x8 digits (see branchgrpo/toy/).
+
+    adapter = load_toy()                       # the checkpoint shipped in branchgrpo/toy/assets/
+    encode = build_prompt_encoder(None, "cpu", None)
+    cond = encode(["a bold seven"])            # {"prompt_embeds": [1, 8, 32], "pooled_prompt_embeds": [1, 32]}
+    v = adapter.velocity(latents_B188, sigmas_B, gather_cond(cond, prompt_index_B))
+
+A checkpoint folder (the shipped assets, or what `export` writes) holds four files, safetensors + JSON only:
+`transformer.safetensors` + `transformer.json` (the trained flow network and its FlowConfig) and
+`text_encoder.safetensors` + `text_encoder.json` (the frozen word-level text encoder, config and vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from branchgrpo.models.base import FlowAdapter
+from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
+from branchgrpo.toy.network import (
+    FlowConfig,
+    TextEncoderConfig,
+    ToyFlowTransformer,
+    ToyTextEncoder,
+    _config_from_dict,
+)
+
+FORMAT = "branchgrpo-toy/1"
+TRANSFORMER_WEIGHTS, TRANSFORMER_CONFIG = "transformer.safetensors", "transformer.json"
+TEXT_ENCODER_WEIGHTS, TEXT_ENCODER_CONFIG = "text_encoder.safetensors", "text_encoder.json"
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The bare network under a DDP / torch.compile wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    while True:
+        if hasattr(module, "module"):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _checkpoint_dir(model_path: str | Path | None) -> Path:
+    folder = Path(model_path) if model_path is not None else ASSETS_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model_path: toy checkpoint folder {folder} does not exist")
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a toy checkpoint folder holds {TRANSFORMER_WEIGHTS}, "
+                                f"{TRANSFORMER_CONFIG}, {TEXT_ENCODER_WEIGHTS} and {TEXT_ENCODER_CONFIG}")
+    return json.loads(path.read_text())
+
+
+def _save_module(folder: Path, weights: str, config_file: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
+              str(folder / weights), metadata={"format": FORMAT})
+    (folder / config_file).write_text(json.dumps({"format": FORMAT, **config}, indent=1) + "\n")
+
+
+def save_text_encoder(encoder: ToyTextEncoder, out_dir: str | Path) -> None:
+    config = {**asdict(encoder.config), "vocab": list(VOCAB)}
+    _save_module(Path(out_dir), TEXT_ENCODER_WEIGHTS, TEXT_ENCODER_CONFIG, config, encoder.state_dict())
+
+
+def load_text_encoder(model_path: str | Path | None = None, device: torch.device | str = "cpu") -> ToyTextEncoder:
+    """The frozen text encoder of a toy checkpoint folder (None: the shipped one), in eval mode."""
+    folder = _checkpoint_dir(model_path)
+    config = _read_json(folder / TEXT_ENCODER_CONFIG)
+    config.pop("format", None)
+    vocab = config.pop("vocab")
+    if tuple(vocab) != VOCAB:
+        raise ValueError(f"{folder / TEXT_ENCODER_CONFIG}: its vocabulary differs from this version's toy grammar")
+    encoder = ToyTextEncoder(_config_from_dict(TextEncoderConfig, config))
+    encoder.load_state_dict(load_file(str(folder / TEXT_ENCODER_WEIGHTS)))
+    encoder.requires_grad_(False)
+    return encoder.eval().to(device)
+
+
+def build_prompt_encoder(model_path, device, args=None):
+    """For `python -m branchgrpo.cli.preprocess --model toy`: encode(texts) -> {prompt_embeds [n, L, D],
+    pooled_prompt_embeds [n, D]} in fp32. Unknown words raise ValueError naming the word and the vocabulary."""
+    encoder = load_text_encoder(model_path, device)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        return encoder.encode(texts)
+
+    return encode
+
+
+class ToyAdapter(FlowAdapter):
+    """FlowAdapter of the toy: latents `[B, 1, 8, 8]` are the pixels mapped to [-1, 1] (there is no VAE)."""
+
+    name = "toy"
+    media = "image"
+    latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+    embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    #: every Linear of the repeated blocks (module-name suffixes, as peft's target_modules takes them)
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out", "ff_in", "ff_out")
+
+    def __init__(self, transformer: ToyFlowTransformer, text_encoder: ToyTextEncoder | None = None):
+        self.transformer = transformer
+        self.text_encoder = text_encoder  # frozen; only used to encode prompts, never trained
+        self.config: FlowConfig = transformer.config
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v `[B, 1, 8, 8]` fp32; bitwise the same for a sample whatever batch it is computed in (CPU, fp32)."""
+        if sigmas.dim() != 1 or sigmas.shape[0] != latents.shape[0]:
+            raise ValueError(f"toy velocity: sigmas must be [B] = [{latents.shape[0]}], got {tuple(sigmas.shape)}")
+        v = self.transformer(latents, sigmas, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        return v.float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents_to_images(latents)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(_unwrap(self.transformer).blocks)
+
+    def to(self, device: torch.device | str) -> "ToyAdapter":
+        self.transformer.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_encoder is None:
+            raise RuntimeError("this ToyAdapter was built without its text encoder")
+        return self.text_encoder.encode(texts)
+
+    def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a complete toy checkpoint folder (flow network + text encoder) that `load_toy(out_dir)` loads.
+
+        `state_dict` must be the full, plain state dict of the flow network (merge LoRA first); it is checked
+        against a fresh network of the same config so that a wrong dict fails here, not at load time."""
+        if state_dict is None:
+            state_dict = _unwrap(self.transformer).state_dict()
+        fresh = ToyFlowTransformer(self.config)
+        missing, unexpected = fresh.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"toy export: state dict does not match the toy network (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}); pass a plain, merged state dict")
+        _save_module(Path(out_dir), TRANSFORMER_WEIGHTS, TRANSFORMER_CONFIG, asdict(self.config), state_dict)
+        if self.text_encoder is not None:
+            save_text_encoder(self.text_encoder, out_dir)
+
+
+def load_toy(model_path: str | Path | None = None, device: torch.device | str = "cpu") -> ToyAdapter:
+    """The toy adapter from a checkpoint folder (None: the one shipped in branchgrpo/toy/assets/).
+
+    The flow network is returned trainable (requires_grad) in eval mode (it has no dropout or batch norm, so the
+    mode changes nothing); the text encoder is frozen."""
+    folder = _checkpoint_dir(model_path)
+    config = _read_json(folder / TRANSFORMER_CONFIG)
+    config.pop("format", None)
+    transformer = ToyFlowTransformer(_config_from_dict(FlowConfig, config))
+    transformer.load_state_dict(load_file(str(folder / TRANSFORMER_WEIGHTS)))
+    text_encoder = load_text_encoder(folder, device)
+    return ToyAdapter(transformer.eval().to(device), text_encoder)
