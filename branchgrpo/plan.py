@@ -14,6 +14,7 @@ import torch
 
 from branchgrpo.algorithms import Algorithm
 from branchgrpo.config import AlgoConfig, parse_config
+from branchgrpo.train_config import TrainConfig
 from branchgrpo.graph import plan_counts, skeleton_graph
 
 
@@ -51,7 +52,8 @@ def main(argv=None) -> None:
         p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
 
     try:
-        cfg, extras = parse_config(AlgoConfig, argv, description=__doc__, extra_args=extra)
+        # the training flags and configs are accepted as they are; only the algorithm's are used
+        cfg, extras = parse_config(TrainConfig, argv, description=__doc__, extra_args=extra)
         counts = count(cfg, extras.iteration)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -8,6 +8,7 @@ with changed schedule flags is refused instead of silently jumping.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -108,18 +109,22 @@ def timestep_fraction_mask(graph: RolloutGraph, fraction: float, seed: int, iter
 
 
 class _Schedule:
-    """State = settings + last iteration served; settings must match on load."""
+    """State = settings + last iteration served; settings must match on load (as JSON values: tuples are lists).
+    `max_train_steps` may change on resume (training longer is legitimate); the new value applies."""
 
     last_iteration: int = -1
 
+    _not_compared = ("last_iteration", "max_train_steps")
+
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "last_iteration"}
+        return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in self._not_compared}))
 
     def state_dict(self) -> dict:
         return {"settings": self.settings(), "last_iteration": self.last_iteration}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["settings"] != self.settings():
+        saved = {k: v for k, v in state["settings"].items() if k not in self._not_compared}
+        if saved != self.settings():
             raise ValueError(
                 f"resume: {type(self).__name__} settings changed since the checkpoint "
                 f"({state['settings']} -> {self.settings()}); resume with the original flags"

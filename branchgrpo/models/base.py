@@ -65,9 +65,26 @@ class FlowAdapter(abc.ABC):
     def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trained weights where users can load them (diffusers layout for FLUX/Wan).
 
-        `state_dict` is a full (gathered) state dict of `transformer`; None means take it from the module.
+        `state_dict` is a full (gathered), plain state dict of `transformer` (LoRA merged); None: from the module.
         """
         raise NotImplementedError(f"{type(self).__name__} does not export weights")
+
+    def add_lora(self, rank: int, alpha: float | None = None, target_modules=None):
+        """Inject LoRA layers into `transformer` (peft; B = 0 so nothing changes yet) and freeze the rest.
+        Returns the peft LoraConfig. Backbones with a diffusers LoRA format override this and `export_lora`."""
+        from branchgrpo.models.lora import inject_lora
+
+        self.lora_config = inject_lora(self.transformer, rank, alpha if alpha is not None else rank,
+                                       list(target_modules or self.default_lora_targets))
+        return self.lora_config
+
+    def export_lora(self, out_dir: str, lora_state_dict: dict[str, torch.Tensor] | None = None):
+        """Write the adapter weights alone (default: peft's adapter_model.safetensors + adapter_config.json).
+        `lora_state_dict`: a full state dict of the LoRA'd transformer (None: from the module)."""
+        from branchgrpo.models.lora import adapter_weights, save_adapter
+
+        state = lora_state_dict if lora_state_dict is not None else self.transformer.state_dict()
+        return save_adapter(out_dir, adapter_weights(state), self.lora_config)
 
 
 def gather_cond(embeddings: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,57 @@
+"""Exponential moving average of the trained weights, kept on the CPU (fp32).
+
+With FSDP2 every rank keeps the EMA of its own shards, so the EMA costs no GPU memory and no communication; it is
+gathered only to export or evaluate it. `swapped_in` temporarily puts the EMA weights into the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = {n: _local(p.detach()).to("cpu", torch.float32, copy=True)
+                       for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(_local(param.detach()).to("cpu", torch.float32), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        backup = {n: _local(p.detach()).clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    _local(p.data).copy_(self.shadow[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    _local(p.data).copy_(backup[n])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("resume: the checkpoint's EMA tracks other parameters (LoRA vs full, or another model)")
+        for name, value in state["shadow"].items():
+            if value.shape != self.shadow[name].shape:
+                raise ValueError(f"resume: EMA tensor {name} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(self.shadow[name].shape)} (same number of processes needed)")
+            self.shadow[name].copy_(value)

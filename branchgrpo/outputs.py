@@ -1,0 +1,133 @@
+"""What a run leaves behind (rank 0 writes): metrics.jsonl, TensorBoard events, optional wandb, sample grids (PNG),
+rollout videos (MP4/GIF), the reward curve (PNG) and summary.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """One JSON object per training iteration; on resume, entries at or after the resumed step are dropped so the
+    file continues exactly as an unbroken run would have written it."""
+
+    def __init__(self, output_dir: Path, report_to: str, run_name: str, config: dict, wandb_project: str,
+                 resume_step: int | None = None):
+        self.path = output_dir / "metrics.jsonl"
+        self.entries: list[dict] = []
+        if resume_step is not None and self.path.exists():
+            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.entries = [e for e in kept if e["step"] < resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+        loggers = {x.strip() for x in report_to.split(",")}
+        self.tb = None
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step)
+        self.wandb = None
+        if "wandb" in loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--report_to wandb: the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+
+    def log(self, entry: dict) -> None:
+        self.entries.append(entry)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        step = entry["step"]
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                if self.tb is not None:
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in entry.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def to_uint8(media: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] or [N, C, F, H, W] in [0, 1] -> uint8 HWC arrays (grey channels repeated to RGB)."""
+    x = (media.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if x.shape[1] == 1:
+        x = x.repeat_interleave(3, dim=1)
+    return x.movedim(1, -1).numpy()
+
+
+def save_grid(images: torch.Tensor, path: Path, columns: int, labels: Sequence[str] | None = None,
+              scale: int = 1) -> Path:
+    """Images [N, C, H, W] in [0, 1] as one PNG, `columns` per row (e.g. the seeds of one prompt)."""
+    from PIL import Image, ImageDraw
+
+    arr = to_uint8(images)
+    n, h, w, _ = arr.shape
+    rows = math.ceil(n / columns)
+    label_h = 12 if labels else 0
+    canvas = Image.new("RGB", (columns * w * scale, rows * (h * scale + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
+        y = r * (h * scale + label_h)
+        canvas.paste(tile, (c * w * scale, y + label_h))
+        if labels and c == 0:
+            draw.text((2, y), labels[r][:60], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def save_videos(videos: torch.Tensor, folder: Path, stem: str, fps: int = 8) -> list[Path]:
+    """Videos [N, C, F, H, W] in [0, 1] as MP4 (GIF when no ffmpeg is available)."""
+    import imageio.v2 as imageio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, clip in enumerate(to_uint8(videos.transpose(1, 2).flatten(0, 1)).reshape(videos.shape[0], videos.shape[2],
+                                                                                    *videos.shape[3:], 3)):
+        path = folder / f"{stem}_{i:02d}.mp4"
+        try:
+            imageio.mimwrite(path, list(clip), fps=fps, macro_block_size=1)
+        except Exception:  # no ffmpeg backend: fall back to GIF
+            path = path.with_suffix(".gif")
+            imageio.mimwrite(path, list(clip), duration=1.0 / fps)
+        paths.append(path)
+    return paths
+
+
+def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [e["step"] for e in entries]
+    ax.plot(steps, [e["reward_mean"] for e in entries], label="rollout reward (mean over leaves)", alpha=0.7)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["eval_reward"] for e in evals], "o-", label="held-out eval reward")
+    if reward_max is not None:
+        ax.axhline(reward_max, color="grey", linestyle="--", label="reward maximum")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

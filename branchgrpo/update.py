@@ -1,0 +1,185 @@
+"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges.
+
+Batch semantics (logged at start-up):
+- Edges sharing a parent (split siblings, G2RPO's members) are re-scored from ONE forward of that parent, so they
+  always land in the same micro-batch. A micro-batch holds up to `--train_micro_batch_size` distinct parents.
+- Parent groups are shuffled (keyed by seed, iteration, rank) and packed into micro-batches; every
+  `--gradient_accumulation_steps` micro-batches (0: all of them) make one optimizer step, the loss being the mean
+  over the step's edges. Gradients are clipped on EVERY optimizer step, including a shorter last one.
+- Every rank runs the same number of micro-batches (shorter ranks pad with zero-weight ones), so DDP/FSDP
+  collectives stay in step. A non-finite ratio or loss zero-weights its edge on that rank; a non-finite gradient
+  norm - the same number on every rank after the all-reduce - skips that optimizer step on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from branchgrpo import distributed, sde
+from branchgrpo.graph import RolloutGraph
+from branchgrpo.losses import clipped_surrogate, kl_penalty, merge_stats, policy_stats
+from branchgrpo.models.base import FlowAdapter, gather_cond
+from branchgrpo.parallel import clip_grad_norm, gradient_sync
+from branchgrpo.seeding import keyed_permutation, mix_key
+
+
+@dataclass
+class Edges:
+    """The edges trained this iteration, identified by their child nodes (all tensors [E], CPU)."""
+
+    child: torch.Tensor
+    parent: torch.Tensor
+    advantage: torch.Tensor  # float32, 0 where weight is 0
+    weight: torch.Tensor  # float32: 1, or 0 for edges without a finite advantage
+    old_log_prob: torch.Tensor  # float32
+
+
+def select_edges(graph: RolloutGraph, trained: torch.Tensor, advantages: torch.Tensor) -> Edges:
+    child = torch.nonzero(trained).flatten()
+    adv = advantages[child].to(torch.float32)
+    finite = torch.isfinite(adv)
+    return Edges(child=child, parent=graph.parent[child], advantage=torch.where(finite, adv, torch.zeros_like(adv)),
+                 weight=finite.to(torch.float32), old_log_prob=graph.log_prob[child].clone())
+
+
+def plan_micro_batches(parents: torch.Tensor, max_parents: int, key: int) -> list[torch.Tensor]:
+    """Edge indices per micro-batch: parent groups shuffled, then packed `max_parents` at a time."""
+    unique, which = torch.unique(parents, return_inverse=True)
+    order = keyed_permutation(unique.numel(), key)
+    batches = []
+    for start in range(0, unique.numel(), max_parents):
+        groups = order[start : start + max_parents]
+        batches.append(torch.nonzero(torch.isin(which, groups)).flatten())
+    return batches
+
+
+class PolicyUpdate:
+    def __init__(self, adapter: FlowAdapter, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, cfg, kernel: sde.Kernel, device: torch.device, autocast: Callable,
+                 reference: Callable | None, rank: int):
+        self.adapter, self.model, self.optimizer, self.scheduler = adapter, model, optimizer, scheduler
+        self.cfg, self.kernel, self.device, self.autocast = cfg, kernel, device, autocast
+        self.reference = reference  # context manager factory: inside it adapter.velocity is the reference policy
+        self.rank = rank
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def micro_batch_forward(self, graph: RolloutGraph, embeddings: dict, edges: Edges, idx: torch.Tensor):
+        """Per-edge (log-prob under the current policy, mean) for the edges `idx`; one forward per distinct parent."""
+        parents, row = torch.unique(edges.parent[idx], return_inverse=True)
+        x = graph.node_latents(parents).to(self.device)
+        sigma_from = graph.sigmas.float()[graph.step[parents]].to(self.device)
+        cond = gather_cond(embeddings, graph.prompt[parents].to(self.device))
+        with self.autocast():
+            v = self.adapter.velocity(x, sigma_from, cond)
+        children = edges.child[idx]
+        row = row.to(self.device)
+        sigma_to = graph.sigmas.float()[graph.step[children]].to(self.device)
+        mean, _ = sde.sde_mean_std(x[row], v.float()[row], sigma_from[row], sigma_to, self.kernel)
+        std = graph.std[children].to(self.device)
+        log_prob = sde.gaussian_log_prob(graph.node_latents(children).to(self.device), mean, std)
+        return log_prob, mean, (x, sigma_from, cond, row, sigma_to, std)
+
+    @torch.no_grad()
+    def recompute_old_log_probs(self, graph, embeddings, edges: Edges, batches: list[torch.Tensor]) -> None:
+        """Score the behaviour log-probs with the training forward's layout (--recompute_old_log_prob)."""
+        for idx in batches:
+            log_prob, _, _ = self.micro_batch_forward(graph, embeddings, edges, idx)
+            edges.old_log_prob[idx] = log_prob.float().cpu()
+
+    def run(self, graph: RolloutGraph, embeddings: dict, edges: Edges, iteration: int) -> dict:
+        cfg = self.cfg
+        batches = plan_micro_batches(edges.parent, cfg.train_micro_batch_size, mix_key(cfg.seed, iteration, "mb", self.rank))
+        num_micro = int(distributed.all_reduce_max(torch.tensor(len(batches))).item())
+        batches += [torch.zeros(0, dtype=torch.long)] * (num_micro - len(batches))  # zero-weight padding
+        if cfg.recompute_old_log_prob:
+            self.recompute_old_log_probs(graph, embeddings, edges, [b for b in batches if b.numel()])
+        accum = cfg.gradient_accumulation_steps or num_micro
+        stats, losses, norms, first_ratio = {}, [], [], None
+        skipped = nonfinite = steps = kl_sum = 0.0
+        self.model.train()
+        for start in range(0, num_micro, accum):
+            window = batches[start : start + accum]
+            num_edges = float(sum(edges.weight[b].sum() for b in window))
+            step_loss = 0.0
+            for j, idx in enumerate(window):
+                with gradient_sync(self.model, enabled=j == len(window) - 1):
+                    loss, mb = self._micro_batch_loss(graph, embeddings, edges, idx, max(num_edges, 1.0))
+                    loss.backward()
+                step_loss += float(loss.detach())
+                if mb:
+                    stats = merge_stats(stats, mb["stats"])
+                    nonfinite += mb["nonfinite"]
+                    kl_sum += mb["kl_sum"]
+                    if first_ratio is None:
+                        first_ratio = (mb["stats"]["ratio_min"], mb["stats"]["ratio_max"])
+            norm = clip_grad_norm(self.params, cfg.max_grad_norm)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+            else:
+                skipped += 1
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            norms.append(float(norm))
+            steps += 1
+        self.model.eval()
+        n = max(stats.get("num_edges", 0.0), 1.0)
+        first_ratio = first_ratio or (1.0, 1.0)
+        return {
+            "loss": sum(losses) / max(len(losses), 1),
+            "grad_norm": sum(norms) / max(len(norms), 1),
+            "optimizer_steps": steps,
+            "skipped_steps": skipped,
+            "micro_batches": num_micro,
+            "nonfinite_edges": nonfinite,
+            "clip_fraction": stats.get("clipped", 0.0) / n,
+            "approx_kl": stats.get("approx_kl_sum", 0.0) / n,
+            "kl": kl_sum / n,
+            "ratio_min": stats.get("ratio_min", 1.0),
+            "ratio_max": stats.get("ratio_max", 1.0),
+            "first_ratio_min": first_ratio[0],
+            "first_ratio_max": first_ratio[1],
+        }
+
+    def _micro_batch_loss(self, graph, embeddings, edges: Edges, idx: torch.Tensor, normaliser: float):
+        if idx.numel() == 0:  # padding: a zero-weight forward keeps the collectives of every rank in step
+            dummy = graph.node_latents(edges.parent[:1] if edges.parent.numel() else graph.leaves[:1]).to(self.device)
+            cond = gather_cond(embeddings, torch.zeros(1, dtype=torch.long, device=self.device))
+            with self.autocast():
+                v = self.adapter.velocity(dummy, torch.ones(1, device=self.device), cond)
+            return 0.0 * v.float().sum(), None
+        log_prob, mean, (x, sigma_from, cond, row, sigma_to, std) = self.micro_batch_forward(graph, embeddings, edges, idx)
+        old = edges.old_log_prob[idx].to(self.device)
+        adv = edges.advantage[idx].to(self.device)
+        weight = edges.weight[idx].to(self.device)
+        loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.cfg.clip_range)
+        kl_sum = 0.0
+        if self.cfg.kl_coef > 0 and self.reference is not None:
+            with torch.no_grad(), self.reference(), self.autocast():
+                v_ref = self.adapter.velocity(x, sigma_from, cond)
+            ref_mean, _ = sde.sde_mean_std(x[row], v_ref.float()[row], sigma_from[row], sigma_to, self.kernel)
+            kl = kl_penalty(mean, ref_mean, std)
+            loss_e = loss_e + self.cfg.kl_coef * kl
+            kl_sum = float((kl.detach() * weight).sum())
+        finite = torch.isfinite(loss_e) & torch.isfinite(ratio)
+        live = finite & (weight > 0)
+        loss = torch.where(live, loss_e * weight, torch.zeros_like(loss_e)).sum() / normaliser
+        stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.cfg.clip_range)
+        return loss, {"stats": stats, "nonfinite": float((~finite & (weight > 0)).sum()), "kl_sum": kl_sum}
+
+
+def nullcontext_factory():
+    return contextlib.nullcontext()
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+def optimizer_steps_per_iteration(num_micro: int, accumulation: int) -> int:
+    return math.ceil(num_micro / (accumulation or num_micro)) if num_micro else 0

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# BranchGRPO on FLUX.1-dev with the paper's settings (20 steps, splits 0,3,6,9, K = 2, eta 0.3, shift 3, 720x720,
+# lr 1e-5, clip 1e-3, advantages clipped to 5, HPS-v2.1), on one node of 8 GPUs (torchrun, FSDP2, bf16).
+#
+#   VARIANT=base    BranchGRPO                       (default)
+#   VARIANT=widpru  BranchGRPO-WidPru: width pruning, Parent-Top1 at the last split
+#   VARIANT=deppru  BranchGRPO-DepPru: depths 15,16,17,18 pruned, sliding every 30 iterations down to depth 9
+#   VARIANT=mix     BranchGRPO-Mix: ODE outside the splits and a 4-step SDE window moving every 30 iterations
+#
+# Other environment variables: see scripts/lib/flux.sh (NPROC, MODEL_PATH, DATA_JSON, HPS_CKPT_DIR, OUTPUT_DIR, ...).
+# Extra flags go to the trainer and override these, e.g. `... --fusion_alpha 1 --branch_innovation 0.5`.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+VARIANT="${VARIANT:-base}"
+ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
+           --eta 0.3 --sde_kernel dance --clip_range 1e-3 --init_same_noise --tree_split_noise_scale 1.0)
+case "$VARIANT" in
+  base) ;;
+  widpru) ALGO_ARGS+=(--width_pruning_mode 1) ;;
+  deppru) ALGO_ARGS+=(--depth_pruning 15,16,17,18 --depth_pruning_slide --depth_pruning_slide_interval 30
+                      --depth_pruning_stop_depth 9) ;;
+  mix) ALGO_ARGS+=(--mix_ode_sde_tree --mix_sde_window_size 4 --mix_window_interval 30) ;;
+  *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$VARIANT')" >&2; exit 2 ;;
+esac
+NAME="branchgrpo_${VARIANT}"
+source scripts/lib/flux.sh

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: align the shipped toy digit model (text -> 8x8 digit, flow matching) with
+# its offline reward on a CPU, in about ten minutes on 2 cores. Sets up the environment first if needed.
+#
+#   bash scripts/finetune/finetune_toy_branchgrpo.sh                     # BranchGRPO, outputs/toy_branchgrpo/
+#   ALGO=dancegrpo bash scripts/finetune/finetune_toy_branchgrpo.sh      # or mixgrpo, g2rpo
+#   bash scripts/finetune/finetune_toy_branchgrpo.sh --max_train_steps 20 --width_pruning_mode 1
+#
+# Environment: ALGO (branchgrpo), OUTPUT_DIR (outputs/toy_$ALGO), NPROC (1 process; >1 runs torchrun with gloo),
+# CONFIG (configs/toy_$ALGO.yaml), SKIP_SETUP=1 to skip env_setup.sh. Extra flags go to the trainer ("$@").
+# Writes metrics.jsonl, summary.json, reward_curve.png, samples/*.png (before/after grids), checkpoints/.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+source scripts/lib/common.sh
+
+ALGO="${ALGO:-branchgrpo}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/toy_${ALGO}}"
+CONFIG="${CONFIG:-configs/toy_${ALGO}.yaml}"
+[[ "${SKIP_SETUP:-0}" == 1 ]] || bash env_setup.sh
+bg_python
+bg_require_file "$CONFIG" "CONFIG: no toy config for ALGO=$ALGO (expected branchgrpo, dancegrpo, mixgrpo or g2rpo)"
+bg_check_inputs
+
+# 1. the toy's prompts -> embeddings, through the same preprocess step and format as FLUX (skipped when done)
+TRAIN_PROMPTS="$("$PY" -c 'from branchgrpo.toy.data import train_prompts_path as p; print(p())')"
+EVAL_PROMPTS="$("$PY" -c 'from branchgrpo.toy.data import eval_prompts_path as p; print(p())')"
+"$PY" -m branchgrpo.cli.preprocess --model toy --device cpu --prompts "$TRAIN_PROMPTS" \
+  --output_dir "$OUTPUT_DIR/embeddings/train" --shard_size 256
+"$PY" -m branchgrpo.cli.preprocess --model toy --device cpu --prompts "$EVAL_PROMPTS" \
+  --output_dir "$OUTPUT_DIR/embeddings/eval" --shard_size 256
+
+# 2. GRPO
+bg_launch branchgrpo.cli.train --config "$CONFIG" --device cpu \
+  --data_json_path "$OUTPUT_DIR/embeddings/train/index.json" \
+  --eval_data_json_path "$OUTPUT_DIR/embeddings/eval/index.json" \
+  --output_dir "$OUTPUT_DIR" "$@"

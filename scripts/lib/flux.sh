@@ -1,0 +1,48 @@
+# Shared body of the FLUX launchers: documented defaults, input checks, then torchrun. The launcher that sources it
+# sets ALGO_ARGS (its algorithm's flags) and NAME before sourcing; everything here can be overridden by environment
+# variables, and the launcher's own arguments ("$@") are appended last, so they win.
+#
+# Environment (defaults): NPROC (8) per node; NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29517);
+# MODEL_PATH (data/flux, diffusers layout); DATA_JSON (data/rl_embeddings/index.json); EVAL_DATA_JSON (optional);
+# HPS_CKPT_DIR (hps_ckpt, holding HPS_v2.1_compressed.pt); REWARD (hps=1.0); OUTPUT_DIR (outputs/flux_$NAME);
+# H, W (720); TRAIN_BATCH_SIZE (2 prompts per GPU); LR (1e-5); MAX_STEPS (300); MAX_GRAD_NORM (0.01, the paper's
+# Table 2); MICRO (4 parents per training forward); GRAD_ACCUM (3 micro-batches per optimizer step);
+# ROLLOUT_BATCH (8 latents per rollout forward); USE_LORA (0; 1 adds --use_lora); PYTHON.
+source "$REPO_ROOT/scripts/lib/common.sh"
+
+NPROC="${NPROC:-8}"
+MODEL_PATH="${MODEL_PATH:-data/flux}"
+DATA_JSON="${DATA_JSON:-data/rl_embeddings/index.json}"
+HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
+REWARD="${REWARD:-hps=1.0}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/flux_${NAME}}"
+
+bg_python
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
+[[ -d "$MODEL_PATH" ]] && for part in transformer vae; do
+  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
+done
+bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_flux_rl_embeddings.sh first"
+if [[ "$REWARD" == *hps* ]]; then
+  bg_require_file "$HPS_CKPT_DIR/HPS_v2.1_compressed.pt" "HPS_CKPT_DIR: HPS-v2.1 checkpoint missing (hps_ckpt/README.md)"
+fi
+[[ -n "${EVAL_DATA_JSON:-}" ]] && bg_require_file "$EVAL_DATA_JSON" "EVAL_DATA_JSON not found"
+bg_check_inputs
+
+COMMON_ARGS=(
+  --model flux --pretrained_model_name_or_path "$MODEL_PATH" --data_json_path "$DATA_JSON"
+  --reward "$REWARD" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
+  --h "${H:-720}" --w "${W:-720}" --shift 3 --seed 42 --sampler_seed 1223627
+  --train_batch_size "${TRAIN_BATCH_SIZE:-2}" --learning_rate "${LR:-1e-5}" --weight_decay 1e-4
+  --max_train_steps "${MAX_STEPS:-300}" --max_grad_norm "${MAX_GRAD_NORM:-0.01}" --adv_clip_max 5
+  --rollout_batch_size "${ROLLOUT_BATCH:-8}" --train_micro_batch_size "${MICRO:-4}"
+  --gradient_accumulation_steps "${GRAD_ACCUM:-3}" --reward_batch_size 4
+  --gradient_checkpointing --mixed_precision bf16 --allow_tf32 --parallel fsdp
+  --use_ema --ema_decay 0.995 --checkpointing_steps 40 --validation_steps 20 --save_rollout_samples 20
+)
+[[ -n "${EVAL_DATA_JSON:-}" ]] && COMMON_ARGS+=(--eval_data_json_path "$EVAL_DATA_JSON")
+[[ "${USE_LORA:-0}" == 1 ]] && COMMON_ARGS+=(--use_lora --lora_rank "${LORA_RANK:-32}" --lora_alpha "${LORA_ALPHA:-64}")
+
+export TOKENIZERS_PARALLELISM=false
+echo "[$NAME] $NPROC process(es) x $(( ${NNODES:-1} )) node(s) -> $OUTPUT_DIR"
+bg_launch branchgrpo.cli.train "${COMMON_ARGS[@]}" "${ALGO_ARGS[@]}" "$@"

@@ -1,0 +1,148 @@
+"""Checkpoints: a resumed run equals an unbroken one bitwise; SIGTERM saves and exits cleanly; a kill during a
+checkpoint write leaves the previous checkpoint loadable; corrupt or mismatched checkpoints give clear errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from trainer_utils import REPO, exported_weights, fast_args, make_toy_embeddings, metrics, train, without_timings
+
+# schedules, EMA and a moving window all carry state across the resume
+STATEFUL = dict(mix_ode_sde_tree=True, mix_sde_window_size=2, mix_window_interval=1, use_ema=True, ema_decay=0.5,
+                depth_pruning="3", depth_pruning_slide=True, depth_pruning_stop_depth=1, max_train_steps=4)
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    return make_toy_embeddings(tmp_path_factory.mktemp("toy_emb"))
+
+
+@pytest.fixture(scope="module")
+def straight(emb, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(fast_args(emb, out, checkpointing_steps=2, **STATEFUL))
+    return out
+
+
+def assert_same_run(a, b):
+    wa, wb = exported_weights(a, 4), exported_weights(b, 4)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ"
+    ea, eb = exported_weights(a, 4, "ema"), exported_weights(b, 4, "ema")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea), "EMA differs"
+    assert without_timings(metrics(a)) == without_timings(metrics(b))
+
+
+def test_resumed_run_matches_the_unbroken_run_bitwise(emb, straight, tmp_path):
+    out = tmp_path / "resumed"
+    train(fast_args(emb, out, checkpointing_steps=2, **dict(STATEFUL, max_train_steps=2)))
+    train(fast_args(emb, out, checkpointing_steps=2, resume_from_checkpoint="latest", **STATEFUL))
+    assert [e["step"] for e in metrics(out)] == [0, 1, 2, 3]
+    assert_same_run(straight, out)
+    # the schedules really moved during the run (so their restoration was tested)
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["algorithm"]["window"]["last_iteration"] == 3
+
+
+def _run_script(code: str, tmp_path, name: str) -> subprocess.Popen:
+    script = tmp_path / f"{name}.py"
+    script.write_text(textwrap.dedent(code))
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=180):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early:\n{proc.stdout.read()}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.1)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(emb, straight, tmp_path):
+    out = tmp_path / "sigterm"
+    args = fast_args(emb, out, checkpointing_steps=2, **STATEFUL)
+    # slow each iteration down a little so the signal lands mid-run
+    proc = _run_script(f"""
+        import time, branchgrpo.trainer as t
+        from trainer_utils import train
+        orig = t.Trainer.iteration
+        t.Trainer.iteration = lambda self, it: (time.sleep(0.5), orig(self, it))[1]
+        train({args!r})
+    """, tmp_path, "sigterm")
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    stopped = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 1 <= stopped < 4 and len(metrics(out)) == stopped
+    train(fast_args(emb, out, checkpointing_steps=2, resume_from_checkpoint="latest", **STATEFUL))
+    assert_same_run(straight, out)
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(emb, tmp_path):
+    out = tmp_path / "killed"
+    args = fast_args(emb, out, checkpointing_steps=1, max_train_steps=3)
+    marker = tmp_path / "in_second_save"
+    proc = _run_script(f"""
+        import pathlib, time, branchgrpo.trainer as t
+        from trainer_utils import train
+        orig, calls = t.Trainer._export, []
+        def export(self, folder):
+            orig(self, folder)
+            calls.append(folder)
+            if len(calls) == 2:  # model files of checkpoint-2 written, not yet published
+                pathlib.Path({str(marker)!r}).write_text(str(folder))
+                time.sleep(600)
+        t.Trainer._export = export
+        train({args!r})
+    """, tmp_path, "killed")
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "checkpoint-1"
+    assert (ckpts / ".tmp-checkpoint-2").exists() and not (ckpts / "checkpoint-2").exists()
+    train(fast_args(emb, out, checkpointing_steps=1, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert [e["step"] for e in metrics(out)] == [0, 1, 2]
+    assert not list(ckpts.glob(".tmp-*")) and (ckpts / "latest").read_text().strip() == "checkpoint-3"
+
+
+def test_corrupt_or_mismatched_checkpoints_give_clear_errors(emb, straight, tmp_path):
+    from branchgrpo.cli.train import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", ckpt)
+    resume = lambda **kw: main(fast_args(emb, tmp_path / "r", resume_from_checkpoint=str(ckpt),  # noqa: E731
+                                         checkpointing_steps=2, **dict(STATEFUL, **kw)))
+    assert resume(tree_split_points="0,1") == 2  # another experiment
+    (ckpt / "trainer_state.json").write_text('{"step": 2, "conf')
+    assert resume() == 2
+    shutil.copy(straight / "checkpoints" / "checkpoint-2" / "trainer_state.json", ckpt / "trainer_state.json")
+    for f in (ckpt / "state").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert resume() == 2
+    (ckpt / "state" / "rank0.pt").unlink()
+    assert resume() == 2
+
+
+def test_resume_error_messages(emb, straight, tmp_path, capsys):
+    from branchgrpo.cli.train import main
+
+    ckpt = straight / "checkpoints" / "checkpoint-2"
+    main(fast_args(emb, tmp_path / "r", resume_from_checkpoint=str(ckpt), checkpointing_steps=2,
+                   **dict(STATEFUL, tree_split_points="0,1")))
+    assert "--tree_split_points '0,2' -> '0,1'" in capsys.readouterr().err
+    main(fast_args(emb, tmp_path / "r2", resume_from_checkpoint="latest"))
+    assert "no checkpoint under" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""The GRPO trainer on the shipped toy model: every algorithm trains, LoRA trains only adapters, the first ratio is
+exactly 1, non-finite rewards are contained, and bad inputs fail early with messages naming the flag or file."""
+
+import json
+
+import pytest
+import torch
+
+from branchgrpo.models.toy import load_toy
+from branchgrpo.rewards.base import register_reward
+from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics, train
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory):
+    return make_toy_embeddings(tmp_path_factory.mktemp("toy_emb"))
+
+
+@pytest.fixture(scope="module")
+def initial():
+    return {f"transformer/{k}": v.clone() for k, v in load_toy().transformer.state_dict().items()}
+
+
+ALGO_FLAGS = {
+    "branchgrpo": {},
+    "branchgrpo-mix": {"algo": "branchgrpo", "mix_ode_sde_tree": True, "mix_sde_window_size": 2},
+    "dancegrpo": {"algo": "dancegrpo", "timestep_fraction": 0.6},
+    "mixgrpo": {"algo": "mixgrpo", "mix_sde_window_size": 2},
+    "g2rpo": {"algo": "g2rpo", "g2rpo_steps": "0,1", "g2rpo_granularities": "1,2", "reward_combine": "advantage"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ALGO_FLAGS))
+def test_every_algorithm_changes_every_parameter(variant, emb, initial, tmp_path):
+    out = tmp_path / variant
+    summary = train(fast_args(emb, out, **ALGO_FLAGS[variant]))
+    entries = metrics(out)
+    assert len(entries) == 2 and summary["iterations"] == 2
+    for e in entries:
+        assert all(torch.isfinite(torch.tensor(float(e[k]))) for k in ("loss", "grad_norm", "reward_mean"))
+        assert e["first_ratio_min"] == 1.0 and e["first_ratio_max"] == 1.0  # on-policy at theta_old, CPU fp32
+        assert e["optimizer_steps"] >= 1 and e["skipped_steps"] == 0 and e["trained_edges"] > 0
+    after = exported_weights(out)
+    trained = {k: v for k, v in after.items() if k.startswith("transformer/")}
+    assert trained.keys() == initial.keys()
+    unchanged = [k for k in trained if torch.equal(trained[k], initial[k])]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+    for name in ("metrics.jsonl", "summary.json", "reward_curve.png", "eval.jsonl"):
+        assert (out / name).exists(), name
+    assert len(list((out / "samples").glob("eval_step*.png"))) == 2  # before and after
+
+
+def test_lora_trains_only_the_adapters(emb, initial, tmp_path):
+    out = tmp_path / "lora"
+    train(fast_args(emb, out, use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=1e-2))
+    from safetensors.torch import load_file
+
+    folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "model"
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    assert adapter and all(".lora_" in k for k in adapter)
+    b_weights = [v for k, v in adapter.items() if "lora_B" in k]
+    assert all(v.abs().max() > 0 for v in b_weights), "every LoRA B matrix left its zero init"
+    # the base weights were not trained: re-run the model with adapters switched off equals the shipped model
+    from branchgrpo.models.lora import lora_disabled, lora_layers
+    from branchgrpo.models.toy import load_toy as reload
+
+    adapter_model = reload()
+    adapter_model.add_lora(4, 8)
+    state = adapter_model.transformer.state_dict()
+    state.update({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+                  for k, v in adapter.items()})
+    adapter_model.transformer.load_state_dict(state)
+    assert len(lora_layers(adapter_model.transformer)) > 0
+    base = load_toy()
+    x, sig = torch.randn(3, *base.latent_shape), torch.tensor([0.9, 0.5, 0.2])
+    cond = base.encode_prompts(["a bold seven", "a thin two", "a wide zero"])
+    with torch.no_grad(), lora_disabled(adapter_model.transformer):
+        assert torch.equal(adapter_model.velocity(x, sig, cond), base.velocity(x, sig, cond))
+    with torch.no_grad():
+        assert not torch.allclose(adapter_model.velocity(x, sig, cond), base.velocity(x, sig, cond))
+
+
+@register_reward("toy_with_nan")
+def _toy_with_nan(device="cpu", **options):
+    """The toy reward with NaN for every third sample: a reward model that fails on some inputs."""
+    from branchgrpo.rewards.base import build_reward
+
+    inner = build_reward("toy", device=device)
+
+    def score(media, prompts):
+        values = inner(media, prompts).clone()
+        values[::3] = float("nan")
+        return values
+
+    score.name = "toy_with_nan"
+    return score
+
+
+def test_non_finite_rewards_are_counted_and_contained(emb, tmp_path):
+    out = tmp_path / "nan"
+    train(fast_args(emb, out, reward="toy_with_nan"))
+    for e in metrics(out):
+        assert e["nonfinite_rewards"] > 0 and e["skipped_steps"] == 0
+        assert torch.isfinite(torch.tensor(e["loss"])) and torch.isfinite(torch.tensor(e["reward_mean"]))
+    assert all(torch.isfinite(v).all() for v in exported_weights(out).values())
+
+
+def test_kl_to_the_reference_is_logged_and_positive_after_an_update(emb, tmp_path):
+    out = tmp_path / "kl"
+    train(fast_args(emb, out, kl_coef=0.1, max_train_steps=2))
+    e = metrics(out)
+    assert e[0]["kl"] == 0.0 and e[1]["kl"] > 0.0  # the policy equals the reference only before the first update
+
+
+def test_bad_inputs_are_refused_with_clear_messages(emb, tmp_path):
+    from branchgrpo.cli.train import main
+
+    base = fast_args(emb, tmp_path / "bad")
+    with pytest.raises(SystemExit):  # argparse: unknown choice
+        main(base + ["--algo", "ppo"])
+    assert main(base + ["--tree_split_points", "0,9"]) == 2
+    assert main(base + ["--data_json_path", str(tmp_path / "nope.json")]) == 2
+    assert main(base + ["--use_group"]) == 2
+    assert main(base + ["--sp_size", "2"]) == 2
+    # a missing embedding shard names the file
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(emb[0].parent, broken)
+    next((broken / "shards").glob("*.safetensors")).unlink()
+    from branchgrpo.data.embeddings import EmbeddingStore
+
+    with pytest.raises(FileNotFoundError, match="shard"):
+        EmbeddingStore(broken / "index.json")
+    assert main(fast_args(emb, tmp_path / "b2", data_json_path=str(broken / "index.json"))) == 2
+    # embeddings of another backbone
+    index = json.loads(emb[0].read_text())
+    index["model"] = "flux"
+    wrong = tmp_path / "wrong"
+    shutil.copytree(emb[0].parent, wrong)
+    (wrong / "index.json").write_text(json.dumps(index))
+    assert main(fast_args(emb, tmp_path / "b3", data_json_path=str(wrong / "index.json"))) == 2
+
+
+def test_bad_input_messages(emb, tmp_path, capsys):
+    from branchgrpo.cli.train import main
+
+    main(fast_args(emb, tmp_path / "m", tree_split_points="0,9"))
+    assert "--tree_split_points: 9 is outside 0..4" in capsys.readouterr().err
+    main(fast_args(emb, tmp_path / "m", reward="nonexistent"))
+    assert "--reward: unknown reward 'nonexistent'" in capsys.readouterr().err
