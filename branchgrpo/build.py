@@ -91,8 +91,8 @@ def prepare_model(adapter: FlowAdapter, cfg, info: DistInfo) -> Prepared:
     if frozen_copy is not None:
         reference = lambda: using_module(adapter, frozen_copy)  # noqa: E731
 
-    if precision is not None and info.device.type == "cuda":
-        autocast = lambda: torch.autocast("cuda", dtype=precision)  # noqa: E731
+    if precision is not None:
+        autocast = lambda: torch.autocast(info.device.type, dtype=precision)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
     return Prepared(model=model, bare=module, mode=mode, autocast=autocast, reference=reference)

@@ -54,10 +54,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """A barrier before destroying the group: without it gloo runs sometimes abort at exit (notes/ecosystem.md)."""
+def shutdown(clean: bool = True) -> None:
+    """A barrier before destroying the group: without it gloo runs sometimes abort at exit (notes/ecosystem.md).
+    After an error (`clean=False`) no barrier: the other ranks may be waiting in another collective, and this rank
+    must exit so that torchrun stops them too."""
     if is_distributed():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -210,6 +210,13 @@ def validate_train(cfg: TrainConfig) -> None:
         unknown = set(x.strip() for x in cfg.report_to.split(",")) - {"tensorboard", "wandb", "none", ""}
         if unknown:
             raise ValueError(f"--{name}: unknown logger(s) {sorted(unknown)}; use tensorboard, wandb or none")
+    for flag in ("h", "w"):
+        size = getattr(cfg, flag)
+        if size is not None and (size <= 0 or size % 16):
+            raise ValueError(f"--{flag}: {size} is not a positive multiple of 16 (FLUX/Wan latents are 2x2-packed "
+                             "8x-downsampled images)")
+    if cfg.num_frames is not None and (cfg.num_frames < 1 or (cfg.num_frames - 1) % 4):
+        raise ValueError(f"--num_frames: {cfg.num_frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
     if cfg.model != "toy" and cfg.pretrained_model_name_or_path is None:
         raise ValueError(f"--pretrained_model_name_or_path: required for --model {cfg.model} (a local folder)")
     for flag in ("pretrained_model_name_or_path",):

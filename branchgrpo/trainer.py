@@ -29,6 +29,7 @@ from branchgrpo.ema import EMA
 from branchgrpo.evaluation import Evaluator, decode_in_chunks
 from branchgrpo.graph import RolloutGraph, plan_counts, skeleton_graph
 from branchgrpo.models.base import check_embedding_keys, gather_cond
+from branchgrpo.models.lora import adapter_weights
 from branchgrpo.models.registry import load_adapter, schedule_mu
 from branchgrpo.outputs import MetricsLog, plot_rewards, save_grid, save_videos
 from branchgrpo.parallel import full_state_dict
@@ -299,20 +300,19 @@ class Trainer:
 
     def _export(self, folder: Path) -> None:
         """The user-facing weights (and EMA): gathered on every rank, written by rank 0."""
-        state = full_state_dict(self.prepared.model)
-        if self.info.is_main:
-            if self.cfg.use_lora:
-                self.adapter.export_lora(str(folder / "model"), state)
-            else:
-                self.adapter.export(str(folder / "model"), state)
+        self._write_weights(folder / "model", full_state_dict(self.prepared.model))
         if self.ema is not None:
             with self.ema.swapped_in(self.prepared.model):
                 ema_state = full_state_dict(self.prepared.model)
-            if self.info.is_main:
-                if self.cfg.use_lora:
-                    self.adapter.export_lora(str(folder / "ema"), ema_state)
-                else:
-                    self.adapter.export(str(folder / "ema"), ema_state)
+            self._write_weights(folder / "ema", ema_state)
+
+    def _write_weights(self, folder: Path, state: dict) -> None:
+        if not self.info.is_main:
+            return
+        if self.cfg.use_lora:  # the adapter alone, named as peft saves it (wrapper prefixes already stripped)
+            self.adapter.export_lora(str(folder), adapter_weights(state))
+        else:
+            self.adapter.export(str(folder), state)
 
     def _resume(self, path: Path) -> None:
         state = self.checkpoints.read_trainer_state(path)
@@ -362,6 +362,10 @@ class Trainer:
         return summary
 
     def _on_sigterm(self, signum, frame) -> None:
+        """First SIGTERM: finish the iteration, checkpoint, exit. A second one (torchrun stopping a group after
+        another rank failed, or an impatient user): leave now."""
+        if self._stop:
+            raise SystemExit(143)
         self._stop = True
 
 

@@ -27,8 +27,7 @@ def single(emb, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(mode, emb, single, tmp_path):
     out = tmp_path / mode
-    proc = torchrun(fast_args(emb, out, parallel=mode, **dict(COMMON, train_batch_size=1)),
-                    port=29621 if mode == "ddp" else 29622)
+    proc = torchrun(fast_args(emb, out, parallel=mode, **dict(COMMON, train_batch_size=1)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the same global batch: identical rollouts and rewards at the first iteration
     m1, m2 = without_timings(metrics(single)), without_timings(metrics(out))

@@ -28,14 +28,15 @@ def main(argv=None) -> int:
         return 2
     from branchgrpo.trainer import Trainer
 
+    clean = False
     try:
-        trainer = Trainer(cfg)
-        trainer.train()
+        Trainer(cfg).train()
+        clean = True
     except (ValueError, FileNotFoundError) as err:  # bad input found while loading: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean=clean)
     return 0
 
 
