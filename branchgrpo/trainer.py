@@ -395,6 +395,7 @@ def _reward_options(spec: str, options: dict, model_dir: str) -> dict:
                       "processor_path": f"{model_dir}/CLIP-ViT-H-14-laion2B-s32B-b79K"},
         "clip": {"model_path": f"{model_dir}/clip-vit-large-patch14"},
         "imagereward": {"checkpoint": f"{model_dir}/ImageReward/ImageReward.pt"},
+        "videoalign": {"checkpoint": f"{model_dir}/VideoReward"},
     }
     out = {}
     for name in parse_reward_spec(spec):

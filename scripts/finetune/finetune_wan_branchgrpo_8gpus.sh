@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# BranchGRPO on Wan2.1-T2V-1.3B (text-to-video), one node of 8 GPUs (torchrun, FSDP2 per Wan block, activation
+# checkpointing, bf16): 20 steps, splits 0,3,6,9 (16 videos per prompt), eta 0.3, CFG 5.0 in rollout and training,
+# VideoAlign motion quality as the reward. VARIANT=base|widpru|deppru|mix as for FLUX.
+# Environment and defaults: scripts/lib/wan.sh. Extra flags go to the trainer (e.g. --reward frame_reward=1.0).
+# Rollout videos are written as MP4 under $OUTPUT_DIR/samples/ every 10 iterations.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+VARIANT="${VARIANT:-base}"
+ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
+           --eta 0.3 --sde_kernel dance --init_same_noise)
+case "$VARIANT" in
+  base) ;;
+  widpru) ALGO_ARGS+=(--width_pruning_mode 1) ;;
+  deppru) ALGO_ARGS+=(--depth_pruning 15,16,17,18 --depth_pruning_slide --depth_pruning_slide_interval 30
+                      --depth_pruning_stop_depth 9) ;;
+  mix) ALGO_ARGS+=(--mix_ode_sde_tree --mix_sde_window_size 4 --mix_window_interval 30) ;;
+  *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$VARIANT')" >&2; exit 2 ;;
+esac
+NAME="branchgrpo_${VARIANT}"
+source scripts/lib/wan.sh
