@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from branchgrpo.models.base import FlowAdapter
-from branchgrpo.models.flux import _strip_wrapper_prefixes, _unwrap, merge_lora_state_dict
+from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, _unwrap
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
 # Self- (attn1) and cross-attention (attn2) projections of every block.
@@ -102,11 +102,13 @@ def _check_supported(root: Path, transformer_config) -> None:
                          "(docs/wan.md)")
 
 
-class WanAdapter(FlowAdapter):
+class WanAdapter(DiffusersExportMixin, FlowAdapter):
     """WanTransformer3DModel + its VAE at a fixed video size (see the module docstring for the conventions)."""
 
     name = "wan"
     media = "video"
+    transformer_class_name = "WanTransformer3DModel"
+    pipeline_class_name = "WanPipeline"
     embedding_keys = ("prompt_embeds", "negative_prompt_embeds")
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, num_frames: int, height: int, width: int,
@@ -190,61 +192,6 @@ class WanAdapter(FlowAdapter):
         self.transformer.to(device)
         self.vae.to(device)
         return self
-
-    def add_lora(self, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0):
-        """Inject peft LoRA layers (B = 0, so the model is unchanged) and freeze everything else. Returns the config."""
-        from peft import LoraConfig
-
-        if rank < 1:
-            raise ValueError(f"--lora_rank must be >= 1, got {rank}")
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                            target_modules=list(target_modules or self.default_lora_targets), init_lora_weights=True)
-        _unwrap(self.transformer).add_adapter(config)  # diffusers' PeftAdapterMixin: the layout load_lora_weights reads
-        self.lora_config = config
-        return config
-
-    def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None,
-               dtype: torch.dtype | None = None) -> Path:
-        """Write `out_dir/transformer/` (config.json + diffusion_pytorch_model.safetensors) for
-        `WanTransformer3DModel.from_pretrained`. LoRA layers, if any, are merged into the weights."""
-        import diffusers
-        from safetensors.torch import save_file
-
-        model = _unwrap(self.transformer)
-        state = _strip_wrapper_prefixes(state_dict if state_dict is not None else model.state_dict())
-        if any(".base_layer." in k or ".lora_" in k for k in state):  # a LoRA'd state dict: merge; plain: as is
-            state = merge_lora_state_dict(model, state)
-        folder = Path(out_dir) / "transformer"
-        folder.mkdir(parents=True, exist_ok=True)
-        # Written by hand: under FSDP2 the class is renamed (FSDPWanTransformer3DModel) and save_config would say so.
-        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers.__version__, **config}
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
-        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
-        save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        return folder
-
-    def export_lora(self, out_dir: str, lora_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write `out_dir/pytorch_lora_weights.safetensors` for `WanPipeline.load_lora_weights`. `lora_state_dict`:
-        None (take it from the module), a full state dict of the LoRA'd transformer, or peft-format LoRA weights."""
-        from diffusers import WanPipeline
-        from peft.utils import get_peft_model_state_dict
-
-        model = _unwrap(self.transformer)
-        if not getattr(model, "peft_config", None):
-            raise ValueError("export_lora: the transformer has no LoRA adapter (call add_lora first)")
-        if lora_state_dict is None:
-            lora = get_peft_model_state_dict(model)
-        else:
-            lora_state_dict = _strip_wrapper_prefixes(lora_state_dict)
-            if any(".base_layer." in k or ".default." in k for k in lora_state_dict):
-                lora = get_peft_model_state_dict(model, state_dict=lora_state_dict)
-            else:
-                lora = {k: v for k, v in lora_state_dict.items() if ".lora_" in k}
-        lora = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
-        metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
-        WanPipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
 def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -15,13 +15,7 @@ cd "$REPO_ROOT"
 VARIANT="${VARIANT:-base}"
 ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
            --eta 0.3 --sde_kernel dance --clip_range 1e-3 --init_same_noise --tree_split_noise_scale 1.0)
-case "$VARIANT" in
-  base) ;;
-  widpru) ALGO_ARGS+=(--width_pruning_mode 1) ;;
-  deppru) ALGO_ARGS+=(--depth_pruning 15,16,17,18 --depth_pruning_slide --depth_pruning_slide_interval 30
-                      --depth_pruning_stop_depth 9) ;;
-  mix) ALGO_ARGS+=(--mix_ode_sde_tree --mix_sde_window_size 4 --mix_window_interval 30) ;;
-  *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$VARIANT')" >&2; exit 2 ;;
-esac
+source scripts/lib/common.sh
+bg_branchgrpo_variant "$VARIANT"
 NAME="branchgrpo_${VARIANT}"
 source scripts/lib/flux.sh

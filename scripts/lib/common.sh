@@ -29,3 +29,15 @@ bg_launch() {
       --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29517}" -m "$@"
   fi
 }
+
+# BranchGRPO variants of the paper's table -> trainer flags (appended to ALGO_ARGS); VARIANT=base|widpru|deppru|mix
+bg_branchgrpo_variant() {
+  case "$1" in
+    base) ;;
+    widpru) ALGO_ARGS+=(--width_pruning_mode 1) ;;
+    deppru) ALGO_ARGS+=(--depth_pruning 15,16,17,18 --depth_pruning_slide --depth_pruning_slide_interval 30
+                        --depth_pruning_stop_depth 9) ;;
+    mix) ALGO_ARGS+=(--mix_ode_sde_tree --mix_sde_window_size 4 --mix_window_interval 30) ;;
+    *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$1')" >&2; exit 2 ;;
+  esac
+}

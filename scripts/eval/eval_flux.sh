@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Evaluate FLUX.1-dev (base, or one of our checkpoints) on a prompt file: fixed seeds, the deterministic ODE sampler,
+# every reward whose checkpoint is in HPS_CKPT_DIR (HPS-v2.1, PickScore, CLIP score, ImageReward; absent ones are
+# skipped with a message). One process, one GPU. See docs/evaluation.md.
+#
+#   bash scripts/eval/eval_flux.sh                                                    # base FLUX.1-dev
+#   CHECKPOINT=outputs/flux_branchgrpo_base/checkpoints/checkpoint-300 USE_EMA=1 bash scripts/eval/eval_flux.sh
+#   SAVE_IMAGES=outputs/eval/branchgrpo_png bash scripts/eval/eval_flux.sh --num_prompts 100   # PNGs for diversity_cli
+#
+# Environment (defaults): MODEL_PATH (data/flux, diffusers layout); CHECKPOINT (none: the base model; a
+# checkpoint-N folder, a run's output dir, or a weights folder); USE_EMA (0; 1 evaluates ema/); PROMPTS
+# (assets/prompts.txt); NUM_PROMPTS (0 = all); SAMPLES (4 seeds per prompt); SEED (1234); STEPS (20);
+# GUIDANCE (3.5); H, W (720); SHIFT (3); TIME_SHIFT (static); HPS_CKPT_DIR (hps_ckpt); REWARDS (all);
+# OUTPUT_DIR (outputs/eval/flux_<checkpoint name or base>); SAVE_IMAGES (unset: no per-sample PNGs); PYTHON.
+# Extra arguments are passed to `python -m branchgrpo.cli.eval` and win over the defaults.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+source scripts/lib/common.sh
+
+MODEL_PATH="${MODEL_PATH:-data/flux}"
+PROMPTS="${PROMPTS:-assets/prompts.txt}"
+HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
+CHECKPOINT="${CHECKPOINT:-}"
+NAME="base"
+[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
+[[ "${USE_EMA:-0}" == 1 ]] && NAME="${NAME}_ema"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/flux_${NAME}}"
+
+bg_python
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
+[[ -d "$MODEL_PATH" ]] && for part in vae text_encoder text_encoder_2 tokenizer tokenizer_2; do
+  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
+done
+bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
+[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
+[[ "${USE_EMA:-0}" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
+[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: every reward will be skipped" >&2
+bg_check_inputs
+
+ARGS=(
+  --model flux --pretrained_model_name_or_path "$MODEL_PATH" --prompts "$PROMPTS"
+  --num_prompts "${NUM_PROMPTS:-0}" --samples_per_prompt "${SAMPLES:-4}" --seed "${SEED:-1234}"
+  --steps "${STEPS:-20}" --guidance_scale "${GUIDANCE:-3.5}" --h "${H:-720}" --w "${W:-720}"
+  --shift "${SHIFT:-3}" --time_shift "${TIME_SHIFT:-static}"
+  --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
+)
+[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
+[[ "${USE_EMA:-0}" == 1 ]] && ARGS+=(--use_ema)
+[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
+
+export TOKENIZERS_PARALLELISM=false
+echo "[eval flux] $NAME -> $OUTPUT_DIR"
+"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
