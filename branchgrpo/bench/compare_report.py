@@ -1,0 +1,152 @@
+"""Tables and the plot of the method comparison, built only from the files each training run wrote
+(metrics.jsonl, eval.jsonl, summary.json, config.json), so a table can be rebuilt at any time (`--collect_only`).
+
+Per-iteration times are means over the iterations after the first (the first carries one-off warm-up: allocator,
+lazy imports, caches); the NFE columns are means over all iterations and are cross-checked against
+`branchgrpo.plan`'s counts for each method's flags at every iteration (`plan_*` columns).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from branchgrpo.bench.report import md_table, write_csv
+
+TIME_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s")
+TABLE_COLUMNS = (
+    ("method", "method"), ("label", "Table 1 row"), ("leaves_per_prompt", "leaves / prompt"),
+    ("rollout_nfe", "NFE pi_old (rollout forwards / leaf)"), ("train_nfe", "NFE pi_theta (trained edges / leaf)"),
+    ("rollout_forwards_per_prompt", "rollout forwards / prompt"), ("trained_edges_per_prompt",
+                                                                    "trained edges / prompt"),
+    ("iter_time_s", "iter. time s"), ("iter_time_ratio", "iter. time / DanceGRPO tf1.0"),
+    ("rollout_time_s", "rollout s"), ("reward_time_s", "reward s"), ("train_time_s", "train s"),
+    ("eval_reward_before", "eval reward before"), ("eval_reward_after", "eval reward after"),
+    ("eval_reward_delta", "eval gain"), ("train_wall_s", "training time s"),
+)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
+    """Mean over iterations of the per-leaf rollout forwards and trained edges that `branchgrpo.plan` counts for the
+    run's own flags (config.json), without running a model."""
+    from branchgrpo.config import AlgoConfig
+    from branchgrpo.plan import count
+
+    config = json.loads((run_dir / "config.json").read_text())
+    cfg = AlgoConfig(**{k: v for k, v in config.items() if k in AlgoConfig.__dataclass_fields__})
+    counts = [count(cfg, it) for it in range(iterations)]
+    return (_mean([c["forward_passes_per_leaf"] for c in counts]),
+            _mean([c["trained_edges_per_leaf"] for c in counts]))
+
+
+def collect(output_dir: Path, runs: dict[str, list[str]], methods: dict, flags: dict[str, list[str]],
+            baseline: str) -> list[dict]:
+    rows = []
+    for name, args in runs.items():
+        run_dir = Path(args[args.index("--output_dir") + 1])
+        entries = _jsonl(run_dir / "metrics.jsonl")
+        if not (run_dir / "summary.json").is_file() or not entries:
+            print(f"[compare] {name}: no finished run in {run_dir}; left out of the table")
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        evals = _jsonl(run_dir / "eval.jsonl")
+        timed = entries[1:] if len(entries) > 1 else entries
+        leaves = summary["sizes"]["leaves"]  # per prompt, as the NFEs count them (G2RPO's anchor leaf included)
+        row = {"method": name, "label": methods[name][0], "flags": " ".join(flags[name]),
+               "iterations": len(entries), "leaves_per_prompt": leaves,
+               "rollout_nfe": _mean([e["rollout_nfe"] for e in entries]),
+               "train_nfe": _mean([e["train_nfe"] for e in entries])}
+        row["rollout_forwards_per_prompt"] = row["rollout_nfe"] * leaves
+        row["trained_edges_per_prompt"] = row["train_nfe"] * leaves
+        row["plan_rollout_nfe"], row["plan_train_nfe"] = plan_nfe(run_dir, len(entries))
+        row.update({k: _mean([e[k] for e in timed]) for k in TIME_KEYS})
+        row.update(eval_reward_before=summary["eval_reward_before"], eval_reward_after=summary["eval_reward_after"],
+                   eval_reward_delta=summary["eval_reward_after"] - summary["eval_reward_before"],
+                   reward_first=entries[0]["reward_mean"], reward_last=entries[-1]["reward_mean"],
+                   train_wall_s=sum(e["iter_time_s"] for e in entries), wall_time_s=summary["wall_time_s"],
+                   peak_memory_mb=summary.get("peak_memory_mb"), world_size=summary.get("world_size"),
+                   curve=_curve(entries, evals))
+        rows.append(row)
+    base = next((r for r in rows if r["method"] == baseline), None)
+    for row in rows:
+        row["iter_time_ratio"] = row["iter_time_s"] / base["iter_time_s"] if base else None
+    return rows
+
+
+def _curve(entries: list[dict], evals: list[dict]) -> dict:
+    """Reward against cumulative training time (iteration times summed; evaluation time left out)."""
+    elapsed, clock = [0.0], 0.0
+    for e in entries:
+        clock += e["iter_time_s"]
+        elapsed.append(clock)
+    return {"time_s": elapsed[1:], "reward_mean": [e["reward_mean"] for e in entries],
+            "eval_time_s": [elapsed[min(v["step"], len(entries))] for v in evals],
+            "eval_reward": [v["eval_reward"] for v in evals]}
+
+
+def write_outputs(output_dir: Path, rows: list[dict], runs: dict, methods: dict, header: dict) -> None:
+    keys = [k for k, _ in TABLE_COLUMNS]
+    table = [[row.get(k) for k in keys] for row in rows]
+    (output_dir / "table.json").write_text(json.dumps({"setup": header, "rows": rows}, indent=1))
+    write_csv(output_dir / "table.csv", keys + ["plan_rollout_nfe", "plan_train_nfe", "iterations", "flags"],
+              [t + [r["plan_rollout_nfe"], r["plan_train_nfe"], r["iterations"], r["flags"]]
+               for t, r in zip(table, rows)])
+    (output_dir / "methods.json").write_text(json.dumps(
+        {name: {"label": methods[name][0], "trainer_args": args} for name, args in runs.items()}, indent=1))
+    lines = [f"# Method comparison: {header['model']}, {header['iterations']} iterations per method", "",
+             f"Same model, prompts, seeds, learning rate, batch and evaluation for every method (common flags: "
+             f"`{' '.join(header['common_flags'])}`" + (f"; extra: `{' '.join(header['extra_flags'])}`"
+                                                       if header["extra_flags"] else "") + "). "
+             f"Times are means over iterations 2..N; held-out evaluation every {header['eval_every']} iterations.",
+             "", md_table([h for _, h in TABLE_COLUMNS], table), "", "Method flags:", "",
+             md_table(["method", "flags"], [(r["method"], f"`{r['flags']}`") for r in rows]), "",
+             "![reward vs wall-clock time](reward_vs_time.png)", ""]
+    (output_dir / "table.md").write_text("\n".join(lines))
+    plot_reward_vs_time(rows, output_dir / "reward_vs_time.png")
+
+
+def plot_reward_vs_time(rows: list[dict], path: Path) -> Path:
+    """One figure, two panels: held-out eval reward, and rollout (training) reward, against training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_eval, ax_roll) = plt.subplots(1, 2, figsize=(12, 4.5))
+    window = max(1, max((len(r["curve"]["reward_mean"]) for r in rows), default=1) // 10)
+    for row in rows:
+        c = row["curve"]
+        (line,) = ax_eval.plot(c["eval_time_s"], c["eval_reward"], "o-", label=row["label"])
+        ax_roll.plot(c["time_s"], _moving_average(c["reward_mean"], window), "-", color=line.get_color(),
+                     label=row["label"])
+    rollout_title = "rollout reward, mean over leaves" + (f" ({window}-iteration moving average)" if window > 1
+                                                          else "")
+    for ax, title in ((ax_eval, "held-out eval reward (ODE sampler)"), (ax_roll, rollout_title)):
+        ax.set_xlabel("training wall-clock time (s, evaluation excluded)")
+        ax.set_ylabel("reward")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax_eval.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): rollout rewards are noisy per iteration."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

@@ -1,0 +1,99 @@
+"""Timing and memory helpers of the benchmarks: warm-up, interleaved repeats, medians, peak memory per phase.
+
+Repeats of the variants being compared are interleaved (A B A B ...) rather than run back to back (A A B B), so a
+change in machine load - these CPUs are shared - hits both variants alike instead of biasing the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int) -> dict[str, dict]:
+    """{name: {"median_s", "times_s"}} over `repeats` interleaved runs after `warmup` unrecorded rounds."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device)[0])
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA max allocated, or on CPU the peak resident set size (VmHWM), reset at the start
+    of the phase by writing 5 to /proc/self/clear_refs (Linux). Where that reset is not allowed, the process-lifetime
+    peak (ru_maxrss) is reported and `kind` says so."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not _reset_rss_peak():
+            self.kind = "cpu_max_rss_since_start"
+        self.peak_mb = None
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mb = _rss_peak_mb() if self.kind == "cpu_peak_rss" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return False
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _rss_peak_mb() is not None
+    except OSError:
+        return False
+
+
+def _rss_peak_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+    try:
+        info["load_average_1_5_15"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

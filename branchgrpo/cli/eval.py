@@ -1,0 +1,193 @@
+"""Evaluate a model on a prompt file: generate with fixed seeds, score with every available reward, write tables.
+
+    python -m branchgrpo.cli.eval --model toy --output_dir outputs/eval/toy_base
+    python -m branchgrpo.cli.eval --model toy --checkpoint outputs/toy_branchgrpo/checkpoints/checkpoint-150 \
+        --output_dir outputs/eval/toy_branchgrpo
+    python -m branchgrpo.cli.eval --model flux --pretrained_model_name_or_path data/flux --prompts assets/prompts.txt \
+        --checkpoint outputs/flux_branchgrpo_base/checkpoints/checkpoint-300 --use_ema --rewards all \
+        --reward_model_dir hps_ckpt --output_dir outputs/eval/flux_branchgrpo
+
+Writes to --output_dir: results.md (table), results.csv, results.json (mean, std and two 95% CIs per reward,
+per-prompt means, per-sample scores), scores.csv and grid.png; with --save_images DIR one PNG per sample (the
+input of `python -m branchgrpo.eval.diversity_cli`). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("branchgrpo.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("toy", "flux"), default="toy", help="backbone")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="base model folder (flux: diffusers layout, required; toy: default the shipped checkpoint)")
+    g.add_argument("--checkpoint", default=None, help="a checkpoint-N/ folder of a training run (its model/), a run's "
+                   "output dir (its latest checkpoint) or a weights folder; omitted: the base model")
+    g.add_argument("--use_ema", action="store_true", help="take the checkpoint's ema/ weights instead of model/")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="transformer weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g = p.add_argument_group("prompts and sampling")
+    g.add_argument("--prompts", default=None, help="prompt file, one per line (toy default: the shipped held-out "
+                   "prompts; flux default: assets/prompts.txt)")
+    g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    g.add_argument("--samples_per_prompt", type=int, default=4, help="seeds per prompt")
+    g.add_argument("--seed", type=int, default=1234, help="noise seed (the trainer's --eval_seed default)")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps")
+    g.add_argument("--shift", type=float, default=3.0, help="static time shift of the schedule")
+    g.add_argument("--time_shift", choices=("static", "dynamic"), default="static",
+                   help="static (--shift) or FLUX's resolution-dependent shift")
+    g.add_argument("--guidance_scale", type=float, default=None, help="flux: distilled guidance (default 3.5)")
+    g.add_argument("--h", type=int, default=None, help="flux: image height (default 720)")
+    g.add_argument("--w", type=int, default=None, help="flux: image width (default 720)")
+    g.add_argument("--sampler", choices=("ode", "sde"), default="ode",
+                   help="ode: deterministic Euler (default); sde: the stochastic training kernel")
+    g.add_argument("--sde_kernel", choices=("dance", "flow"), default="dance", help="--sampler sde: kernel")
+    g.add_argument("--eta", type=float, default=0.3, help="--sampler sde: noise level")
+    g.add_argument("--max_sequence_length", type=int, default=512, help="flux: T5 tokens per prompt")
+    g.add_argument("--batch_size", type=int, default=16, help="latents per transformer call")
+    g.add_argument("--chunk_prompts", type=int, default=8, help="prompts generated and scored together")
+    g = p.add_argument_group("rewards")
+    g.add_argument("--rewards", default="default", help="comma list (hps,pickscore,clip,imagereward,toy,...), "
+                   "'default' or 'all' (toy: toy,toy_digit,toy_style; flux: hps,pickscore,clip,imagereward)")
+    g.add_argument("--reward_model_dir", default="hps_ckpt", help="folder of reward checkpoints (hps_ckpt/README.md)")
+    g.add_argument("--reward_options", default="", help='JSON {reward: {option: value}} overriding the defaults')
+    g.add_argument("--reward_batch_size", type=int, default=16, help="images decoded and scored per call")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default="outputs/eval", help="where results.* and grid.png go")
+    g.add_argument("--save_images", default=None, help="also write one PNG per sample to this folder")
+    g.add_argument("--grid_prompts", type=int, default=8, help="prompts shown in grid.png (seeds in columns)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (0: none)")
+    return p
+
+
+def _check(args) -> None:
+    """Flag checks that need nothing loaded: fail in a second, not after loading a 12B model."""
+    for name in ("samples_per_prompt", "steps", "batch_size", "chunk_prompts", "reward_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
+    if args.num_prompts < 0:
+        raise ValueError(f"--num_prompts: need >= 0 (0 = all), got {args.num_prompts}")
+    if args.model == "flux" and args.pretrained_model_name_or_path is None:
+        raise ValueError("--pretrained_model_name_or_path: required for --model flux (a local diffusers folder)")
+    for flag in ("h", "w"):
+        size = getattr(args, flag)
+        if size is not None and (size <= 0 or size % 16):
+            raise ValueError(f"--{flag}: {size} is not a positive multiple of 16")
+    if args.reward_options:
+        try:
+            options = json.loads(args.reward_options)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--reward_options: not valid JSON ({err})") from None
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError('--reward_options: expected {"reward": {"option": value}}')
+    if args.time_shift == "dynamic" and args.model != "flux":
+        raise ValueError("--time_shift dynamic: only FLUX has a resolution-dependent shift")
+
+
+def _prompts(args) -> list[str]:
+    from branchgrpo.data.preprocess import read_prompt_file
+
+    path = args.prompts
+    if path is None:
+        if args.model == "toy":
+            from branchgrpo.toy.data import eval_prompts_path
+
+            path = eval_prompts_path()
+        else:
+            path = Path(__file__).resolve().parents[2] / "assets" / "prompts.txt"
+    texts, _ = read_prompt_file(path)
+    return texts[: args.num_prompts] if args.num_prompts else texts
+
+
+def run(args) -> dict:
+    from branchgrpo import sde
+    from branchgrpo.eval.checkpoints import load_eval_model
+    from branchgrpo.eval.generate import (SampleSettings, build_rewards, encode_prompts, generate_and_score,
+                                          resolve_reward_names)
+    from branchgrpo.eval.report import summarize, write_results
+    from branchgrpo.outputs import save_grid
+
+    _check(args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    texts = _prompts(args)
+    options = json.loads(args.reward_options) if args.reward_options else {}
+    # rewards first: a bad option fails before the backbone is loaded
+    rewards, skipped = build_rewards(resolve_reward_names(args.rewards, args.model), device, args.reward_model_dir,
+                                     options)
+    if not rewards:
+        print("warning: no reward is available; generating media only", file=sys.stderr)
+    bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
+    loaded = load_eval_model(args.model, args.pretrained_model_name_or_path, args.checkpoint, args.use_ema, device,
+                             height=args.h, width=args.w, guidance_scale=args.guidance_scale,
+                             dtype=torch.bfloat16 if bf16 else torch.float32)
+    adapter = loaded.adapter
+    text_source = loaded.weights_dir if (args.model == "toy" and loaded.description.startswith("full")) \
+        else args.pretrained_model_name_or_path
+    embeddings = encode_prompts(args.model, text_source, texts, device, args.max_sequence_length)
+    mu = adapter.mu() if args.time_shift == "dynamic" else None
+    settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
+                              kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,
+                              samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
+                              chunk_prompts=args.chunk_prompts, reward_batch_size=args.reward_batch_size)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    start = time.time()
+    out = generate_and_score(adapter, embeddings, texts, rewards, settings, device, autocast, args.save_images,
+                             args.grid_prompts,
+                             progress=lambda done, total: log.info("%d / %d prompts", done, total))
+    elapsed = time.time() - start
+    output_dir = Path(args.output_dir)
+    metrics = {n: summarize(v, out.prompt_index, args.bootstrap, seed=args.seed) for n, v in out.scores.items()}
+    header = {
+        "model": args.model, "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "checkpoint": args.checkpoint, "use_ema": args.use_ema, "weights": loaded.description,
+        "prompts_file": str(args.prompts or "(default)"), "num_prompts": len(texts),
+        "samples_per_prompt": args.samples_per_prompt, "num_samples": len(texts) * args.samples_per_prompt,
+        "seed": args.seed, "steps": args.steps, "sampler": args.sampler, "shift": args.shift,
+        "time_shift": args.time_shift, "guidance_scale": getattr(adapter, "guidance_scale", None),
+        "h": getattr(adapter, "height", None), "w": getattr(adapter, "width", None),
+        "rewards": list(rewards), "forward_passes": out.num_forward_passes, "generate_and_score_time_s": elapsed,
+        "device": str(device),
+    }
+    sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
+    result = write_results(output_dir, header, metrics, skipped, texts, out.scores, out.prompt_index,
+                           out.seed_index, sample_ids, out.image_files)
+    if out.grid_media.numel():
+        shown = min(args.grid_prompts, len(texts))
+        save_grid(out.grid_media, output_dir / "grid.png", columns=args.samples_per_prompt, labels=texts[:shown],
+                  scale=max(1, 64 // out.grid_media.shape[-1]))
+    print((output_dir / "results.md").read_text())
+    print(f"wrote {output_dir}/results.{{md,csv,json}}, scores.csv, grid.png"
+          + (f"; {len(out.image_files)} PNGs in {args.save_images}" if args.save_images else ""))
+    return result
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
