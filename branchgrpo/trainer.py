@@ -67,6 +67,10 @@ class Trainer:
                                         _reward_options(cfg.reward, options, cfg.reward_model_dir))
         self.adapter = load_adapter(cfg, self.device)
         check_embedding_keys(self.adapter, list(self.store.keys) + list(self.store.extras), cfg.data_json_path)
+        native = self.adapter.native_shift
+        if native is not None and cfg.time_shift == "static" and abs(native - cfg.shift) > 1e-6 and self.info.is_main:
+            log.warning("--shift %g differs from the static shift %g of the checkpoint's scheduler; sampling uses "
+                        "--shift", cfg.shift, native)
         self.sigmas = sde.make_sigmas(cfg.sampling_steps, cfg.shift, schedule_mu(cfg, self.adapter))
         self.kernel = self.algo.kernel
         self.prepared = prepare_model(self.adapter, cfg, self.info)
@@ -91,6 +95,8 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(vars(cfg), indent=1))
             self.metrics = MetricsLog(self.output_dir, cfg.report_to, cfg.run_name or self.output_dir.name, vars(cfg),
                                       cfg.wandb_project, resume_step=self.step if cfg.resume_from_checkpoint else None)
+            if cfg.resume_from_checkpoint:  # evaluations after the checkpoint belong to the lost attempt
+                (self.output_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in self.evals))
             self._log_sizes()
         self._stop = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -111,7 +117,8 @@ class Trainer:
             if self.metrics:
                 self.metrics.log(entry)
                 bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", loss=f"{entry['loss']:.3g}")
-            if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < cfg.max_train_steps:
+            # the final evaluation too runs here, before the checkpoint of the last step, so that it is part of it
+            if (cfg.validation_steps and self.step % cfg.validation_steps == 0) or self.step == cfg.max_train_steps:
                 self._evaluate(self.step)
             stop = bool(distributed.all_reduce_max(torch.tensor(int(self._stop))).item())
             if stop or (cfg.checkpointing_steps and self.step % cfg.checkpointing_steps == 0):
@@ -240,12 +247,27 @@ class Trainer:
             "grad_norm": update["grad_norm"],
         }
         entry.update({k: v for k, v in update.items() if k not in ("loss", "grad_norm")})
+        entry.update(self._over_ranks(update, int((~torch.isfinite(total) & scored).sum())))
         entry.update({f"reward_{name}": float(v[scored].nanmean()) for name, v in scores.items() if len(scores) > 1})
-        entry["nonfinite_rewards"] = int((~torch.isfinite(total) & scored).sum())
         entry["trained_edges"] = int(trained.sum())
         entry["leaves"] = num_leaves
         entry["peak_memory_mb"] = _peak_memory_mb(self.device)
         return entry
+
+    def _over_ranks(self, update: dict, nonfinite_rewards: int) -> dict:
+        """The update's rank-local figures as whole-iteration ones (identical on every rank): means over ranks of
+        the loss, clip fraction and KL estimates, sums of the non-finite counts, extremes of the ratios. The
+        gradient norm needs nothing: it is computed from the all-reduced gradients."""
+        means, sums = ("loss", "clip_fraction", "approx_kl", "kl"), ("nonfinite_edges",)
+        values = torch.tensor([update[k] for k in means + sums] + [nonfinite_rewards], dtype=torch.float64)
+        values = distributed.all_reduce_sum(values).tolist()
+        out = {k: v / self.info.world_size for k, v in zip(means, values)}
+        out.update({k: v for k, v in zip(sums, values[len(means):])}, nonfinite_rewards=int(values[-1]))
+        extremes = torch.tensor([-update["ratio_min"], update["ratio_max"], -update["first_ratio_min"],
+                                 update["first_ratio_max"]], dtype=torch.float64)
+        lo, hi, first_lo, first_hi = distributed.all_reduce_max(extremes).tolist()
+        out.update(ratio_min=-lo, ratio_max=hi, first_ratio_min=-first_lo, first_ratio_max=first_hi)
+        return out
 
     def _evaluate(self, step: int) -> None:
         cfg = self.cfg
@@ -265,7 +287,7 @@ class Trainer:
     def _save_media(self, media: torch.Tensor, labels: list[str], stem: Path) -> None:
         per = self.cfg.eval_samples_per_prompt
         if media.dim() == 5:  # video: a grid of middle frames plus the clips
-            save_videos(media[:4], stem.parent, stem.name)
+            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
             media = media[:, :, media.shape[2] // 2]
         save_grid(media, stem.with_suffix(".png"), columns=per, labels=labels[::per],
                   scale=max(1, 64 // media.shape[-1]))
@@ -278,7 +300,7 @@ class Trainer:
         media = self._last_media[first][:16]
         stem = self.output_dir / "samples" / f"rollout_step{it:06d}"
         if media.dim() == 5:
-            save_videos(media[:4], stem.parent, stem.name)
+            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
         else:
             save_grid(media, stem.with_suffix(".png"), columns=min(8, media.shape[0]), scale=max(1, 64 // media.shape[-1]))
 
@@ -303,8 +325,9 @@ class Trainer:
         self._write_weights(folder / "model", full_state_dict(self.prepared.model))
         if self.ema is not None:
             with self.ema.swapped_in(self.prepared.model):
-                ema_state = full_state_dict(self.prepared.model)
-            self._write_weights(folder / "ema", ema_state)
+                # written inside the swap: on CPU the gathered state dict aliases the parameters, which the swap
+                # restores to the trained weights on exit (the EMA export was a copy of model/)
+                self._write_weights(folder / "ema", full_state_dict(self.prepared.model))
 
     def _write_weights(self, folder: Path, state: dict) -> None:
         if not self.info.is_main:
