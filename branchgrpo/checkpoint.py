@@ -36,6 +36,7 @@ warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unava
 
 LATEST = "latest"
 PREFIX = "checkpoint-"
+REPLACED = ".replaced-"  # an older checkpoint of the same step, while a new one takes its name
 
 
 def rng_state() -> dict:
@@ -92,6 +93,12 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(f".tmp-{PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            for aside in self.root.glob(f"{REPLACED}{PREFIX}*"):  # a kill while replacing: keep the complete one
+                original = self.root / aside.name[len(REPLACED):]
+                if original.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    os.replace(aside, original)
             tmp.mkdir()
         distributed.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
@@ -104,9 +111,12 @@ class CheckpointManager:
             state = dict(trainer_state, step=step, world_size=self.world_size)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
             _fsync_tree(tmp)
-            if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
-                shutil.rmtree(final)
+            replaced = self.root / f"{REPLACED}{final.name}"
+            if final.exists():  # a checkpoint of this step from an earlier attempt: swap it out, then delete it
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)  # `resolve` falls back to it if a kill lands between the two renames
             os.replace(tmp, final)
+            shutil.rmtree(replaced, ignore_errors=True)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
@@ -129,6 +139,8 @@ class CheckpointManager:
             if not pointer.exists():
                 raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under {self.root}")
             path = self.root / pointer.read_text().strip()
+            if not path.exists() and (self.root / f"{REPLACED}{path.name}").is_dir():
+                path = self.root / f"{REPLACED}{path.name}"  # killed while replacing a checkpoint of the same step
         else:
             path = Path(spec)
         for needed in ("trainer_state.json", "state/.metadata", f"state/rank{self.rank}.pt"):

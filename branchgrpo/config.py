@@ -114,7 +114,9 @@ class AlgoConfig:
     def window_max_start(self) -> int:
         if self.mix_window_max_start is not None:
             return self.mix_window_max_start
-        return max(self.mix_window_start, self.sampling_steps - 1 - self.mix_sde_window_size)
+        # MixGRPO never trains the last two steps (its max_timesteps = N - 2); here the very last one is also
+        # deterministic, so the window ends at step T - 3 at the latest
+        return max(self.mix_window_start, self.sampling_steps - 2 - self.mix_sde_window_size)
 
     @property
     def g2rpo_step_list(self) -> list[int]:
@@ -146,8 +148,27 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_field_types(cfg) -> None:
+    """YAML values reach the dataclass unconverted: `branch_factor: 2.5` or `eta: .inf` must fail here, naming the
+    flag, not later in a traceback. Integer fields need integers; float fields finite numbers."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), _arg_type(hints[f.name])
+        if value is None:
+            continue
+        if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"--{f.name}: need an integer, got {value!r}")
+        if tp is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise ValueError(f"--{f.name}: need a finite number, got {value!r}")
+        if tp is bool and not isinstance(value, bool):
+            raise ValueError(f"--{f.name}: need true or false, got {value!r}")
+        if tp is str and not isinstance(value, str):
+            raise ValueError(f"--{f.name}: need a string, got {value!r}")
+
+
 def validate_algo(cfg: AlgoConfig) -> None:
     """Every check on the algorithm flags, before any model is loaded."""
+    check_field_types(cfg)
     T = cfg.sampling_steps
     _require(cfg.algo in ALGOS, f"--algo: '{cfg.algo}' is not one of {ALGOS}")
     _require(isinstance(T, int) and T >= 2, f"--sampling_steps: need an integer >= 2, got {T}")
@@ -157,6 +178,8 @@ def validate_algo(cfg: AlgoConfig) -> None:
     _require(cfg.clip_range > 0, f"--clip_range: need > 0, got {cfg.clip_range}")
     _require(cfg.adv_clip_max > 0, f"--adv_clip_max: need > 0, got {cfg.adv_clip_max}")
     _require(cfg.kl_coef >= 0, f"--kl_coef: need >= 0, got {cfg.kl_coef}")
+    _require(cfg.ignore_last, "--no-ignore_last: the last step (to sigma = 0) is deterministic here (x0 prediction), "
+             "so there is no last-step transition to train")
     _require(cfg.eta_value > 0, f"--eta 0 makes every step deterministic: nothing to explore or train (algo {cfg.algo})")
     if cfg.algo == "branchgrpo":
         _validate_tree(cfg)
@@ -267,6 +290,11 @@ def build_config(cls, values: dict, source: str = "arguments"):
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}")
+    hints = typing.get_type_hints(cls)
+    values = dict(values)
+    for key, value in values.items():  # YAML spellings of comma-list flags: [0, 3, 6, 9] or a single 15
+        if _arg_type(hints[key]) is str and isinstance(value, (list, int)) and not isinstance(value, bool):
+            values[key] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
     return cls(**values)
 
 

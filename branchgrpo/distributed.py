@@ -1,6 +1,6 @@
 """Process-group setup for 1..N processes launched by torchrun (or plain python: a world of one).
 
-gloo on CPU, NCCL on CUDA. Parallel wrappers (DDP, FSDP2) and activation checkpointing live in `parallel.py`.
+gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. Parallel wrappers (DDP, FSDP2) and activation checkpointing live in `parallel.py`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        # On GPUs "cpu:gloo,cuda:nccl": NCCL reduces only CUDA tensors, and the trainer's small collectives (the
+        # SIGTERM flag, micro-batch counts, rewards and eval sums) are CPU tensors; torch routes each collective to
+        # the backend of its tensor's device, so FSDP's CUDA traffic still goes over NCCL.
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if use_cuda else None,
         )

@@ -19,6 +19,16 @@ def clipped_surrogate(
     return torch.maximum(unclipped, clipped), ratio
 
 
+def guard_non_finite(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob to train on, finite mask [E]). Edges whose log-prob or ratio is not finite get the old log-prob
+    instead (ratio 1), so that neither the loss nor its gradient sees an inf: masking the loss alone is not enough,
+    since 0 x d(inf)/d(theta) is NaN in the backward. A NaN inside the model's output still reaches the gradient
+    through the mean; the update's non-finite gradient-norm check catches that case."""
+    with torch.no_grad():
+        ok = torch.isfinite(log_prob) & torch.isfinite(torch.exp(log_prob.float() - old_log_prob.float()))
+    return torch.where(ok, log_prob, old_log_prob.to(log_prob.dtype)), ok
+
+
 def kl_penalty(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Closed-form KL between the policy's and the reference's Gaussian transitions (same std) -> [E]."""
     return gaussian_kl_equal_std(mean, reference_mean, std)

@@ -92,7 +92,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int, labels: Sequence[s
     return path
 
 
-def save_videos(videos: torch.Tensor, folder: Path, stem: str, fps: int = 8) -> list[Path]:
+def save_videos(videos: torch.Tensor, folder: Path, stem: str, fps: int = 16) -> list[Path]:
     """Videos [N, C, F, H, W] in [0, 1] as MP4 (GIF when no ffmpeg is available)."""
     import imageio.v2 as imageio
 

@@ -164,9 +164,6 @@ def parse_train_config(argv=None) -> TrainConfig:
     values.update({k: v for k, v in vars(ns).items() if k in names})
     official.update({k: v for k, v in vars(ns).items() if k in OFFICIAL_FLAGS})
     _apply_official(values, official)
-    for key, value in list(values.items()):  # YAML lists for comma fields
-        if isinstance(value, list):
-            values[key] = ",".join(str(v) for v in value)
     cfg = build_config(TrainConfig, values, source=ns.config or "arguments")
     validate_train(cfg)
     return cfg
@@ -231,3 +228,55 @@ def validate_train(cfg: TrainConfig) -> None:
         raise ValueError("--data_json_path: required (the index.json written by scripts/preprocess/*.sh)")
     if cfg.resume_from_checkpoint not in (None, "latest") and not Path(cfg.resume_from_checkpoint).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint: {cfg.resume_from_checkpoint} is not a checkpoint folder")
+    _check_something_is_trained(cfg)
+    unused = inapplicable_flags(cfg)
+    if unused:
+        log.warning("these flags have no effect in this configuration: %s", "; ".join(unused))
+
+
+_TREE_FLAGS = ("tree_split_points", "tree_split_rounds", "branch_factor", "branch_innovation",
+               "tree_split_noise_scale", "fusion_alpha", "tree_prob_weighted", "width_pruning_mode",
+               "width_pruning_ratio", "depth_pruning", "depth_pruning_slide", "depth_pruning_slide_interval",
+               "depth_pruning_stop_depth", "pruning_step_ratio", "mix_ode_sde_tree")
+_WINDOW_FLAGS = ("mix_sde_window_size", "mix_window_interval", "mix_window_stride", "mix_window_start",
+                 "mix_window_max_start")
+# flag -> (when it has an effect, what that condition is, in words)
+_APPLIES = {
+    **{f: (lambda c: c.algo == "branchgrpo", "--algo branchgrpo") for f in _TREE_FLAGS},
+    **{f: (lambda c: c.algo == "mixgrpo" or (c.algo == "branchgrpo" and c.mix_ode_sde_tree),
+           "--algo mixgrpo or --mix_ode_sde_tree") for f in _WINDOW_FLAGS},
+    "num_generations": (lambda c: c.algo != "branchgrpo", "--algo dancegrpo, mixgrpo or g2rpo"),
+    "timestep_fraction": (lambda c: c.algo == "dancegrpo", "--algo dancegrpo"),
+    "g2rpo_steps": (lambda c: c.algo == "g2rpo", "--algo g2rpo"),
+    "g2rpo_granularities": (lambda c: c.algo == "g2rpo", "--algo g2rpo"),
+    "width_pruning_ratio": (lambda c: c.algo == "branchgrpo" and c.width_pruning_mode == 2, "--width_pruning_mode 2"),
+    "depth_pruning_slide": (lambda c: bool(c.depth_pruning.strip()), "a non-empty --depth_pruning"),
+    "depth_pruning_slide_interval": (lambda c: c.depth_pruning_slide, "--depth_pruning_slide"),
+    "depth_pruning_stop_depth": (lambda c: c.depth_pruning_slide, "--depth_pruning_slide"),
+    **{f: (lambda c: c.use_lora, "--use_lora") for f in ("lora_rank", "lora_alpha", "lora_target_modules")},
+    **{f: (lambda c: c.use_ema, "--use_ema") for f in ("ema_decay", "ema_update_interval")},
+    **{f: (lambda c: c.model != "toy", "--model flux or wan") for f in ("h", "w", "guidance_scale")},
+    "num_frames": (lambda c: c.model == "wan", "--model wan"),
+    "selective_checkpointing": (lambda c: c.gradient_checkpointing, "--gradient_checkpointing"),
+    "use_cpu_offload": (lambda c: c.parallel == "fsdp" or (c.parallel == "auto" and c.model != "toy"),
+                        "FSDP (--parallel fsdp, the default for flux and wan)"),
+    "wandb_project": (lambda c: "wandb" in c.report_to, "--report_to wandb"),
+}
+
+
+def inapplicable_flags(cfg: TrainConfig) -> list[str]:
+    """Flags set to a non-default value that have no effect with the rest of the configuration, with the
+    condition under which they would act: warned about at start-up, never silently ignored."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return [f"--{name} (acts only with {why})" for name, (applies, why) in _APPLIES.items()
+            if getattr(cfg, name) != defaults[name] and not applies(cfg)]
+
+
+def _check_something_is_trained(cfg: TrainConfig) -> None:
+    """Pruning and windows may together exclude every edge (e.g. --depth_pruning over all depths): refuse that
+    up front, naming the flags, instead of running rollouts that train nothing."""
+    from branchgrpo.plan import count  # plan imports this module
+
+    if count(cfg, 0)["trained_edges"] == 0:
+        raise ValueError(f"--depth_pruning '{cfg.depth_pruning}' / --width_pruning_mode {cfg.width_pruning_mode} / "
+                         f"--mix_ode_sde_tree {cfg.mix_ode_sde_tree}: no edge is left to train at iteration 0")

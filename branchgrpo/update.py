@@ -7,8 +7,10 @@ Batch semantics (logged at start-up):
   `--gradient_accumulation_steps` micro-batches (0: all of them) make one optimizer step, the loss being the mean
   over the step's edges. Gradients are clipped on EVERY optimizer step, including a shorter last one.
 - Every rank runs the same number of micro-batches (shorter ranks pad with zero-weight ones), so DDP/FSDP
-  collectives stay in step. A non-finite ratio or loss zero-weights its edge on that rank; a non-finite gradient
-  norm - the same number on every rank after the all-reduce - skips that optimizer step on every rank.
+  collectives stay in step. A non-finite log-prob, ratio or loss zero-weights its edge on that rank (its log-prob is
+  replaced by the old one before the ratio, so no inf reaches the backward; `losses.guard_non_finite`). A NaN in
+  the model's output still reaches the gradient; a non-finite gradient norm - the same number on every rank after
+  the all-reduce - skips that optimizer step on every rank, and both are counted in the metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from branchgrpo import distributed, sde
 from branchgrpo.graph import RolloutGraph
-from branchgrpo.losses import clipped_surrogate, kl_penalty, merge_stats, policy_stats
+from branchgrpo.losses import clipped_surrogate, guard_non_finite, kl_penalty, merge_stats, policy_stats
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.parallel import clip_grad_norm, gradient_sync
 from branchgrpo.seeding import keyed_permutation, mix_key
@@ -98,7 +100,7 @@ class PolicyUpdate:
         batches += [torch.zeros(0, dtype=torch.long)] * (num_micro - len(batches))  # zero-weight padding
         if cfg.recompute_old_log_prob:
             self.recompute_old_log_probs(graph, embeddings, edges, [b for b in batches if b.numel()])
-        accum = cfg.gradient_accumulation_steps or num_micro
+        accum = cfg.gradient_accumulation_steps or max(num_micro, 1)  # no edge at all: no optimizer step
         stats, losses, norms, first_ratio = {}, [], [], None
         skipped = nonfinite = steps = kl_sum = 0.0
         self.model.train()
@@ -157,6 +159,7 @@ class PolicyUpdate:
         old = edges.old_log_prob[idx].to(self.device)
         adv = edges.advantage[idx].to(self.device)
         weight = edges.weight[idx].to(self.device)
+        log_prob, ok = guard_non_finite(log_prob, old)
         loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.cfg.clip_range)
         kl_sum = 0.0
         if self.cfg.kl_coef > 0 and self.reference is not None:
@@ -166,7 +169,7 @@ class PolicyUpdate:
             kl = kl_penalty(mean, ref_mean, std)
             loss_e = loss_e + self.cfg.kl_coef * kl
             kl_sum = float((kl.detach() * weight).sum())
-        finite = torch.isfinite(loss_e) & torch.isfinite(ratio)
+        finite = ok & torch.isfinite(loss_e)
         live = finite & (weight > 0)
         loss = torch.where(live, loss_e * weight, torch.zeros_like(loss_e)).sum() / normaliser
         stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.cfg.clip_range)

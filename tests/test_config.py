@@ -100,3 +100,63 @@ def test_plan_cli_reports_bad_flags_clearly():
     assert out.returncode != 0
     assert "error: --tree_split_points: 'x' is not an integer" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_yaml_values_of_the_wrong_type_name_the_flag(tmp_path):
+    for text, message in (("branch_factor: 2.5", r"--branch_factor: need an integer, got 2.5"),
+                          ("num_generations: true", r"--num_generations: need an integer, got True"),
+                          ("tree_split_noise_scale: .inf", r"--tree_split_noise_scale: need a finite number"),
+                          ("init_same_noise: 1", r"--init_same_noise: need true or false")):
+        (tmp_path / "c.yaml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            cfg, _ = parse_config(AlgoConfig, ["--config", str(tmp_path / "c.yaml")])
+            validate_algo(cfg)
+    # comma-list flags may be written as YAML lists or a single number
+    (tmp_path / "ok.yaml").write_text("tree_split_points: [0, 3, 6]\ndepth_pruning: 15\n")
+    cfg, _ = parse_config(AlgoConfig, ["--config", str(tmp_path / "ok.yaml")])
+    validate_algo(cfg)
+    assert (cfg.split_points, cfg.pruned_depths) == ([0, 3, 6], [15])
+
+
+def test_the_last_step_cannot_be_trained():
+    bad(r"--no-ignore_last: the last step", ignore_last=False)
+
+
+def test_a_selection_that_trains_nothing_is_refused(tmp_path):
+    from branchgrpo.train_config import parse_train_config
+
+    every_depth = ",".join(str(d) for d in range(1, 20))
+    with pytest.raises(ValueError, match=r"--depth_pruning '1,2,.*no edge is left to train"):
+        parse_train_config(["--depth_pruning", every_depth, "--data_json_path", str(tmp_path)])
+    parse_train_config(["--depth_pruning", every_depth[2:], "--data_json_path", str(tmp_path)])  # depth 1 trains
+
+
+def test_flags_without_effect_are_reported(tmp_path, caplog):
+    from branchgrpo.train_config import inapplicable_flags, parse_train_config
+
+    parse = lambda *a: parse_train_config([*a, "--data_json_path", str(tmp_path)])  # noqa: E731
+    cfg = parse("--algo", "dancegrpo", "--tree_split_points", "0,3", "--lora_rank", "8", "--h", "64")
+    assert inapplicable_flags(cfg) == ["--tree_split_points (acts only with --algo branchgrpo)",
+                                       "--lora_rank (acts only with --use_lora)",
+                                       "--h (acts only with --model flux or wan)"]
+    assert "no effect in this configuration: --tree_split_points" in caplog.text
+    assert inapplicable_flags(parse("--width_pruning_ratio", "0.3")) == \
+        ["--width_pruning_ratio (acts only with --width_pruning_mode 2)"]
+    assert inapplicable_flags(parse("--algo", "mixgrpo", "--mix_sde_window_size", "5", "--num_generations", "8")) == []
+    assert inapplicable_flags(parse("--mix_ode_sde_tree", "--mix_sde_window_size", "5")) == []
+
+
+def test_mixgrpo_window_never_reaches_the_last_two_steps():
+    """MixGRPO's max_timesteps = N - 2: by default the window's last position ends at step T - 3."""
+    from branchgrpo.algorithms import Algorithm
+    from branchgrpo.graph import skeleton_graph
+    import torch
+
+    cfg = AlgoConfig(algo="mixgrpo", sampling_steps=20, mix_sde_window_size=4, mix_window_interval=1)
+    validate_algo(cfg)
+    algo, trained_steps = Algorithm(cfg), set()
+    for it in range(40):  # more than one full sweep, so the roll-back is crossed too
+        graph = skeleton_graph(algo.plan(it))
+        trained = algo.select(graph, torch.zeros(graph.num_nodes, dtype=torch.float64), it)
+        trained_steps |= set((graph.step[trained] - 1).tolist())
+    assert trained_steps == set(range(0, 18))  # steps 18 and 19 never trained

@@ -112,6 +112,29 @@ def test_ode_sampler_matches_flux_pipeline(pipe, cond, adapter, shift_mode):
     assert (ours - ref).abs().max().item() <= PARITY_ATOL
 
 
+def test_training_rollout_code_matches_flux_pipeline(pipe, cond, adapter):
+    """The same parity through the code the trainer and the evaluation CLI run: `run_rollout` on a one-chain ODE plan
+    (float32 sigmas, keyed initial noise, depth batching, the deterministic last step), not a test-side loop."""
+    from branchgrpo import builders
+    from branchgrpo.models.base import gather_cond
+    from branchgrpo.rollout import NoiseKeys, run_rollout
+
+    sigmas = sde.make_sigmas(STEPS, shift=3.0)
+
+    def velocity(x, sigma, prompt):
+        return adapter.velocity(x, sigma, gather_cond(cond, prompt))
+
+    with torch.no_grad():
+        graph = run_rollout(builders.group_plan(STEPS, 1, sde_steps=[]), velocity, sigmas, sde.Kernel("dance", 0.3),
+                            NoiseKeys(5, 0, (0, 1)), adapter.latent_shape, "cpu", batch_size=8, keep_all_latents=True)
+    roots = torch.nonzero(graph.parent < 0).flatten()
+    assert graph.prompt[roots].tolist() == [0, 1] and graph.prompt[graph.leaves].tolist() == [0, 1]
+    ref, _ = _pipeline_run(pipe, graph.node_latents(roots), cond, "static")
+    ours = graph.node_latents(graph.leaves)
+    assert (ours - graph.node_latents(roots)).abs().max() > 0.1
+    assert (ours - ref).abs().max().item() <= PARITY_ATOL
+
+
 def test_mu_is_flux_pipeline_shift(adapter):
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
@@ -271,3 +294,13 @@ def test_prompt_encoder_matches_encode_prompt(flux_dir, cond):
         build_prompt_encoder(str(flux_dir), "cpu", argparse.Namespace(max_sequence_length=MAX_SEQ, dtype="fp16"))
     with pytest.raises(ValueError, match="--max_sequence_length"):
         build_prompt_encoder(str(flux_dir), "cpu", argparse.Namespace(max_sequence_length=600, dtype="auto"))
+
+
+def test_mismatched_vae_and_transformer_are_refused(adapter):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                        layers_per_block=1, norm_num_groups=4)
+    with pytest.raises(ValueError, match="takes 64 packed channels, but the VAE has 4 latent channels"):
+        FluxAdapter(adapter.transformer, vae, HEIGHT, WIDTH)

@@ -39,10 +39,15 @@ def tiny(tmp_path_factory):
     return root
 
 
-def finetune(tiny, out, extra=()):
-    reward_options = {"hps": {"arch": "ViT-H-14-tiny", "model_config_dir": str(tiny / "hps" / "open_clip_configs")}}
+def finetune(tiny, out, extra=(), reward="hps=1.0"):
+    configs = str(tiny / "hps" / "open_clip_configs")
+    reward_options = {"hps": {"arch": "ViT-H-14-tiny", "model_config_dir": configs},
+                      # CLIP score from an open_clip file: the tiny HPS checkpoint stands in for a CLIP one
+                      "clip": {"model_path": str(tiny / "hps" / "HPS_v2.1_compressed.pt"), "arch": "ViT-H-14-tiny",
+                               "model_config_dir": configs}}
+    reward_options = {k: v for k, v in reward_options.items() if k in reward}
     env = dict(NPROC="2", MODEL_PATH=str(tiny / "flux"), DATA_JSON=str(tiny / "emb" / "index.json"),
-               HPS_CKPT_DIR=str(tiny / "hps"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()))
+               HPS_CKPT_DIR=str(tiny / "hps"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD=reward)
     args = ["--h", "64", "--w", "64", "--sampling_steps", "6", "--tree_split_points", "0,2", "--max_train_steps", "2",
             "--device", "cpu", "--mixed_precision", "fp32", "--learning_rate", "1e-3", "--max_grad_norm", "1.0",
             "--num_eval_prompts", "2", "--eval_samples_per_prompt", "1", "--train_batch_size", "1",
@@ -56,7 +61,8 @@ def _transformer_output(transformer, seed=0):
 
     gen = torch.Generator().manual_seed(seed)
     vae = type("V", (), {"config": type("C", (), {"block_out_channels": [8, 8], "scaling_factor": 1.0,
-                                                  "shift_factor": 0.0})(), "eval": lambda self: self,
+                                                  "latent_channels": 16, "shift_factor": 0.0})(),
+                         "eval": lambda self: self,
                          "requires_grad_": lambda self, flag: self})()
     adapter = FluxAdapter(transformer, vae=vae, height=64, width=64)
     x = torch.randn(2, *adapter.latent_shape, generator=gen)
@@ -70,10 +76,12 @@ def test_full_finetune_with_fsdp2_exports_diffusers_weights(tiny, tmp_path):
     from diffusers import FluxTransformer2DModel
 
     out = tmp_path / "full"
-    proc = finetune(tiny, out)
+    proc = finetune(tiny, out, reward="hps=1.0,clip=0.5")  # two rewards, weighted raw sum (--reward_combine sum)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es), parallel=fsdp" in proc.stderr  # FSDP2 really wrapped the model
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(entries) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in entries)
+    assert all({"reward_hps", "reward_clip"} <= set(e) for e in entries)
     trained = FluxTransformer2DModel.from_pretrained(str(out / "checkpoints" / "checkpoint-2" / "model"),
                                                      subfolder="transformer")
     base = FluxTransformer2DModel.from_pretrained(str(tiny / "flux"), subfolder="transformer")
@@ -85,8 +93,10 @@ def test_lora_finetune_exports_an_adapter_diffusers_loads(tiny, tmp_path):
     from diffusers import FluxPipeline
 
     out = tmp_path / "lora"
-    proc = finetune(tiny, out, ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"])
+    proc = finetune(tiny, out, ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+                                "--reward_combine", "advantage"], reward="hps=1.0,clip=0.5")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "parallel=fsdp" in proc.stderr
     folder = out / "checkpoints" / "checkpoint-2" / "model"
     assert (folder / "pytorch_lora_weights.safetensors").exists()
     pipe = FluxPipeline.from_pretrained(str(tiny / "flux"))

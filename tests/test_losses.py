@@ -40,3 +40,26 @@ def test_policy_stats_and_merge():
     assert s["clipped"] == 1 and s["num_edges"] == 3 and s["approx_kl_sum"] > 0
     m = merge_stats(s, policy_stats(torch.tensor([0.5]), torch.log(torch.tensor([0.5])), torch.zeros(1), 0.2))
     assert m["ratio_min"] == 0.5 and m["ratio_max"] == s["ratio_max"] and m["num_edges"] == 4
+
+
+def test_non_finite_edges_get_no_gradient_and_poison_nothing():
+    """An overflowing ratio (new log-prob far above the old one) with a negative advantage makes the plain loss inf;
+    masking that loss afterwards still leaves NaN in the backward (0 x inf). Guarding the log-prob first does not."""
+    from branchgrpo.losses import guard_non_finite
+
+    old = torch.tensor([0.0, -1e4, 0.0])
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    log_prob = torch.tensor([0.0, 0.0, float("nan")], requires_grad=True)
+
+    loss_e, ratio = clipped_surrogate(log_prob, old, adv, 1e-3)
+    naive_ok = torch.isfinite(loss_e) & torch.isfinite(ratio)
+    torch.where(naive_ok, loss_e, torch.zeros_like(loss_e)).sum().backward()
+    assert not torch.isfinite(log_prob.grad).all()  # what the guard prevents
+    log_prob.grad = None
+
+    guarded, ok = guard_non_finite(log_prob, old)
+    assert ok.tolist() == [True, False, False]
+    loss_e, ratio = clipped_surrogate(guarded, old, adv, 1e-3)
+    assert torch.isfinite(loss_e).all() and torch.equal(ratio[~ok], torch.ones(2))
+    torch.where(ok, loss_e, torch.zeros_like(loss_e)).sum().backward()
+    assert torch.isfinite(log_prob.grad).all() and log_prob.grad[1:].eq(0).all() and log_prob.grad[0] != 0

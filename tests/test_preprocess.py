@@ -133,6 +133,70 @@ def test_killed_run_resumes_without_reencoding_finished_shards(flux_dir, referen
     _assert_matches_reference(out, reference)
 
 
+def test_a_real_kill_mid_run_resumes_without_reencoding_finished_shards(flux_dir, reference, tmp_path,
+                                                                         counted_encoder):
+    """SIGKILL a preprocessing process while it encodes its second shard; the rerun encodes only what is missing."""
+    import signal
+    import sys
+    import textwrap
+    import time
+
+    prompts, out, marker = _prompt_file(tmp_path / "prompts.txt"), tmp_path / "emb", tmp_path / "in_shard_2"
+    script = tmp_path / "slow_preprocess.py"
+    script.write_text(textwrap.dedent(f"""
+        import pathlib, time
+        import branchgrpo.models.flux as flux
+        from branchgrpo.cli import preprocess as cli
+        real = flux.build_prompt_encoder
+        def build(model_path, device, args):
+            encode = real(model_path, device, args)
+            def slow(texts):
+                if {PROMPTS[3]!r} in texts:  # the second shard: stop here until killed
+                    pathlib.Path({str(marker)!r}).write_text("x")
+                    time.sleep(600)
+                return encode(texts)
+            return slow
+        flux.build_prompt_encoder = build
+        cli.main(["--model", "flux", "--model_path", {str(flux_dir)!r}, "--prompts", {str(prompts)!r},
+                  "--output_dir", {str(out)!r}, "--max_sequence_length", "{MAX_SEQ}", "--shard_size", "3",
+                  "--batch_size", "2", "--device", "cpu"])
+    """))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - start < 120, "the preprocessing process never reached its second shard"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    shards = sorted((out / "shards").glob("shard-*.safetensors"))
+    assert [p.name for p in shards] == ["shard-00000.safetensors"] and not (out / "index.json").exists()
+    before = (shards[0].stat().st_ino, shards[0].stat().st_mtime_ns)
+    _run_cli(flux_dir, prompts, out)
+    assert sorted(counted_encoder) == sorted(PROMPTS[3:])  # the finished shard was not encoded again
+    assert (shards[0].stat().st_ino, shards[0].stat().st_mtime_ns) == before
+    _assert_matches_reference(out, reference)
+
+
+def test_resume_with_other_encoder_settings_is_refused(flux_dir, tmp_path):
+    out = tmp_path / "emb"
+    prompts = _prompt_file(tmp_path / "a.txt")
+    _run_cli(flux_dir, prompts, out)
+    with pytest.raises(ValueError, match="encoder settings"):
+        cli.main(["--model", "flux", "--model_path", str(flux_dir), "--prompts", str(prompts), "--output_dir",
+                  str(out), "--max_sequence_length", str(MAX_SEQ + 8), "--shard_size", "3", "--device", "cpu"])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    from branchgrpo.data.preprocess import read_prompt_file
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(PROMPTS[:2]).encode())
+    assert read_prompt_file(path) == (PROMPTS[:2], {"empty": 0, "undecodable": 0})
+
+
 def test_resume_with_another_prompt_file_is_refused(flux_dir, tmp_path):
     out = tmp_path / "emb"
     _run_cli(flux_dir, _prompt_file(tmp_path / "a.txt"), out)

@@ -15,9 +15,10 @@ import torch
 
 from trainer_utils import REPO, exported_weights, fast_args, make_toy_embeddings, metrics, train, without_timings
 
-# schedules, EMA and a moving window all carry state across the resume
+# schedules (LR warmup + cosine decay, moving windows), EMA and evaluations all carry state across the resume
 STATEFUL = dict(mix_ode_sde_tree=True, mix_sde_window_size=2, mix_window_interval=1, use_ema=True, ema_decay=0.5,
-                depth_pruning="3", depth_pruning_slide=True, depth_pruning_stop_depth=1, max_train_steps=4)
+                depth_pruning="3", depth_pruning_slide=True, depth_pruning_stop_depth=1, max_train_steps=4,
+                lr_scheduler="cosine", lr_warmup_steps=2, validation_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def assert_same_run(a, b):
     ea, eb = exported_weights(a, 4, "ema"), exported_weights(b, 4, "ema")
     assert all(torch.equal(ea[k], eb[k]) for k in ea), "EMA differs"
     assert without_timings(metrics(a)) == without_timings(metrics(b))
+    assert (a / "eval.jsonl").read_text() == (b / "eval.jsonl").read_text()
 
 
 def test_resumed_run_matches_the_unbroken_run_bitwise(emb, straight, tmp_path):
@@ -50,6 +52,9 @@ def test_resumed_run_matches_the_unbroken_run_bitwise(emb, straight, tmp_path):
     # the schedules really moved during the run (so their restoration was tested)
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["algorithm"]["window"]["last_iteration"] == 3
+    lrs = [e["lr"] for e in metrics(out)]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warmup, then decay: the LR schedule crossed the resume
+    assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 2, 4]
 
 
 def _run_script(code: str, tmp_path, name: str) -> subprocess.Popen:
@@ -146,3 +151,23 @@ def test_resume_error_messages(emb, straight, tmp_path, capsys):
     assert "--tree_split_points '0,2' -> '0,1'" in capsys.readouterr().err
     main(fast_args(emb, tmp_path / "r2", resume_from_checkpoint="latest"))
     assert "no checkpoint under" in capsys.readouterr().err
+
+
+def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_latest_loadable(emb, straight, tmp_path):
+    """Re-saving a step that has a checkpoint (a run resumed from an earlier one) swaps the old folder aside before
+    the new one takes its name; a kill between the two renames must leave `latest` resolvable, and the next save
+    puts the folder back."""
+    from branchgrpo.checkpoint import REPLACED, CheckpointManager
+
+    out = tmp_path / "swap"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")
+    ckpts = out / "checkpoints"
+    shutil.rmtree(ckpts / "checkpoint-4")
+    (ckpts / "latest").write_text("checkpoint-2")
+    os.replace(ckpts / "checkpoint-2", ckpts / f"{REPLACED}checkpoint-2")  # the state after such a kill
+    assert CheckpointManager(out, 0, 1).resolve("latest").name == f"{REPLACED}checkpoint-2"
+    shutil.copy(straight / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copy(straight / "eval.jsonl", out / "eval.jsonl")
+    train(fast_args(emb, out, checkpointing_steps=2, resume_from_checkpoint="latest", **STATEFUL))
+    assert not list(ckpts.glob(f"{REPLACED}*")) and (ckpts / "checkpoint-2" / "trainer_state.json").is_file()
+    assert_same_run(straight, out)

@@ -51,8 +51,20 @@ def test_every_algorithm_changes_every_parameter(variant, emb, initial, tmp_path
 
 
 def test_lora_trains_only_the_adapters(emb, initial, tmp_path):
+    from branchgrpo.train_config import parse_train_config
+    from branchgrpo.trainer import Trainer
+
     out = tmp_path / "lora"
-    train(fast_args(emb, out, use_lora=True, lora_rank=4, lora_alpha=8, learning_rate=1e-2))
+    trainer = Trainer(parse_train_config(fast_args(emb, out, use_lora=True, lora_rank=4, lora_alpha=8,
+                                                   learning_rate=1e-2)))
+    named = dict(trainer.adapter.transformer.named_parameters())
+    before = {k: p.detach().clone() for k, p in named.items()}
+    trainer.train()
+    lora_keys = [k for k in named if ".lora_" in k]
+    assert lora_keys and all(named[k].requires_grad for k in lora_keys)
+    # in the trained model itself: every base weight is bitwise what it was, every LoRA B matrix moved
+    assert all(torch.equal(named[k], before[k]) for k in named if ".lora_" not in k)
+    assert all(not torch.equal(named[k], before[k]) for k in lora_keys if ".lora_B" in k)
     from safetensors.torch import load_file
 
     folder = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "model"

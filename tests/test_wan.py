@@ -113,8 +113,8 @@ def _pipeline_run(pipe, x, cond, guidance, grid, shift, output_type="latent"):
 def test_ode_sampler_matches_wan_pipeline(pipe, cond, adapter, guidance, grid):
     adapter.guidance_scale = guidance
     x = _noise(adapter)
-    ref, ref_sigmas = _pipeline_run(pipe, x, cond, guidance, grid, adapter.shift)
-    sigmas = sde.make_sigmas(STEPS, shift=adapter.shift)
+    ref, ref_sigmas = _pipeline_run(pipe, x, cond, guidance, grid, adapter.native_shift)
+    sigmas = sde.make_sigmas(STEPS, shift=adapter.native_shift)
     if grid == "ours":
         torch.testing.assert_close(ref_sigmas, sigmas, atol=1e-6, rtol=0)
     else:  # the pipeline's grid differs from ours; run our sampler on it
@@ -127,7 +127,7 @@ def test_ode_sampler_matches_wan_pipeline(pipe, cond, adapter, guidance, grid):
 
 
 def test_shift_is_read_from_the_checkpoint_scheduler(adapter):
-    assert adapter.shift == 3.0  # UniPCMultistepScheduler(flow_shift=3.0), as Wan2.1-T2V-1.3B-Diffusers ships
+    assert adapter.native_shift == 3.0  # UniPCMultistepScheduler(flow_shift=3.0), as Wan2.1-T2V-1.3B-Diffusers ships
 
 
 def test_cfg_is_one_batched_forward_equal_to_two_forwards(adapter, cond):
@@ -179,8 +179,8 @@ def test_bf16_embeddings_are_accepted(adapter, cond):
 
 def test_decode_matches_pipeline(pipe, cond, adapter):
     x = _noise(adapter, seed=4)
-    ref, _ = _pipeline_run(pipe, x, cond, 5.0, "ours", adapter.shift, output_type="pt")  # [B, F, C, H, W]
-    video = adapter.decode(ode_sample(adapter, x, sde.make_sigmas(STEPS, shift=adapter.shift), cond))
+    ref, _ = _pipeline_run(pipe, x, cond, 5.0, "ours", adapter.native_shift, output_type="pt")  # [B, F, C, H, W]
+    video = adapter.decode(ode_sample(adapter, x, sde.make_sigmas(STEPS, shift=adapter.native_shift), cond))
     assert video.shape == (2, 3, FRAMES, HEIGHT, WIDTH) and video.dtype == torch.float32
     assert video.min() >= 0.0 and video.max() <= 1.0 and video.std() > 0
     assert (video - ref.permute(0, 2, 1, 3, 4)).abs().max().item() <= PARITY_ATOL
@@ -218,7 +218,7 @@ def test_export_round_trip(adapter, tmp_path):
 def test_lora_export_loads_in_wan_pipeline_and_changes_its_output(wan_dir, adapter, cond, tmp_path):
     from diffusers import WanPipeline
 
-    x, sigmas = _noise(adapter, seed=5), sde.make_sigmas(STEPS, shift=adapter.shift)
+    x, sigmas = _noise(adapter, seed=5), sde.make_sigmas(STEPS, shift=adapter.native_shift)
     base = ode_sample(adapter, x, sigmas, cond)
     adapter.add_lora(rank=4, alpha=8)
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_lora_export_loads_in_wan_pipeline_and_changes_its_output(wan_dir, adapt
     pipe = WanPipeline.from_pretrained(str(wan_dir), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(tmp_path / "lora"))
-    ref, _ = _pipeline_run(pipe, x, cond, adapter.guidance_scale, "ours", adapter.shift)
+    ref, _ = _pipeline_run(pipe, x, cond, adapter.guidance_scale, "ours", adapter.native_shift)
     assert (ref - tuned).abs().max().item() <= PARITY_ATOL  # same LoRA scaling (rank 4, alpha 8) restored
     assert (ref - base).abs().max() > 1e-2  # the loaded LoRA changes the pipeline's output
 

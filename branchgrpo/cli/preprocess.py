@@ -57,6 +57,8 @@ def main(argv=None) -> None:
             rank=info.rank,
             world_size=info.world_size,
             barrier=distributed.barrier,
+            encoder_settings={"max_sequence_length": args.max_sequence_length, "dtype": args.dtype,
+                              "negative_prompt": args.negative_prompt},
         )
     finally:
         distributed.shutdown()

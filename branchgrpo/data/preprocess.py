@@ -2,7 +2,7 @@
 
 Each rank encodes the shards `s` with `s % world_size == rank`; finished shards are skipped, so a killed run resumes
 where it stopped. A manifest records the prompt file's content hash and the shard size: resuming with a different
-prompt list or shard size is refused instead of silently mixing two datasets. Rank 0 writes `index.json` once every
+prompt list, shard size or encoder settings is refused instead of silently mixing two datasets. Rank 0 writes `index.json` once every
 shard exists. The backbone-specific half is an `encode(texts) -> {key: tensor [n, ...]}` function.
 """
 
@@ -32,7 +32,8 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, int]]:
     texts, skipped = [], {"empty": 0, "undecodable": 0}
     for raw in path.read_bytes().splitlines():
         try:
-            line = raw.decode("utf-8").strip()
+            # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the first prompt
+            line = raw.decode("utf-8-sig").strip()
         except UnicodeDecodeError:
             skipped["undecodable"] += 1
             continue
@@ -45,9 +46,10 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, int]]:
     return texts, skipped
 
 
-def _manifest(texts: Sequence[str], shard_size: int, model: str) -> dict:
+def _manifest(texts: Sequence[str], shard_size: int, model: str, encoder_settings: dict | None) -> dict:
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    return {"prompts_sha256": digest, "num_prompts": len(texts), "shard_size": shard_size, "model": model}
+    return {"prompts_sha256": digest, "num_prompts": len(texts), "shard_size": shard_size, "model": model,
+            "encoder": dict(encoder_settings or {})}
 
 
 def run_preprocess(
@@ -60,13 +62,17 @@ def run_preprocess(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    encoder_settings: dict | None = None,
 ) -> Path | None:
-    """Encode every prompt of `prompts_path` into `output_dir`; returns the index path on rank 0."""
+    """Encode every prompt of `prompts_path` into `output_dir`; returns the index path on rank 0.
+
+    `encoder_settings` (e.g. max_sequence_length, dtype) go into the manifest, so that resuming with other settings
+    is refused at once instead of after re-encoding, when shards of two shapes or dtypes would not index together."""
     if shard_size < 1 or batch_size < 1:
         raise ValueError("--shard_size and --batch_size must be >= 1")
     output_dir = Path(output_dir)
     texts, skipped = read_prompt_file(prompts_path)
-    manifest = _manifest(texts, shard_size, model)
+    manifest = _manifest(texts, shard_size, model, encoder_settings)
     manifest_path = output_dir / "manifest.json"
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +80,8 @@ def run_preprocess(
             old = json.loads(manifest_path.read_text())
             if old != manifest:
                 raise ValueError(
-                    f"{output_dir}: holds shards of another prompt list or shard size ({old}); "
+                    f"{output_dir}: holds shards of another prompt list, shard size or encoder settings ({old}, "
+                    f"now {manifest}); "
                     "use a new OUTPUT_DIR or delete the old one"
                 )
         else:

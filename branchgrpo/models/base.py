@@ -38,6 +38,11 @@ class FlowAdapter(abc.ABC):
     embedding_keys: tuple[str, ...] = ()
     #: module names that LoRA targets by default
     default_lora_targets: tuple[str, ...] = ()
+    #: the static time shift of the checkpoint's own scheduler, when it ships one (None: no opinion). Training uses
+    #: --shift; the trainer warns when the two differ.
+    native_shift: float | None = None
+    #: frames per second of the clips a video backbone generates (how rollout/eval samples are written)
+    video_fps: int = 16
 
     #: the trained network. Parallelism is applied to it in place (FSDP2) or by replacing the attribute (DDP).
     transformer: nn.Module

@@ -90,6 +90,10 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
         self.has_guidance = bool(config.guidance_embeds)
         self.latent_h, self.latent_w = height // self.vae_scale_factor, width // self.vae_scale_factor
         self.latent_shape = ((self.latent_h // 2) * (self.latent_w // 2), int(config.in_channels))
+        if int(config.in_channels) != 4 * int(vae.config.latent_channels):  # 2x2 packing of the VAE's channels
+            raise ValueError(f"FLUX transformer takes {config.in_channels} packed channels, but the VAE has "
+                             f"{vae.config.latent_channels} latent channels (expected 4 x that): mismatched "
+                             "transformer/ and vae/ folders")
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
         self.scheduler_config = dict(scheduler_config or {})

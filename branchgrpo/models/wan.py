@@ -13,8 +13,9 @@ tests/test_wan.py):
 - Latents: [B, 16, (F - 1) / 4 + 1, H / 8, W / 8], normalised per channel, x = (z - latents_mean) / latents_std
   (VAE config); decode undoes it and maps the VAE's [-1, 1] output to [0, 1].
 - Schedule: the real checkpoint ships UniPCMultistepScheduler(flow_shift=3.0), a multistep solver; branchgrpo samples
-  with its own Euler/SDE steps on the static shift (`sde.make_sigmas(T, shift=adapter.shift)`), where `shift` is read
-  from the scheduler config (`flow_shift` of UniPC or `shift` of FlowMatchEuler; 3.0 if absent).
+  with its own Euler/SDE steps on the static shift `--shift` (3, as the launchers pass). The checkpoint's own shift
+  (`flow_shift` of UniPC or `shift` of FlowMatchEuler; 3.0 if absent) is read into `native_shift`, and the trainer
+  warns when `--shift` differs from it (e.g. a 720p checkpoint shipping flow_shift 5).
 
 Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout. Not supported (clear error at load): image-to-video
 (its transformer takes CLIP image embeddings and 20 extra condition channels per step, which the prompt-only
@@ -119,7 +120,7 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         check_video_size(num_frames, height, width, self.temporal_factor, self.spatial_factor * config.patch_size[1])
         self.transformer, self.vae = transformer, vae.eval().requires_grad_(False)
         self.num_frames, self.height, self.width = num_frames, height, width
-        self.guidance_scale, self.shift = float(guidance_scale), float(shift)
+        self.guidance_scale, self.native_shift = float(guidance_scale), float(shift)
         self.latent_shape = (int(vae_config.z_dim), (num_frames - 1) // self.temporal_factor + 1,
                              height // self.spatial_factor, width // self.spatial_factor)
         if self.latent_shape[0] != config.in_channels:

@@ -5,7 +5,7 @@
 # MODEL_PATH (data/wan: Wan2.1-T2V-1.3B in diffusers layout); DATA_JSON (data/wan_embeddings/index.json);
 # EVAL_DATA_JSON (optional); HPS_CKPT_DIR (hps_ckpt: reward checkpoints, VideoReward/ for VideoAlign);
 # REWARD (videoalign=1.0, i.e. VideoAlign motion quality, the paper's video reward); OUTPUT_DIR (outputs/wan_$NAME);
-# H (480), W (832), FRAMES (33 = 4k + 1); GUIDANCE (5.0, classifier-free guidance in rollout and training);
+# H (480), W (832), FRAMES (33 = 4k + 1); GUIDANCE (5.0, classifier-free guidance in rollout and training); SHIFT (3);
 # TRAIN_BATCH_SIZE (1 prompt per GPU); LR (1e-5); MAX_STEPS (300); MICRO (2); GRAD_ACCUM (4); ROLLOUT_BATCH (4);
 # USE_LORA (0; 1 adds --use_lora); PYTHON.
 source "$REPO_ROOT/scripts/lib/common.sh"
@@ -33,7 +33,7 @@ COMMON_ARGS=(
   --model wan --pretrained_model_name_or_path "$MODEL_PATH" --data_json_path "$DATA_JSON"
   --reward "$REWARD" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
   --h "${H:-480}" --w "${W:-832}" --num_frames "${FRAMES:-33}" --guidance_scale "${GUIDANCE:-5.0}"
-  --shift 3 --seed 42 --train_batch_size "${TRAIN_BATCH_SIZE:-1}" --learning_rate "${LR:-1e-5}"
+  --shift "${SHIFT:-3}" --seed 42 --train_batch_size "${TRAIN_BATCH_SIZE:-1}" --learning_rate "${LR:-1e-5}"
   --weight_decay 1e-4 --max_train_steps "${MAX_STEPS:-300}" --max_grad_norm "${MAX_GRAD_NORM:-1.0}"
   --adv_clip_max 5 --clip_range 1e-3 --rollout_batch_size "${ROLLOUT_BATCH:-4}"
   --train_micro_batch_size "${MICRO:-2}" --gradient_accumulation_steps "${GRAD_ACCUM:-4}" --reward_batch_size 1
