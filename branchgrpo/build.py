@@ -67,7 +67,7 @@ def prepare_model(adapter: FlowAdapter, cfg, info: DistInfo) -> Prepared:
 
     mode = cfg.parallel
     if mode == "auto":
-        mode = "none" if info.world_size == 1 else ("ddp" if cfg.model == "toy" else "fsdp")
+        mode = "none" if info.world_size == 1 else adapter.default_parallel
     if mode != "none" and info.world_size == 1:
         log.info("--parallel %s with a single process: running without a wrapper", mode)
         mode = "none"

@@ -52,6 +52,8 @@ def test_resumed_run_matches_the_unbroken_run_bitwise(emb, straight, tmp_path):
     # the schedules really moved during the run (so their restoration was tested)
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["algorithm"]["window"]["last_iteration"] == 3
+    model, ema = exported_weights(out, 4), exported_weights(out, 4, "ema")
+    assert any(not torch.equal(model[k], ema[k]) for k in model)  # ema/ is the EMA, not a copy of model/
     lrs = [e["lr"] for e in metrics(out)]
     assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]  # warmup, then decay: the LR schedule crossed the resume
     assert [e["step"] for e in map(json.loads, (out / "eval.jsonl").read_text().splitlines())] == [0, 2, 4]

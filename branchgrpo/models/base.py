@@ -43,6 +43,8 @@ class FlowAdapter(abc.ABC):
     native_shift: float | None = None
     #: frames per second of the clips a video backbone generates (how rollout/eval samples are written)
     video_fps: int = 16
+    #: how `--parallel auto` wraps it with more than one process: "fsdp" (shard per block) or "ddp" (replicate)
+    default_parallel: str = "fsdp"
 
     #: the trained network. Parallelism is applied to it in place (FSDP2) or by replacing the attribute (DDP).
     transformer: nn.Module

@@ -102,6 +102,7 @@ class ToyAdapter(FlowAdapter):
     """FlowAdapter of the toy: latents `[B, 1, 8, 8]` are the pixels mapped to [-1, 1] (there is no VAE)."""
 
     name = "toy"
+    default_parallel = "ddp"  # 0.26M parameters: replicating is cheaper than sharding
     media = "image"
     latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
