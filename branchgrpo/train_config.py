@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from branchgrpo.config import AlgoConfig, _f, add_dataclass_args, build_config, load_yaml, validate_algo
+from branchgrpo.rewards.base import parse_reward_options
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,7 @@ def validate_train(cfg: TrainConfig) -> None:
         _positive(cfg, "lora_rank", "lora_alpha")
     if cfg.kl_coef > 0 and cfg.model != "toy" and not cfg.use_lora:
         log.warning("--kl_coef with a full fine-tune keeps a frozen copy of the backbone (twice the weights)")
-    if cfg.reward_options:
-        try:
-            opts = json.loads(cfg.reward_options)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--reward_options: not valid JSON ({err})") from None
-        if not isinstance(opts, dict) or not all(isinstance(v, dict) for v in opts.values()):
-            raise ValueError('--reward_options: expected {"reward": {"option": value}}')
+    parse_reward_options(cfg.reward_options)
     for name in ("report_to",):
         unknown = set(x.strip() for x in cfg.report_to.split(",")) - {"tensorboard", "wandb", "none", ""}
         if unknown:

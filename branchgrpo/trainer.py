@@ -33,7 +33,7 @@ from branchgrpo.models.lora import adapter_weights
 from branchgrpo.models.registry import load_adapter, schedule_mu
 from branchgrpo.outputs import MetricsLog, plot_rewards, save_grid, save_videos
 from branchgrpo.parallel import full_state_dict
-from branchgrpo.rewards.base import build_reward_set
+from branchgrpo.rewards.base import build_reward_set, parse_reward_options
 from branchgrpo.rollout import NoiseKeys, run_rollout
 from branchgrpo.train_config import TrainConfig
 from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
@@ -62,7 +62,7 @@ class Trainer:
                              f"but --model is {cfg.model}")
         eval_store = EmbeddingStore(cfg.eval_data_json_path) if cfg.eval_data_json_path else self.store
         # reward models first: a missing checkpoint must fail before the backbone is loaded
-        options = json.loads(cfg.reward_options) if cfg.reward_options else {}
+        options = parse_reward_options(cfg.reward_options)
         self.rewards = build_reward_set(cfg.reward, cfg.reward_combine, self.device,
                                         _reward_options(cfg.reward, options, cfg.reward_model_dir))
         self.adapter = load_adapter(cfg, self.device)
@@ -270,7 +270,6 @@ class Trainer:
         return out
 
     def _evaluate(self, step: int) -> None:
-        cfg = self.cfg
         model = self.prepared.model
         ctx = self.ema.swapped_in(model) if self.ema is not None else _null()
         with ctx, using_module(self.adapter, self.prepared.bare):

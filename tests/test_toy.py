@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from branchgrpo import sde
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.models.toy import ToyAdapter, build_prompt_encoder, load_toy
 from branchgrpo.toy import data

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=tuple(COMMON), default="toy")
     p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)} (or 'all')")
     p.add_argument("--iterations", type=int, default=100, help="training iterations per method (the default toy "
-                   "run takes about 15 minutes for all methods on 2 CPU cores)")
+                   "run took 12.5 minutes for all methods on 2 CPU cores)")
     p.add_argument("--eval_every", type=int, default=0, help="held-out evaluation every N iterations "
                    "(0: iterations // 5, at least 1)")
     p.add_argument("--output_dir", default="outputs/compare")

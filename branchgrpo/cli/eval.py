@@ -15,13 +15,14 @@ input of `python -m branchgrpo.eval.diversity_cli`). See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from branchgrpo.rewards.base import parse_reward_options
 
 log = logging.getLogger("branchgrpo.eval")
 
@@ -87,13 +88,7 @@ def _check(args) -> None:
         size = getattr(args, flag)
         if size is not None and (size <= 0 or size % 16):
             raise ValueError(f"--{flag}: {size} is not a positive multiple of 16")
-    if args.reward_options:
-        try:
-            options = json.loads(args.reward_options)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--reward_options: not valid JSON ({err})") from None
-        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-            raise ValueError('--reward_options: expected {"reward": {"option": value}}')
+    parse_reward_options(args.reward_options)
     if args.time_shift == "dynamic" and args.model != "flux":
         raise ValueError("--time_shift dynamic: only FLUX has a resolution-dependent shift")
 
@@ -127,7 +122,7 @@ def run(args) -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     texts = _prompts(args)
-    options = json.loads(args.reward_options) if args.reward_options else {}
+    options = parse_reward_options(args.reward_options)
     # rewards first: a bad option fails before the backbone is loaded
     rewards, skipped = build_rewards(resolve_reward_names(args.rewards, args.model), device, args.reward_model_dir,
                                      options)

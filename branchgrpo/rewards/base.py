@@ -71,6 +71,21 @@ def _import_builtin_rewards() -> None:
             importlib.import_module(module)
 
 
+def parse_reward_options(text: str) -> dict[str, dict]:
+    """`--reward_options` JSON -> {reward: {option: value}} ('' -> {}), or a ValueError saying what was expected."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--reward_options: not valid JSON ({err})") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError('--reward_options: expected {"reward": {"option": value}}')
+    return options
+
+
 def parse_reward_spec(spec: str) -> dict[str, float]:
     """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; a bare name gets weight 1."""
     weights: dict[str, float] = {}

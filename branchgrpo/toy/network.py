@@ -17,7 +17,7 @@ velocity of one sample must not depend on which other samples share its batch. M
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F

