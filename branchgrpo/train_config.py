@@ -228,10 +228,10 @@ def validate_train(cfg: TrainConfig) -> None:
         log.warning("these flags have no effect in this configuration: %s", "; ".join(unused))
 
 
+# (width_pruning_ratio and the depth_pruning_slide* flags have narrower conditions of their own below)
 _TREE_FLAGS = ("tree_split_points", "tree_split_rounds", "branch_factor", "branch_innovation",
-               "tree_split_noise_scale", "fusion_alpha", "tree_prob_weighted", "width_pruning_mode",
-               "width_pruning_ratio", "depth_pruning", "depth_pruning_slide", "depth_pruning_slide_interval",
-               "depth_pruning_stop_depth", "pruning_step_ratio", "mix_ode_sde_tree")
+               "tree_split_noise_scale", "fusion_alpha", "tree_prob_weighted", "width_pruning_mode", "depth_pruning",
+               "pruning_step_ratio", "mix_ode_sde_tree")
 _WINDOW_FLAGS = ("mix_sde_window_size", "mix_window_interval", "mix_window_stride", "mix_window_start",
                  "mix_window_max_start")
 # flag -> (when it has an effect, what that condition is, in words)

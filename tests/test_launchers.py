@@ -34,13 +34,13 @@ def shim(tmp_path_factory):
     return root
 
 
-def launch(shim, script: str, **env) -> dict:
+def launch(shim, script: str, *args: str, **env) -> dict:
     backbone = "wan" if "wan" in script else "flux"
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
-    proc = subprocess.run(["bash", f"scripts/finetune/{script}"], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(["bash", f"scripts/finetune/{script}", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("CONFIG ")][-1]
     return json.loads(line[len("CONFIG "):])
@@ -88,11 +88,7 @@ def test_wan_launchers(shim):
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):
-    out = launch(shim, "finetune_flux_branchgrpo_8gpus.sh")
-    assert out["cfg"]["learning_rate"] == 1e-5
-    env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / "flux"),
-               DATA_JSON=str(shim / "flux.json"), HPS_CKPT_DIR=str(shim / "hps"), OUTPUT_DIR=str(shim / "out"))
-    proc = subprocess.run(["bash", "scripts/finetune/finetune_flux_branchgrpo_8gpus.sh", "--learning_rate", "3e-6",
-                           "--tree_split_points", "0,4,8"], cwd=REPO, env=env, capture_output=True, text=True)
-    cfg = json.loads([x for x in proc.stdout.splitlines() if x.startswith("CONFIG ")][-1][7:])["cfg"]
+    assert launch(shim, "finetune_flux_branchgrpo_8gpus.sh")["cfg"]["learning_rate"] == 1e-5
+    cfg = launch(shim, "finetune_flux_branchgrpo_8gpus.sh", "--learning_rate", "3e-6", "--tree_split_points",
+                 "0,4,8")["cfg"]
     assert (cfg["learning_rate"], cfg["tree_split_points"]) == (3e-6, "0,4,8")
