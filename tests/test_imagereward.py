@@ -190,3 +190,25 @@ def test_missing_files_and_bad_options(tiny_dir, tmp_path):
             build_reward("imagereward", **{**paths, option: str(tmp_path / "absent")})
     with pytest.raises(ValueError, match="unknown options"):
         build_reward("imagereward", **paths, bach_size=4)
+
+
+def test_files_found_under_model_dir_by_their_released_names(tiny_dir, scorer, tmp_path):
+    import shutil
+
+    from branchgrpo.rewards import build_reward_set
+
+    model_dir = tmp_path / "hps_ckpt"
+    shutil.copytree(tiny_dir, model_dir / "ImageReward")  # ImageReward.pt, med_config.json, bert-base-uncased/
+    images = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red cat", "a dog", "blue car"]
+    found = build_reward("imagereward", model_dir=str(model_dir), batch_size=2)
+    assert torch.equal(found(images, prompts), scorer(images, prompts))
+    with pytest.raises(FileNotFoundError, match=r"other[/\\]med_config\.json"):  # the explicit checkpoint's folder
+        build_reward("imagereward", model_dir=str(model_dir), checkpoint=str(tmp_path / "other" / "ImageReward.pt"))
+    with pytest.raises(FileNotFoundError, match=r"empty[/\\]ImageReward[/\\]"):
+        build_reward("imagereward", model_dir=str(tmp_path / "empty"))
+    skipped = build_reward_set("imagereward,toy", "sum", "cpu", model_dir=str(tmp_path / "empty"), skip_missing=True)
+    assert list(skipped.models) == ["toy"] and "ImageReward" in skipped.skipped["imagereward"]
+    (model_dir / "ImageReward" / "ImageReward.pt").write_bytes(b"\x00not a checkpoint")  # present but unreadable
+    with pytest.raises(ValueError, match="cannot read"):
+        build_reward_set("imagereward", "sum", "cpu", model_dir=str(model_dir), skip_missing=True)

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -193,3 +194,162 @@ def test_rewards_reject_bad_media(ckpt):
         reward(torch.rand(2, 3, 2, 32, 32), PROMPTS[:2])
     with pytest.raises(ValueError, match="2 images but 3 prompts"):
         reward(torch.rand(2, 3, 32, 32), PROMPTS[:3])
+
+
+# ----- where factories look for their files --------------------------------------------------------------------------
+
+# The released names under --reward_model_dir (hps_ckpt/README.md), written out here independently of the factories.
+RELEASED = {"hps": "HPS_v2.1_compressed.pt", "pickscore": "PickScore_v1", "clip": "clip-vit-large-patch14"}
+
+
+def _tiny_hps_options(ckpt):
+    return {"arch": TINY_HPS_ARCH, "model_config_dir": str(ckpt / "open_clip_configs")}
+
+
+def test_factories_find_their_files_under_model_dir(ckpt):
+    images = _images(40, 48, seed=6)
+    from_dir = build_reward("hps", model_dir=str(ckpt), **_tiny_hps_options(ckpt))(images, PROMPTS)
+    assert torch.equal(from_dir, _hps(ckpt)(images, PROMPTS))
+    from_dir = build_reward("pickscore", model_dir=str(ckpt))(images, PROMPTS)
+    assert torch.equal(from_dir, _pickscore(ckpt)(images, PROMPTS))
+    from_dir = build_reward("clip", model_dir=str(ckpt))(images, PROMPTS)
+    assert torch.equal(from_dir, build_reward("clip", model_path=str(ckpt / RELEASED["clip"]))(images, PROMPTS))
+
+
+def test_missing_files_are_named_under_model_dir_and_hps_ckpt_by_default(ckpt, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name, released in RELEASED.items():
+        with pytest.raises(FileNotFoundError, match=f"empty[/\\\\]{released}".replace(".", r"\.")):
+            build_reward(name, model_dir=str(empty))
+    with pytest.raises(FileNotFoundError, match=r"empty[/\\]CLIP-ViT-H-14-laion2B-s32B-b79K[/\\]preprocessor_config"):
+        build_reward("pickscore", model_dir=str(empty), model_path=str(ckpt / "PickScore_v1"))  # the processor's
+    monkeypatch.chdir(tmp_path)  # no hps_ckpt/ here, whatever the repository's holds
+    for name, released in RELEASED.items():
+        with pytest.raises(FileNotFoundError, match=f"hps_ckpt[/\\\\]{released}".replace(".", r"\.")):
+            build_reward(name)
+
+
+def test_explicit_options_override_model_dir(ckpt, tmp_path):
+    """model_dir holds valid files, the explicit option points elsewhere: the explicit one is read (and missing)."""
+    with pytest.raises(FileNotFoundError, match=r"other\.pt does not exist"):
+        build_reward("hps", model_dir=str(ckpt), checkpoint=str(tmp_path / "other.pt"), **_tiny_hps_options(ckpt))
+    with pytest.raises(FileNotFoundError, match=r"other_model[/\\]config\.json does not exist"):
+        build_reward("pickscore", model_dir=str(ckpt), model_path=str(tmp_path / "other_model"))
+    with pytest.raises(FileNotFoundError, match=r"preprocessor_config\.json"):
+        build_reward("pickscore", model_dir=str(ckpt), processor_path=str(tmp_path))
+    images = _images(32, 32, seed=7)  # the clip reward on the HPS file: the open_clip backend, not the default folder
+    overridden = build_reward("clip", model_dir=str(ckpt), model_path=str(ckpt / RELEASED["hps"]),
+                              **_tiny_hps_options(ckpt))(images, PROMPTS)
+    torch.testing.assert_close(overridden, _hps(ckpt)(images, PROMPTS))
+
+
+# ----- reward sets -----------------------------------------------------------------------------------------------------
+
+
+def test_reward_set_skips_missing_files_and_says_why(ckpt, tmp_path):
+    from branchgrpo.rewards import build_reward_set
+
+    model_dir = tmp_path / "only_hps"
+    model_dir.mkdir()
+    shutil.copy(ckpt / RELEASED["hps"], model_dir / RELEASED["hps"])
+    options = {"hps": _tiny_hps_options(ckpt)}
+    rewards = build_reward_set("hps,pickscore,clip", "sum", "cpu", options, model_dir=str(model_dir),
+                               skip_missing=True)
+    assert list(rewards.models) == ["hps"] and rewards.weights == {"hps": 1.0}
+    assert set(rewards.skipped) == {"pickscore", "clip"}
+    assert all("\n" not in reason for reason in rewards.skipped.values())
+    assert "PickScore_v1" in rewards.skipped["pickscore"] and RELEASED["clip"] in rewards.skipped["clip"]
+    images = _images(32, 32, seed=8)
+    assert torch.equal(rewards.score(images, PROMPTS)["hps"], _hps(ckpt)(images, PROMPTS))
+    with pytest.raises(FileNotFoundError, match="PickScore_v1"):  # the default: a missing file is an error
+        build_reward_set("hps,pickscore,clip", "sum", "cpu", options, model_dir=str(model_dir))
+    # per-reward options win over model_dir; toy rewards need no file at all
+    mixed = build_reward_set("toy=2,hps=0.5", "advantage", "cpu",
+                             {"hps": {"checkpoint": str(ckpt / RELEASED["hps"]), **_tiny_hps_options(ckpt)}},
+                             model_dir=str(tmp_path / "absent"), skip_missing=True)
+    assert list(mixed.models) == ["toy", "hps"] and mixed.skipped == {} and mixed.mode == "advantage"
+    assert mixed.reward_max is None  # hps states no maximum
+
+
+def test_reward_set_with_nothing_left_and_corrupt_files(ckpt, tmp_path):
+    from branchgrpo.rewards import RewardSet, build_reward_set
+
+    nothing = build_reward_set("pickscore,clip", "sum", "cpu", model_dir=str(tmp_path), skip_missing=True)
+    assert nothing.models == {} and set(nothing.skipped) == {"pickscore", "clip"} and nothing.reward_max is None
+    with pytest.raises(ValueError, match="no reward models"):
+        RewardSet(models={}, weights={})
+    (tmp_path / RELEASED["hps"]).write_text("version https://git-lfs.github.com/spec/v1\n")  # exists, unreadable
+    with pytest.raises(ValueError, match="cannot read"):
+        build_reward_set("hps", "sum", "cpu", {"hps": _tiny_hps_options(ckpt)}, model_dir=str(tmp_path),
+                         skip_missing=True)
+    with pytest.raises(ValueError, match="--reward_combine"):
+        build_reward_set("toy", "mean", "cpu")
+
+
+def test_reward_max_is_the_weighted_sum_of_the_models_maxima():
+    from branchgrpo.rewards import build_reward_set
+
+    assert build_reward_set("toy=2,toy_digit=0.5", "sum", "cpu").reward_max == 2.5
+
+
+# ----- decode_and_score ------------------------------------------------------------------------------------------------
+
+
+def _tiny_decoder(seed=0):
+    """A real (if tiny) per-sample decoder: 1x1 conv 4 -> 3 channels, 4x bicubic upsampling to 40x48, sigmoid."""
+    conv = torch.nn.Conv2d(4, 3, kernel_size=1)
+    with torch.no_grad():
+        weights = torch.randn(3, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
+        conv.weight.copy_(weights)
+        conv.bias.zero_()
+
+    def decode(latents_N4hw):
+        with torch.no_grad():
+            up = torch.nn.functional.interpolate(conv(latents_N4hw), scale_factor=4, mode="bicubic")
+        return torch.sigmoid(up).to(torch.float16)  # decode's dtype is not float32: decode_and_score casts
+
+    return decode
+
+
+def test_decode_and_score_equals_decode_all_then_score_in_chunks(ckpt):
+    from branchgrpo.rewards import RewardSet, decode_and_score
+
+    hps = _hps(ckpt, batch_size=2)
+    clip = build_reward("clip", model_path=str(ckpt / RELEASED["hps"]), form="clipscore", **_tiny_hps_options(ckpt))
+    rewards = RewardSet({"hps": hps, "clip": clip}, {"hps": 1.0, "clip": 0.5})
+    decode = _tiny_decoder()
+    latents = torch.randn(7, 4, 10, 12, generator=torch.Generator().manual_seed(9))
+    prompts = [f"{p} number {i}" for i, p in enumerate(PROMPTS + PROMPTS[:2])]
+    chunk = 3  # does not divide 7: the last chunk holds one sample
+    scores, media = decode_and_score(decode, latents, prompts, rewards, chunk)
+    # the trainer's order: decode every chunk and concatenate, then score slices of the same size
+    all_media = torch.cat([decode(latents[i : i + chunk]).float() for i in range(0, 7, chunk)])
+    parts = [rewards.score(all_media[i : i + chunk], prompts[i : i + chunk]) for i in range(0, 7, chunk)]
+    assert media.dtype == torch.float32 and torch.equal(media, all_media)
+    assert list(scores) == ["hps", "clip"]
+    for name in ("hps", "clip"):
+        expected = torch.cat([part[name] for part in parts])
+        assert scores[name].shape == (7,) and scores[name].dtype == torch.float32
+        assert torch.equal(scores[name], expected), name
+    assert scores["hps"].unique().numel() == 7  # prompts and images differ: a misalignment would show
+    # no reward left (an evaluation whose checkpoints are all missing): media only
+    none_left = RewardSet({}, {}, skipped={"hps": "missing"})
+    nothing, media_only = decode_and_score(decode, latents, prompts, none_left, chunk)
+    assert nothing == {} and torch.equal(media_only, all_media)
+
+
+def test_decode_and_score_checks_counts(ckpt):
+    from branchgrpo.rewards import RewardSet, decode_and_score
+
+    hps = _hps(ckpt)
+
+    def drops_one(media, prompts):  # a broken reward: one score short
+        return hps(media, prompts)[:-1]
+
+    drops_one.name = "drops_one"
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(10))
+    with pytest.raises(RuntimeError, match="'drops_one' returned 2 scores for 3 inputs"):
+        decode_and_score(_tiny_decoder(), latents, PROMPTS, RewardSet({"drops_one": drops_one}, {"drops_one": 1.0}), 3)
+    with pytest.raises(ValueError, match="5 latents but 4 prompts"):
+        decode_and_score(_tiny_decoder(), latents, PROMPTS[:4], RewardSet({"hps": hps}, {"hps": 1.0}), 3)

@@ -74,6 +74,19 @@ def test_frame_reward_is_the_mean_of_per_frame_image_scores(hps_options):
     torch.testing.assert_close(subset(videos, PROMPTS), per_frame[:, [0, 2, 4]].mean(dim=1), atol=1e-6, rtol=1e-5)
 
 
+def test_frame_reward_passes_model_dir_to_its_image_reward(hps_dir, hps_options, tmp_path):
+    videos = _videos(frames=3)
+    tiny = {k: v for k, v in hps_options.items() if k != "checkpoint"}
+    from_dir = build_reward("frame_reward", image_reward="hps", model_dir=str(hps_dir), **tiny)
+    explicit = build_reward("frame_reward", image_reward="hps", **hps_options)
+    assert torch.equal(from_dir(videos, PROMPTS), explicit(videos, PROMPTS))
+    with pytest.raises(FileNotFoundError, match=r"empty[/\\]HPS_v2\.1_compressed\.pt"):
+        build_reward("frame_reward", image_reward="hps", model_dir=str(tmp_path / "empty"), **tiny)
+    # temporal_consistency needs no file (pixel score) or reads clip_checkpoint: model_dir is ignored
+    pixel = build_reward("temporal_consistency", model_dir=str(tmp_path / "empty"))
+    assert pixel(videos, PROMPTS).shape == (2,)
+
+
 def test_frame_reward_errors(hps_options):
     with pytest.raises(ValueError, match="image_reward must be an image reward"):
         build_reward("frame_reward", image_reward="videoalign")
@@ -225,6 +238,16 @@ def test_videoalign_dimension_options(videoalign_dir):
 def test_videoalign_rejects_reward_tokens_in_prompts(scorer):
     with pytest.raises(ValueError, match="must occur once"):
         scorer(_videos(batch=1, frames=9), ["a cat <|MQ_reward|>"])
+
+
+def test_videoalign_found_under_model_dir(videoalign_dir, scorer, tmp_path):
+    found = build_reward("videoalign", model_dir=str(videoalign_dir), dimension="MQ")  # VideoReward/ + its base
+    videos = _videos(batch=1, frames=9)
+    assert torch.equal(found(videos, PROMPTS[:1]), scorer(videos, PROMPTS[:1]))
+    with pytest.raises(FileNotFoundError, match="other/model_config.json does not exist"):  # explicit option wins
+        build_reward("videoalign", model_dir=str(videoalign_dir), checkpoint=str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="empty/VideoReward/model_config.json does not exist"):
+        build_reward("videoalign", model_dir=str(tmp_path / "empty"))
 
 
 def test_videoalign_missing_or_unsupported_checkpoints(videoalign_dir, tmp_path):

@@ -12,6 +12,9 @@ a clear `FileNotFoundError` naming the option that points to it.
   of pytorch-fid), so absolute values are not comparable with published FID/KID numbers; comparisons between two
   sets of samples scored the same way are what this is for.
 - `PixelFeatures`: raw pixels after area downsampling, no checkpoint (for the toy and for tests).
+
+Resizing, cropping and CLIP normalisation are the reward models' own (`branchgrpo.rewards._image`), so CLIP features
+here see exactly the pixels the CLIP-family rewards see.
 """
 
 from __future__ import annotations
@@ -23,32 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def resize_center_crop(images_BCHW: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
-    """torchvision's `Resize(size)` + `CenterCrop(size)` on a float tensor batch, with antialiasing (as PIL does).
-
-    The shorter side becomes `size` (the longer one `int(size * long / short)`, torchvision's rounding), then the
-    centre `size x size` window is kept (offset `round((L - size) / 2)`). Bicubic can overshoot, so the result is
-    clamped to [0, 1] like PIL's uint8 output."""
-    height, width = images_BCHW.shape[-2:]
-    if height <= width:
-        new_h, new_w = size, int(size * width / height)
-    else:
-        new_h, new_w = int(size * height / width), size
-    if (new_h, new_w) != (height, width):
-        images_BCHW = F.interpolate(images_BCHW, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return images_BCHW[..., top:top + size, left:left + size].clamp(0.0, 1.0)
-
-
-def to_rgb(images_BCHW: torch.Tensor) -> torch.Tensor:
-    """[B, 1 or 3, H, W] -> [B, 3, H, W] (grey images are repeated, like PIL's convert('RGB'))."""
-    if images_BCHW.ndim != 4 or images_BCHW.shape[1] not in (1, 3):
-        raise ValueError(f"expected images [B, 1 or 3, H, W] in [0, 1], got shape {tuple(images_BCHW.shape)}")
-    return images_BCHW.expand(-1, 3, -1, -1) if images_BCHW.shape[1] == 1 else images_BCHW
+from branchgrpo.rewards._image import (  # noqa: F401 (resize_center_crop, to_rgb: also this module's API)
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    center_crop,
+    clip_preprocess,
+    resize_center_crop,
+    to_rgb,
+)
 
 
 def load_state_dict_file(path: str, option: str) -> dict[str, torch.Tensor]:
@@ -104,8 +89,7 @@ class PixelFeatures(_BatchedExtractor):
         self.size = size
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        short = min(images.shape[-2:])
-        square = resize_center_crop(images, short) if images.shape[-2] != images.shape[-1] else images
+        square = center_crop(images, min(images.shape[-2:]))  # the largest centred square, not resized
         return F.adaptive_avg_pool2d(square, self.size).flatten(1)
 
 
@@ -140,12 +124,11 @@ class ClipFeatures(_BatchedExtractor):
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = cfg.get("size", model.visual.image_size)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = torch.tensor(cfg.get("mean", OPENAI_CLIP_MEAN), device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.get("std", OPENAI_CLIP_STD), device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(cfg.get("mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("std", OPENAI_CLIP_STD))
         self.normalize = normalize
 
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (resize_center_crop(images, self.image_size) - self.mean) / self.std
+        pixels = clip_preprocess(images, self.image_size, mean=self.mean, std=self.std)
         return self.model.encode_image(pixels, normalize=self.normalize).float()
 
 

@@ -3,11 +3,13 @@ registers its factories with `@register_reward(name)`; heavy imports happen insi
 
 from branchgrpo.rewards.base import (  # noqa: F401
     COMBINE_MODES,
+    DEFAULT_MODEL_DIR,
     RewardModel,
     RewardSet,
     available_rewards,
     build_reward,
     build_reward_set,
+    decode_and_score,
     parse_reward_spec,
     register_reward,
 )

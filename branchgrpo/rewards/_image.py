@@ -6,6 +6,11 @@ an antialiased bicubic filter, centre-crop a square, scale to [0, 1], normalise 
 Doing the same in torch keeps the images on the GPU, avoids the 8-bit quantisation of a PIL round trip, and batches.
 `torch.nn.functional.interpolate(mode="bicubic", antialias=True)` implements the same filter family as PIL's bicubic
 resize; the results differ from PIL only by PIL's uint8 rounding (notes/ecosystem.md: matched hpsv2 on square images).
+
+The same functions serve the evaluation feature extractors (branchgrpo.eval.features) and ImageReward, so every
+CLIP-style transform in the package is this one. On float tensors they equal open_clip's own eval transform
+(`image_transform(size, is_train=False)`: Resize(size, bicubic, antialias) + CenterCrop) up to the clamp of bicubic
+overshoot, square or not.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def check_images(media: torch.Tensor, reward: str) -> torch.Tensor:
 
 def resize_shorter_edge(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic, antialiased resize so that the shorter edge is `size` (the longer edge keeps the aspect ratio, rounded
-    down as torchvision's Resize(int) does). Values are clamped to [0, 1], as a PIL uint8 image would be."""
+    down as torchvision's Resize(int) does). The result is clamped to [0, 1] against bicubic overshoot, as PIL's
+    uint8 output is; an image already at that size is returned unchanged (not clamped: inputs are in [0, 1])."""
     height, width = images.shape[-2:]
     if height <= width:
         new_h, new_w = size, int(size * width / height)
@@ -51,6 +57,18 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+def resize_center_crop(images: torch.Tensor, size: int, crop_size: int | None = None) -> torch.Tensor:
+    """torchvision's `Resize(size)` + `CenterCrop(crop_size or size)` on a float batch (antialiased bicubic)."""
+    return center_crop(resize_shorter_edge(images, size), crop_size or size)
+
+
+def to_rgb(images_BCHW: torch.Tensor) -> torch.Tensor:
+    """[B, 1 or 3, H, W] -> [B, 3, H, W] (grey images are repeated, like PIL's convert('RGB'))."""
+    if images_BCHW.ndim != 4 or images_BCHW.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [B, 1 or 3, H, W] in [0, 1], got shape {tuple(images_BCHW.shape)}")
+    return images_BCHW.expand(-1, 3, -1, -1) if images_BCHW.shape[1] == 1 else images_BCHW
+
+
 def clip_preprocess(
     images: torch.Tensor,
     size: int,
@@ -61,7 +79,7 @@ def clip_preprocess(
 ) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> normalised pixel values [B, 3, crop, crop] in `dtype` (resize in fp32)."""
     images = images.float()
-    images = center_crop(resize_shorter_edge(images, size), crop_size or size)
+    images = resize_center_crop(images, size, crop_size)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return ((images - mean_t) / std_t).to(dtype)

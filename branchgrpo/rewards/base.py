@@ -1,8 +1,15 @@
-"""One signature for every reward model, a registry of factories, and multi-reward specs.
+"""One signature for every reward model, a registry of factories, multi-reward sets, and the one scoring helper.
 
 A reward model maps a batch of media (images `[B, C, H, W]` or videos `[B, C, F, H, W]`, float in [0, 1]) and their
-prompts to a float32 tensor `[B]` on the CPU. Factories are registered by name and import their heavy dependencies
-(open_clip, transformers) inside the factory, so importing this package stays cheap.
+prompts to a float32 tensor `[B]` on the CPU. Factories are registered by name and called as
+`factory(device=..., model_dir=..., **options)`: `model_dir` is the folder `--reward_model_dir` names (default
+`hps_ckpt`), under which each factory finds its own files by their released names (hps_ckpt/README.md); an explicit
+option (`checkpoint=...`, `model_path=...`) overrides that location. A factory that needs no files ignores
+`model_dir`; a missing file is a `FileNotFoundError` naming it, a file that exists but cannot be read another error.
+Factories import their heavy dependencies (open_clip, transformers) inside, so importing this package stays cheap.
+
+`build_reward_set` builds the weighted set a run scores with (training and evaluation alike); `decode_and_score`
+decodes latents in chunks and scores every chunk with it.
 
 Multi-reward runs give a weight per reward, e.g. `--reward hps=1.0,clip=0.5`. Two ways to combine (DESIGN section 7):
 - "sum": the weighted sum of raw rewards is the reward, normalised once (Flow-GRPO);
@@ -12,12 +19,13 @@ Multi-reward runs give a weight per reward, e.g. `--reward hps=1.0,clip=0.5`. Tw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
 
 COMBINE_MODES = ("sum", "advantage")
+DEFAULT_MODEL_DIR = "hps_ckpt"  # --reward_model_dir's default
 
 
 class RewardModel(Protocol):
@@ -32,7 +40,7 @@ _REGISTRY: dict[str, RewardFactory] = {}
 
 
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
-    """Decorator: make `factory(device=..., **options)` buildable as `--reward name=weight`."""
+    """Decorator: make `factory(device=..., model_dir=..., **options)` buildable as `--reward name=weight`."""
 
     def wrap(factory: RewardFactory) -> RewardFactory:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
@@ -48,11 +56,13 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, device: torch.device | str = "cpu", **options) -> RewardModel:
+def build_reward(name: str, device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
+                 **options) -> RewardModel:
+    """The reward `name`, its files looked up under `model_dir` unless `options` point elsewhere."""
     _import_builtin_rewards()
     if name not in _REGISTRY:
         raise ValueError(f"--reward: unknown reward '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](device=device, **options)
+    return _REGISTRY[name](device=device, model_dir=model_dir, **options)
 
 
 def _import_builtin_rewards() -> None:
@@ -108,19 +118,37 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
     return weights
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"--reward_combine: expected one of {COMBINE_MODES}, got '{mode}'")
+
+
 @dataclass
 class RewardSet:
-    """Several weighted reward models scored together."""
+    """Several weighted reward models scored together. `skipped`: rewards left out because their files are missing
+    (name -> one-line reason); only such a set may hold no model at all (then it scores nothing)."""
 
     models: dict[str, RewardModel]
     weights: dict[str, float]
     mode: str = "sum"
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.mode not in COMBINE_MODES:
-            raise ValueError(f"--reward_combine: expected one of {COMBINE_MODES}, got '{self.mode}'")
+        _check_mode(self.mode)
         if set(self.models) != set(self.weights):
             raise ValueError("RewardSet: models and weights name different rewards")
+        if set(self.models) & set(self.skipped):
+            raise ValueError("RewardSet: a reward is both built and skipped")
+        if not self.models and not self.skipped:
+            raise ValueError("RewardSet: no reward models")
+
+    @property
+    def reward_max(self) -> float | None:
+        """The largest possible weighted sum, if every model states its maximum (`reward_max`), else None."""
+        maxima = {name: getattr(model, "reward_max", None) for name, model in self.models.items()}
+        if not maxima or any(value is None for value in maxima.values()):
+            return None
+        return sum(self.weights[name] * value for name, value in maxima.items())
 
     @torch.no_grad()
     def score(self, media: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -137,8 +165,45 @@ class RewardSet:
         return sum(self.weights[name] * scores[name] for name in self.weights)
 
 
-def build_reward_set(spec: str, mode: str, device: torch.device | str, options: dict[str, dict] | None = None) -> RewardSet:
+def build_reward_set(spec: str, mode: str, device: torch.device | str, options: dict[str, dict] | None = None,
+                     model_dir: str = DEFAULT_MODEL_DIR, skip_missing: bool = False) -> RewardSet:
+    """The rewards of `spec` ('hps=1.0,clip=0.5'; a bare name weighs 1), each built with `model_dir` and its entry of
+    `options` (which wins, `model_dir` included). `skip_missing`: a reward whose files are missing is left out and
+    recorded in `RewardSet.skipped` instead of raising (the evaluation CLI); a file that exists but cannot be read
+    still raises."""
     weights = parse_reward_spec(spec)
+    _check_mode(mode)  # before loading any model
     options = options or {}
-    models = {name: build_reward(name, device=device, **options.get(name, {})) for name in weights}
-    return RewardSet(models=models, weights=weights, mode=mode)
+    models, skipped = {}, {}
+    for name in weights:
+        try:
+            models[name] = build_reward(name, device=device, **{"model_dir": model_dir, **options.get(name, {})})
+        except FileNotFoundError as err:
+            if not skip_missing:
+                raise
+            skipped[name] = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return RewardSet(models=models, weights={name: weights[name] for name in models}, mode=mode, skipped=skipped)
+
+
+@torch.no_grad()
+def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, prompts: Sequence[str],
+                     rewards: RewardSet, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Decode `latents` [N, ...] in chunks of `batch_size` and score each chunk with `rewards` (one prompt per latent).
+
+    Returns ({reward: float32 [N] on the CPU}, media [N, ...] float32 where `decode` put it). Chunk by chunk, so the
+    reward models see the same batches as when all media are decoded first and then scored in chunks of the same
+    size: identical numbers for per-sample decoders and rewards. With no reward model: ({}, media)."""
+    num = latents.shape[0]
+    if len(prompts) != num:
+        raise ValueError(f"decode_and_score: {num} latents but {len(prompts)} prompts")
+    if num == 0 or batch_size < 1:
+        raise ValueError(f"decode_and_score: needs at least one latent and batch_size >= 1 "
+                         f"(got {num} latents, batch_size {batch_size})")
+    prompts = list(prompts)
+    media_parts, score_parts = [], {name: [] for name in rewards.models}
+    for start in range(0, num, batch_size):
+        media = decode(latents[start : start + batch_size]).float()
+        for name, values in rewards.score(media, prompts[start : start + batch_size]).items():
+            score_parts[name].append(values)
+        media_parts.append(media)
+    return {name: torch.cat(parts) for name, parts in score_parts.items()}, torch.cat(media_parts)

@@ -12,15 +12,16 @@ Forms: "cosine" (default) is the raw cosine of normalised embeddings, on the sam
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 from branchgrpo.rewards.hps import OpenClipScorer, load_open_clip, resolve_dtype
 from branchgrpo.rewards.pickscore import HFClipScorer, load_hf_clip
 
-CLIP_MODEL = "hps_ckpt/clip-vit-large-patch14"
+CLIP_MODEL = "clip-vit-large-patch14"  # folder under --reward_model_dir
 FORMS = {
     "cosine": None,
     "clipscore": lambda cos: 2.5 * cos.clamp(min=0.0),
@@ -30,7 +31,8 @@ FORMS = {
 @register_reward("clip")
 def build_clipscore(
     device: torch.device | str = "cpu",
-    model_path: str = CLIP_MODEL,
+    model_dir: str = DEFAULT_MODEL_DIR,
+    model_path: str | None = None,
     processor_path: str | None = None,
     arch: str = "ViT-L-14-quickgelu",
     model_config_dir: str | None = None,
@@ -38,11 +40,13 @@ def build_clipscore(
     dtype: str = "auto",
     batch_size: int = 16,
 ):
-    """CLIP score. `model_path`: transformers CLIP folder or open_clip checkpoint file; `processor_path`: tokenizer and
-    preprocessor folder for the transformers backend (default `model_path`); `arch`/`model_config_dir`: the open_clip
-    backend's architecture; `form`: cosine | clipscore; `dtype`: auto | fp32 | bf16 | fp16."""
+    """CLIP score. `model_path`: transformers CLIP folder or open_clip checkpoint file (default
+    `model_dir`/clip-vit-large-patch14); `processor_path`: tokenizer and preprocessor folder for the transformers
+    backend (default `model_path`); `arch`/`model_config_dir`: the open_clip backend's architecture; `form`: cosine |
+    clipscore; `dtype`: auto | fp32 | bf16 | fp16."""
     if form not in FORMS:
         raise ValueError(f"reward 'clip': form must be one of {', '.join(FORMS)}; got '{form}'")
+    model_path = model_path or os.path.join(model_dir, CLIP_MODEL)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device, "clip")
     path = Path(model_path)

@@ -12,15 +12,16 @@ BranchGRPO code compute it (about 0.31 for base FLUX.1-dev, 0.36 after training:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess, image_size_of
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 
-HPS_CHECKPOINT = "hps_ckpt/HPS_v2.1_compressed.pt"
+HPS_FILE = "HPS_v2.1_compressed.pt"  # under --reward_model_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -120,14 +121,17 @@ class OpenClipScorer:
 @register_reward("hps")
 def build_hps(
     device: torch.device | str = "cpu",
-    checkpoint: str = HPS_CHECKPOINT,
+    model_dir: str = DEFAULT_MODEL_DIR,
+    checkpoint: str | None = None,
     arch: str = "ViT-H-14",
     model_config_dir: str | None = None,
     dtype: str = "auto",
     batch_size: int = 16,
 ) -> OpenClipScorer:
-    """HPS-v2.1. `checkpoint`: HPS_v2.1_compressed.pt ({'state_dict': open_clip ViT-H-14 weights}); `arch`: the open_clip
-    architecture (a tiny one registered from `model_config_dir` in tests); `dtype`: auto | fp32 | bf16 | fp16."""
+    """HPS-v2.1. `checkpoint`: HPS_v2.1_compressed.pt ({'state_dict': open_clip ViT-H-14 weights}), default
+    `model_dir`/HPS_v2.1_compressed.pt; `arch`: the open_clip architecture (a tiny one registered from
+    `model_config_dir` in tests); `dtype`: auto | fp32 | bf16 | fp16."""
+    checkpoint = checkpoint or os.path.join(model_dir, HPS_FILE)
     device = torch.device(device)
     model, tokenizer = load_open_clip(arch, checkpoint, "hps", model_config_dir, require_state_dict_key=True)
     return OpenClipScorer("hps", model, tokenizer, device, resolve_dtype(dtype, device, "hps"), batch_size)

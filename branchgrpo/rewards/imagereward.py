@@ -19,14 +19,15 @@ Architecture (read from ImageReward/ImageReward.py and its BLIP_Pretrain, BLIP's
   ImageReward's `score` keeps [CLS] as the first token (BLIP's image-text matching swaps it for [ENC];
   ImageReward does not), so neither added token appears unless a prompt contains its literal text;
 - preprocessing: Resize(224, bicubic) of the short side, CenterCrop(224), OpenAI-CLIP mean/std (ImageReward's
-  `_transform`), done here in torch on the tensor batch (antialiased bicubic, like PIL).
+  `_transform`), done here in torch on the tensor batch (antialiased bicubic, like PIL) by the CLIP-family rewards'
+  `clip_preprocess` (`_image.py`), the same transform.
 
 The checkpoint is a plain state dict (`torch.save(model.state_dict())`). Besides the weights used above it holds
 `blip.vision_proj.*` / `blip.text_proj.*` (BLIP's contrastive projections, unused by the score) and the buffer
 `blip.text_encoder.embeddings.position_ids` (checked to be 0..L-1); every other key must map onto a parameter and
 every parameter must be filled, else loading fails with the offending official key names.
 
-What users put where (defaults: `hps_ckpt/ImageReward/`):
+What users put where (defaults: `<model_dir>/ImageReward/`, model_dir = --reward_model_dir, default hps_ckpt):
 - `checkpoint`: `ImageReward.pt` from the THUDM/ImageReward model repo;
 - `med_config`: its `med_config.json` (default: next to the checkpoint);
 - `tokenizer`: a folder with bert-base-uncased's tokenizer files (`vocab.txt`, `tokenizer_config.json`; a
@@ -44,12 +45,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.rewards._image import clip_preprocess, to_rgb
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGEREWARD_FILE = os.path.join("ImageReward", "ImageReward.pt")  # under --reward_model_dir
 MAX_PROMPT_TOKENS = 35
 VIT_LAYER_NORM_EPS = 1e-6  # BLIP's ViT: partial(nn.LayerNorm, eps=1e-6)
 HEAD_LAYER_POSITIONS = (0, 2, 4, 6, 7)  # the Linear layers inside ImageReward's nn.Sequential MLP
@@ -158,7 +159,11 @@ def load_official_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"imagereward: checkpoint not found: '{path}' (expected THUDM/ImageReward's "
                                 "ImageReward.pt; set the reward option checkpoint=...)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file, pickled code, git-lfs pointer...
+        raise ValueError(f"imagereward: cannot read '{path}' as a torch checkpoint ({err}); expected "
+                         "THUDM/ImageReward's ImageReward.pt") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -294,14 +299,11 @@ class ImageRewardScorer:
         self.model.vision.to(dtype)
         self.model.text.to(dtype)  # the head stays fp32, as ImageReward casts the features with .float()
         self.tokenizer = tokenizer
-        self.mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
 
     def preprocess(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        from branchgrpo.eval.features import resize_center_crop, to_rgb
-
+        """[B, 1 or 3, H, W] in [0, 1] -> OpenAI-CLIP-normalised [B, 3, S, S] pixels in the encoders' dtype."""
         images = to_rgb(images_BCHW.to(self.device, torch.float32))
-        return ((resize_center_crop(images, self.model.image_size) - self.mean) / self.std).to(self.dtype)
+        return clip_preprocess(images, self.model.image_size, dtype=self.dtype)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_PROMPT_TOKENS,
@@ -326,10 +328,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @register_reward("imagereward")
-def build_imagereward(device: torch.device | str = "cpu", checkpoint: str = "hps_ckpt/ImageReward/ImageReward.pt",
-                      med_config: str | None = None, tokenizer: str | None = None, **options) -> ImageRewardScorer:
-    """Options: `batch_size` (16), `dtype` (float32 | bfloat16 | float16, of the two encoders), `vision_num_heads`
-    (default: med_config's `vision_num_attention_heads`, else ViT width / 64 = 16 for ImageReward)."""
+def build_imagereward(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
+                      checkpoint: str | None = None, med_config: str | None = None, tokenizer: str | None = None,
+                      **options) -> ImageRewardScorer:
+    """`checkpoint` defaults to `model_dir`/ImageReward/ImageReward.pt, `med_config` and `tokenizer` to
+    med_config.json and bert-base-uncased/ next to it. Options: `batch_size` (16), `dtype` (float32 | bfloat16 |
+    float16, of the two encoders), `vision_num_heads` (default: med_config's `vision_num_attention_heads`, else ViT
+    width / 64 = 16 for ImageReward)."""
+    checkpoint = checkpoint or os.path.join(model_dir, IMAGEREWARD_FILE)
     allowed = {"batch_size", "dtype", "vision_num_heads"}
     if set(options) - allowed:
         raise ValueError(f"imagereward: unknown options {sorted(set(options) - allowed)}; allowed: {sorted(allowed)}")

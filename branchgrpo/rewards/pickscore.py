@@ -15,17 +15,19 @@ so the batch stays on the device (see `_image.py`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 from branchgrpo.rewards.hps import resolve_dtype
 
-PICKSCORE_MODEL = "hps_ckpt/PickScore_v1"
-PICKSCORE_PROCESSOR = "hps_ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# Folder names under --reward_model_dir.
+PICKSCORE_MODEL = "PickScore_v1"
+PICKSCORE_PROCESSOR = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def _edge(value, key_order: Sequence[str]) -> int:
@@ -116,13 +118,18 @@ class HFClipScorer:
 @register_reward("pickscore")
 def build_pickscore(
     device: torch.device | str = "cpu",
-    model_path: str = PICKSCORE_MODEL,
-    processor_path: str = PICKSCORE_PROCESSOR,
+    model_dir: str = DEFAULT_MODEL_DIR,
+    model_path: str | None = None,
+    processor_path: str | None = None,
     use_logit_scale: bool = False,
     dtype: str = "auto",
     batch_size: int = 16,
 ) -> HFClipScorer:
-    """PickScore_v1: raw cosine by default (Table 1's scale); `use_logit_scale=True`: the paper's logit_scale * cosine."""
+    """PickScore_v1: raw cosine by default (Table 1's scale); `use_logit_scale=True`: the paper's logit_scale * cosine.
+    `model_path` defaults to `model_dir`/PickScore_v1, `processor_path` to
+    `model_dir`/CLIP-ViT-H-14-laion2B-s32B-b79K."""
+    model_path = model_path or os.path.join(model_dir, PICKSCORE_MODEL)
+    processor_path = processor_path or os.path.join(model_dir, PICKSCORE_PROCESSOR)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device, "pickscore")
     model, tokenizer, processor = load_hf_clip(model_path, processor_path, "pickscore", torch_dtype)

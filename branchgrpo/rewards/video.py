@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from branchgrpo.rewards.base import build_reward, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, build_reward, register_reward
 
 VIDEO_ONLY = ("frame_reward", "temporal_consistency", "videoalign")
 
@@ -83,20 +83,22 @@ class TemporalConsistency:
 
 
 @register_reward("frame_reward")
-def build_frame_reward(device: torch.device | str = "cpu", image_reward: str = "hps", num_frames: int | None = None,
-                       **options) -> FrameReward:
-    """Per-frame `image_reward` (any registered image reward) averaged over frames; `options` go to its factory."""
+def build_frame_reward(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
+                       image_reward: str = "hps", num_frames: int | None = None, **options) -> FrameReward:
+    """Per-frame `image_reward` (any registered image reward) averaged over frames; `model_dir` and `options` go to
+    its factory."""
     if image_reward in VIDEO_ONLY:
         raise ValueError(f"reward 'frame_reward': image_reward must be an image reward, got '{image_reward}'")
-    return FrameReward(build_reward(image_reward, device=device, **options), num_frames)
+    return FrameReward(build_reward(image_reward, device=device, model_dir=model_dir, **options), num_frames)
 
 
 @register_reward("temporal_consistency")
-def build_temporal_consistency(device: torch.device | str = "cpu", clip_checkpoint: str | None = None,
-                               clip_arch: str = "ViT-H-14", model_config_dir: str | None = None,
-                               batch_size: int = 32) -> TemporalConsistency:
+def build_temporal_consistency(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
+                               clip_checkpoint: str | None = None, clip_arch: str = "ViT-H-14",
+                               model_config_dir: str | None = None, batch_size: int = 32) -> TemporalConsistency:
     """Consecutive-frame similarity. `clip_checkpoint` (a local open_clip state dict, e.g. HPS_v2.1_compressed.pt)
-    selects CLIP features of `clip_arch`; None (default) selects the pixel-space score."""
+    selects CLIP features of `clip_arch`; None (default) selects the pixel-space score. `model_dir` is not used:
+    the pixel score needs no file, and the CLIP one reads the file `clip_checkpoint` names."""
     if clip_checkpoint is None:
         return TemporalConsistency(None)
     from branchgrpo.eval.features import ClipFeatures

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -48,7 +48,7 @@ NORMALISATION = {"VQ_mean": 3.6757, "VQ_std": 2.2476, "MQ_mean": 1.1646, "MQ_std
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # qwen-vl-utils' per-frame minimum, which VideoAlign keeps
 FRAME_FACTOR, IMAGE_FACTOR, MIN_FRAMES, MAX_FRAMES = 2, 28, 4, 768
 WAN_FPS = 16.0  # Wan2.1 generates 16 frames per second
-CHECKPOINT = "hps_ckpt/VideoReward"
+CHECKPOINT = "VideoReward"  # folder under --reward_model_dir
 # The model's trained input, character for character (VideoAlign's "detailed_special" template; the trailing spaces
 # are part of it). Only {text_prompt} is substituted.
 DETAILED_SPECIAL_TEMPLATE = "\n".join([
@@ -392,16 +392,17 @@ def _model(ckpt: Path, base: Path, config: dict, vocab: int, dtype: torch.dtype)
 
 
 @register_reward("videoalign")
-def build_videoalign(device: torch.device | str = "cpu", checkpoint: str = CHECKPOINT, base_model: str | None = None,
+def build_videoalign(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
+                     checkpoint: str | None = None, base_model: str | None = None,
                      dimension: str = "MQ", weights=None, normalize: bool = True, source_fps: float = WAN_FPS,
                      min_pixels: int = VIDEO_MIN_PIXELS, step: int | None = None, dtype: str = "auto",
                      batch_size: int = 2) -> VideoAlignScorer:
-    """VideoAlign VideoReward. `checkpoint`: the VideoReward folder (model_config.json, checkpoint-<step>/);
-    `base_model`: the Qwen2-VL-2B-Instruct folder (default: found from model_config.json's name, next to or inside
-    `checkpoint`); `dimension`: MQ (the paper's), VQ, TA or Overall; `weights`: e.g. "VQ=1,MQ=1" (overrides
-    `dimension`); `normalize`: (raw - mean) / std; `source_fps`: frame rate of the generated videos (Wan2.1: 16);
-    `min_pixels`: per-frame minimum area; `step`: which checkpoint-<step> (default: the latest); `dtype`: auto (bf16
-    on CUDA as VideoAlign runs, fp32 on CPU) | fp32 | bf16."""
+    """VideoAlign VideoReward. `checkpoint`: the VideoReward folder (model_config.json, checkpoint-<step>/), default
+    `model_dir`/VideoReward; `base_model`: the Qwen2-VL-2B-Instruct folder (default: found from model_config.json's
+    name, next to or inside `checkpoint`); `dimension`: MQ (the paper's), VQ, TA or Overall; `weights`: e.g.
+    "VQ=1,MQ=1" (overrides `dimension`); `normalize`: (raw - mean) / std; `source_fps`: frame rate of the generated
+    videos (Wan2.1: 16); `min_pixels`: per-frame minimum area; `step`: which checkpoint-<step> (default: the latest);
+    `dtype`: auto (bf16 on CUDA as VideoAlign runs, fp32 on CPU) | fp32 | bf16."""
     weights = parse_weights(dimension, weights)
     if batch_size < 1:
         raise ValueError(f"reward 'videoalign': batch_size must be >= 1, got {batch_size}")
@@ -411,7 +412,7 @@ def build_videoalign(device: torch.device | str = "cpu", checkpoint: str = CHECK
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"reward 'videoalign': dtype must be auto, fp32 or bf16, got '{dtype}'")
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    root = Path(checkpoint)
+    root = Path(checkpoint) if checkpoint else Path(model_dir) / CHECKPOINT
     if not (root / "model_config.json").is_file():
         _fail(f"{root}/model_config.json does not exist; `checkpoint` must be the VideoReward folder")
     config = json.loads((root / "model_config.json").read_text())

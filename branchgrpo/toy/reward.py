@@ -133,16 +133,17 @@ class ToyReward:
 
 
 @register_reward("toy")
-def build_toy_reward(device="cpu", path: str | None = None) -> ToyReward:
-    """Digit probability x style score (runs on the CPU; `device` is ignored)."""
+def build_toy_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
+    """Digit probability x style score (runs on the CPU; `device` is ignored, and so is `model_dir`: the classifier
+    ships with the package, or comes from `path`)."""
     return ToyReward("toy", path)
 
 
 @register_reward("toy_digit")
-def build_toy_digit_reward(device="cpu", path: str | None = None) -> ToyReward:
+def build_toy_digit_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
     return ToyReward("toy_digit", path)
 
 
 @register_reward("toy_style")
-def build_toy_style_reward(device="cpu", path: str | None = None) -> ToyReward:
+def build_toy_style_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
     return ToyReward("toy_style", path)
