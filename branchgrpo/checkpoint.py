@@ -6,7 +6,12 @@ A checkpoint is a folder `<output_dir>/checkpoints/checkpoint-<step>/`:
     ema/                 the EMA weights in the same layout (with --use_ema)
     state/               torch.distributed.checkpoint (DCP) of the trained parameters and the optimizer
                          (sharded with FSDP2, reshardable), plus rank<r>.pt: RNG states and the EMA shard
-    trainer_state.json   step, LR schedule, algorithm schedules, data position, metrics count, config
+    trainer_state.json   step, world size, the run's flags, and the state of every object handed over in
+                         `states` (LR schedule, algorithm schedules, data position, evaluations, wall clock)
+
+The trainer hands the manager its objects with state as two dicts of objects with `state_dict()` /
+`load_state_dict()`: `states` (the same on every rank, in trainer_state.json) and `rank_states` (per rank, in
+state/rank<r>.pt, loaded with weights_only=True: RNG, EMA shard); adding state to a run is one more entry.
 
 Everything is written into a hidden temporary folder first; only when every rank has finished does rank 0 rename
 it into place and then point `latest` at it (both renames are atomic). A kill at any moment leaves the previous
@@ -62,6 +67,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class GlobalRNG:
+    """The process-global RNGs (torch, Python, NumPy, CUDA) as a checkpointable object."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -79,14 +94,18 @@ class CheckpointManager:
                  trainable_only: bool = False):
         self.root = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
-        # LoRA: the frozen base weights are not state (they come from --pretrained_model_name_or_path)
+        # LoRA: the frozen base weights are not state (they come from --pretrained_model_name_or_path), so the
+        # state dict loaded back holds the trainable tensors only and must not be loaded strictly (every one of them
+        # is required by dcp.load itself)
         self.options = StateDictOptions(ignore_frozen_params=trainable_only)
+        self.load_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     # ------------------------------------------------------------------------------------------------------
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             rank_state: dict, export: Callable[[Path], None]) -> Path:
-        """Collective: every rank calls it. `export(folder)` writes the user-facing weights (collective as well:
-        gathering a sharded model needs every rank; only rank 0 writes)."""
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: dict,
+             rank_states: dict, config: dict, export: Callable[[Path], None]) -> Path:
+        """Collective: every rank calls it. `states` / `rank_states`: name -> object with state_dict() (None
+        entries are saved as None); `config`: the run's flags. `export(folder)` writes the user-facing weights
+        (collective as well: gathering a sharded model needs every rank; only rank 0 writes)."""
         final = self.root / f"{PREFIX}{step}"
         tmp = self.root / f".tmp-{PREFIX}{step}"
         if self.rank == 0:
@@ -104,11 +123,11 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
                  no_dist=not distributed.is_distributed())
-        torch.save(rank_state, tmp / "state" / f"rank{self.rank}.pt")
+        torch.save(_state_dicts(rank_states), tmp / "state" / f"rank{self.rank}.pt")
         export(tmp)
         distributed.barrier()
         if self.rank == 0:
-            state = dict(trainer_state, step=step, world_size=self.world_size)
+            state = dict(_state_dicts(states), config=config, step=step, world_size=self.world_size)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
             _fsync_tree(tmp)
             replaced = self.root / f"{REPLACED}{final.name}"
@@ -157,8 +176,9 @@ class CheckpointManager:
         except json.JSONDecodeError as err:
             raise ValueError(f"--resume_from_checkpoint: {path}/trainer_state.json is corrupt ({err})") from None
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Restore model and optimizer in place; returns (trainer_state, this rank's state)."""
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: dict,
+             rank_states: dict) -> int:
+        """Restore model, optimizer and every object of `states` / `rank_states` in place; returns the step."""
         trainer_state = self.read_trainer_state(path)
         if trainer_state["world_size"] != self.world_size:
             raise ValueError(
@@ -172,6 +192,22 @@ class CheckpointManager:
         except (Exception, CheckpointException) as err:  # DCP's own exception is a BaseException
             raise ValueError(f"--resume_from_checkpoint: cannot load {path}/state ({type(err).__name__}: {err})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=self.options)
+                       options=self.load_options)
         rank_state = torch.load(path / "state" / f"rank{self.rank}.pt", weights_only=True)
-        return trainer_state, rank_state
+        _load_state_dicts(states, trainer_state, path)
+        _load_state_dicts(rank_states, rank_state, path)
+        return trainer_state["step"]
+
+
+def _state_dicts(objects: dict) -> dict:
+    return {name: None if obj is None else obj.state_dict() for name, obj in objects.items()}
+
+
+def _load_state_dicts(objects: dict, saved: dict, path: Path) -> None:
+    for name, obj in objects.items():
+        if obj is None:
+            continue
+        if saved.get(name) is None:
+            raise ValueError(f"--resume_from_checkpoint: {path} has no {name} state, which this run needs "
+                             "(was it written with other flags?)")
+        obj.load_state_dict(saved[name])

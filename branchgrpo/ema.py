@@ -20,7 +20,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow = {n: _local(p.detach()).to("cpu", torch.float32, copy=True)
                        for n, p in model.named_parameters() if p.requires_grad}
 

@@ -132,6 +132,11 @@ class RolloutGraph:
         return self.plan.is_leaf.repeat(self.num_prompts)
 
     @property
+    def std_scale(self) -> torch.Tensor:
+        """float64 [N]: multiplier of each SDE edge's kernel std (split steps' lambda; 1 elsewhere)."""
+        return self.plan.std_scale.repeat(self.num_prompts)
+
+    @property
     def leaves(self) -> torch.Tensor:
         """Global ids of the leaves (the final samples that get rewards), prompt-major."""
         return torch.nonzero(self.is_leaf).flatten()

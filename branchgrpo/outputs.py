@@ -131,3 +131,29 @@ def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+class EvalLog:
+    """The held-out evaluations of a run, one record per evaluation: kept in memory (and checkpointed, so a
+    resumed run reports them) and appended to `<output_dir>/eval.jsonl` by the main rank (`path` None elsewhere)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.records = path, []
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def rewrite(self) -> None:
+        """After a resume: the file holds exactly the checkpoint's evaluations (later ones belong to the lost
+        attempt)."""
+        if self.path is not None:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def state_dict(self) -> list[dict]:
+        return self.records
+
+    def load_state_dict(self, records: list[dict]) -> None:
+        self.records = list(records)

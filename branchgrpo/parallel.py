@@ -1,19 +1,99 @@
 """Parallelism and memory savers, applied by free functions to an already built backbone, in one fixed order
-(as torchtitan does): activation checkpointing on blocks -> FSDP2 (one `fully_shard` per block, then the root) or
-DDP. Full state dicts for export are gathered here too.
+(as torchtitan does): LoRA -> frozen reference copy (KL) -> activation checkpointing on blocks -> FSDP2 (one
+`fully_shard` per block, then the root) or DDP (`prepare_model`). Full state dicts for export are gathered here too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from branchgrpo.distributed import DistInfo
+from branchgrpo.models.base import FlowAdapter
+from branchgrpo.models.lora import lora_disabled
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # what the optimizer and backward see (DDP-wrapped, FSDP2-sharded or plain)
+    bare: nn.Module  # the module the rollout calls (no DDP wrapper: no collectives during sampling)
+    mode: str  # none | ddp | fsdp
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    reference: Callable[[], contextlib.AbstractContextManager] | None  # adapter.velocity = reference policy inside
+
+
+@contextlib.contextmanager
+def using_module(adapter: FlowAdapter, module: nn.Module):
+    """Temporarily point the adapter at another module (the bare one for rollouts, a frozen copy for KL)."""
+    previous = adapter.transformer
+    adapter.transformer = module
+    try:
+        yield
+    finally:
+        adapter.transformer = previous
+
+
+def prepare_model(adapter: FlowAdapter, model_cfg, parallel_cfg, default_parallel: str, with_reference: bool,
+                  info: DistInfo) -> Prepared:
+    """LoRA (`model_cfg`) -> frozen reference copy (`with_reference`: the KL term; LoRA needs no copy, the
+    reference is the adapters switched off) -> activation checkpointing -> FSDP2 | DDP (`parallel_cfg`; `auto`
+    means the backbone's `default_parallel` with more than one process)."""
+    if model_cfg.use_lora:
+        adapter.add_lora(model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_targets)
+    module = adapter.transformer
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("nothing to train: every parameter of the backbone is frozen")
+
+    reference = None
+    frozen_copy = None
+    if with_reference:
+        if model_cfg.use_lora:
+            reference = lambda: lora_disabled(module)  # noqa: E731 - the base model is the adapters switched off
+        else:
+            frozen_copy = copy.deepcopy(module).requires_grad_(False).eval()
+
+    mode = parallel_cfg.parallel
+    if mode == "auto":
+        mode = "none" if info.world_size == 1 else default_parallel
+    if mode != "none" and info.world_size == 1:
+        log.info("--parallel %s with a single process: running without a wrapper", mode)
+        mode = "none"
+    blocks = adapter.blocks()
+    if parallel_cfg.gradient_checkpointing:
+        if not blocks:
+            raise ValueError(f"--gradient_checkpointing: the {adapter.name} backbone declares no blocks")
+        n = apply_activation_checkpointing(module, blocks, parallel_cfg.selective_checkpointing)
+        log.info("activation checkpointing on %d of %d blocks", n, len(blocks))
+    precision = parallel_cfg.compute_dtype(info.device)
+    model = module
+    if mode == "fsdp":
+        apply_fsdp(module, checkpointed_blocks(module, blocks), param_dtype=precision,
+                   cpu_offload=parallel_cfg.use_cpu_offload)
+        if frozen_copy is not None:
+            apply_fsdp(frozen_copy, [u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}],
+                       param_dtype=precision)
+    elif mode == "ddp":
+        model = apply_ddp(module, info.device)
+        adapter.transformer = model
+    if frozen_copy is not None:
+        reference = lambda: using_module(adapter, frozen_copy)  # noqa: E731
+
+    if precision is not None:
+        autocast = lambda: torch.autocast(info.device.type, dtype=precision)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    return Prepared(model=model, bare=module, mode=mode, autocast=autocast, reference=reference)
 
 
 def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], fraction: float = 1.0) -> int:
@@ -71,11 +151,6 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     device_ids = [device.index] if device.type == "cuda" else None
     # no buffer broadcast: the rollout calls the bare module, and nothing here has running buffers
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP (FSDP2 shards in place, so it needs no unwrapping)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @contextlib.contextmanager

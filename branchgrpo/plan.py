@@ -1,64 +1,6 @@
-"""Count what a configuration costs before renting GPUs: `python -m branchgrpo.plan --algo branchgrpo ...`.
+"""`python -m branchgrpo.plan`: an alias of branchgrpo.cli.plan (the README and users call it by this name)."""
 
-Prints, per prompt: leaves, transformer forward passes in the rollout (total and per leaf), nodes, trainable edges
-(SDE transitions) and the edges trained after pruning/selection (total and per leaf) - the papers' "NFE" columns,
-counted honestly (forward passes, not nodes). `--iteration N` evaluates sliding windows at training iteration N.
-Width pruning keeps a fixed number of edges per tree whatever the rewards, so the count uses a stand-in ranking.
-"""
-
-from __future__ import annotations
-
-import json
-
-import torch
-
-from branchgrpo.algorithms import Algorithm
-from branchgrpo.config import AlgoConfig, parse_config
-from branchgrpo.train_config import TrainConfig
-from branchgrpo.graph import plan_counts, skeleton_graph
-
-
-def count(cfg: AlgoConfig, iteration: int = 0) -> dict:
-    algo = Algorithm(cfg)
-    plan = algo.plan(iteration)
-    graph = skeleton_graph(plan)
-    stand_in = torch.arange(graph.num_nodes, dtype=torch.float64)  # any ranking gives the same counts
-    trained = algo.select(graph, stand_in, iteration)
-    out = {"algo": cfg.algo, "iteration": iteration, "sampling_steps": cfg.sampling_steps}
-    out.update(plan_counts(plan, trained))
-    out["sequential_forward_passes_per_leaf"] = cfg.sampling_steps
-    return out
-
-
-def format_counts(c: dict) -> str:
-    rows = [
-        ("leaves (rewarded samples)", c["leaves"]),
-        ("rollout forward passes", f"{c['forward_passes']}  ({c['forward_passes_per_leaf']:.4g} per leaf; "
-                                   f"a sequential rollout needs {c['sequential_forward_passes_per_leaf']})"),
-        ("nodes / edges", f"{c['nodes']} / {c['edges']}"),
-        ("trainable edges (SDE)", f"{c['trainable_edges']}  ({c['trainable_edges_per_leaf']:.4g} per leaf)"),
-        ("trained edges", f"{c['trained_edges']}  ({c['trained_edges_per_leaf']:.4g} per leaf)"),
-        ("training forward passes", f"{c['train_forward_passes']}  ({c['train_forward_passes_per_leaf']:.4g} per leaf;"
-                                    " siblings share one)"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    head = f"{c['algo']}, T = {c['sampling_steps']}, iteration {c['iteration']}, per prompt:"
-    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
-
-
-def main(argv=None) -> None:
-    def extra(p):
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-        p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
-
-    try:
-        # the training flags and configs are accepted as they are; only the algorithm's are used
-        cfg, extras = parse_config(TrainConfig, argv, description=__doc__, extra_args=extra)
-        counts = count(cfg, extras.iteration)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
-    print(json.dumps(counts) if extras.json else format_counts(counts))
-
+from branchgrpo.cli.plan import count, format_counts, main  # noqa: F401
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ Batch semantics (logged at start-up):
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -61,17 +60,29 @@ def plan_micro_batches(parents: torch.Tensor, max_parents: int, key: int) -> lis
 
 
 class PolicyUpdate:
+    """The update of one iteration. Takes the optimisation and loss sections of the config (`optim_cfg`:
+    micro-batching, accumulation, gradient clipping, --recompute_old_log_prob; `loss_cfg`: clip range, KL)."""
+
     def __init__(self, adapter: FlowAdapter, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler, cfg, kernel: sde.Kernel, device: torch.device, autocast: Callable,
-                 reference: Callable | None, rank: int):
+                 scheduler, optim_cfg, loss_cfg, seed: int, kernel: sde.Kernel, device: torch.device,
+                 autocast: Callable, reference: Callable | None, rank: int):
         self.adapter, self.model, self.optimizer, self.scheduler = adapter, model, optimizer, scheduler
-        self.cfg, self.kernel, self.device, self.autocast = cfg, kernel, device, autocast
+        self.optim_cfg, self.loss_cfg, self.seed = optim_cfg, loss_cfg, seed
+        self.kernel, self.device, self.autocast = kernel, device, autocast
         self.reference = reference  # context manager factory: inside it adapter.velocity is the reference policy
         self.rank = rank
         self.params = [p for p in model.parameters() if p.requires_grad]
 
+    def _rescore(self, x, v, sigma_from, sigma_to, row, graph: RolloutGraph, children) -> sde.StepResult:
+        """The stored transitions into `children` re-scored under velocity `v` of their parents (rows `row` of
+        x / v): the rollout's own step function, given the sample instead of noise (one code path)."""
+        return sde.sde_step(x[row], v.float()[row], sigma_from[row], sigma_to, self.kernel,
+                            sample=graph.node_latents(children).to(self.device),
+                            std_scale=graph.std_scale[children].to(self.device))
+
     def micro_batch_forward(self, graph: RolloutGraph, embeddings: dict, edges: Edges, idx: torch.Tensor):
-        """Per-edge (log-prob under the current policy, mean) for the edges `idx`; one forward per distinct parent."""
+        """The edges `idx` re-scored under the current policy (StepResult: log-prob [E], mean, std [E]), one forward
+        per distinct parent, and what the KL term needs to score the reference the same way."""
         parents, row = torch.unique(edges.parent[idx], return_inverse=True)
         x = graph.node_latents(parents).to(self.device)
         sigma_from = graph.sigmas.float()[graph.step[parents]].to(self.device)
@@ -81,21 +92,19 @@ class PolicyUpdate:
         children = edges.child[idx]
         row = row.to(self.device)
         sigma_to = graph.sigmas.float()[graph.step[children]].to(self.device)
-        mean, _ = sde.sde_mean_std(x[row], v.float()[row], sigma_from[row], sigma_to, self.kernel)
-        std = graph.std[children].to(self.device)
-        log_prob = sde.gaussian_log_prob(graph.node_latents(children).to(self.device), mean, std)
-        return log_prob, mean, (x, sigma_from, cond, row, sigma_to, std)
+        return self._rescore(x, v, sigma_from, sigma_to, row, graph, children), (x, sigma_from, cond, row, sigma_to)
 
     @torch.no_grad()
     def recompute_old_log_probs(self, graph, embeddings, edges: Edges, batches: list[torch.Tensor]) -> None:
         """Score the behaviour log-probs with the training forward's layout (--recompute_old_log_prob)."""
         for idx in batches:
-            log_prob, _, _ = self.micro_batch_forward(graph, embeddings, edges, idx)
-            edges.old_log_prob[idx] = log_prob.float().cpu()
+            step, _ = self.micro_batch_forward(graph, embeddings, edges, idx)
+            edges.old_log_prob[idx] = step.log_prob.float().cpu()
 
     def run(self, graph: RolloutGraph, embeddings: dict, edges: Edges, iteration: int) -> dict:
-        cfg = self.cfg
-        batches = plan_micro_batches(edges.parent, cfg.train_micro_batch_size, mix_key(cfg.seed, iteration, "mb", self.rank))
+        cfg = self.optim_cfg
+        key = mix_key(self.seed, iteration, "mb", self.rank)
+        batches = plan_micro_batches(edges.parent, cfg.train_micro_batch_size, key)
         num_micro = int(distributed.all_reduce_max(torch.tensor(len(batches))).item())
         batches += [torch.zeros(0, dtype=torch.long)] * (num_micro - len(batches))  # zero-weight padding
         if cfg.recompute_old_log_prob:
@@ -155,33 +164,25 @@ class PolicyUpdate:
             with self.autocast():
                 v = self.adapter.velocity(dummy, torch.ones(1, device=self.device), cond)
             return 0.0 * v.float().sum(), None
-        log_prob, mean, (x, sigma_from, cond, row, sigma_to, std) = self.micro_batch_forward(graph, embeddings, edges, idx)
+        step, (x, sigma_from, cond, row, sigma_to) = self.micro_batch_forward(graph, embeddings, edges, idx)
         old = edges.old_log_prob[idx].to(self.device)
         adv = edges.advantage[idx].to(self.device)
         weight = edges.weight[idx].to(self.device)
-        log_prob, ok = guard_non_finite(log_prob, old)
-        loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.cfg.clip_range)
+        log_prob, ok = guard_non_finite(step.log_prob, old)
+        loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.loss_cfg.clip_range)
         kl_sum = 0.0
-        if self.cfg.kl_coef > 0 and self.reference is not None:
+        if self.loss_cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad(), self.reference(), self.autocast():
                 v_ref = self.adapter.velocity(x, sigma_from, cond)
-            ref_mean, _ = sde.sde_mean_std(x[row], v_ref.float()[row], sigma_from[row], sigma_to, self.kernel)
-            kl = kl_penalty(mean, ref_mean, std)
-            loss_e = loss_e + self.cfg.kl_coef * kl
+            reference = self._rescore(x, v_ref, sigma_from, sigma_to, row, graph, edges.child[idx])
+            kl = kl_penalty(step.mean, reference.mean, step.std)
+            loss_e = loss_e + self.loss_cfg.kl_coef * kl
             kl_sum = float((kl.detach() * weight).sum())
         finite = ok & torch.isfinite(loss_e)
         live = finite & (weight > 0)
         loss = torch.where(live, loss_e * weight, torch.zeros_like(loss_e)).sum() / normaliser
-        stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.cfg.clip_range)
+        stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.loss_cfg.clip_range)
         return loss, {"stats": stats, "nonfinite": float((~finite & (weight > 0)).sum()), "kl_sum": kl_sum}
-
-
-def nullcontext_factory():
-    return contextlib.nullcontext()
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b) if b else 0
 
 
 def optimizer_steps_per_iteration(num_micro: int, accumulation: int) -> int:

@@ -11,12 +11,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses (torchrun) too
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The models under test are tiny: one thread is faster than two (no synchronisation per op) and keeps the runs
-# insensitive to whatever else the 2-core CI machine is doing.
+# The models under test are tiny: one intra-op thread is faster than two (on a busy 2-core machine each op's thread
+# hand-off costs about 10 ms) and keeps the runs insensitive to whatever else the CI machine is doing. Set here for
+# module-scoped fixtures too, and re-pinned after every test in case the code under test set its own.
 torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _one_thread_and_seed():
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(1)

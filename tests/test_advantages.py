@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from branchgrpo import advantages as adv
-from branchgrpo import builders
+from branchgrpo import plans
 from branchgrpo.graph import skeleton_graph
 
 
 def small_tree():
     """T = 3, splits at steps 0 and 1, K = 2. Node ids: root 0; depth 1: 1, 2; depth 2: 3, 4 (of 1), 5, 6 (of 2);
     leaves (deterministic last step) 7, 8, 9, 10 below 3, 4, 5, 6."""
-    g = skeleton_graph(builders.tree_plan(3, [0, 1], 2))
+    g = skeleton_graph(plans.tree_plan(3, [0, 1], 2))
     assert g.parent.tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6]
     return g
 
@@ -60,14 +60,14 @@ def test_zero_variance_depth_gives_zero_not_nan():
 
 
 def test_normalisation_stays_within_each_prompt():
-    g = skeleton_graph(builders.tree_plan(3, [0, 1], 2), num_prompts=2)
+    g = skeleton_graph(plans.tree_plan(3, [0, 1], 2), num_prompts=2)
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 100.0, 200.0, 300.0, 500.0])
     a = adv.tree_advantages(g, r)
     torch.testing.assert_close(a[:11], a[11:])  # the second prompt is the first scaled: same z-scores
 
 
 def test_group_zscore_broadcasts_along_each_chain():
-    g = skeleton_graph(builders.group_plan(3, 3))
+    g = skeleton_graph(plans.group_plan(3, 3))
     r = torch.tensor([1.0, 2.0, 4.0])
     a = adv.group_advantages(g, r)
     mean, std = 7 / 3, math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
@@ -78,7 +78,7 @@ def test_group_zscore_broadcasts_along_each_chain():
 
 def test_g2rpo_sums_per_step_per_granularity_zscores():
     steps, G, grans = [0, 1], 3, [1, 2]
-    g = skeleton_graph(builders.comb_plan(4, steps, G, grans))
+    g = skeleton_graph(plans.comb_plan(4, steps, G, grans))
     leaves = g.leaves
     gen = torch.Generator().manual_seed(3)
     r = torch.rand(leaves.numel(), generator=gen, dtype=torch.float64)
@@ -123,7 +123,7 @@ def test_non_finite_rewards_are_left_out():
 
 
 def test_multi_reward_combination_modes():
-    g = skeleton_graph(builders.group_plan(2, 4))
+    g = skeleton_graph(plans.group_plan(2, 4))
     scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([40.0, 10.0, 30.0, 20.0])}
     weights = {"a": 1.0, "b": 0.5}
     summed = adv.combined_advantages(adv.group_advantages, g, scores, weights, "sum")

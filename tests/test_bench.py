@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from branchgrpo.bench.__main__ import main as bench_main
+from branchgrpo.cli.bench import main as bench_main
 from branchgrpo.bench.throughput import mfu
+
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,12 @@ import sys
 
 import pytest
 
-from branchgrpo.bench.compare import METHODS, main as compare_main
+from branchgrpo.bench.compare import methods as compare_rows
+from branchgrpo.cli.compare import main as compare_main
 from branchgrpo.plan import main as plan_main
 from trainer_utils import REPO
+
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
 
 TINY = ["--train_batch_size", "2", "--num_eval_prompts", "2", "--eval_samples_per_prompt", "2"]
 KEYS = ("method", "rollout_nfe", "train_nfe", "iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s",
@@ -34,7 +37,7 @@ def plan_counts(trainer_args: list[str], iteration: int, capsys) -> dict:
 def test_every_method_is_tabulated_with_plan_exact_nfe(compared, capsys):
     out, table = compared
     rows = {r["method"]: r for r in table["rows"]}
-    assert list(rows) == list(METHODS)
+    assert list(rows) == list(compare_rows())
     methods = json.loads((out / "methods.json").read_text())
     for name, row in rows.items():
         assert all(row.get(k) is not None for k in KEYS), (name, [k for k in KEYS if row.get(k) is None])
@@ -44,7 +47,7 @@ def test_every_method_is_tabulated_with_plan_exact_nfe(compared, capsys):
         assert row["train_nfe"] == pytest.approx(sum(c["trained_edges_per_leaf"] for c in counts) / 2, rel=1e-12)
         assert row["leaves_per_prompt"] == counts[0]["leaves"]
     # the fairness the harness promises: 16 leaves for every method that has a free group/tree size
-    assert {rows[m]["leaves_per_prompt"] for m in METHODS if m != "g2rpo"} == {16}
+    assert {rows[m]["leaves_per_prompt"] for m in compare_rows() if m != "g2rpo"} == {16}
     assert rows["g2rpo"]["leaves_per_prompt"] == 16 * 4 * 3 + 1
     assert rows["dancegrpo_tf1.0"]["iter_time_ratio"] == 1.0
     assert rows["branchgrpo"]["rollout_nfe"] == pytest.approx(203 / 16)

@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-from branchgrpo.config import AlgoConfig, parse_config, validate_algo
+from branchgrpo.config import algorithm_from_flags, config_from_flags, parse_flags, parse_train_config
 
 
 def bad(message, **flags):
     with pytest.raises(ValueError, match=message):
-        validate_algo(AlgoConfig(**flags))
+        algorithm_from_flags(**flags)
 
 
 def test_split_points_must_be_integers():
@@ -28,7 +28,7 @@ def test_split_points_must_not_repeat():
 def test_split_points_must_precede_the_last_step():
     bad(r"--tree_split_points: 19 is outside 0..18", tree_split_points="0,19")
     bad(r"--tree_split_points: 9 is outside 0..8", sampling_steps=10, tree_split_points="0,9")
-    validate_algo(AlgoConfig(sampling_steps=10, tree_split_points="0,8"))
+    algorithm_from_flags(sampling_steps=10, tree_split_points="0,8")
 
 
 def test_branch_factor_at_least_two():
@@ -72,7 +72,7 @@ def test_group_methods_need_two_generations(algo):
 def test_leaf_bound_needs_an_explicit_override():
     points = ",".join(str(i) for i in range(13))  # 2^13 = 8192 leaves
     bad(r"8192 leaves per prompt exceed --max_leaves 4096", tree_split_points=points)
-    validate_algo(AlgoConfig(tree_split_points=points, max_leaves=10000))
+    algorithm_from_flags(tree_split_points=points, max_leaves=10000)
     bad(r"exceed --max_leaves", algo="g2rpo", num_generations=200, g2rpo_granularities="1,2,3")
 
 
@@ -87,13 +87,14 @@ def test_other_algorithm_flags():
 def test_yaml_and_cli_layers(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("algo: dancegrpo\nnum_generations: 8\ntimestep_fraction: 0.6\n")
-    cfg, _ = parse_config(AlgoConfig, ["--config", str(cfg_file), "--num_generations", "6"])
-    assert (cfg.algo, cfg.num_generations, cfg.timestep_fraction) == ("dancegrpo", 6, 0.6)
+    cfg = config_from_flags(parse_flags(["--config", str(cfg_file), "--num_generations", "6"])[0], "algorithm")
+    assert (cfg.run.algo, cfg.algorithm.num_generations, cfg.algorithm.timestep_fraction) == ("dancegrpo", 6, 0.6)
     (tmp_path / "bad.yaml").write_text("algo: dancegrpo\nnum_generation: 8\n")
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_generation'\]"):
-        parse_config(AlgoConfig, ["--config", str(tmp_path / "bad.yaml")])
+        parse_flags(["--config", str(tmp_path / "bad.yaml")])
 
 
+@pytest.mark.slow
 def test_plan_cli_reports_bad_flags_clearly():
     out = subprocess.run([sys.executable, "-m", "branchgrpo.plan", "--tree_split_points", "0,3,x"],
                          capture_output=True, text=True)
@@ -109,13 +110,11 @@ def test_yaml_values_of_the_wrong_type_name_the_flag(tmp_path):
                           ("init_same_noise: 1", r"--init_same_noise: need true or false")):
         (tmp_path / "c.yaml").write_text(text + "\n")
         with pytest.raises(ValueError, match=message):
-            cfg, _ = parse_config(AlgoConfig, ["--config", str(tmp_path / "c.yaml")])
-            validate_algo(cfg)
+            config_from_flags(parse_flags(["--config", str(tmp_path / "c.yaml")])[0], "algorithm")
     # comma-list flags may be written as YAML lists or a single number
     (tmp_path / "ok.yaml").write_text("tree_split_points: [0, 3, 6]\ndepth_pruning: 15\n")
-    cfg, _ = parse_config(AlgoConfig, ["--config", str(tmp_path / "ok.yaml")])
-    validate_algo(cfg)
-    assert (cfg.split_points, cfg.pruned_depths) == ([0, 3, 6], [15])
+    cfg = config_from_flags(parse_flags(["--config", str(tmp_path / "ok.yaml")])[0], "algorithm")
+    assert (cfg.algorithm.split_points(20), cfg.algorithm.pruned_depths) == ([0, 3, 6], [15])
 
 
 def test_the_last_step_cannot_be_trained():
@@ -123,8 +122,6 @@ def test_the_last_step_cannot_be_trained():
 
 
 def test_a_selection_that_trains_nothing_is_refused(tmp_path):
-    from branchgrpo.train_config import parse_train_config
-
     every_depth = ",".join(str(d) for d in range(1, 20))
     with pytest.raises(ValueError, match=r"--depth_pruning '1,2,.*no edge is left to train"):
         parse_train_config(["--depth_pruning", every_depth, "--data_json_path", str(tmp_path)])
@@ -132,29 +129,29 @@ def test_a_selection_that_trains_nothing_is_refused(tmp_path):
 
 
 def test_flags_without_effect_are_reported(tmp_path, caplog):
-    from branchgrpo.train_config import inapplicable_flags, parse_train_config
-
     parse = lambda *a: parse_train_config([*a, "--data_json_path", str(tmp_path)])  # noqa: E731
     cfg = parse("--algo", "dancegrpo", "--tree_split_points", "0,3", "--lora_rank", "8", "--h", "64")
-    assert inapplicable_flags(cfg) == ["--tree_split_points (acts only with --algo branchgrpo)",
-                                       "--lora_rank (acts only with --use_lora)",
-                                       "--h (acts only with --model flux or wan)"]
-    assert "no effect in this configuration: --tree_split_points" in caplog.text
-    assert inapplicable_flags(parse("--width_pruning_ratio", "0.3")) == \
+    assert cfg.inapplicable_flags() == ["--h (acts only with --model flux or wan)",
+                                        "--lora_rank (acts only with --use_lora)",
+                                        "--tree_split_points (acts only with --algo branchgrpo)"]
+    assert "no effect in this configuration: --h" in caplog.text
+    assert parse("--width_pruning_ratio", "0.3").inapplicable_flags() == \
         ["--width_pruning_ratio (acts only with --width_pruning_mode 2)"]
-    assert inapplicable_flags(parse("--algo", "mixgrpo", "--mix_sde_window_size", "5", "--num_generations", "8")) == []
-    assert inapplicable_flags(parse("--mix_ode_sde_tree", "--mix_sde_window_size", "5")) == []
+    assert parse("--algo", "mixgrpo", "--mix_sde_window_size", "5", "--num_generations", "8").inapplicable_flags() == []
+    assert parse("--mix_ode_sde_tree", "--mix_sde_window_size", "5").inapplicable_flags() == []
+    assert parse("--mix_sde_window_size", "5").inapplicable_flags() == \
+        ["--mix_sde_window_size (acts only with --mix_ode_sde_tree)"]
+    assert parse("--algo", "g2rpo", "--mix_sde_window_size", "5").inapplicable_flags() == \
+        ["--mix_sde_window_size (acts only with --algo mixgrpo or branchgrpo)"]
 
 
 def test_mixgrpo_window_never_reaches_the_last_two_steps():
     """MixGRPO's max_timesteps = N - 2: by default the window's last position ends at step T - 3."""
-    from branchgrpo.algorithms import Algorithm
     from branchgrpo.graph import skeleton_graph
     import torch
 
-    cfg = AlgoConfig(algo="mixgrpo", sampling_steps=20, mix_sde_window_size=4, mix_window_interval=1)
-    validate_algo(cfg)
-    algo, trained_steps = Algorithm(cfg), set()
+    algo = algorithm_from_flags(algo="mixgrpo", sampling_steps=20, mix_sde_window_size=4, mix_window_interval=1)
+    trained_steps = set()
     for it in range(40):  # more than one full sweep, so the roll-back is crossed too
         graph = skeleton_graph(algo.plan(it))
         trained = algo.select(graph, torch.zeros(graph.num_nodes, dtype=torch.float64), it)

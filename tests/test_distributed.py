@@ -6,6 +6,8 @@ import torch
 
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics, torchrun, train, without_timings
 
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def emb(tmp_path_factory):

@@ -57,6 +57,7 @@ def _sample(dist, n, rng):
 # ----- estimators -----
 
 @pytest.mark.parametrize("kernel", ["polynomial", "rbf"])
+@pytest.mark.slow
 def test_unbiased_estimator_is_unbiased(kernel):
     """Mean over many small-sample repetitions matches the closed-form population MMD^2 (within 4 standard errors),
     while the biased V-statistic computed from the same samples does not (so the check has power)."""
@@ -157,6 +158,7 @@ TINY_CLIP = {"embed_dim": 16,
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
+@pytest.mark.slow
 def test_clip_features_from_local_checkpoint(tmp_path):
     import open_clip
 
@@ -182,6 +184,7 @@ def test_clip_features_from_local_checkpoint(tmp_path):
         ClipFeatures("tiny-diversity-clip", str(tmp_path / "bad.pt"))
 
 
+@pytest.mark.slow
 def test_inception_pool_features(tmp_path):
     from torchvision.models import inception_v3
 
@@ -222,6 +225,7 @@ def _write_pngs(folder, brightness, count, seed):
         Image.fromarray((array * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     from branchgrpo.eval.diversity_cli import main
 

@@ -16,6 +16,8 @@ import pytest
 from branchgrpo.cli.eval import main as eval_main
 from trainer_utils import REPO, fast_args, make_toy_embeddings, train
 
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
+
 # the trainer's evaluation in fast_args terms: 6 steps, the first 3 held-out prompts x 2 seeds, eval seed 1234
 EVAL = ["--steps", "6", "--num_prompts", "3", "--samples_per_prompt", "2", "--seed", "1234"]
 

@@ -23,23 +23,13 @@ from branchgrpo.models.flux import (
     pack_latents,
     unpack_latents,
 )
-from branchgrpo.models.flux_tiny import make_tiny_flux
+from branchgrpo.testing.flux_tiny import make_tiny_flux
 
 HEIGHT, WIDTH = 64, 48  # non-square on purpose: packing order errors show up as mismatches
 PROMPTS = ["a red cat sitting on a wooden table", "an astronaut riding a horse in the desert at sunset"]
 MAX_SEQ = 16
 STEPS = 6
 PARITY_ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread: on a busy 2-core machine each op's thread hand-off costs
-    about 10 ms. Restored afterwards so that other test modules are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +91,7 @@ def _our_sigmas(adapter, shift_mode):
 
 
 @pytest.mark.parametrize("shift_mode", ["static", "dynamic"])
+@pytest.mark.slow
 def test_ode_sampler_matches_flux_pipeline(pipe, cond, adapter, shift_mode):
     x = _noise(adapter)
     sigmas = _our_sigmas(adapter, shift_mode)
@@ -115,7 +106,7 @@ def test_ode_sampler_matches_flux_pipeline(pipe, cond, adapter, shift_mode):
 def test_training_rollout_code_matches_flux_pipeline(pipe, cond, adapter):
     """The same parity through the code the trainer and the evaluation CLI run: `run_rollout` on a one-chain ODE plan
     (float32 sigmas, keyed initial noise, depth batching, the deterministic last step), not a test-side loop."""
-    from branchgrpo import builders
+    from branchgrpo import plans
     from branchgrpo.models.base import gather_cond
     from branchgrpo.rollout import NoiseKeys, run_rollout
 
@@ -125,7 +116,7 @@ def test_training_rollout_code_matches_flux_pipeline(pipe, cond, adapter):
         return adapter.velocity(x, sigma, gather_cond(cond, prompt))
 
     with torch.no_grad():
-        graph = run_rollout(builders.group_plan(STEPS, 1, sde_steps=[]), velocity, sigmas, sde.Kernel("dance", 0.3),
+        graph = run_rollout(plans.group_plan(STEPS, 1, sde_steps=[]), velocity, sigmas, sde.Kernel("dance", 0.3),
                             NoiseKeys(5, 0, (0, 1)), adapter.latent_shape, "cpu", batch_size=8, keep_all_latents=True)
     roots = torch.nonzero(graph.parent < 0).flatten()
     assert graph.prompt[roots].tolist() == [0, 1] and graph.prompt[graph.leaves].tolist() == [0, 1]
@@ -223,6 +214,7 @@ def _randomise_lora(adapter):
                 p.copy_(0.2 * torch.randn_like(p))
 
 
+@pytest.mark.slow
 def test_lora_export_loads_in_flux_pipeline(flux_dir, adapter, cond, tmp_path):
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
@@ -278,6 +270,7 @@ def test_missing_folder_errors(flux_dir, tmp_path):
         build_prompt_encoder(str(partial), "cpu", args)
 
 
+@pytest.mark.slow
 def test_prompt_encoder_matches_encode_prompt(flux_dir, cond):
     import argparse
 

@@ -13,6 +13,8 @@ import torch
 
 from trainer_utils import free_port
 
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from branchgrpo.make_tiny import make_tiny  # noqa: E402
 from branchgrpo.rewards import available_rewards, build_reward  # noqa: E402
-from branchgrpo.rewards.imagereward_tiny import TINY, tiny_vocab  # noqa: E402
+from branchgrpo.testing.imagereward_tiny import TINY, tiny_vocab  # noqa: E402
 
 # ImageReward's own constants (ImageReward/ImageReward.py), written out independently of the module under test.
 MEAN, STD = 0.16717362830052426, 1.0333394966054072

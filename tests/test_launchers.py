@@ -12,15 +12,17 @@ import pytest
 
 from trainer_utils import REPO
 
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
+
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
     """A `python` that replaces `-m branchgrpo.cli.train ARGS` by: validate ARGS, print config + plan counts."""
     root = tmp_path_factory.mktemp("launchers")
     script = root / "python"
-    check = ("import json, sys; from branchgrpo.train_config import parse_train_config; "
+    check = ("import json, sys; from branchgrpo.config import parse_train_config; "
              "from branchgrpo.plan import count; cfg = parse_train_config(sys.argv[1:]); "
-             "print('CONFIG ' + json.dumps({'cfg': vars(cfg), 'plan': count(cfg, 0)}))")
+             "print('CONFIG ' + json.dumps({'cfg': cfg.flags, 'plan': count(cfg, 0)}))")
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)

@@ -20,7 +20,9 @@ import torch
 
 from branchgrpo.cli import preprocess as cli
 from branchgrpo.data.embeddings import EmbeddingStore
-from branchgrpo.models.flux_tiny import make_tiny_flux
+from branchgrpo.testing.flux_tiny import make_tiny_flux
+
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_SEQ = 16
@@ -33,16 +35,6 @@ PROMPTS = [
     "a castle in the clouds, highly detailed",
     "a bowl of oranges on a blue cloth",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread: on a busy 2-core machine each op's thread hand-off costs
-    about 10 ms. Restored afterwards so that other test modules are unaffected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

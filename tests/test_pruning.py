@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from branchgrpo import advantages as adv
-from branchgrpo import builders
-from branchgrpo.algorithms import Algorithm
-from branchgrpo.config import AlgoConfig
+from branchgrpo import plans
+from branchgrpo.config import algorithm_from_flags
 from branchgrpo.graph import SDE, skeleton_graph
 from branchgrpo.pruning import (
     DepthPruningSchedule,
@@ -21,7 +20,7 @@ from branchgrpo.pruning import (
 def tree():
     """T = 4, splits at 0 and 1, K = 2: root 0; 1, 2; 3, 4 (of 1), 5, 6 (of 2); chains 7..10 below 3..6 (SDE);
     leaves 11..14 (deterministic last step). Leaf rewards 1, 4, 3, 2."""
-    g = skeleton_graph(builders.tree_plan(4, [0, 1], 2))
+    g = skeleton_graph(plans.tree_plan(4, [0, 1], 2))
     assert g.parent.tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     return g, adv.tree_advantages(g, torch.tensor([1.0, 4.0, 3.0, 2.0]))
 
@@ -41,7 +40,7 @@ def test_parent_top1_keeps_each_parents_best_child_subtree():
 
 
 def test_parent_top1_with_ties_keeps_exactly_one_child():
-    g = skeleton_graph(builders.tree_plan(4, [0, 1], 2))
+    g = skeleton_graph(plans.tree_plan(4, [0, 1], 2))
     a = adv.tree_advantages(g, torch.tensor([2.0, 2.0, 3.0, 1.0]))
     kept = edges(parent_top1_mask(g, a, split_step=1), g)
     assert kept == [1, 2, 3, 5, 7, 9]
@@ -60,7 +59,7 @@ def test_depth_pruning_drops_child_depths():
 
 
 def test_timestep_fraction_trains_a_fresh_random_subset_per_chain():
-    g = skeleton_graph(builders.group_plan(11, 3), num_prompts=2)
+    g = skeleton_graph(plans.group_plan(11, 3), num_prompts=2)
     m0 = timestep_fraction_mask(g, 0.6, seed=1, iteration=0, prompt_keys=(5, 6))
     per_chain = [int(m0[c * 12:(c + 1) * 12].sum()) for c in range(6)]
     assert per_chain == [6] * 6  # floor(0.6 * 10)
@@ -92,21 +91,21 @@ def test_depth_pruning_slides_towards_the_stop_depth_in_both_directions():
 
 
 def test_schedule_state_round_trip_and_changed_flags_refused():
-    a = Algorithm(AlgoConfig(mix_ode_sde_tree=True, depth_pruning="15,16", depth_pruning_slide=True))
+    a = algorithm_from_flags(mix_ode_sde_tree=True, depth_pruning="15,16", depth_pruning_slide=True)
     a.plan(77)
     a.select(skeleton_graph(a.plan(77)), torch.zeros(219, dtype=torch.float64), 77)
     state = a.state_dict()
-    b = Algorithm(AlgoConfig(mix_ode_sde_tree=True, depth_pruning="15,16", depth_pruning_slide=True))
+    b = algorithm_from_flags(mix_ode_sde_tree=True, depth_pruning="15,16", depth_pruning_slide=True)
     b.load_state_dict(state)
     assert b.state_dict() == state and state["window"]["last_iteration"] == 77
-    c = Algorithm(AlgoConfig(mix_ode_sde_tree=True, mix_sde_window_size=3, depth_pruning="15,16",
-                             depth_pruning_slide=True))
+    c = algorithm_from_flags(mix_ode_sde_tree=True, mix_sde_window_size=3, depth_pruning="15,16",
+                             depth_pruning_slide=True)
     with pytest.raises(ValueError, match="settings changed"):
         c.load_state_dict(state)
 
 
 def test_branchgrpo_mix_window_moves_with_the_training_iteration():
-    a = Algorithm(AlgoConfig(mix_ode_sde_tree=True, mix_window_interval=30))
+    a = algorithm_from_flags(mix_ode_sde_tree=True, mix_window_interval=30)
     steps = lambda plan: sorted(set((plan.step[plan.kind == SDE] - 1).tolist()))
     assert steps(a.plan(0)) == [0, 1, 2, 3, 6, 9]
     assert steps(a.plan(30)) == [0, 1, 2, 3, 4, 6, 9]
@@ -114,8 +113,8 @@ def test_branchgrpo_mix_window_moves_with_the_training_iteration():
 
 
 def test_mixgrpo_trains_only_window_edges():
-    a = Algorithm(AlgoConfig(algo="mixgrpo", sampling_steps=20, num_generations=3, mix_sde_window_size=5,
-                             mix_window_interval=10))
+    a = algorithm_from_flags(algo="mixgrpo", sampling_steps=20, num_generations=3, mix_sde_window_size=5,
+                             mix_window_interval=10)
     g = skeleton_graph(a.plan(20))
     trained = a.select(g, torch.zeros(g.num_nodes, dtype=torch.float64), 20)
     assert sorted(set((g.step[trained] - 1).tolist())) == [2, 3, 4, 5, 6]
@@ -123,7 +122,7 @@ def test_mixgrpo_trains_only_window_edges():
 
 
 def test_pruning_step_ratio_gates_width_pruning():
-    a = Algorithm(AlgoConfig(width_pruning_mode=1, pruning_step_ratio=0.5, max_train_steps=10))
+    a = algorithm_from_flags(width_pruning_mode=1, pruning_step_ratio=0.5, max_train_steps=10)
     g = skeleton_graph(a.plan(0))
     values = torch.arange(g.num_nodes, dtype=torch.float64)
     assert int(a.select(g, values, 4).sum()) == 122 and int(a.select(g, values, 5).sum()) == 202

@@ -15,6 +15,8 @@ import torch
 
 from trainer_utils import REPO, exported_weights, fast_args, make_toy_embeddings, metrics, train, without_timings
 
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
+
 # schedules (LR warmup + cosine decay, moving windows), EMA and evaluations all carry state across the resume
 STATEFUL = dict(mix_ode_sde_tree=True, mix_sde_window_size=2, mix_window_interval=1, use_ema=True, ema_decay=0.5,
                 depth_pruning="3", depth_pruning_slide=True, depth_pruning_stop_depth=1, max_train_steps=4,
@@ -173,3 +175,40 @@ def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_latest_loada
     train(fast_args(emb, out, checkpointing_steps=2, resume_from_checkpoint="latest", **STATEFUL))
     assert not list(ckpts.glob(f"{REPLACED}*")) and (ckpts / "checkpoint-2" / "trainer_state.json").is_file()
     assert_same_run(straight, out)
+
+
+LEGACY = REPO / "tests" / "data" / "legacy_checkpoint" / "checkpoint-1"
+LEGACY_FLAGS = dict(use_lora=True, lora_rank=2, lora_alpha=4, use_ema=True, mix_ode_sde_tree=True, max_train_steps=2,
+                    checkpointing_steps=1, checkpoints_total_limit=0, learning_rate=1e-2)
+
+
+def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
+    """tests/data/legacy_checkpoint/checkpoint-1 was written by the code before algorithms, backbones and config
+    sections became units (commit c446fc0: a toy LoRA + EMA run of BranchGRPO-Mix, fast_args with LEGACY_FLAGS,
+    step 1 of 2). It resumes with today's code and finishes like an unbroken run of today's code. (LoRA runs could
+    not resume at all before: the frozen base weights are not in the checkpoint, and the state dict was loaded back
+    strictly.) Its recorded paths
+    (data, output) are the machine's that wrote it, so they are pointed at this test's folders first, as a user
+    moving a run folder would. Numbers are compared to 1e-6, not bitwise: the file was written under another torch
+    build than the one that may run this test."""
+    out = tmp_path / "resumed"
+    target = out / "checkpoints" / LEGACY.name
+    shutil.copytree(LEGACY, target)
+    state = json.loads((target / "trainer_state.json").read_text())
+    args = fast_args(emb, out, resume_from_checkpoint=str(target), **LEGACY_FLAGS)
+    state["config"].update(data_json_path=str(emb[0]), eval_data_json_path=str(emb[1]), output_dir=str(out))
+    (target / "trainer_state.json").write_text(json.dumps(state))
+    train(args)
+    straight = tmp_path / "straight"
+    torch.manual_seed(0)  # the LoRA A matrices are drawn from the global RNG, seeded 0 when the checkpoint was made
+    train(fast_args(emb, straight, **LEGACY_FLAGS))
+    resumed, unbroken = without_timings(metrics(out)), without_timings(metrics(straight))
+    assert [e["step"] for e in resumed] == [1]  # the resumed attempt ran the second iteration only
+    for key, value in unbroken[1].items():
+        assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2]  # step 0 restored from the checkpoint, step 2 evaluated now
+    assert evals[1]["eval_reward"] == pytest.approx(json.loads((straight / "eval.jsonl").read_text().splitlines()[1])
+                                                    ["eval_reward"], rel=1e-6)
+    new_state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert new_state["algorithm"]["window"]["last_iteration"] == 1

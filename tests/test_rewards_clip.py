@@ -19,19 +19,10 @@ import pytest
 import torch
 
 from branchgrpo.rewards import available_rewards, build_reward
-from branchgrpo.rewards.clip_tiny import TINY_HPS_ARCH, TINY_OPEN_CLIP_CONFIG, make_tiny_clip, make_tiny_hps, \
+from branchgrpo.testing.clip_tiny import TINY_HPS_ARCH, TINY_OPEN_CLIP_CONFIG, make_tiny_clip, make_tiny_hps, \
     make_tiny_pickscore
 
 PROMPTS = ["a red cat on a table", "a castle in the clouds", "a red cat on a table", "an old map", "a blue robot"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread on busy 2-core machines; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +80,7 @@ def _open_clip_direct(ckpt, images, prompts, use_pil):
 
 
 @pytest.mark.parametrize("size", [(72, 56), (32, 32)])
+@pytest.mark.slow
 def test_hps_equals_direct_open_clip(ckpt, size):
     images = _images(*size)
     scores = _hps(ckpt, batch_size=2)(images, PROMPTS)  # batch 2 over 5 images: the chunking is exercised too
@@ -99,6 +91,7 @@ def test_hps_equals_direct_open_clip(ckpt, size):
     assert scores[0] != scores[1]
 
 
+@pytest.mark.slow
 def test_clip_reward_open_clip_backend_is_cosine_and_clipscore(ckpt):
     images = _images(48, 48, seed=3)
     hps = _hps(ckpt)(images, PROMPTS)
@@ -125,6 +118,7 @@ def _transformers_direct(folder, processor_folder, images, prompts):
     return (image_f * text_f).sum(-1), model.logit_scale.exp().item()
 
 
+@pytest.mark.slow
 def test_pickscore_equals_direct_transformers(ckpt):
     images = _images(32, 32, seed=4)  # at the model's size: no resize, so the PIL path is exact
     direct, logit_scale = _transformers_direct(ckpt / "PickScore_v1", ckpt / "CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -140,6 +134,7 @@ def test_pickscore_equals_direct_transformers(ckpt):
     torch.testing.assert_close(_pickscore(ckpt)(resized, PROMPTS), direct_resized, atol=5e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_clip_reward_transformers_backend(ckpt):
     folder = ckpt / "clip-vit-large-patch14"
     images = _images(32, 32, seed=5)
@@ -188,6 +183,7 @@ def test_hf_clip_errors(ckpt, tmp_path):
         build_reward("clip", model_path=str(ckpt / "clip-vit-large-patch14"), form="logits")
 
 
+@pytest.mark.slow
 def test_rewards_reject_bad_media(ckpt):
     reward = _pickscore(ckpt)
     with pytest.raises(ValueError, match=r"expected images \[B, 3, H, W\]"):
@@ -206,6 +202,7 @@ def _tiny_hps_options(ckpt):
     return {"arch": TINY_HPS_ARCH, "model_config_dir": str(ckpt / "open_clip_configs")}
 
 
+@pytest.mark.slow
 def test_factories_find_their_files_under_model_dir(ckpt):
     images = _images(40, 48, seed=6)
     from_dir = build_reward("hps", model_dir=str(ckpt), **_tiny_hps_options(ckpt))(images, PROMPTS)
@@ -230,6 +227,7 @@ def test_missing_files_are_named_under_model_dir_and_hps_ckpt_by_default(ckpt, t
             build_reward(name)
 
 
+@pytest.mark.slow
 def test_explicit_options_override_model_dir(ckpt, tmp_path):
     """model_dir holds valid files, the explicit option points elsewhere: the explicit one is read (and missing)."""
     with pytest.raises(FileNotFoundError, match=r"other\.pt does not exist"):
@@ -247,6 +245,7 @@ def test_explicit_options_override_model_dir(ckpt, tmp_path):
 # ----- reward sets -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reward_set_skips_missing_files_and_says_why(ckpt, tmp_path):
     from branchgrpo.rewards import build_reward_set
 
@@ -312,6 +311,7 @@ def _tiny_decoder(seed=0):
     return decode
 
 
+@pytest.mark.slow
 def test_decode_and_score_equals_decode_all_then_score_in_chunks(ckpt):
     from branchgrpo.rewards import RewardSet, decode_and_score
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from branchgrpo import builders, sde
+from branchgrpo import plans, sde
 from branchgrpo.graph import SDE, plan_counts
 from branchgrpo.rollout import NoiseKeys, run_rollout
 
@@ -41,7 +41,7 @@ def rollout(plan, num_prompts=2, iteration=0, batch_size=64, r=1.0, shape=(2, 3,
 @pytest.mark.parametrize("T,splits,K", [(20, [0, 3, 6, 9], 2), (10, [2, 5], 3), (8, [0], 4), (16, [1, 2, 3], 2),
                                         (6, [4], 2)])
 def test_tree_counts_equal_counted_calls(T, splits, K):
-    plan = builders.tree_plan(T, splits, K)
+    plan = plans.tree_plan(T, splits, K)
     g, vel = rollout(plan, num_prompts=3)
     counts = plan_counts(plan)
     leaves = K ** len(splits)
@@ -55,6 +55,7 @@ def test_tree_counts_equal_counted_calls(T, splits, K):
     assert g.leaves.numel() == 3 * leaves and bool((g.step[g.leaves] == T).all())
 
 
+@pytest.mark.slow
 def test_default_flux_tree_counts_from_the_cli():
     out = subprocess.run([sys.executable, "-m", "branchgrpo.plan", "--algo", "branchgrpo", "--sampling_steps", "20",
                           "--tree_split_points", "0,3,6,9", "--branch_factor", "2", "--json"],
@@ -66,13 +67,13 @@ def test_default_flux_tree_counts_from_the_cli():
 
 
 def test_group_and_comb_counts_equal_counted_calls():
-    for plan in (builders.group_plan(12, 5), builders.group_plan(12, 4, sde_steps=[3, 4, 5]),
-                 builders.comb_plan(10, [0, 2, 4], 3, [1, 2, 3])):
+    for plan in (plans.group_plan(12, 5), plans.group_plan(12, 4, sde_steps=[3, 4, 5]),
+                 plans.comb_plan(10, [0, 2, 4], 3, [1, 2, 3])):
         g, vel = rollout(plan, num_prompts=2)
         assert sum(vel.batch_sizes) == 2 * plan_counts(plan)["forward_passes"]
-    dance = plan_counts(builders.group_plan(20, 12))
+    dance = plan_counts(plans.group_plan(20, 12))
     assert (dance["forward_passes_per_leaf"], dance["trainable_edges_per_leaf"]) == (20, 19)
-    comb = builders.comb_plan(16, list(range(8)), 12, [1, 2, 3])
+    comb = plans.comb_plan(16, list(range(8)), 12, [1, 2, 3])
     c = plan_counts(comb)
     assert c["trainable_edges"] == 8 * 12 and c["train_forward_passes"] == 8  # one shared parent per k
     # anchor: 16 forwards; each member: itself + its ODE chain nodes below T, per granularity
@@ -81,7 +82,7 @@ def test_group_and_comb_counts_equal_counted_calls():
 
 
 def test_nodes_of_one_depth_are_evaluated_together():
-    plan = builders.tree_plan(20, [0, 3, 6, 9], 2)
+    plan = plans.tree_plan(20, [0, 3, 6, 9], 2)
     _, vel = rollout(plan, num_prompts=4, batch_size=1000)
     # one call per depth: 4 prompts x nodes alive at that step
     alive = [2 ** sum(1 for s in (0, 3, 6, 9) if s < i) for i in range(20)]
@@ -91,7 +92,7 @@ def test_nodes_of_one_depth_are_evaluated_together():
 
 
 def test_siblings_share_their_prefix_bitwise_and_differ_after_the_split():
-    plan = builders.tree_plan(8, [2, 5], 2)
+    plan = plans.tree_plan(8, [2, 5], 2)
     g, _ = rollout(plan, num_prompts=1)
     leaves = g.leaves.tolist()
     paths = []
@@ -111,7 +112,7 @@ def test_siblings_share_their_prefix_bitwise_and_differ_after_the_split():
 
 @pytest.mark.parametrize("r", [0.3, 0.7, 1.0])
 def test_sibling_noise_correlation_is_one_minus_r_squared(r):
-    plan = builders.tree_plan(4, [0], 2)
+    plan = plans.tree_plan(4, [0], 2)
     g, _ = rollout(plan, num_prompts=8, r=r, shape=(4096,))
     children = torch.nonzero(g.depth == 1).flatten()
     root_x = g.node_latents(g.parent[children])
@@ -125,7 +126,7 @@ def test_sibling_noise_correlation_is_one_minus_r_squared(r):
 
 
 def test_split_child_log_prob_uses_the_std_it_was_drawn_with():
-    plan = builders.tree_plan(6, [1], 2, split_noise_scale=2.5)
+    plan = plans.tree_plan(6, [1], 2, split_noise_scale=2.5)
     g, _ = rollout(plan, num_prompts=1, shape=(64,))
     split_children = torch.nonzero(g.step == 2).flatten()
     plain = torch.nonzero(g.step == 3).flatten()
@@ -146,7 +147,7 @@ def test_split_child_log_prob_uses_the_std_it_was_drawn_with():
 
 
 def test_reruns_are_bitwise_equal_and_iterations_differ():
-    plan = builders.tree_plan(10, [0, 4], 3)
+    plan = plans.tree_plan(10, [0, 4], 3)
     a, _ = rollout(plan, num_prompts=3, batch_size=7)
     b, _ = rollout(plan, num_prompts=3, batch_size=50)  # another batch size: same noise keys
     c, _ = rollout(plan, num_prompts=3, iteration=1)
@@ -155,7 +156,7 @@ def test_reruns_are_bitwise_equal_and_iterations_differ():
 
 
 def test_init_same_noise_shares_roots_across_prompts():
-    plan = builders.group_plan(5, 3)
+    plan = plans.group_plan(5, 3)
     g, _ = rollout(plan, num_prompts=2, shared=0)
     roots = torch.nonzero(g.parent < 0).flatten()
     x = g.node_latents(roots)
@@ -166,7 +167,7 @@ def test_init_same_noise_shares_roots_across_prompts():
 
 
 def test_mix_tree_is_sde_only_in_window_and_split_steps():
-    plan = builders.tree_plan(20, [0, 3, 6, 9], 2, sde_steps=[10, 11, 12, 13])
+    plan = plans.tree_plan(20, [0, 3, 6, 9], 2, sde_steps=[10, 11, 12, 13])
     parent_step = plan.step - 1
     sde_steps = set(parent_step[plan.kind == SDE].tolist())
     assert sde_steps == {0, 3, 6, 9, 10, 11, 12, 13}
@@ -174,23 +175,24 @@ def test_mix_tree_is_sde_only_in_window_and_split_steps():
 
 
 @pytest.mark.parametrize("r", [0.3, 1.0])
+@pytest.mark.slow
 def test_tree_leaves_have_the_law_of_sequential_rollouts(r):
     """Theorem 1: with the analytic Gaussian velocity, a leaf of a tree (splits 0, 3, 6, 9; innovation r) has the
     same distribution as an independent sequential SDE rollout. Two-sample KS test on one leaf per tree (iid across
     trees); the official lambda = 4 split noise is shown to fail the same test."""
     T, n_trees, dims = 12, 600, 16
-    plan = builders.tree_plan(T, [0, 3, 6, 9], 2)
+    plan = plans.tree_plan(T, [0, 3, 6, 9], 2)
     g, _ = rollout(plan, num_prompts=n_trees, r=r, shape=(dims,), steps=T)
     leaves = g.leaves.reshape(n_trees, 16)
     pick = leaves[torch.arange(n_trees), torch.arange(n_trees) % 16]
     tree_x = g.node_latents(pick).flatten()
     # another iteration's keys: the reference must be independent of the trees (same keys would give it the
     # trees' root noise and make leaf 0 equal to it, inflating the p-values)
-    seq, _ = rollout(builders.group_plan(T, 1), num_prompts=n_trees, shape=(dims,), steps=T, iteration=1)
+    seq, _ = rollout(plans.group_plan(T, 1), num_prompts=n_trees, shape=(dims,), steps=T, iteration=1)
     seq_x = seq.node_latents(seq.leaves).flatten()
     assert stats.ks_2samp(tree_x.numpy(), seq_x.numpy()).pvalue > 1e-3
     assert abs(float(tree_x.var() / seq_x.var()) - 1) < 0.05
-    wide, _ = rollout(builders.tree_plan(T, [0, 3, 6, 9], 2, split_noise_scale=4.0), num_prompts=n_trees,
+    wide, _ = rollout(plans.tree_plan(T, [0, 3, 6, 9], 2, split_noise_scale=4.0), num_prompts=n_trees,
                       shape=(dims,), steps=T, kernel=sde.Kernel("dance", 0.3))
     wide_x = wide.node_latents(wide.leaves.reshape(n_trees, 16)[:, 0]).flatten()
     assert stats.ks_2samp(wide_x.numpy(), seq_x.numpy()).pvalue < 1e-6

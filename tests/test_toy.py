@@ -147,6 +147,7 @@ def test_velocity_shapes_and_per_sample_sigmas(adapter):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.slow
 def test_velocity_is_bitwise_batch_invariant(adapter, threads):
     """GRPO's first ratio must be exactly 1: a sample's velocity may not depend on its batch (CPU, fp32)."""
     latents, sigmas, cond = _random_inputs(adapter, 64, seed=threads)

@@ -21,18 +21,10 @@ import torch
 
 from branchgrpo.make_tiny import make_tiny
 from branchgrpo.rewards import available_rewards, build_reward
-from branchgrpo.rewards.clip_tiny import TINY_HPS_ARCH
+from branchgrpo.testing.clip_tiny import TINY_HPS_ARCH
 from branchgrpo.rewards.videoalign import frame_size, sample_frame_indices
 
 PROMPTS = ["a cat walks on a wooden table at sunset", "a red kite flies over a hill"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +55,7 @@ def test_video_rewards_are_registered():
 # ----- frame_reward ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_frame_reward_is_the_mean_of_per_frame_image_scores(hps_options):
     videos = _videos(frames=5)
     hps = build_reward("hps", **hps_options)
@@ -74,6 +67,7 @@ def test_frame_reward_is_the_mean_of_per_frame_image_scores(hps_options):
     torch.testing.assert_close(subset(videos, PROMPTS), per_frame[:, [0, 2, 4]].mean(dim=1), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_frame_reward_passes_model_dir_to_its_image_reward(hps_dir, hps_options, tmp_path):
     videos = _videos(frames=3)
     tiny = {k: v for k, v in hps_options.items() if k != "checkpoint"}
@@ -214,6 +208,7 @@ def _reference_scores(folder: Path, videos: torch.Tensor, prompts, source_fps=16
     return raw, (raw - mean) / std
 
 
+@pytest.mark.slow
 def test_videoalign_scores_equal_an_independent_computation(videoalign_dir, scorer):
     videos = _videos(frames=9, seed=3)
     raw_ref, normalised_ref = _reference_scores(videoalign_dir, videos, PROMPTS)

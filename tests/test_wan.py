@@ -40,15 +40,6 @@ STEPS = 4
 PARITY_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread on a busy 2-core machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wan") / "wan"
@@ -110,6 +101,7 @@ def _pipeline_run(pipe, x, cond, guidance, grid, shift, output_type="latent"):
 
 
 @pytest.mark.parametrize("guidance,grid", [(5.0, "ours"), (1.0, "ours"), (5.0, "pipeline")])
+@pytest.mark.slow
 def test_ode_sampler_matches_wan_pipeline(pipe, cond, adapter, guidance, grid):
     adapter.guidance_scale = guidance
     x = _noise(adapter)
@@ -215,6 +207,7 @@ def test_export_round_trip(adapter, tmp_path):
     assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
 
 
+@pytest.mark.slow
 def test_lora_export_loads_in_wan_pipeline_and_changes_its_output(wan_dir, adapter, cond, tmp_path):
     from diffusers import WanPipeline
 
@@ -253,7 +246,7 @@ def test_lora_export_loads_in_wan_pipeline_and_changes_its_output(wan_dir, adapt
 def test_missing_folder_and_unsupported_checkpoints(wan_dir, tmp_path):
     from diffusers import WanTransformer3DModel
 
-    from branchgrpo.models.wan_tiny import TRANSFORMER_CONFIG
+    from branchgrpo.testing.wan_tiny import TRANSFORMER_CONFIG
 
     with pytest.raises(FileNotFoundError, match="no_such_wan.*model_index.json, transformer/, vae/"):
         load_wan(str(tmp_path / "no_such_wan"), "cpu", height=HEIGHT, width=WIDTH, num_frames=FRAMES)
@@ -307,6 +300,7 @@ def test_preprocess_cli_equals_encode_prompt_and_writes_negative_extras(wan_dir,
         build_prompt_encoder(str(wan_dir), "cpu", argparse.Namespace(max_sequence_length=513, dtype="auto"))
 
 
+@pytest.mark.slow
 def test_launcher_with_two_processes_and_custom_negative_prompt(wan_dir, pipe, tmp_path):
     """The bash launcher: torchrun, NPROC=2 on gloo (CPU); NEGATIVE_PROMPT reaches the extras."""
     out = tmp_path / "emb"

@@ -1,8 +1,10 @@
 """Wan2.1 end to end through the launchers on tiny checkpoints: make_tiny -> preprocess launcher (2 processes) ->
 finetune launcher (2 processes, FSDP2) with every video reward, and with LoRA -> the weights load in diffusers and
-change its output; rollout videos are written next to the metrics."""
+change its output, and the evaluation CLI reproduces the trainer's held-out evaluation of them; rollout videos are
+written next to the metrics."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import pytest
 import torch
 
 from trainer_utils import free_port
+
+pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +98,20 @@ def test_lora_finetune_loads_in_wan_pipeline(tiny, tmp_path):
     before = _output(pipe.transformer)
     pipe.load_lora_weights(str(out / "checkpoints" / "checkpoint-2" / "model"))
     assert not torch.allclose(_output(pipe.transformer), before)
+    # the evaluation CLI on the last checkpoint, with the trainer's eval prompts (the first 2), seeds, steps and
+    # sizes, reproduces the trainer's own held-out evaluation of the same weights
+    from branchgrpo.cli.eval import main as eval_main
+
+    assert eval_main(["--model", "wan", "--pretrained_model_name_or_path", str(tiny / "wan"), "--checkpoint",
+                      str(out / "checkpoints" / "checkpoint-2"), "--prompts", str(tiny / "prompts.txt"),
+                      "--num_prompts", "2", "--samples_per_prompt", "1", "--steps", "6", "--h", "32", "--w", "48",
+                      "--num_frames", "9", "--max_sequence_length", "16", "--rewards", "videoalign",
+                      "--reward_model_dir", str(tiny / "rewards"), "--reward_batch_size", "1",
+                      "--output_dir", str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["weights"].startswith("LoRA from")
+    assert math.isclose(result["metrics"]["videoalign"]["mean"], summary["eval_reward_after"], rel_tol=1e-4)
 
 
 def test_wan_launcher_reports_missing_inputs(tmp_path):

@@ -49,7 +49,7 @@ def fast_args(emb: tuple[Path, Path], out: Path, **overrides) -> list[str]:
 
 
 def train(args: list[str]) -> dict:
-    from branchgrpo.train_config import parse_train_config
+    from branchgrpo.config import parse_train_config
     from branchgrpo.trainer import Trainer
 
     return Trainer(parse_train_config(args)).train()

@@ -1,5 +1,11 @@
-"""The backbones the throughput benchmark runs: the shipped toy, a FLUX folder, or a FLUX.1-dev-SHAPED transformer
-with random weights built from a config (no download), plus the conditioning and the counts MFU needs.
+"""The backbones the throughput benchmark runs, plus the conditioning and the counts MFU needs.
+
+Any registered backbone loads through its spec (`spec.load` from --pretrained_model_name_or_path, or the toy's
+shipped checkpoint) and is conditioned on prompts of its default prompt file, encoded by its own text encoders
+(`spec.prompt_encoder`). A backbone listed in `STAND_INS` instead gets random conditioning of the right widths (its
+real text encoders - FLUX's T5-XXL - would take memory the benchmark is not about), and can be built as a transformer
+of a named shape with random weights (`--random_shape`), no files needed: FLUX.1-dev's geometry is public, its
+weights are not needed to time it.
 
 Random weights are fine for throughput: the cost of a forward does not depend on the values (no data-dependent
 control flow in FLUX). `full` builds the real FLUX.1-dev geometry (19 double + 38 single blocks, width 3072, about
@@ -9,6 +15,8 @@ control flow in FLUX). `full` builds the real FLUX.1-dev geometry (19 double + 3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -29,6 +37,18 @@ class BenchBackbone:
     description: str
 
 
+@dataclass
+class StandIn:
+    """How the benchmark builds a backbone without its real files."""
+
+    #: `--random_shape` values
+    shapes: tuple[str, ...]
+    #: (shape, model_cfg, device, dtype, seed) -> adapter with random weights
+    adapter: Callable
+    #: (adapter, num_prompts, text_tokens or None, device, dtype, seed) -> (cond, text tokens)
+    cond: Callable
+
+
 def _flux_vae_stub_config():
     """A 4-level, 8-channel AutoencoderKL: the adapter reads its scale factor (8) and latent constants; the
     benchmark never decodes, so the VAE's size is irrelevant."""
@@ -45,7 +65,7 @@ def random_flux_transformer(shape: str, device: torch.device, dtype: torch.dtype
     weights drawn on `device` in `dtype` (std 0.02 normal for matrices, as a freshly initialised model)."""
     from diffusers import FluxTransformer2DModel
 
-    from branchgrpo.models.flux_tiny import TRANSFORMER_CONFIG
+    from branchgrpo.testing.flux_tiny import TRANSFORMER_CONFIG
 
     config = {"full": FLUX_DEV_CONFIG, "tiny": TRANSFORMER_CONFIG}[shape]
     torch.manual_seed(seed)
@@ -59,42 +79,71 @@ def random_flux_transformer(shape: str, device: torch.device, dtype: torch.dtype
     return model  # already on `device` in `dtype` (a .to() here would also make diffusers warn)
 
 
-def load_backbone(model: str, device: torch.device, *, pretrained: str | None = None, random_shape: str | None = None,
-                  height: int = 64, width: int = 64, num_prompts: int = 1, text_tokens: int | None = None,
-                  dtype: torch.dtype = torch.float32, seed: int = 0) -> BenchBackbone:
-    if model == "toy":
-        from branchgrpo.models.toy import load_toy
+def _random_flux_adapter(shape, model_cfg, device, dtype, seed):
+    from branchgrpo.models.flux import FluxAdapter
 
-        adapter = load_toy(pretrained, device)
-        words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-        cond = adapter.encode_prompts([f"a bold {words[p % 10]}" for p in range(num_prompts)])
-        cond = {k: v.to(device) for k, v in cond.items()}
-        tokens = adapter.transformer.config.num_patches + cond["prompt_embeds"].shape[1]
-        return BenchBackbone(adapter, cond, _count(adapter.transformer), tokens,
-                             "toy (shipped checkpoint)" if pretrained is None else f"toy ({pretrained})")
-    if model != "flux":
-        raise ValueError(f"--model: '{model}' is not benchmarked (toy or flux)")
-    from branchgrpo.models.flux import FluxAdapter, load_flux
+    spec = model_cfg.spec
+    transformer = random_flux_transformer(shape, device, dtype, seed)
+    return FluxAdapter(transformer, _flux_vae_stub_config(), spec.size(model_cfg, "h"), spec.size(model_cfg, "w"),
+                       spec.size(model_cfg, "guidance_scale")).to(device)
 
-    if (pretrained is None) == (random_shape is None):
-        raise ValueError("--model flux: give exactly one of --pretrained_model_name_or_path and --random_flux_shape")
-    if random_shape is not None:
-        transformer = random_flux_transformer(random_shape, device, dtype, seed)
-        adapter = FluxAdapter(transformer, _flux_vae_stub_config(), height, width).to(device)
-        description = f"FLUX.1-dev-shaped transformer, random weights ({random_shape})"
-    else:
-        adapter = load_flux(pretrained, device, dtype=dtype, height=height, width=width)
-        description = f"FLUX from {pretrained}"
+
+def _random_flux_cond(adapter, num_prompts, text_tokens, device, dtype, seed):
     config = adapter.transformer.config
     if text_tokens is None:  # the real T5-XXL context for real-width models, the tiny tests' 16 otherwise
         text_tokens = 512 if config.joint_attention_dim == T5_XXL_DIM else 16
     gen = torch.Generator().manual_seed(seed)
     cond = {"prompt_embeds": torch.randn(num_prompts, text_tokens, config.joint_attention_dim, generator=gen),
             "pooled_prompt_embeds": torch.randn(num_prompts, config.pooled_projection_dim, generator=gen)}
-    cond = {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
-    tokens = adapter.latent_shape[0] + text_tokens
-    return BenchBackbone(adapter, cond, _count(adapter.transformer), tokens, f"{description}, {height}x{width}, "
-                         f"{adapter.latent_shape[0]} image + {text_tokens} text tokens")
+    return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
+
+
+# backbone name -> its random-weights stand-in and random conditioning
+STAND_INS = {"flux": StandIn(("tiny", "full"), _random_flux_adapter, _random_flux_cond)}
+
+
+def encoded_prompts(spec, model_path, num_prompts: int, text_tokens: int | None, device) -> dict[str, torch.Tensor]:
+    """The first `num_prompts` prompts of the backbone's default prompt file (cycled), encoded by its own text
+    encoders (`text_tokens`: their --max_sequence_length, where they take one), extras expanded per prompt."""
+    from branchgrpo.data.embeddings import with_extras
+    from branchgrpo.data.preprocess import read_prompt_file
+
+    texts, _ = read_prompt_file(spec.default_prompts())
+    texts = [texts[i % len(texts)] for i in range(num_prompts)]
+    settings = SimpleNamespace(dtype="auto", **({} if text_tokens is None else {"max_sequence_length": text_tokens}))
+    encode = spec.prompt_encoder(model_path, device, settings)
+    cond = encode(texts)
+    return with_extras(cond, encode.extras() if hasattr(encode, "extras") else {}, device)
+
+
+def load_backbone(model_cfg, device: torch.device, *, random_shape: str | None = None, num_prompts: int = 1,
+                  text_tokens: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> BenchBackbone:
+    """The backbone `model_cfg` names (a ModelConfig: sizes not given take the spec's defaults), loaded through its
+    spec or, with `random_shape`, its stand-in with random weights."""
+    spec, pretrained = model_cfg.spec, model_cfg.pretrained_model_name_or_path
+    stand_in = STAND_INS.get(spec.name)
+    if random_shape is not None:
+        if stand_in is None or random_shape not in stand_in.shapes:
+            offered = "; ".join(f"--model {name}: {', '.join(s.shapes)}" for name, s in STAND_INS.items())
+            raise ValueError(f"--random_shape {random_shape}: not offered for --model {spec.name} ({offered})")
+        if pretrained is not None:
+            raise ValueError("--random_shape: give either it or --pretrained_model_name_or_path, not both")
+        adapter = stand_in.adapter(random_shape, model_cfg, device, dtype, seed)
+        description = f"{spec.name} transformer of the {random_shape} shape, random weights"
+    else:
+        if spec.needs_pretrained and pretrained is None:
+            raise ValueError(f"--model {spec.name}: give --pretrained_model_name_or_path" +
+                             (" or --random_shape" if stand_in is not None else ""))
+        adapter = spec.load(model_cfg, device, dtype)
+        description = f"{spec.name} ({pretrained or 'shipped checkpoint'})"
+    if stand_in is not None:
+        cond = stand_in.cond(adapter, num_prompts, text_tokens, device, dtype, seed)
+    else:
+        cond = encoded_prompts(spec, pretrained, num_prompts, text_tokens, device)
+    tokens = spec.tokens_per_sample(adapter, cond)
+    sizes = "x".join(str(getattr(adapter, a)) for a in ("num_frames", "height", "width") if hasattr(adapter, a))
+    return BenchBackbone(adapter, cond, _count(adapter.transformer), tokens,
+                         f"{description}{', ' + sizes if sizes else ''}")
 
 
 def _count(module: torch.nn.Module) -> int:

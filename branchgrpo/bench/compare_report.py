@@ -37,11 +37,10 @@ def _mean(values: list[float]) -> float | None:
 def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
     """Mean over iterations of the per-leaf rollout forwards and trained edges that `branchgrpo.plan` counts for the
     run's own flags (config.json), without running a model."""
-    from branchgrpo.config import AlgoConfig
-    from branchgrpo.plan import count
+    from branchgrpo.cli.plan import count
+    from branchgrpo.config import config_from_flags
 
-    config = json.loads((run_dir / "config.json").read_text())
-    cfg = AlgoConfig(**{k: v for k, v in config.items() if k in AlgoConfig.__dataclass_fields__})
+    cfg = config_from_flags(json.loads((run_dir / "config.json").read_text()), validate="none")
     counts = [count(cfg, it) for it in range(iterations)]
     return (_mean([c["forward_passes_per_leaf"] for c in counts]),
             _mean([c["trained_edges_per_leaf"] for c in counts]))

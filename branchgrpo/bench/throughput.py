@@ -1,4 +1,4 @@
-"""The measurements of `python -m branchgrpo.bench` (see __main__.py for the command line).
+"""The measurements of `python -m branchgrpo.bench` (see branchgrpo/cli/bench.py for the command line).
 
 All timings go through the training code itself - `run_rollout` for rollouts, `PolicyUpdate.run` for the update -
 so what is measured is what a training iteration costs, not a re-implementation of it.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from types import SimpleNamespace
 
 import torch
 
-from branchgrpo import builders, sde
+from branchgrpo import plans, sde
 from branchgrpo.bench.measure import PeakMemory, interleaved_medians, sync, timed
 from branchgrpo.models.base import gather_cond
 from branchgrpo.rollout import NoiseKeys, run_rollout
@@ -94,7 +93,7 @@ def _profiled_run(name: str, fn, median: dict, device) -> dict:
 
 def depth_batching(backbone, args, device, autocast) -> dict:
     """Depth-batched rollout of a 16-leaf tree vs the same tree one node at a time (batch 1, the official code)."""
-    plan = builders.tree_plan(args.steps, args.split_points, args.branch_factor)
+    plan = plans.tree_plan(args.steps, args.split_points, args.branch_factor)
     P = args.num_prompts
     batched = make_rollout(backbone, plan, P, args.steps, args.rollout_batch_size, device, autocast)
     single = make_rollout(backbone, plan, P, args.steps, 1, device, autocast)
@@ -113,9 +112,9 @@ def depth_batching(backbone, args, device, autocast) -> dict:
 def tree_vs_sequential(backbone, args, device, autocast, num_prompts: int) -> dict:
     """The tree and 16 independent chains (DanceGRPO's group) for the same leaves, both depth-batched; the tree
     should cost its share of forward passes: t_tree ~ (F_tree / F_seq) t_seq."""
-    tree = builders.tree_plan(args.steps, args.split_points, args.branch_factor)
+    tree = plans.tree_plan(args.steps, args.split_points, args.branch_factor)
     leaves = int(tree.is_leaf.sum())
-    seq = builders.group_plan(args.steps, leaves)
+    seq = plans.group_plan(args.steps, leaves)
     runs = {"tree": make_rollout(backbone, tree, num_prompts, args.steps, args.rollout_batch_size, device, autocast),
             "sequential": make_rollout(backbone, seq, num_prompts, args.steps, args.rollout_batch_size, device,
                                        autocast)}
@@ -143,6 +142,7 @@ def training_throughput(backbone, graph, args, device, autocast, checkpointing: 
     """Edges per second of the real PolicyUpdate over every trainable edge of a rollout graph, for each
     micro-batch size (distinct parent latents per forward; sibling edges share their parent's forward).
     The learning rate is 0, so every repeat trains the same weights (AdamW still does all its work)."""
+    from branchgrpo.config.sections import LossConfig, OptimConfig
     from branchgrpo.update import PolicyUpdate, plan_micro_batches, select_edges
 
     adapter = backbone.adapter
@@ -154,9 +154,12 @@ def training_throughput(backbone, graph, args, device, autocast, checkpointing: 
     edges = select_edges(graph, graph.stochastic, advantages)
     rows = []
     for micro in args.micro_batch_sizes:
-        cfg = SimpleNamespace(seed=0, train_micro_batch_size=micro, recompute_old_log_prob=False,
-                              gradient_accumulation_steps=0, max_grad_norm=1.0, clip_range=1e-3, kl_coef=0.0)
-        updater = PolicyUpdate(adapter, model, optimizer, scheduler, cfg, KERNEL, device, autocast, None, 0)
+        # the trainer's defaults (one optimizer step per update, clipping 1.0, clip range 1e-3, no KL)
+        optim_cfg = OptimConfig(train_micro_batch_size=micro, gradient_accumulation_steps=0, max_grad_norm=1.0,
+                                recompute_old_log_prob=False)
+        loss_cfg = LossConfig(clip_range=1e-3, kl_coef=0.0)
+        updater = PolicyUpdate(adapter, model, optimizer, scheduler, optim_cfg, loss_cfg, 0, KERNEL, device, autocast,
+                               None, 0)
         num_micro = len(plan_micro_batches(edges.parent, micro, 0))
         with PeakMemory(device) as memory:
             result = interleaved_medians({"update": lambda: updater.run(graph, backbone.cond, edges, 0)}, device,

@@ -1,15 +1,18 @@
 """Evaluate a model on a prompt file: generate with fixed seeds, score with every available reward, write tables.
 
     python -m branchgrpo.cli.eval --model toy --output_dir outputs/eval/toy_base
-    python -m branchgrpo.cli.eval --model toy --checkpoint outputs/toy_branchgrpo/checkpoints/checkpoint-150 \
+    python -m branchgrpo.cli.eval --model toy --checkpoint outputs/toy_branchgrpo/checkpoints/checkpoint-150 \\
         --output_dir outputs/eval/toy_branchgrpo
-    python -m branchgrpo.cli.eval --model flux --pretrained_model_name_or_path data/flux --prompts assets/prompts.txt \
-        --checkpoint outputs/flux_branchgrpo_base/checkpoints/checkpoint-300 --use_ema --rewards all \
+    python -m branchgrpo.cli.eval --model flux --pretrained_model_name_or_path data/flux --prompts assets/prompts.txt \\
+        --checkpoint outputs/flux_branchgrpo_base/checkpoints/checkpoint-300 --use_ema --rewards all \\
         --reward_model_dir hps_ckpt --output_dir outputs/eval/flux_branchgrpo
+    python -m branchgrpo.cli.eval --model wan --pretrained_model_name_or_path data/wan --num_frames 33 \\
+        --reward_model_dir hps_ckpt --output_dir outputs/eval/wan_base
 
 Writes to --output_dir: results.md (table), results.csv, results.json (mean, std and two 95% CIs per reward,
-per-prompt means, per-sample scores), scores.csv and grid.png; with --save_images DIR one PNG per sample (the
-input of `python -m branchgrpo.eval.diversity_cli`). See docs/evaluation.md.
+per-prompt means, per-sample scores), scores.csv and grid.png (videos: first, middle and last frame of each sample);
+with --save_images DIR one PNG per sample (a video's middle frame; the input of `python -m
+branchgrpo.eval.diversity_cli`) and, for videos, one MP4 per sample. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -19,21 +22,39 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from branchgrpo.models import backbones, get_backbone
 from branchgrpo.rewards.base import parse_reward_options
 
 log = logging.getLogger("branchgrpo.eval")
 
+ENCODER_FLAGS = ("max_sequence_length", "negative_prompt")  # read by some backbones' prompt encoders
+
+
+def _per_backbone(specs: dict, describe) -> str:
+    """'flux: X; wan: Y' over the backbones for which `describe(spec)` says something."""
+    return "; ".join(f"{name}: {text}" for name, spec in specs.items() if (text := describe(spec)))
+
 
 def build_parser() -> argparse.ArgumentParser:
+    specs = backbones()
+
+    def default(name):
+        return _per_backbone(specs, lambda spec: name in spec.flags and str(spec.defaults[name]))
+
+    def takers(name):
+        return ", ".join(b for b, spec in specs.items() if name in spec.encoder_flags)
+
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("toy", "flux"), default="toy", help="backbone")
-    g.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="base model folder (flux: diffusers layout, required; toy: default the shipped checkpoint)")
+    g.add_argument("--model", choices=list(specs), default="toy", help="backbone (a registered spec)")
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="base model folder (required for " +
+                   ", ".join(b for b, spec in specs.items() if spec.needs_pretrained) +
+                   "; the others default to the checkpoint shipped in the package)")
     g.add_argument("--checkpoint", default=None, help="a checkpoint-N/ folder of a training run (its model/), a run's "
                    "output dir (its latest checkpoint) or a weights folder; omitted: the base model")
     g.add_argument("--use_ema", action="store_true", help="take the checkpoint's ema/ weights instead of model/")
@@ -42,100 +63,120 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g = p.add_argument_group("prompts and sampling")
-    g.add_argument("--prompts", default=None, help="prompt file, one per line (toy default: the shipped held-out "
-                   "prompts; flux default: assets/prompts.txt)")
+    g.add_argument("--prompts", default=None, help="prompt file, one per line (default: "
+                   f"{_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
     g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
     g.add_argument("--samples_per_prompt", type=int, default=4, help="seeds per prompt")
     g.add_argument("--seed", type=int, default=1234, help="noise seed (the trainer's --eval_seed default)")
     g.add_argument("--steps", type=int, default=20, help="denoising steps")
     g.add_argument("--shift", type=float, default=3.0, help="static time shift of the schedule")
     g.add_argument("--time_shift", choices=("static", "dynamic"), default="static",
-                   help="static (--shift) or FLUX's resolution-dependent shift")
-    g.add_argument("--guidance_scale", type=float, default=None, help="flux: distilled guidance (default 3.5)")
-    g.add_argument("--h", type=int, default=None, help="flux: image height (default 720)")
-    g.add_argument("--w", type=int, default=None, help="flux: image width (default 720)")
+                   help="static (--shift) or the backbone's resolution-dependent shift (" +
+                   ", ".join(b for b, spec in specs.items() if spec.dynamic_shift) + ")")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help=f"guidance scale (default {default('guidance_scale')})")
+    g.add_argument("--h", type=int, default=None, help=f"image height (default {default('h')})")
+    g.add_argument("--w", type=int, default=None, help=f"image width (default {default('w')})")
+    g.add_argument("--num_frames", type=int, default=None, help=f"video frames, 4k + 1 (default {default('num_frames')})")
     g.add_argument("--sampler", choices=("ode", "sde"), default="ode",
                    help="ode: deterministic Euler (default); sde: the stochastic training kernel")
     g.add_argument("--sde_kernel", choices=("dance", "flow"), default="dance", help="--sampler sde: kernel")
     g.add_argument("--eta", type=float, default=0.3, help="--sampler sde: noise level")
-    g.add_argument("--max_sequence_length", type=int, default=512, help="flux: T5 tokens per prompt")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help=f"{takers('max_sequence_length')}: T5/UMT5 tokens per prompt (default 512)")
+    g.add_argument("--negative_prompt", default=None,
+                   help=f"{takers('negative_prompt')}: the classifier-free-guidance negative prompt (default: the "
+                   "backbone's own; use the one the run was trained with)")
     g.add_argument("--batch_size", type=int, default=16, help="latents per transformer call")
     g.add_argument("--chunk_prompts", type=int, default=8, help="prompts generated and scored together")
     g = p.add_argument_group("rewards")
     g.add_argument("--rewards", default="default", help="comma list (hps,pickscore,clip,imagereward,toy,...), "
-                   "'default' or 'all' (toy: toy,toy_digit,toy_style; flux: hps,pickscore,clip,imagereward)")
+                   f"'default' or 'all' ({_per_backbone(specs, lambda spec: ','.join(spec.eval_rewards))})")
     g.add_argument("--reward_model_dir", default="hps_ckpt", help="folder of reward checkpoints (hps_ckpt/README.md)")
     g.add_argument("--reward_options", default="", help='JSON {reward: {option: value}} overriding the defaults')
-    g.add_argument("--reward_batch_size", type=int, default=16, help="images decoded and scored per call")
+    g.add_argument("--reward_batch_size", type=int, default=16, help="samples decoded and scored per call")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="outputs/eval", help="where results.* and grid.png go")
-    g.add_argument("--save_images", default=None, help="also write one PNG per sample to this folder")
+    g.add_argument("--save_images", default=None, help="also write one PNG per sample (videos: the middle frame, and "
+                   "an MP4) to this folder")
     g.add_argument("--grid_prompts", type=int, default=8, help="prompts shown in grid.png (seeds in columns)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (0: none)")
     return p
 
 
-def _check(args) -> None:
+def model_config(args):
+    """The model section as training has it (sizes not given: the backbone's defaults)."""
+    from branchgrpo.config.sections import ModelConfig
+
+    return ModelConfig(model=args.model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                       h=args.h, w=args.w, num_frames=args.num_frames, guidance_scale=args.guidance_scale)
+
+
+def _check(args, spec, model_cfg) -> None:
     """Flag checks that need nothing loaded: fail in a second, not after loading a 12B model."""
     for name in ("samples_per_prompt", "steps", "batch_size", "chunk_prompts", "reward_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
     if args.num_prompts < 0:
         raise ValueError(f"--num_prompts: need >= 0 (0 = all), got {args.num_prompts}")
-    if args.model == "flux" and args.pretrained_model_name_or_path is None:
-        raise ValueError("--pretrained_model_name_or_path: required for --model flux (a local diffusers folder)")
-    for flag in ("h", "w"):
-        size = getattr(args, flag)
-        if size is not None and (size <= 0 or size % 16):
-            raise ValueError(f"--{flag}: {size} is not a positive multiple of 16")
+    for name in spec.inapplicable_flags(model_cfg):
+        raise ValueError(f"--{name}: does not apply to --model {spec.name} (its flags: "
+                         f"{', '.join('--' + f for f in spec.flags) or 'none'})")
+    for name in ENCODER_FLAGS:
+        if getattr(args, name) is not None and name not in spec.encoder_flags:
+            raise ValueError(f"--{name}: does not apply to --model {spec.name} (its prompt encoder does not read it)")
+    if args.time_shift == "dynamic" and not spec.dynamic_shift:
+        raise ValueError(f"--time_shift dynamic: the {spec.name} backbone has no resolution-dependent shift")
+    model_cfg.validate()
     parse_reward_options(args.reward_options)
-    if args.time_shift == "dynamic" and args.model != "flux":
-        raise ValueError("--time_shift dynamic: only FLUX has a resolution-dependent shift")
 
 
-def _prompts(args) -> list[str]:
+def _prompts(args, spec) -> list[str]:
     from branchgrpo.data.preprocess import read_prompt_file
 
-    path = args.prompts
-    if path is None:
-        if args.model == "toy":
-            from branchgrpo.toy.data import eval_prompts_path
-
-            path = eval_prompts_path()
-        else:
-            path = Path(__file__).resolve().parents[2] / "assets" / "prompts.txt"
-    texts, _ = read_prompt_file(path)
+    texts, _ = read_prompt_file(args.prompts or spec.default_prompts())
     return texts[: args.num_prompts] if args.num_prompts else texts
+
+
+def _rewards(args, spec, device):
+    """Every requested reward whose files are found; the others are skipped with a one-line reason each (only a
+    missing file skips a reward: a checkpoint that exists but cannot be read is an error)."""
+    from branchgrpo.eval.generate import resolve_reward_names
+    from branchgrpo.rewards.base import build_reward_set
+
+    names = resolve_reward_names(args.rewards, spec)
+    rewards = build_reward_set(",".join(names), "sum", device, parse_reward_options(args.reward_options),
+                               model_dir=args.reward_model_dir, skip_missing=True)
+    for name, reason in rewards.skipped.items():
+        print(f"skipping reward '{name}': checkpoint not available ({reason})", flush=True)
+    if not rewards.models:
+        print("warning: no reward is available; generating media only", file=sys.stderr)
+    return rewards
 
 
 def run(args) -> dict:
     from branchgrpo import sde
     from branchgrpo.eval.checkpoints import load_eval_model
-    from branchgrpo.eval.generate import (SampleSettings, build_rewards, encode_prompts, generate_and_score,
-                                          resolve_reward_names)
+    from branchgrpo.eval.generate import SampleSettings, encode_prompts, generate_and_score
     from branchgrpo.eval.report import summarize, write_results
     from branchgrpo.outputs import save_grid
 
-    _check(args)
+    spec = get_backbone(args.model)
+    model_cfg = model_config(args)
+    _check(args, spec, model_cfg)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    texts = _prompts(args)
-    options = parse_reward_options(args.reward_options)
-    # rewards first: a bad option fails before the backbone is loaded
-    rewards, skipped = build_rewards(resolve_reward_names(args.rewards, args.model), device, args.reward_model_dir,
-                                     options)
-    if not rewards:
-        print("warning: no reward is available; generating media only", file=sys.stderr)
+    texts = _prompts(args, spec)
+    rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
-    loaded = load_eval_model(args.model, args.pretrained_model_name_or_path, args.checkpoint, args.use_ema, device,
-                             height=args.h, width=args.w, guidance_scale=args.guidance_scale,
+    loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,
                              dtype=torch.bfloat16 if bf16 else torch.float32)
     adapter = loaded.adapter
-    text_source = loaded.weights_dir if (args.model == "toy" and loaded.description.startswith("full")) \
-        else args.pretrained_model_name_or_path
-    embeddings = encode_prompts(args.model, text_source, texts, device, args.max_sequence_length)
+    encoder_settings = SimpleNamespace(dtype="auto", **{name: getattr(args, name) for name in ENCODER_FLAGS
+                                                        if getattr(args, name) is not None})
+    embeddings = encode_prompts(spec, loaded.prompt_source, texts, device, encoder_settings)
     mu = adapter.mu() if args.time_shift == "dynamic" else None
     settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
                               kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,
@@ -157,19 +198,22 @@ def run(args) -> dict:
         "seed": args.seed, "steps": args.steps, "sampler": args.sampler, "shift": args.shift,
         "time_shift": args.time_shift, "guidance_scale": getattr(adapter, "guidance_scale", None),
         "h": getattr(adapter, "height", None), "w": getattr(adapter, "width", None),
-        "rewards": list(rewards), "forward_passes": out.num_forward_passes, "generate_and_score_time_s": elapsed,
-        "device": str(device),
+        **({"num_frames": adapter.num_frames} if hasattr(adapter, "num_frames") else {}),
+        "rewards": list(rewards.models), "forward_passes": out.num_forward_passes,
+        "generate_and_score_time_s": elapsed, "device": str(device),
     }
     sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
-    result = write_results(output_dir, header, metrics, skipped, texts, out.scores, out.prompt_index,
-                           out.seed_index, sample_ids, out.image_files)
+    result = write_results(output_dir, header, metrics, rewards.skipped, texts, out.scores, out.prompt_index,
+                           out.seed_index, sample_ids, out.image_files, out.video_files)
     if out.grid_media.numel():
         shown = min(args.grid_prompts, len(texts))
-        save_grid(out.grid_media, output_dir / "grid.png", columns=args.samples_per_prompt, labels=texts[:shown],
-                  scale=max(1, 64 // out.grid_media.shape[-1]))
+        tiles_per_sample = out.grid_media.shape[0] // (shown * args.samples_per_prompt)  # videos: 3 frames
+        save_grid(out.grid_media, output_dir / "grid.png", columns=args.samples_per_prompt * tiles_per_sample,
+                  labels=texts[:shown], scale=max(1, 64 // out.grid_media.shape[-1]))
     print((output_dir / "results.md").read_text())
     print(f"wrote {output_dir}/results.{{md,csv,json}}, scores.csv, grid.png"
-          + (f"; {len(out.image_files)} PNGs in {args.save_images}" if args.save_images else ""))
+          + (f"; {len(out.image_files)} PNGs in {args.save_images}" if args.save_images else "")
+          + (f"; {len(out.video_files)} videos in {args.save_images}" if out.video_files else ""))
     return result
 
 

@@ -3,31 +3,26 @@
     torchrun --nproc_per_node 8 -m branchgrpo.cli.preprocess --model flux \\
         --model_path data/flux --prompts assets/prompts.txt --output_dir data/rl_embeddings
 
-The backbone's text encoders are loaded from `--model_path` (local folder, nothing downloaded). A killed run resumes:
-shards already written are skipped.
+The backbone's text encoders (its spec's `prompt_encoder`) are loaded from `--model_path` (local folder, nothing
+downloaded). A killed run resumes: shards already written are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 
 from branchgrpo import distributed
 from branchgrpo.data.preprocess import run_preprocess
+from branchgrpo.models import backbones, get_backbone
 
-# model -> "module:function(model_path, device, args) -> encode(texts) -> {key: tensor}"
-ENCODERS = {
-    "toy": "branchgrpo.models.toy:build_prompt_encoder",
-    "flux": "branchgrpo.models.flux:build_prompt_encoder",
-    "wan": "branchgrpo.models.wan:build_prompt_encoder",
-}
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(ENCODERS), help="which backbone's text encoders")
+    p.add_argument("--model", required=True, choices=list(backbones()), help="which backbone's text encoders")
     p.add_argument("--model_path", default=None, help="local checkpoint folder (diffusers layout); toy: optional")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--output_dir", required=True, help="where shards and index.json go")
@@ -45,8 +40,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     info = distributed.init_distributed(args.device)
     try:
-        module, _, func = ENCODERS[args.model].partition(":")
-        encode = getattr(importlib.import_module(module), func)(args.model_path, info.device, args)
+        spec = get_backbone(args.model)
+        if args.negative_prompt is not None and "negative_prompt" not in spec.encoder_flags:
+            log.warning("--negative_prompt has no effect with --model %s (its prompt encoder does not read it)",
+                        spec.name)
+        encode = spec.prompt_encoder(args.model_path, info.device, args)
         run_preprocess(
             args.prompts,
             args.output_dir,

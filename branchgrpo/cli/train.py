@@ -16,7 +16,7 @@ from branchgrpo import distributed
 
 
 def main(argv=None) -> int:
-    from branchgrpo.train_config import parse_train_config
+    from branchgrpo.config import parse_train_config
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

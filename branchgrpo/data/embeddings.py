@@ -168,3 +168,12 @@ class EmbeddingStore:
         state = dict(self.__dict__)
         state["_handles"] = {}
         return state
+
+
+def with_extras(per_prompt: dict[str, torch.Tensor], extras: dict[str, torch.Tensor],
+                device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Per-prompt embeddings [n, ...] on `device`, plus every dataset-wide extra expanded to [n, ...] (a view)."""
+    n = next(iter(per_prompt.values())).shape[0]
+    out = {k: v.to(device) for k, v in per_prompt.items()}
+    out.update({k: v.to(device).unsqueeze(0).expand(n, *v.shape) for k, v in extras.items()})
+    return out

@@ -1,5 +1,5 @@
-"""Summary statistics of per-sample scores and the files an evaluation leaves: results.json / .csv / .md,
-scores.csv (one row per sample) and grid.png.
+"""Summary statistics of per-sample scores and the tables an evaluation leaves: results.json / .csv / .md and
+scores.csv (one row per sample).
 
 Two 95% confidence intervals of the mean are reported for every metric, because they answer different questions:
 - `ci95_normal`: mean +- 1.96 * std / sqrt(n) over all n samples (normal approximation, samples treated as
@@ -73,8 +73,10 @@ def metrics_table(metrics: dict[str, dict]) -> str:
 
 def write_results(out_dir: Path, header: dict, metrics: dict[str, dict], skipped: dict[str, str],
                   texts: list[str], scores: dict[str, torch.Tensor], prompt_index: torch.Tensor,
-                  seed_index: torch.Tensor, sample_ids: list[int], image_files: list[str]) -> dict:
-    """results.json (everything), results.csv (metrics), scores.csv (per sample) and results.md."""
+                  seed_index: torch.Tensor, sample_ids: list[int], image_files: list[str],
+                  video_files: list[str] | None = None) -> dict:
+    """results.json (everything), results.csv (metrics), scores.csv (per sample) and results.md. `image_files`,
+    `video_files`: the per-sample files written (empty: none), listed with each sample."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(scores)
     samples = []
@@ -84,6 +86,8 @@ def write_results(out_dir: Path, header: dict, metrics: dict[str, dict], skipped
                "scores": {n: _finite_or_none(float(scores[n][i])) for n in names}}
         if image_files:
             row["image"] = image_files[i]
+        if video_files:
+            row["video"] = video_files[i]
         samples.append(row)
     per_prompt = []
     for p, text in enumerate(texts):

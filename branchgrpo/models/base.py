@@ -19,6 +19,7 @@ Conventions shared by every adapter:
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Sequence
 
 import torch
@@ -43,8 +44,6 @@ class FlowAdapter(abc.ABC):
     native_shift: float | None = None
     #: frames per second of the clips a video backbone generates (how rollout/eval samples are written)
     video_fps: int = 16
-    #: how `--parallel auto` wraps it with more than one process: "fsdp" (shard per block) or "ddp" (replicate)
-    default_parallel: str = "fsdp"
 
     #: the trained network. Parallelism is applied to it in place (FSDP2) or by replacing the attribute (DDP).
     transformer: nn.Module
@@ -63,6 +62,10 @@ class FlowAdapter(abc.ABC):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def mu(self) -> float | None:
+        """The resolution-dependent schedule shift (`--time_shift dynamic`), for specs with `dynamic_shift`."""
+        return None
 
     def to(self, device: torch.device | str) -> "FlowAdapter":
         """Move every module the adapter owns (transformer, VAE, ...) to `device`."""
@@ -92,6 +95,20 @@ class FlowAdapter(abc.ABC):
 
         state = lora_state_dict if lora_state_dict is not None else self.transformer.state_dict()
         return save_adapter(out_dir, adapter_weights(state), self.lora_config)
+
+
+def velocity_fn(adapter: "FlowAdapter", embeddings: dict[str, torch.Tensor], autocast=contextlib.nullcontext,
+                prompt_of: torch.Tensor | None = None):
+    """The rollout's velocity function (latents [B], sigmas [B], prompt index [B]) -> fp32 velocity, under
+    `autocast`; the prompt index selects rows of `embeddings` (through `prompt_of` when rollout prompts are
+    samples of fewer embedded prompts, as in evaluation)."""
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        rows = prompt if prompt_of is None else prompt_of[prompt]
+        with autocast():
+            return adapter.velocity(x, sigma, gather_cond(embeddings, rows)).float()
+
+    return velocity
 
 
 def gather_cond(embeddings: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """What the diffusers backbones (FLUX, Wan) share: LoRA through diffusers' PeftAdapterMixin (the layout their
-pipelines' `load_lora_weights` reads), exports in diffusers layout, and state-dict hygiene (wrapper prefixes, LoRA
-merging, refusing sharded tensors)."""
+pipelines' `load_lora_weights` reads), exports in diffusers layout, state-dict hygiene (wrapper prefixes, LoRA
+merging, refusing sharded tensors), and loading a training checkpoint's weights for evaluation (`DiffusersSpec`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from branchgrpo.models.lora import merge_lora_state_dict
+from branchgrpo.models.spec import BackboneSpec, EvalModel
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what `<Pipeline>.save_lora_weights` writes (export_lora)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -35,27 +40,6 @@ def _require_full(state_dict: dict[str, torch.Tensor], what: str) -> None:
         raise ValueError(f"{what}: got sharded DTensor weights; pass a full state dict (e.g. torch.distributed."
                          "checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
                          "full_state_dict=True, cpu_offload=True)))")
-
-
-def merge_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold peft LoRA layers into plain weights: W = W_base + scaling * B @ A per active adapter (fp32 math), keys
-    without `.base_layer` / `lora_*`, i.e. the state dict of a plain FluxTransformer2DModel."""
-    out = {k: v for k, v in state_dict.items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "scaling")):
-            continue
-        if any(f"{name}.lora_magnitude_vector" in k for k in state_dict):
-            raise ValueError(f"export: DoRA layer {name} cannot be merged; export the LoRA with export_lora instead")
-        base_key = f"{name}.base_layer.weight"
-        weight = state_dict[base_key].float()
-        if not getattr(module, "merged", False):
-            for adapter in module.active_adapters:
-                lora_a = state_dict[f"{name}.lora_A.{adapter}.weight"].float()
-                lora_b = state_dict[f"{name}.lora_B.{adapter}.weight"].float()
-                weight = weight + module.scaling[adapter] * (lora_b @ lora_a)
-        out[f"{name}.weight"] = weight.to(state_dict[base_key].dtype)
-        del out[base_key]
-    return {k.replace(".base_layer.", "."): v for k, v in out.items()}
 
 
 class DiffusersExportMixin:
@@ -120,4 +104,32 @@ class DiffusersExportMixin:
         metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
         pipeline = getattr(diffusers, self.pipeline_class_name)
         pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
-        return Path(out_dir) / "pytorch_lora_weights.safetensors"
+        return Path(out_dir) / LORA_FILE
+
+
+def fuse_lora_file(transformer: nn.Module, folder: Path) -> None:
+    """Apply the LoRA that `export_lora` wrote into `folder` and fuse it into the weights (sampling then costs what
+    the base costs). diffusers' PeftAdapterMixin reads it, rank and alpha from the file's metadata."""
+    transformer.load_lora_adapter(str(folder), prefix="transformer", adapter_name="checkpoint", weight_name=LORA_FILE,
+                                  use_safetensors=True)
+    transformer.fuse_lora()
+
+
+class DiffusersSpec(BackboneSpec):
+    """Evaluation loading shared by the diffusers backbones. Their `load(model_cfg, device, dtype, transformer_path)`
+    takes `transformer/` from `transformer_path` instead of the base folder when given."""
+
+    eval_layouts = ("diffusers_full", "diffusers_lora")  # what `export` and `export_lora` write
+
+    def load_for_eval(self, model_cfg, weights, layout, device, dtype=torch.float32) -> EvalModel:
+        """A full export replaces the base's transformer (the base transformer is never loaded); a LoRA is fused
+        into the base transformer. VAE, text encoders and scheduler config always come from the base folder."""
+        base = model_cfg.pretrained_model_name_or_path
+        if layout == "diffusers_full":
+            return EvalModel(self.load(model_cfg, device, dtype, transformer_path=weights),
+                             f"full weights from {weights}", base)
+        adapter = self.load(model_cfg, device, dtype)
+        if layout is None:
+            return EvalModel(adapter, "base", base)
+        fuse_lora_file(adapter.transformer, Path(weights))
+        return EvalModel(adapter, f"LoRA from {weights}", base)

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from branchgrpo import sde
+from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
-from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, _unwrap
+from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, DiffusersSpec, _unwrap
+from branchgrpo.models.spec import check_sizes
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
                "tokenizer_2/")
@@ -167,18 +169,20 @@ def _read_scheduler_config(root: Path) -> dict:
 
 def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               vae_dtype: torch.dtype | None = None, height: int = 720, width: int = 720,
-              guidance_scale: float = 3.5) -> FluxAdapter:
+              guidance_scale: float = 3.5, transformer_path: str | Path | None = None) -> FluxAdapter:
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`; default bf16 on CUDA,
-    fp32 on CPU) from a local diffusers-layout folder; nothing is downloaded."""
+    fp32 on CPU) from a local diffusers-layout folder; nothing is downloaded. `transformer_path`: a folder whose
+    `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
     check_image_size(height, width)
-    root = check_flux_folder(model_path, ("transformer", "vae"))
+    root = check_flux_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
     from diffusers import AutoencoderKL, FluxTransformer2DModel  # after the checks: importing takes seconds
 
     device = torch.device(device)
     if vae_dtype is None:
         vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = FluxTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=dtype,
-                                                         local_files_only=True)
+    transformer_root = root if transformer_path is None else Path(transformer_path)
+    transformer = FluxTransformer2DModel.from_pretrained(str(transformer_root), subfolder="transformer",
+                                                         torch_dtype=dtype, local_files_only=True)
     vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
     adapter = FluxAdapter(transformer, vae, height, width, guidance_scale, _read_scheduler_config(root))
     return adapter.to(device)
@@ -222,3 +226,30 @@ def build_prompt_encoder(model_path: str | Path | None, device: torch.device | s
         return {"prompt_embeds": embeds.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
 
     return encode
+
+
+@register_backbone
+class FluxSpec(DiffusersSpec):
+    """FLUX.1-dev (text-to-image), diffusers layout; tiny stand-in: `python -m branchgrpo.make_tiny flux DIR`."""
+
+    name = "flux"
+    flags = ("h", "w", "guidance_scale")
+    defaults = {"h": 720, "w": 720, "guidance_scale": 3.5}
+    dynamic_shift = True
+    eval_rewards = ("hps", "pickscore", "clip", "imagereward")
+    encoder_flags = ("max_sequence_length",)
+    tiny = "branchgrpo.testing.flux_tiny:make_tiny_flux"
+
+    def check_flags(self, model_cfg) -> None:
+        check_sizes(model_cfg, 16, "FLUX latents are 2x2-packed 8x-downsampled images")
+
+    def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> FluxAdapter:
+        return load_flux(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),
+                         width=self.size(model_cfg, "w"), guidance_scale=self.size(model_cfg, "guidance_scale"),
+                         transformer_path=transformer_path)
+
+    def prompt_encoder(self, model_path, device, settings):
+        return build_prompt_encoder(model_path, device, settings)  # the module-level name, looked up at call time
+
+    def tokens_per_sample(self, adapter: FluxAdapter, cond) -> int:
+        return adapter.latent_shape[0] + cond["prompt_embeds"].shape[1]

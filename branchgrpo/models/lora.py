@@ -1,13 +1,14 @@
 """LoRA (peft) helpers shared by every adapter: inject, toggle (the KL reference is the base model, i.e. the
-adapters switched off), and turn a full state dict of a LoRA'd network back into plain merged weights or into the
-adapter weights alone."""
+adapters switched off), save the adapter weights alone, and merge LoRA into plain weights - from a LoRA'd network's
+state dict (full exports) or from a saved adapter (evaluation) - with one merge formula (`merged_weight`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,21 +57,62 @@ def adapter_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k.replace(".default.", "."): v for k, v in state_dict.items() if ".lora_" in k}
 
 
-def merged_weights(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Plain weights of the base network: W + scaling * B @ A for every adapted Linear, base_layer keys renamed."""
-    out = {}
-    for key, value in state_dict.items():
-        if ".lora_" in key:
+def merged_weight(weight: torch.Tensor, factors: Iterable[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """The one LoRA merge of the package: W + sum of scaling * B @ A over `factors` (A [r, in], B [out, r], scaling),
+    computed in fp32 and returned in W's dtype."""
+    out = weight.float()
+    for lora_a, lora_b, scaling in factors:
+        out = out + scaling * (lora_b.float() @ lora_a.float())
+    return out.to(weight.dtype)
+
+
+def merge_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the peft LoRA layers of `model` into plain weights, given a full state dict of it: W + scaling * B @ A
+    per active adapter, keys without `.base_layer` / `lora_*`, i.e. the state dict of the network without LoRA."""
+    out = {k: v for k, v in state_dict.items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "scaling")):
             continue
-        if ".base_layer." in key:
-            prefix, _, leaf = key.partition(".base_layer.")
-            if leaf == "weight":
-                a = state_dict[f"{prefix}.lora_A.default.weight"].float()
-                b = state_dict[f"{prefix}.lora_B.default.weight"].float()
-                value = (value.float() + scaling * (b @ a)).to(value.dtype)
-            key = f"{prefix}.{leaf}"
-        out[key] = value
-    return out
+        if any(f"{name}.lora_magnitude_vector" in k for k in state_dict):
+            raise ValueError(f"export: DoRA layer {name} cannot be merged; export the LoRA with export_lora instead")
+        base_key = f"{name}.base_layer.weight"
+        factors = [] if getattr(module, "merged", False) else [
+            (state_dict[f"{name}.lora_A.{adapter}.weight"], state_dict[f"{name}.lora_B.{adapter}.weight"],
+             module.scaling[adapter]) for adapter in module.active_adapters]
+        out[f"{name}.weight"] = merged_weight(state_dict[base_key], factors)
+        del out[base_key]
+    return {k.replace(".base_layer.", "."): v for k, v in out.items()}
+
+
+def merge_saved_adapter(module: nn.Module, folder: Path) -> int:
+    """Fold a saved peft adapter (`save_adapter`'s adapter_model.safetensors + adapter_config.json) into `module`'s
+    Linear weights, in place: scaling = lora_alpha / r (lora_alpha / sqrt(r) for rsLoRA), as peft computes it.
+    Merging, rather than injecting LoRA layers, keeps the network exactly the base architecture. Returns the number
+    of merged layers; fails naming the key when a layer is missing or a pair incomplete."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / LORA_CONFIG).read_text())
+    rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = {}
+    for key, value in load_file(str(folder / LORA_WEIGHTS)).items():
+        tensors[key.removeprefix("base_model.model.").replace(".default.", ".")] = value
+    params = dict(module.named_parameters())
+    prefixes = sorted({k.split(".lora_")[0] for k in tensors if ".lora_" in k})
+    if not prefixes:
+        raise ValueError(f"{folder / LORA_WEIGHTS}: no LoRA tensors (keys containing '.lora_A' / '.lora_B')")
+    with torch.no_grad():
+        for prefix in prefixes:
+            a, b = tensors.get(f"{prefix}.lora_A.weight"), tensors.get(f"{prefix}.lora_B.weight")
+            if a is None or b is None:
+                raise ValueError(f"{folder / LORA_WEIGHTS}: incomplete LoRA pair for layer '{prefix}'")
+            target = params.get(f"{prefix}.weight")
+            if target is None or tuple(target.shape) != (b.shape[0], a.shape[1]):
+                raise ValueError(f"{folder}: LoRA layer '{prefix}' does not match the model "
+                                 f"(no weight of shape {(b.shape[0], a.shape[1])}); "
+                                 "wrong --pretrained_model_name_or_path?")
+            target.copy_(merged_weight(target, [(a, b, scaling)]))
+    return len(prefixes)
 
 
 def save_adapter(out_dir: str | Path, weights: dict[str, torch.Tensor], config) -> Path:

@@ -20,7 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
+from branchgrpo.models.lora import merge_saved_adapter
+from branchgrpo.models.spec import BackboneSpec, EvalModel
 from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
 from branchgrpo.toy.network import (
     FlowConfig,
@@ -102,7 +105,6 @@ class ToyAdapter(FlowAdapter):
     """FlowAdapter of the toy: latents `[B, 1, 8, 8]` are the pixels mapped to [-1, 1] (there is no VAE)."""
 
     name = "toy"
-    default_parallel = "ddp"  # 0.26M parameters: replicating is cheaper than sharding
     media = "image"
     latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
@@ -168,3 +170,46 @@ def load_toy(model_path: str | Path | None = None, device: torch.device | str = 
     transformer.load_state_dict(load_file(str(folder / TRANSFORMER_WEIGHTS)))
     text_encoder = load_text_encoder(folder, device)
     return ToyAdapter(transformer.eval().to(device), text_encoder)
+
+
+@register_backbone
+class ToySpec(BackboneSpec):
+    """The embedded default: 0.26M parameters, shipped in the package, no size flags."""
+
+    name = "toy"
+    needs_pretrained = False
+    default_parallel = "ddp"  # replicating 0.26M parameters is cheaper than sharding them
+    is_large = False
+    eval_rewards = ("toy", "toy_digit", "toy_style")
+    eval_layouts = ("toy_full", "peft_lora")  # what `export` and `export_lora` (peft's own format) write
+
+    def load(self, model_cfg, device, dtype=torch.float32) -> ToyAdapter:
+        adapter = load_toy(model_cfg.pretrained_model_name_or_path, device)
+        adapter.transformer.to(dtype)
+        return adapter
+
+    def load_for_eval(self, model_cfg, weights, layout, device, dtype=torch.float32) -> EvalModel:
+        """A full export is a complete toy folder (text encoder included: prompts are encoded from it); a LoRA is
+        merged into the base's weights. The toy stays in fp32 whatever `dtype` (0.26M weights: nothing to save)."""
+        base = model_cfg.pretrained_model_name_or_path
+        if layout == "toy_full":
+            return EvalModel(load_toy(weights, device), f"full weights from {weights}", weights)
+        adapter = load_toy(base, device)
+        if layout is None:
+            return EvalModel(adapter, "base", base)
+        merge_saved_adapter(adapter.transformer, weights)
+        return EvalModel(adapter, f"LoRA from {weights}", base)
+
+    def tokens_per_sample(self, adapter: ToyAdapter, cond) -> int:
+        return adapter.config.num_patches + cond["prompt_embeds"].shape[1]
+
+    def prompt_encoder(self, model_path, device, settings=None):
+        return build_prompt_encoder(model_path, device, settings)
+
+    def default_prompts(self) -> Path:
+        return self.builtin_prompts()[1]
+
+    def builtin_prompts(self) -> tuple[Path, Path]:
+        from branchgrpo.toy.data import eval_prompts_path, train_prompts_path
+
+        return Path(train_prompts_path()), Path(eval_prompts_path())

@@ -37,8 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
-from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, _unwrap
+from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, DiffusersSpec, _unwrap
+from branchgrpo.models.spec import REPO_ASSETS, check_sizes
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
 # Self- (attn1) and cross-attention (attn2) projections of every block.
@@ -197,15 +199,17 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
 
 def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              vae_dtype: torch.dtype = torch.float32, height: int = 480, width: int = 832, num_frames: int = 81,
-             guidance_scale: float = 5.0) -> WanAdapter:
+             guidance_scale: float = 5.0, transformer_path: str | Path | None = None) -> WanAdapter:
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`) from a local
-    diffusers-layout Wan2.1 text-to-video folder; nothing is downloaded."""
+    diffusers-layout Wan2.1 text-to-video folder; nothing is downloaded. `transformer_path`: a folder whose
+    `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     check_video_size(num_frames, height, width)
-    root = check_wan_folder(model_path, ("transformer", "vae"))
-    transformer = WanTransformer3DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=dtype,
-                                                        local_files_only=True)
+    root = check_wan_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
+    transformer_root = root if transformer_path is None else Path(transformer_path)
+    transformer = WanTransformer3DModel.from_pretrained(str(transformer_root), subfolder="transformer",
+                                                        torch_dtype=dtype, local_files_only=True)
     _check_supported(root, transformer.config)
     vae = AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
     adapter = WanAdapter(transformer, vae, num_frames, height, width, guidance_scale, read_flow_shift(root))
@@ -271,3 +275,39 @@ def negative_prompt_extras(encode, negative_prompt: str = DEFAULT_NEGATIVE_PROMP
     """{"negative_prompt_embeds": [L, D]}: the one uncond embedding shared by every prompt of a dataset (stored with
     `write_extras`; the trainer expands it per sample). An empty string is a valid negative prompt."""
     return {"negative_prompt_embeds": encode([negative_prompt])["prompt_embeds"][0]}
+
+
+@register_backbone
+class WanSpec(DiffusersSpec):
+    """Wan2.1 text-to-video (1.3B, 14B), diffusers layout; tiny stand-in: `python -m branchgrpo.make_tiny wan DIR`."""
+
+    name = "wan"
+    media = "video"
+    flags = ("h", "w", "num_frames", "guidance_scale")
+    defaults = {"h": 480, "w": 832, "num_frames": 33, "guidance_scale": 5.0}
+    eval_rewards = ("frame_reward", "temporal_consistency", "videoalign")
+    encoder_flags = ("max_sequence_length", "negative_prompt")
+    tiny = "branchgrpo.testing.wan_tiny:make_tiny_wan"
+
+    def check_flags(self, model_cfg) -> None:
+        check_sizes(model_cfg, 16, "Wan latents are 8x-downsampled and cut into 2x2 patches")
+        frames = model_cfg.num_frames
+        if frames is not None and (frames < 1 or (frames - 1) % 4):
+            raise ValueError(f"--num_frames: {frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
+
+    def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> WanAdapter:
+        return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),
+                        width=self.size(model_cfg, "w"), num_frames=self.size(model_cfg, "num_frames"),
+                        guidance_scale=self.size(model_cfg, "guidance_scale"), transformer_path=transformer_path)
+
+    def prompt_encoder(self, model_path, device, settings):
+        return build_prompt_encoder(model_path, device, settings)
+
+    def default_prompts(self) -> Path:
+        return REPO_ASSETS / "video_prompts.txt"
+
+    def tokens_per_sample(self, adapter: WanAdapter, cond) -> int:
+        patch = _unwrap(adapter.transformer).config.patch_size
+        _, frames, height, width = adapter.latent_shape
+        tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2]) + cond["prompt_embeds"].shape[1]
+        return 2 * tokens if adapter.uses_cfg else tokens

@@ -6,7 +6,7 @@ no download.
                  prompt lists (`train_prompts_path()`, `eval_prompts_path()`)
 - `network.py`   the word-level text encoder and the flow transformer (bitwise batch-invariant on CPU)
 - `reward.py`    rewards "toy" (= "toy_digit" x "toy_style"), registered with branchgrpo.rewards
-- `pretrain.py`  `python -m branchgrpo.toy.pretrain --out DIR`, which produced `assets/`
+- `pretrain.py`  `python -m branchgrpo.cli.pretrain_toy --out DIR`, which produced `assets/`
 - `assets/`      the shipped checkpoint, reward classifier and ramps, prompt lists, pretrain_report.json
 
 The FlowAdapter is in `branchgrpo.models.toy` (`load_toy`, `ToyAdapter`, `build_prompt_encoder`).

@@ -1,6 +1,6 @@
 """Pretrain the toy from real digits, reproducibly, in a few CPU minutes, and write the checkpoint it ships with.
 
-    python -m branchgrpo.toy.pretrain --out branchgrpo/toy/assets --seed 0
+    python -m branchgrpo.cli.pretrain_toy --out branchgrpo/toy/assets --seed 0    (or bash scripts/pretrain/pretrain_toy.sh)
 
 Three things are fitted, all on sklearn's 1797 real 8x8 digits:
 1. the reward's digit classifier (logistic regression on a fixed 80% split; accuracy reported on the other 20%)
@@ -19,49 +19,20 @@ prompt lists, and pretrain_report.json with every number above.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from branchgrpo import sde
 from branchgrpo.models.toy import ToyAdapter
 from branchgrpo.toy import data
 from branchgrpo.toy.network import FlowConfig, TextEncoderConfig, ToyFlowTransformer, ToyTextEncoder
-from branchgrpo.toy.reward import CLASSIFIER_WEIGHTS, REWARD_CONFIG, ToyReward
+from branchgrpo.toy.reward import ToyReward
 
 AXES = tuple(data.ATTRIBUTE_AXES)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m branchgrpo.toy.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (branchgrpo/toy/assets to refresh the shipped model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything random")
-    p.add_argument("--steps", type=int, default=1500, help="flow-matching optimizer steps")
-    p.add_argument("--batch_size", type=int, default=256, help="real digits per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (linear warm-up, cosine decay)")
-    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the shipped weights")
-    p.add_argument("--train_shift", type=float, default=3.0, help="static shift of the training sigma distribution")
-    p.add_argument("--mention_prob", type=float, default=0.7, help="chance a caption mentions each true attribute")
-    p.add_argument("--ramp_start", type=float, default=50.0, help="class percentile where a style score leaves 0")
-    p.add_argument("--ramp_end", type=float, default=95.0, help="class percentile where a high-pole score reaches 1 "
-                                                               "(a low-pole score: 100 minus it)")
-    p.add_argument("--classifier_c", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
-    p.add_argument("--eval_samples", type=int, default=16, help="samples per held-out prompt (seeds) in evaluation")
-    p.add_argument("--eval_steps", type=int, default=20, help="sampling steps in evaluation")
-    p.add_argument("--eval_shift", type=float, default=3.0, help="static shift of the sampling schedule")
-    p.add_argument("--eval_eta", type=float, default=0.3, help="eta of the dance SDE in evaluation")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--log_every", type=int, default=250, help="log the loss every N steps")
-    return p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,40 +254,7 @@ def speed(adapter: ToyAdapter, batch_size: int = 256, repeats: int = 10) -> dict
     return {"forward_ms": forward_ms, "forward_backward_ms": backward_ms}
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    # Bit-for-bit reruns: on CPU the backward of an index gather (index_put_ with accumulate) sums in a
-    # thread-dependent order unless deterministic algorithms are requested.
-    torch.use_deterministic_algorithms(True)
-    start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images_N1HW, labels_N = data.load_real_digits()
+if __name__ == "__main__":  # `python -m branchgrpo.toy.pretrain`: an alias of branchgrpo.cli.pretrain_toy
+    from branchgrpo.cli.pretrain_toy import main
 
-    classifier, reward_config = fit_reward(images_N1HW, labels_N, args)
-    save_file(classifier, str(out / CLASSIFIER_WEIGHTS), metadata={"format": "branchgrpo-toy-reward/1"})
-    (out / REWARD_CONFIG).write_text(json.dumps(reward_config, indent=1) + "\n")
-    print(f"classifier accuracy {reward_config['classifier']['accuracy']}", flush=True)
-    for path, prompts in ((out / data.TRAIN_PROMPTS_FILE, data.train_prompts()),
-                          (out / data.EVAL_PROMPTS_FILE, data.eval_prompts())):
-        path.write_text("\n".join(prompts) + "\n")
-
-    flow, text, train_metrics = train_flow(args, images_N1HW, labels_N, attribute_labels(images_N1HW, labels_N))
-    adapter = ToyAdapter(flow, text)
-    adapter.export(str(out))  # flow network + text encoder
-
-    report = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "num_params": sum(p.numel() for p in flow.parameters()),
-              "num_text_encoder_params": sum(p.numel() for p in text.parameters()),
-              "classifier_accuracy": reward_config["classifier"]["accuracy"], **train_metrics}
-    report["evaluation"] = evaluate(adapter, ToyReward("toy", out), args)
-    report["speed_batch_256"] = speed(adapter)
-    report["total_time_s"] = round(time.time() - start, 1)
-    (out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out} in {report['total_time_s']:.0f} s", flush=True)
-
-
-if __name__ == "__main__":
     main()

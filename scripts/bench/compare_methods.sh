@@ -58,4 +58,4 @@ esac
 bg_check_inputs
 
 echo "[compare] $MODEL, $ITERATIONS iterations per method, methods: $METHODS -> ${OUTPUT_DIR}"
-"$PY" -m branchgrpo.bench.compare "${ARGS[@]}" --output_dir "$OUTPUT_DIR" -- "${TRAINER_ARGS[@]}" "$@"
+"$PY" -m branchgrpo.cli.compare "${ARGS[@]}" --output_dir "$OUTPUT_DIR" -- "${TRAINER_ARGS[@]}" "$@"

@@ -8,7 +8,7 @@
 #   OUT_DIR=data/toy_seed1 SEED=1 bash scripts/pretrain/pretrain_toy.sh --lr 1e-3
 #
 # Every variable below can be overridden from the environment; extra flags go to the python entry point
-# (python -m branchgrpo.toy.pretrain --help lists them).
+# (python -m branchgrpo.cli.pretrain_toy --help lists them).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -18,7 +18,7 @@ STEPS=${STEPS:-1500}                        # flow-matching optimizer steps
 BATCH_SIZE=${BATCH_SIZE:-256}               # real digits per step
 THREADS=${THREADS:-0}                       # torch CPU threads (0: torch's default)
 
-exec "$PYTHON" -m branchgrpo.toy.pretrain \
+exec "$PYTHON" -m branchgrpo.cli.pretrain_toy \
     --out "$OUT_DIR" \
     --seed "$SEED" \
     --steps "$STEPS" \

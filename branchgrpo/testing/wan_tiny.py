@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from branchgrpo.models.flux_tiny import t5_tokenizer
+from branchgrpo.testing.flux_tiny import t5_tokenizer
 
 # diffusers' test-sized WanTransformer3DModel; text_dim equals the tiny UMT5's d_model.
 TRANSFORMER_CONFIG = dict(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from branchgrpo.rewards.clip_tiny import clip_bpe_tokenizer, tiny_clip_text_config
+from branchgrpo.testing.clip_tiny import clip_bpe_tokenizer, tiny_clip_text_config
 
 # A small English vocabulary for the T5 stand-in: whole words (with SentencePiece's "▁" word-start marker) tokenise
 # as one piece, anything else falls back to single characters, then to <unk>.

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import builders, distributed, sde
-from branchgrpo.data.embeddings import EmbeddingStore
+from branchgrpo import distributed, sde
+from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import eval_prompts
-from branchgrpo.rewards.base import RewardSet
+from branchgrpo.plans import group_plan
+from branchgrpo.rewards.base import RewardSet, decode_and_score
 from branchgrpo.rollout import NoiseKeys, run_rollout
 
 
@@ -27,10 +28,12 @@ class EvalResult:
 
 
 class Evaluator:
-    def __init__(self, store: EmbeddingStore, cfg, rank: int, world_size: int):
-        self.store, self.cfg = store, cfg
-        self.rows, self.sample_ids, self.is_pad = eval_prompts(store, cfg.num_eval_prompts,
-                                                               cfg.eval_samples_per_prompt, rank, world_size)
+    def __init__(self, store: EmbeddingStore, eval_cfg, num_steps: int, rollout_batch_size: int,
+                 reward_batch_size: int, rank: int, world_size: int):
+        self.store, self.cfg, self.num_steps = store, eval_cfg, num_steps
+        self.rollout_batch_size, self.reward_batch_size = rollout_batch_size, reward_batch_size
+        self.rows, self.sample_ids, self.is_pad = eval_prompts(store, eval_cfg.num_eval_prompts,
+                                                               eval_cfg.eval_samples_per_prompt, rank, world_size)
         self.texts = [store.text(i) for i in self.rows]
 
     @property
@@ -40,26 +43,18 @@ class Evaluator:
     @torch.no_grad()
     def run(self, velocity_for, adapter, rewards: RewardSet, sigmas: torch.Tensor, kernel: sde.Kernel,
             device: torch.device, extras: dict) -> EvalResult:
-        cfg = self.cfg
-        T = cfg.sampling_steps
-        plan = builders.group_plan(T, 1, sde_steps=None if cfg.eval_sampler == "sde" else [])
-        embeddings = {k: v.to(device) for k, v in self.store.batch(self.rows).items()}
-        embeddings.update({k: v.to(device).unsqueeze(0).expand(len(self.rows), *v.shape) for k, v in extras.items()})
+        plan = group_plan(self.num_steps, 1, sde_steps=None if self.cfg.eval_sampler == "sde" else [])
+        embeddings = with_extras(self.store.batch(self.rows), extras, device)
         graph = run_rollout(plan, velocity_for(embeddings), sigmas, kernel,
-                            NoiseKeys(cfg.eval_seed, 0, tuple(self.sample_ids)), adapter.latent_shape, device,
-                            batch_size=cfg.rollout_batch_size)
-        media = decode_in_chunks(adapter, graph.node_latents(graph.leaves), cfg.reward_batch_size)
-        scores = {name: [] for name in rewards.models}
-        for start in range(0, media.shape[0], cfg.reward_batch_size):
-            part = rewards.score(media[start : start + cfg.reward_batch_size],
-                                 self.texts[start : start + cfg.reward_batch_size])
-            for name, value in part.items():
-                scores[name].append(value)
+                            NoiseKeys(self.cfg.eval_seed, 0, tuple(self.sample_ids)), adapter.latent_shape, device,
+                            batch_size=self.rollout_batch_size)
+        scores, media = decode_and_score(adapter.decode, graph.node_latents(graph.leaves), self.texts, rewards,
+                                         self.reward_batch_size)
         keep = ~torch.tensor(self.is_pad)
         per_reward = {}
         total = torch.zeros(keep.numel(), dtype=torch.float64)
-        for name, parts in scores.items():
-            values = torch.cat(parts).double()
+        for name, values in scores.items():
+            values = values.double()
             total += rewards.weights[name] * values
             per_reward[name] = _global_mean(values, keep)
         return EvalResult(_global_mean(total, keep), per_reward, self.num_samples, media.cpu(), self.texts)
@@ -69,8 +64,3 @@ def _global_mean(values: torch.Tensor, keep: torch.Tensor) -> float:
     acc = torch.stack([torch.where(keep, values, torch.zeros_like(values)).sum(), keep.double().sum()])
     acc = distributed.all_reduce_sum(acc)
     return float(acc[0] / acc[1])
-
-
-@torch.no_grad()
-def decode_in_chunks(adapter, latents: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([adapter.decode(latents[i : i + chunk]).float() for i in range(0, latents.shape[0], chunk)])

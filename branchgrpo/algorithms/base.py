@@ -1,0 +1,179 @@
+"""What an algorithm unit is: a rollout plan, an advantage estimator, an edge selector and schedule state, over
+the one rollout data type (branchgrpo.graph), plus the typed config section that owns its flags.
+
+A unit is a subclass of `Algorithm` registered with `@register_algorithm` (branchgrpo.algorithms). The trainer
+calls, every iteration,
+
+    plan(iteration) -> GraphPlan          the topology of one prompt's rollout graph
+    advantages(graph, scores, ...)        per-node advantages (the unit's `estimate`, clipped)
+    select(graph, advantages, it, keys)   bool mask over nodes: the edges trained this iteration
+
+and saves `state_dict()` in every checkpoint. Config sections shared by several units (the group size, the sliding
+SDE window) are mixins defined here.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from branchgrpo import advantages as adv
+from branchgrpo import sde
+from branchgrpo.config.fields import flag, require
+from branchgrpo.graph import GraphPlan, RolloutGraph, plan_counts, skeleton_graph
+
+
+class AlgorithmConfig:
+    """Base of every unit's config section (a dataclass of flags). Subclasses add fields and checks."""
+
+    def validate(self, sampling) -> None:
+        """Every check on the section's flags, given the shared sampling section; ValueError naming the flag."""
+
+    def num_leaves(self, sampling) -> int:
+        """Rewarded samples per prompt (checked against --max_leaves)."""
+        raise NotImplementedError
+
+    def conditions(self) -> dict[str, tuple[bool, str]]:
+        """Flags of this section that act only under a condition: name -> (condition holds, the condition in
+        words). A flag set to a non-default value whose condition fails is reported as having no effect."""
+        return {}
+
+    def selection_summary(self) -> str:
+        """The flags that decide which edges are trained, for the error when none is left."""
+        return ""
+
+
+@dataclass
+class GroupFlags(AlgorithmConfig):
+    """Units whose prompts get a group of G samples (DanceGRPO, MixGRPO) or G members per branch step (G2RPO)."""
+
+    num_generations: int = flag(12, "G: trajectories per prompt (dancegrpo, mixgrpo) or members per step (g2rpo)")
+
+    def num_leaves(self, sampling) -> int:
+        return self.num_generations
+
+    def validate(self, sampling) -> None:
+        require(self.num_generations >= 2,
+                f"--num_generations: group methods need >= 2, got {self.num_generations}")
+
+
+@dataclass
+class WindowFlags(AlgorithmConfig):
+    """A window of SDE steps that slides with the TRAINING iteration (MixGRPO; BranchGRPO-Mix)."""
+
+    mix_sde_window_size: int = flag(4, "SDE window size W (MixGRPO, BranchGRPO-Mix)")
+    mix_window_interval: int = flag(25, "training iterations between two moves of the SDE window (tau)")
+    mix_window_stride: int = flag(1, "steps the SDE window moves each time")
+    mix_window_start: int = flag(0, "first position of the SDE window")
+    mix_window_max_start: int | None = flag(None, "last window position before rolling back (default T - 1 - W)")
+
+    def window_max_start(self, num_steps: int) -> int:
+        if self.mix_window_max_start is not None:
+            return self.mix_window_max_start
+        # MixGRPO never trains the last two steps (its max_timesteps = N - 2); here the very last one is also
+        # deterministic, so the window ends at step T - 3 at the latest
+        return max(self.mix_window_start, num_steps - 2 - self.mix_sde_window_size)
+
+    def validate_window(self, num_steps: int) -> None:
+        T, W = num_steps, self.mix_sde_window_size
+        require(1 <= W <= T - 1, f"--mix_sde_window_size: need 1..{T - 1}, got {W}")
+        require(self.mix_window_interval >= 1, f"--mix_window_interval: need >= 1, got {self.mix_window_interval}")
+        require(self.mix_window_stride >= 0, f"--mix_window_stride: need >= 0, got {self.mix_window_stride}")
+        start, last = self.mix_window_start, self.window_max_start(T)
+        require(0 <= start <= last, f"--mix_window_start {start} / --mix_window_max_start {last}: need 0 <= start <= max")
+        require(last + W - 1 <= T - 2, f"--mix_window_max_start {last} + --mix_sde_window_size {W} runs past step "
+                f"{T - 2} (the last step is deterministic)")
+
+    def window_schedule(self, num_steps: int):
+        from branchgrpo.pruning import WindowSchedule
+
+        return WindowSchedule(size=self.mix_sde_window_size, interval=self.mix_window_interval,
+                              stride=self.mix_window_stride, start=self.mix_window_start,
+                              max_start=self.window_max_start(num_steps))
+
+
+def window_flag_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(WindowFlags))
+
+
+class Algorithm(abc.ABC):
+    """One GRPO variant. Subclasses set `name`, `Config` (their section), `default_kernel` and `presets`, and
+    implement `plan` and `estimate`; `select` defaults to every SDE edge."""
+
+    #: the `--algo` value
+    name: ClassVar[str]
+    #: the dataclass of the unit's own flags (a subclass of AlgorithmConfig, built from `flag(...)` fields)
+    Config: ClassVar[type]
+    #: the SDE kernel of `--sde_kernel auto`: "dance" (g = eta) or "flow" (g = eta sqrt(sigma / (1 - sigma)))
+    default_kernel: ClassVar[str] = "dance"
+    #: rows of the method comparison (branchgrpo.bench.compare): id -> (table label, trainer flags); "{interval}"
+    #: stands for the sliding-schedule interval of the run
+    presets: ClassVar[dict[str, tuple[str, list[str]]]] = {}
+
+    def __init__(self, cfg, sampling, *, seed: int = 0, max_train_steps: int = 1, adv_clip_max: float = 5.0):
+        cfg.validate(sampling)
+        leaves = cfg.num_leaves(sampling)
+        require(leaves <= sampling.max_leaves, f"{leaves} leaves per prompt exceed --max_leaves {sampling.max_leaves}")
+        self.cfg, self.sampling, self.seed = cfg, sampling, seed
+        self.max_train_steps, self.adv_clip_max = max_train_steps, adv_clip_max
+        #: everything with state: name -> an object with state_dict()/load_state_dict() (sliding windows, ...), or
+        #: None for a slot the configuration leaves empty (saved as null)
+        self.schedules: dict[str, object | None] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return self.sampling.sampling_steps
+
+    @property
+    def kernel(self) -> sde.Kernel:
+        return self.sampling.kernel(self.default_kernel)
+
+    @property
+    def branch_innovation(self) -> float:
+        """r of paper Eq. 2 for the plan's noise-sharing split children (1: siblings draw independent noise)."""
+        return 1.0
+
+    # --- the three parts -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def plan(self, iteration: int) -> GraphPlan:
+        """The topology of one prompt's rollout graph at this training iteration."""
+
+    @abc.abstractmethod
+    def estimate(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        """Per-node advantages (float64 [N]; NaN where no finite reward lies below) from one reward per leaf."""
+
+    def advantages(self, graph: RolloutGraph, scores: dict[str, torch.Tensor], weights: dict[str, float],
+                   mode: str) -> torch.Tensor:
+        """`estimate` over the (weighted) rewards, clipped to +-adv_clip_max for the loss."""
+        a = adv.combined_advantages(self.estimate, graph, scores, weights, mode)
+        return a.clamp(-self.adv_clip_max, self.adv_clip_max)
+
+    def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
+               prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:
+        """Bool mask over nodes: the edges (child ends) trained this iteration; always a subset of SDE edges."""
+        return graph.stochastic.clone()
+
+    # --- counts and state ------------------------------------------------------------------------------------
+    def counts(self, iteration: int = 0) -> dict:
+        """The honest per-prompt cost of iteration `iteration` (branchgrpo.graph.plan_counts). Selections that
+        rank by reward keep a fixed number of edges whatever the values, so a stand-in ranking gives the counts."""
+        plan = self.plan(iteration)
+        graph = skeleton_graph(plan)
+        stand_in = torch.arange(graph.num_nodes, dtype=torch.float64)
+        return plan_counts(plan, self.select(graph, stand_in, iteration))
+
+    def state_dict(self) -> dict:
+        return {name: None if s is None else s.state_dict() for name, s in self.schedules.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {name for name, value in state.items() if value is not None}
+        mine = {name for name, s in self.schedules.items() if s is not None}
+        if saved != mine:
+            raise ValueError(f"resume: the checkpoint's algorithm state ({sorted(saved)}) does not match these flags "
+                             f"(algo {self.name}: {sorted(mine)})")
+        for name in mine:
+            self.schedules[name].load_state_dict(state[name])

@@ -1,0 +1,170 @@
+"""BranchGRPO (arXiv:2509.06040): rollouts as a branching tree sharing denoising prefixes (DESIGN section 3), reward
+fusion and depth-wise advantages (section 4), width and depth pruning and the hybrid ODE/SDE tree (section 5).
+
+    plan       every node emits K SDE children at each split step (paper Eq. 2 split noise); BranchGRPO-Mix: only
+               split steps and a window sliding with the training iteration are SDE
+    estimate   fusion over path log-probs (Eq. 3), depth-wise z-scores within each prompt's tree (Eq. 4)
+    select     depth pruning (optionally sliding), then width pruning at the last split (Parent-Top1 / Extreme)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from branchgrpo import advantages as adv
+from branchgrpo.algorithms import register_algorithm
+from branchgrpo.algorithms.base import Algorithm, WindowFlags, window_flag_names
+from branchgrpo.config.fields import flag, parse_int_list, require
+from branchgrpo.graph import GraphPlan, RolloutGraph
+from branchgrpo.plans import tree_plan
+from branchgrpo.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
+
+_PAPER_TREE = ["--algo", "branchgrpo", "--tree_split_points", "0,3,6,9", "--branch_factor", "2", "--sde_kernel",
+               "dance", "--eta", "0.3"]
+
+
+@dataclass
+class BranchGRPOConfig(WindowFlags):
+    """The tree, fusion and pruning flags (the window flags act only with --mix_ode_sde_tree)."""
+
+    tree_split_points: str = flag("0,3,6,9", "comma-separated step indices where every node branches")
+    tree_split_rounds: int = flag(4, "official fallback when --tree_split_points is empty: splits at k*(T // rounds)")
+    branch_factor: int = flag(2, "children per split (K); leaves per prompt = K ** (number of split points)")
+    branch_innovation: float = flag(1.0, "paper Eq. 2 r in (0, 1]: siblings share sqrt(1-r^2) of their split noise "
+                                    "(r = 1: independent siblings)")
+    tree_split_noise_scale: float = flag(1.0, "lambda: split edges' kernel std is lambda * std, in sampling and in "
+                                         "every log-prob of the edge (the official code scaled only the sampling)")
+    fusion_alpha: float | None = flag(None, "reward fusion temperature (Eq. 3): 0 = mean of the leaves below, "
+                                      "1 = behaviour-policy path weighting")
+    tree_prob_weighted: bool = flag(False, "official name for --fusion_alpha 1")
+    width_pruning_mode: int = flag(0, "0 none, 1 Parent-Top1, 2 Extreme (best and worst leaves)", (0, 1, 2))
+    width_pruning_ratio: float = flag(0.5, "Extreme mode: fraction of leaves whose post-split chains are trained")
+    depth_pruning: str = flag("", "comma-separated child depths whose edges are not trained, e.g. 15,16,17,18")
+    depth_pruning_slide: bool = flag(False, "slide the pruned depths one step every --depth_pruning_slide_interval "
+                                     "iterations towards --depth_pruning_stop_depth")
+    depth_pruning_slide_interval: int = flag(1, "iterations between two moves of the depth-pruning window")
+    depth_pruning_stop_depth: int | None = flag(None, "where the sliding window stops (default: the last split point)")
+    pruning_step_ratio: float = flag(1.0, "prune only during the first fraction of --max_train_steps")
+    mix_ode_sde_tree: bool = flag(False, "BranchGRPO-Mix: only split steps and a sliding window of SDE steps are "
+                                  "stochastic (and trained); the rest are ODE steps")
+
+    # --- derived values ----------------------------------------------------------------------------------------
+    def split_points(self, num_steps: int) -> list[int]:
+        if self.tree_split_points.strip():
+            return parse_int_list(self.tree_split_points, "--tree_split_points")
+        stride = max(1, num_steps // max(1, self.tree_split_rounds))
+        return [k * stride for k in range(self.tree_split_rounds)]
+
+    @property
+    def pruned_depths(self) -> list[int]:
+        return parse_int_list(self.depth_pruning, "--depth_pruning") if self.depth_pruning.strip() else []
+
+    @property
+    def alpha(self) -> float:
+        if self.fusion_alpha is not None:
+            return self.fusion_alpha
+        return 1.0 if self.tree_prob_weighted else 0.0
+
+    def num_leaves(self, sampling) -> int:
+        return self.branch_factor ** len(self.split_points(sampling.sampling_steps))
+
+    # --- checks ------------------------------------------------------------------------------------------------
+    def validate(self, sampling) -> None:
+        T = sampling.sampling_steps
+        points = self.split_points(T)
+        require(bool(points), "--tree_split_points: BranchGRPO needs at least one split point")
+        for p in points:
+            require(0 <= p <= T - 2, f"--tree_split_points: {p} is outside 0..{T - 2} "
+                    f"(steps of a {T}-step schedule; the last step is deterministic)")
+        require(self.branch_factor >= 2, f"--branch_factor: need >= 2, got {self.branch_factor}")
+        leaves = self.num_leaves(sampling)
+        require(leaves <= sampling.max_leaves, f"--tree_split_points/--branch_factor: {leaves} leaves per prompt "
+                f"exceed --max_leaves {sampling.max_leaves} (raise --max_leaves if you mean it)")
+        r = self.branch_innovation
+        require(0 < r <= 1, f"--branch_innovation: need r in (0, 1], got {r}")
+        require(self.tree_split_noise_scale > 0, f"--tree_split_noise_scale: need > 0, got {self.tree_split_noise_scale}")
+        if self.tree_prob_weighted and self.fusion_alpha is not None and self.fusion_alpha != 1.0:
+            raise ValueError(f"--tree_prob_weighted means --fusion_alpha 1, but --fusion_alpha {self.fusion_alpha} is set")
+        ratio = self.width_pruning_ratio
+        require(self.width_pruning_mode in (0, 1, 2), f"--width_pruning_mode: 0, 1 or 2, got {self.width_pruning_mode}")
+        require(0 < ratio <= 1, f"--width_pruning_ratio: need a value in (0, 1], got {ratio}")
+        for d in self.pruned_depths:
+            require(1 <= d <= T - 1, f"--depth_pruning: depth {d} is outside 1..{T - 1} (child depths of trainable edges)")
+        if self.depth_pruning_slide:
+            require(self.depth_pruning_slide_interval >= 1,
+                    f"--depth_pruning_slide_interval: need >= 1, got {self.depth_pruning_slide_interval}")
+            stop = self.depth_pruning_stop_depth
+            if stop is not None:
+                require(1 <= stop <= T - 1, f"--depth_pruning_stop_depth: {stop} is outside 1..{T - 1}")
+        require(0 < self.pruning_step_ratio <= 1, f"--pruning_step_ratio: need (0, 1], got {self.pruning_step_ratio}")
+        if self.mix_ode_sde_tree:
+            self.validate_window(T)
+
+    def conditions(self) -> dict[str, tuple[bool, str]]:
+        return {
+            **{name: (self.mix_ode_sde_tree, "--mix_ode_sde_tree") for name in window_flag_names()},
+            "width_pruning_ratio": (self.width_pruning_mode == 2, "--width_pruning_mode 2"),
+            "depth_pruning_slide": (bool(self.depth_pruning.strip()), "a non-empty --depth_pruning"),
+            "depth_pruning_slide_interval": (self.depth_pruning_slide, "--depth_pruning_slide"),
+            "depth_pruning_stop_depth": (self.depth_pruning_slide, "--depth_pruning_slide"),
+        }
+
+    def selection_summary(self) -> str:
+        return (f"--depth_pruning '{self.depth_pruning}' / --width_pruning_mode {self.width_pruning_mode} / "
+                f"--mix_ode_sde_tree {self.mix_ode_sde_tree}")
+
+
+@register_algorithm
+class BranchGRPO(Algorithm):
+    name = "branchgrpo"
+    Config = BranchGRPOConfig
+    default_kernel = "dance"
+    presets = {
+        "branchgrpo": ("BranchGRPO", _PAPER_TREE),
+        "branchgrpo_widpru": ("BranchGRPO-WidPru", [*_PAPER_TREE, "--width_pruning_mode", "1"]),
+        "branchgrpo_deppru": ("BranchGRPO-DepPru", [*_PAPER_TREE, "--depth_pruning", "15,16,17,18",
+                                                    "--depth_pruning_slide", "--depth_pruning_slide_interval",
+                                                    "{interval}", "--depth_pruning_stop_depth", "9"]),
+        "branchgrpo_mix": ("BranchGRPO-Mix", [*_PAPER_TREE, "--mix_ode_sde_tree", "--mix_sde_window_size", "4",
+                                              "--mix_window_interval", "{interval}"]),
+    }
+
+    def __init__(self, cfg: BranchGRPOConfig, sampling, **kwargs):
+        super().__init__(cfg, sampling, **kwargs)
+        self.split_points = cfg.split_points(self.num_steps)
+        self.schedules["window"] = cfg.window_schedule(self.num_steps) if cfg.mix_ode_sde_tree else None
+        stop = cfg.depth_pruning_stop_depth
+        if stop is None and cfg.depth_pruning_slide:
+            stop = max(self.split_points)  # the official default
+        self.depth_schedule = DepthPruningSchedule(
+            depths=tuple(cfg.pruned_depths), slide=cfg.depth_pruning_slide, interval=cfg.depth_pruning_slide_interval,
+            stop_depth=stop, step_ratio=cfg.pruning_step_ratio, max_train_steps=self.max_train_steps)
+        self.schedules["depth_schedule"] = self.depth_schedule
+
+    @property
+    def branch_innovation(self) -> float:
+        return self.cfg.branch_innovation
+
+    def plan(self, iteration: int) -> GraphPlan:
+        window = self.schedules["window"]
+        return tree_plan(self.num_steps, self.split_points, self.cfg.branch_factor,
+                         sde_steps=window.window(iteration) if window else None,
+                         split_noise_scale=self.cfg.tree_split_noise_scale)
+
+    def estimate(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        return adv.tree_advantages(graph, leaf_rewards, self.cfg.alpha)
+
+    def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
+               prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:
+        c = self.cfg
+        keep = graph.stochastic.clone()
+        keep &= depth_pruning_mask(graph, self.depth_schedule.pruned_depths(iteration))
+        if c.width_pruning_mode and self.depth_schedule.active(iteration):
+            last_split = max(self.split_points)
+            if c.width_pruning_mode == 1:
+                keep &= parent_top1_mask(graph, advantages, last_split)
+            else:
+                keep &= extreme_mask(graph, advantages, last_split, c.width_pruning_ratio)
+        return keep

@@ -1,0 +1,54 @@
+"""DanceGRPO: G independent SDE trajectories per prompt, the group z-score of the terminal reward broadcast to every
+step, and optionally a random fraction of each trajectory's steps trained (DESIGN section 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from branchgrpo import advantages as adv
+from branchgrpo.algorithms import register_algorithm
+from branchgrpo.algorithms.base import Algorithm, GroupFlags
+from branchgrpo.config.fields import flag, require
+from branchgrpo.graph import GraphPlan, RolloutGraph
+from branchgrpo.plans import group_plan
+from branchgrpo.pruning import timestep_fraction_mask
+
+_DANCE = ["--algo", "dancegrpo", "--num_generations", "16", "--sde_kernel", "dance", "--eta", "0.3"]
+
+
+@dataclass
+class DanceGRPOConfig(GroupFlags):
+    timestep_fraction: float = flag(1.0, "dancegrpo: fraction of each trajectory's SDE steps trained (random subset)")
+
+    def validate(self, sampling) -> None:
+        super().validate(sampling)
+        T, f = sampling.sampling_steps, self.timestep_fraction
+        require(0 < f <= 1, f"--timestep_fraction: need a value in (0, 1], got {f}")
+        require(int(f * (T - 1) + 1e-9) >= 1, f"--timestep_fraction {f} trains no step of {T - 1}")
+
+
+@register_algorithm
+class DanceGRPO(Algorithm):
+    name = "dancegrpo"
+    Config = DanceGRPOConfig
+    default_kernel = "dance"
+    presets = {
+        "dancegrpo_tf1.0": ("DanceGRPO (tf=1.0)", [*_DANCE, "--timestep_fraction", "1.0"]),
+        "dancegrpo_tf0.6": ("DanceGRPO (tf=0.6)", [*_DANCE, "--timestep_fraction", "0.6"]),
+    }
+
+    def plan(self, iteration: int) -> GraphPlan:
+        return group_plan(self.num_steps, self.cfg.num_generations)
+
+    def estimate(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        return adv.group_advantages(graph, leaf_rewards)
+
+    def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
+               prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:
+        keep = graph.stochastic.clone()
+        if self.cfg.timestep_fraction < 1.0:
+            keys = prompt_keys or tuple(range(graph.num_prompts))
+            keep &= timestep_fraction_mask(graph, self.cfg.timestep_fraction, self.seed, iteration, keys)
+        return keep

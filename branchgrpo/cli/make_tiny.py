@@ -1,0 +1,46 @@
+"""Write tiny random checkpoints in the real folder layouts, for tests and cluster smoke tests.
+
+    python -m branchgrpo.make_tiny flux DIR     tiny FLUX.1-style pipeline (diffusers layout)
+    python -m branchgrpo.make_tiny wan DIR      tiny Wan2.1-style pipeline (diffusers layout)
+    python -m branchgrpo.make_tiny hps DIR      tiny HPS-style open_clip checkpoint + its model config
+
+Backbones are the registered specs that have a tiny checkpoint (`BackboneSpec.tiny`); rewards are listed in
+`branchgrpo.testing.TINY_REWARDS`. Everything is built from configs in code with fixed seeds; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from branchgrpo.models import backbones
+from branchgrpo.testing import TINY_REWARDS, call_writer
+
+
+def kinds() -> list[str]:
+    """Backbones with a tiny checkpoint, then rewards."""
+    return [name for name, spec in backbones().items() if spec.tiny is not None] + list(TINY_REWARDS)
+
+
+def make_tiny(kind: str, out_dir: str, seed: int = 0) -> None:
+    specs = backbones()
+    if kind in specs and specs[kind].tiny is not None:
+        specs[kind].make_tiny(out_dir, seed=seed)
+    elif kind in TINY_REWARDS:
+        call_writer(TINY_REWARDS[kind], out_dir, seed)
+    else:
+        raise ValueError(f"make_tiny: unknown kind '{kind}'; expected one of {', '.join(kinds())}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m branchgrpo.make_tiny", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=kinds())
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_tiny(args.kind, args.out_dir, seed=args.seed)
+    print(f"wrote tiny {args.kind} checkpoint to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Count what a configuration costs before renting GPUs: `python -m branchgrpo.plan --algo branchgrpo ...`.
+
+Prints, per prompt: leaves, transformer forward passes in the rollout (total and per leaf), nodes, trainable edges
+(SDE transitions) and the edges trained after pruning/selection (total and per leaf) - the papers' "NFE" columns,
+counted honestly (forward passes, not nodes). `--iteration N` evaluates sliding windows at training iteration N.
+Width pruning keeps a fixed number of edges per tree whatever the rewards, so the count uses a stand-in ranking.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def count(cfg, iteration: int = 0) -> dict:
+    """The counts of a TrainConfig's algorithm at `iteration` (a fresh unit: no schedule state is touched)."""
+    out = {"algo": cfg.run.algo, "iteration": iteration, "sampling_steps": cfg.sampling.sampling_steps}
+    out.update(cfg.build_algorithm().counts(iteration))
+    out["sequential_forward_passes_per_leaf"] = cfg.sampling.sampling_steps
+    return out
+
+
+def format_counts(c: dict) -> str:
+    rows = [
+        ("leaves (rewarded samples)", c["leaves"]),
+        ("rollout forward passes", f"{c['forward_passes']}  ({c['forward_passes_per_leaf']:.4g} per leaf; "
+                                   f"a sequential rollout needs {c['sequential_forward_passes_per_leaf']})"),
+        ("nodes / edges", f"{c['nodes']} / {c['edges']}"),
+        ("trainable edges (SDE)", f"{c['trainable_edges']}  ({c['trainable_edges_per_leaf']:.4g} per leaf)"),
+        ("trained edges", f"{c['trained_edges']}  ({c['trained_edges_per_leaf']:.4g} per leaf)"),
+        ("training forward passes", f"{c['train_forward_passes']}  ({c['train_forward_passes_per_leaf']:.4g} per leaf;"
+                                    " siblings share one)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    head = f"{c['algo']}, T = {c['sampling_steps']}, iteration {c['iteration']}, per prompt:"
+    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def main(argv=None) -> None:
+    from branchgrpo.config import config_from_flags, parse_flags
+
+    def extra(p):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
+
+    try:
+        # the training flags and configs are accepted as they are; only the algorithm's are checked and used
+        values, extras = parse_flags(argv, description=__doc__, extra_args=extra, prog="python -m branchgrpo.plan")
+        counts = count(config_from_flags(values, validate="algorithm"), extras.iteration)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(json.dumps(counts) if extras.json else format_counts(counts))
+
+
+if __name__ == "__main__":
+    main()

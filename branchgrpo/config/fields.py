@@ -1,0 +1,112 @@
+"""Flags as dataclass fields: one field per command-line flag, with its default and a one-line doc, and the generic
+machinery around them (argparse from fields, YAML values, type checks, comma-separated integer lists).
+
+Every config section (branchgrpo.config.sections) and every algorithm unit's section (branchgrpo.algorithms) is a
+dataclass built from `flag(...)` fields; the command line is the union of their fields, flat, under the official
+flag names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import field
+from pathlib import Path
+
+
+def flag(default, help: str, choices=None):
+    """A dataclass field that is also a command-line flag `--<name>` with this help text (and choices)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+def require(ok: bool, message: str) -> None:
+    """Flag validation: a ValueError whose message names the flag, the value and what is allowed."""
+    if not ok:
+        raise ValueError(message)
+
+
+def parse_int_list(text: str, flag_name: str) -> list[int]:
+    """'0,3,6,9' -> [0, 3, 6, 9]; empty entries, non-integers and duplicates are refused naming the flag."""
+    values = []
+    for item in (p.strip() for p in str(text).split(",")):
+        if not item:
+            raise ValueError(f"{flag_name}: empty entry in '{text}' (expected comma-separated integers)")
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ValueError(f"{flag_name}: '{item}' is not an integer (in '{text}')") from None
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag_name}: duplicate entries in '{text}'")
+    return values
+
+
+def arg_type(tp):
+    """The scalar type of a field annotation (`int | None` -> int)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: arg_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def check_value_type(name: str, value, tp) -> None:
+    """YAML values reach the dataclasses unconverted: `branch_factor: 2.5` or `eta: .inf` must fail here, naming
+    the flag, not later in a traceback. Integer fields need integers; float fields finite numbers."""
+    if value is None:
+        return
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"--{name}: need an integer, got {value!r}")
+    if tp is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ValueError(f"--{name}: need a finite number, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"--{name}: need true or false, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"--{name}: need a string, got {value!r}")
+
+
+def add_flag(group, f: dataclasses.Field, tp) -> None:
+    """Add one field as `--name` (defaults suppressed: only flags actually given reach the values)."""
+    kwargs = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+    if tp is bool:
+        group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    group.add_argument(f"--{f.name}", type=tp, **kwargs)
+
+
+def normalise_yaml_value(value, tp):
+    """YAML spellings of comma-list flags: [0, 3, 6, 9] or a single 15 for a string flag."""
+    if tp is str and isinstance(value, (list, int)) and not isinstance(value, bool):
+        return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
+    return data
+
+
+def defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def section_from(cls, values: dict):
+    """An instance of the section `cls` from the flat flag values (its own fields only)."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})

@@ -1,0 +1,333 @@
+"""The config sections every run has, one dataclass each; their fields are flags under the official names.
+
+Each section owns its flags' one-line docs and defaults, its checks (`validate`, before anything is loaded), the
+flags that act only under a condition (`conditions`), and which of its flags may change when a run is resumed
+(`RESUMABLE`). Components take the section they need (torchtitan style), never the whole run config. The
+algorithm's own section comes from its unit (branchgrpo.algorithms); see branchgrpo.config.train for assembly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from branchgrpo.config.fields import flag, require
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def require_positive(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        require(isinstance(value, (int, float)) and value > 0, f"--{name}: need a positive number, got {value}")
+
+
+def require_non_negative(section, *names: str) -> None:
+    for name in names:
+        require(getattr(section, name) >= 0, f"--{name}: need >= 0, got {getattr(section, name)}")
+
+
+class Section:
+    """Defaults of the per-section hooks."""
+
+    #: flags that may differ between a run and its resumption (any other change is refused)
+    RESUMABLE: ClassVar[frozenset[str]] = frozenset()
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        """name -> (the flag acts in this run, the condition in words)."""
+        return {}
+
+
+@dataclass
+class RunConfig(Section):
+    """Which algorithm, the root seed, and where everything is written."""
+
+    algo: str = flag("branchgrpo", "algorithm (a registered unit: branchgrpo, dancegrpo, mixgrpo, g2rpo, ...)")
+    seed: int = flag(42, "seed of every keyed random draw (rollout noise, shuffles, timestep subsets)")
+    output_dir: str = flag("outputs/run", "metrics, grids, plots, summary and checkpoints go here")
+
+    RESUMABLE = frozenset({"output_dir"})
+
+
+@dataclass
+class SamplingConfig(Section):
+    """The sigma schedule, the SDE kernel and how rollouts are batched: shared by every algorithm."""
+
+    sampling_steps: int = flag(20, "denoising steps T of every rollout (the tree depth)")
+    shift: float = flag(3.0, "static SD3 time shift of the sigma schedule (1 = none)")
+    time_shift: str = flag("static", "sigma schedule warp: static (--shift) or dynamic (FLUX's resolution-dependent "
+                           "mu)", ("static", "dynamic"))
+    sde_kernel: str = flag("auto", "diffusion coefficient: dance (g = eta) or flow (g = eta sqrt(sigma/(1-sigma))); "
+                           "auto = the algorithm's own (dance for branchgrpo/dancegrpo, flow for mixgrpo/g2rpo)",
+                           ("auto", "dance", "flow"))
+    eta: float | None = flag(None, "SDE noise level; default 0.3 for the dance kernel, 0.7 for the flow kernel")
+    init_same_noise: bool = flag(False, "every rollout root of a rank starts from the same initial noise")
+    rollout_batch_size: int = flag(32, "latents per velocity call in the rollout (nodes of one depth are batched)")
+    max_leaves: int = flag(4096, "refuse graphs with more leaves per prompt than this (raise it knowingly)")
+    ignore_last: bool = flag(True, "official flag; always true here: the last step is deterministic, never trained")
+
+    def kernel_kind(self, default: str) -> str:
+        return default if self.sde_kernel == "auto" else self.sde_kernel
+
+    def eta_value(self, default_kernel: str) -> float:
+        if self.eta is not None:
+            return self.eta
+        return 0.3 if self.kernel_kind(default_kernel) == "dance" else 0.7
+
+    def kernel(self, default_kernel: str):
+        from branchgrpo import sde
+
+        return sde.Kernel(self.kernel_kind(default_kernel), self.eta_value(default_kernel))
+
+    def validate(self, algo: str, default_kernel: str) -> None:
+        T, eta = self.sampling_steps, self.eta_value(default_kernel)
+        require(T >= 2, f"--sampling_steps: need an integer >= 2, got {T}")
+        require(self.shift > 0 and math.isfinite(self.shift), f"--shift: need a positive number, got {self.shift}")
+        require(eta >= 0 and math.isfinite(eta), f"--eta: need a number >= 0, got {eta}")
+        require(self.ignore_last, "--no-ignore_last: the last step (to sigma = 0) is deterministic here (x0 "
+                "prediction), so there is no last-step transition to train")
+        require(eta > 0, f"--eta 0 makes every step deterministic: nothing to explore or train (algo {algo})")
+        require_positive(self, "rollout_batch_size")
+
+
+@dataclass
+class LossConfig(Section):
+    """The clipped surrogate (paper Eq. 5), advantage clipping and the KL to the reference policy."""
+
+    clip_range: float = flag(1e-3, "PPO clip epsilon of the ratio")
+    adv_clip_max: float = flag(5.0, "advantages are clipped to +-this")
+    kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled)")
+
+    def validate(self) -> None:
+        require(self.clip_range > 0, f"--clip_range: need > 0, got {self.clip_range}")
+        require(self.adv_clip_max > 0, f"--adv_clip_max: need > 0, got {self.adv_clip_max}")
+        require(self.kl_coef >= 0, f"--kl_coef: need >= 0, got {self.kl_coef}")
+
+
+@dataclass
+class RewardConfig(Section):
+    """Which reward models, with which weights, read from where."""
+
+    reward: str = flag("toy", "reward models and weights, e.g. hps=1.0,clip=0.5")
+    reward_combine: str = flag("sum", "multi-reward: sum = weighted raw rewards, advantage = weighted advantages",
+                               ("sum", "advantage"))
+    reward_model_dir: str = flag("hps_ckpt", "folder holding reward checkpoints (see hps_ckpt/README.md)")
+    reward_options: str = flag("", "JSON {reward: {option: value}} passed to the reward factories")
+    reward_batch_size: int = flag(16, "leaves decoded and scored per call")
+
+    def validate(self) -> None:
+        from branchgrpo.rewards.base import parse_reward_options, parse_reward_spec
+
+        require_positive(self, "reward_batch_size")
+        parse_reward_spec(self.reward)
+        parse_reward_options(self.reward_options)
+
+
+@dataclass
+class ModelConfig(Section):
+    """The backbone (a registered spec: branchgrpo.models), its checkpoint, generation size and LoRA."""
+
+    model: str = flag("toy", "backbone (a registered spec: toy, flux, wan)")
+    pretrained_model_name_or_path: str | None = flag(None, "local checkpoint folder (diffusers layout for flux/wan); "
+                                                     "toy: default = the checkpoint shipped in the package")
+    h: int | None = flag(None, "image height in pixels (flux, wan)")
+    w: int | None = flag(None, "image width in pixels (flux, wan)")
+    num_frames: int | None = flag(None, "video frames, 4k + 1 (wan)")
+    guidance_scale: float | None = flag(None, "flux: distilled guidance (3.5); wan: classifier-free guidance (5.0)")
+    use_lora: bool = flag(False, "train LoRA adapters (peft) instead of the full model")
+    lora_rank: int = flag(32, "LoRA rank")
+    lora_alpha: float = flag(64.0, "LoRA alpha")
+    lora_target_modules: str = flag("", "comma-separated module names (default: the backbone's attention projections)")
+
+    @property
+    def spec(self):
+        from branchgrpo.models import get_backbone
+
+        return get_backbone(self.model)
+
+    @property
+    def lora_targets(self) -> list[str] | None:
+        return [t.strip() for t in self.lora_target_modules.split(",") if t.strip()] or None
+
+    def validate(self) -> None:
+        spec = self.spec
+        spec.check_flags(self)
+        if self.use_lora:
+            require_positive(self, "lora_rank", "lora_alpha")
+        if spec.needs_pretrained:
+            require(self.pretrained_model_name_or_path is not None,
+                    f"--pretrained_model_name_or_path: required for --model {self.model} (a local folder)")
+        path = self.pretrained_model_name_or_path
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--pretrained_model_name_or_path: {path} does not exist")
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        from branchgrpo.models import backbones
+
+        out = {name: (self.use_lora, "--use_lora") for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
+        for name in ("h", "w", "num_frames", "guidance_scale"):
+            takers = [b for b, spec in backbones().items() if name in spec.flags]
+            out[name] = (self.model in takers, "--model " + " or ".join(takers))
+        return out
+
+
+@dataclass
+class DataConfig(Section):
+    """The preprocessed prompt embeddings and how many prompts each rank takes per iteration."""
+
+    data_json_path: str | None = flag(None, "index.json of the training prompt embeddings (written by preprocessing)")
+    eval_data_json_path: str | None = flag(None, "index.json of held-out prompts for evaluation and sample grids "
+                                           "(default: the first --num_eval_prompts training prompts)")
+    train_batch_size: int = flag(2, "prompts per rank per iteration (one tree or one group of G each)")
+    sampler_seed: int | None = flag(None, "seed of the prompt order (default: --seed)")
+
+    def validate(self) -> None:
+        require_positive(self, "train_batch_size")
+        for name in ("data_json_path", "eval_data_json_path"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"--{name}: {path} does not exist; run the preprocess script first")
+        require(self.data_json_path is not None,
+                "--data_json_path: required (the index.json written by scripts/preprocess/*.sh)")
+
+
+@dataclass
+class OptimConfig(Section):
+    """Iterations, the optimizer and its schedule, micro-batching of the update, and the EMA of the weights."""
+
+    max_train_steps: int = flag(300, "training iterations (rollout + update rounds)")
+    learning_rate: float = flag(1e-5, "AdamW learning rate")
+    weight_decay: float = flag(1e-4, "AdamW weight decay")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    lr_scheduler: str = flag("constant_with_warmup", "learning-rate schedule over optimizer steps", LR_SCHEDULERS)
+    lr_warmup_steps: int = flag(0, "linear warmup, in optimizer steps")
+    lr_num_cycles: float = flag(1.0, "cosine_with_restarts: number of cycles")
+    lr_power: float = flag(1.0, "polynomial: decay power")
+    max_grad_norm: float = flag(1.0, "gradient clipping on every optimizer step (<= 0: off)")
+    train_micro_batch_size: int = flag(8, "distinct parent latents per training forward; sibling edges share it")
+    gradient_accumulation_steps: int = flag(0, "micro-batches per optimizer step; 0 = one step per iteration")
+    recompute_old_log_prob: bool = flag(False, "re-score the behaviour log-probs with the training forward before "
+                                        "the update (costs one no-grad forward per trained edge; makes the first "
+                                        "ratio 1 where rollout and training kernels differ, e.g. bf16 on GPU)")
+    use_ema: bool = flag(False, "keep an EMA of the trained weights on the CPU (evaluated and exported beside them)")
+    ema_decay: float = flag(0.995, "EMA decay per update")
+    ema_update_interval: int = flag(1, "iterations between EMA updates")
+
+    RESUMABLE = frozenset({"max_train_steps"})
+
+    def validate(self) -> None:
+        require(self.max_train_steps >= 1, f"--max_train_steps: need >= 1, got {self.max_train_steps}")
+        require_positive(self, "train_micro_batch_size", "learning_rate", "ema_update_interval")
+        require(self.gradient_accumulation_steps >= 0, "--gradient_accumulation_steps: need >= 0 (0 = once per "
+                f"iteration), got {self.gradient_accumulation_steps}")
+        require_non_negative(self, "lr_warmup_steps")
+        require(0 < self.ema_decay < 1, f"--ema_decay: need a value in (0, 1), got {self.ema_decay}")
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        return {name: (self.use_ema, "--use_ema") for name in ("ema_decay", "ema_update_interval")}
+
+
+@dataclass
+class ParallelConfig(Section):
+    """Devices, process-level parallelism (FSDP2 / DDP), activation checkpointing and precision."""
+
+    device: str = flag("auto", "auto (CUDA if present) | cpu | cuda")
+    deterministic: str = flag("auto", "deterministic kernels: auto (on for CPU, where they cost little and make "
+                              "resumed runs bitwise equal; off on CUDA) | on | off", ("auto", "on", "off"))
+    num_threads: int = flag(0, "CPU threads per process for torch (0: torch's default; the toy runs fastest with 1-2)")
+    parallel: str = flag("auto", "auto: the backbone's own (fsdp for flux/wan, ddp for toy) with >1 process",
+                         ("auto", "none", "ddp", "fsdp"))
+    gradient_checkpointing: bool = flag(False, "activation checkpointing of the backbone's blocks")
+    selective_checkpointing: float = flag(1.0, "fraction of blocks checkpointed (from the first)")
+    mixed_precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
+    master_weight_type: str = flag("fp32", "dtype of the trained weights and optimizer state", ("fp32", "bf16"))
+    allow_tf32: bool = flag(True, "TF32 matmuls on CUDA")
+    use_cpu_offload: bool = flag(False, "FSDP2: keep parameters and optimizer state on the CPU")
+
+    RESUMABLE = frozenset({"device"})
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.master_weight_type == "bf16" else torch.float32
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 autocast (explicit, or auto on CUDA), else None (fp32)."""
+        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def deterministic_on(self, device: torch.device) -> bool:
+        return self.deterministic == "on" or (self.deterministic == "auto" and device.type == "cpu")
+
+    def validate(self) -> None:
+        require(0 <= self.selective_checkpointing <= 1,
+                f"--selective_checkpointing: need a fraction in [0, 1], got {self.selective_checkpointing}")
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        sharded = self.parallel == "fsdp" or (self.parallel == "auto" and run.model.spec.default_parallel == "fsdp")
+        return {"selective_checkpointing": (self.gradient_checkpointing, "--gradient_checkpointing"),
+                "use_cpu_offload": (sharded, "FSDP (--parallel fsdp, or auto with a backbone that shards)")}
+
+
+@dataclass
+class CheckpointConfig(Section):
+    checkpointing_steps: int = flag(50, "save a checkpoint every N iterations (and at the end)")
+    checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints (0 = all)")
+    resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint folder")
+
+    RESUMABLE = frozenset({"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"})
+
+    def validate(self) -> None:
+        require_non_negative(self, "checkpointing_steps", "checkpoints_total_limit")
+        path = self.resume_from_checkpoint
+        if path not in (None, "latest") and not Path(path).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")
+
+
+@dataclass
+class EvalConfig(Section):
+    """The held-out evaluation during training: fixed prompts, seeds and sampler."""
+
+    validation_steps: int = flag(25, "evaluate held-out prompts and write a sample grid every N iterations")
+    num_eval_prompts: int = flag(16, "held-out prompts per evaluation")
+    eval_samples_per_prompt: int = flag(4, "seeds per held-out prompt")
+    eval_sampler: str = flag("ode", "evaluation sampler: ode (deterministic) or sde (the training kernel)",
+                             ("ode", "sde"))
+    eval_seed: int = flag(1234, "seed of the evaluation noise (the same at every evaluation)")
+
+    RESUMABLE = frozenset({"validation_steps"})
+
+    def validate(self) -> None:
+        require_positive(self, "num_eval_prompts", "eval_samples_per_prompt")
+        require_non_negative(self, "validation_steps")
+
+
+@dataclass
+class LoggingConfig(Section):
+    save_rollout_samples: int = flag(0, "every N iterations write a few rollout leaves (PNG grid; MP4/GIF for video)")
+    report_to: str = flag("tensorboard", "comma list of tensorboard, wandb, none")
+    wandb_project: str = flag("branchgrpo", "wandb project (with --report_to wandb)")
+    run_name: str | None = flag(None, "run name for loggers (default: output_dir's name)")
+
+    RESUMABLE = frozenset({"save_rollout_samples", "report_to", "wandb_project", "run_name"})
+
+    @property
+    def loggers(self) -> set[str]:
+        return {x.strip() for x in self.report_to.split(",")}
+
+    def validate(self) -> None:
+        require_non_negative(self, "save_rollout_samples")
+        unknown = self.loggers - {"tensorboard", "wandb", "none", ""}
+        require(not unknown, f"--report_to: unknown logger(s) {sorted(unknown)}; use tensorboard, wandb or none")
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        return {"wandb_project": ("wandb" in self.report_to, "--report_to wandb")}

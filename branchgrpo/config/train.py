@@ -1,0 +1,253 @@
+"""The run config: its sections (branchgrpo.config.sections) plus the selected algorithm's own section, parsed from
+flat official flag names (command line over YAML), validated once before anything is loaded.
+
+    cfg = parse_train_config(argv)        # python -m branchgrpo.cli.train ...
+    cfg.sampling.sampling_steps, cfg.optim.learning_rate, cfg.algorithm.tree_split_points, ...
+    cfg.flags                             # every flag, flat: what config.json and checkpoints record
+
+The flag catalogue is assembled at parse time from the sections and from every registered algorithm's section, so
+an algorithm registered by a plugin or a test brings its flags with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from branchgrpo.config.fields import (
+    add_flag,
+    check_value_type,
+    field_types,
+    load_yaml,
+    normalise_yaml_value,
+    require,
+    section_from,
+)
+from branchgrpo.config.official import OFFICIAL_FLAGS, add_official_flags, apply_official
+from branchgrpo.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RewardConfig,
+    RunConfig,
+    SamplingConfig,
+)
+
+log = logging.getLogger(__name__)
+
+# attribute of TrainConfig -> (section class, --help group title)
+SECTIONS = {
+    "run": (RunConfig, "run"),
+    "sampling": (SamplingConfig, "sampling (schedule, SDE kernel, rollout batching)"),
+    "loss": (LossConfig, "loss"),
+    "reward": (RewardConfig, "rewards"),
+    "model": (ModelConfig, "model and LoRA"),
+    "data": (DataConfig, "data"),
+    "optim": (OptimConfig, "optimisation and EMA"),
+    "parallel": (ParallelConfig, "parallelism and precision"),
+    "checkpoint": (CheckpointConfig, "checkpoints"),
+    "eval": (EvalConfig, "held-out evaluation"),
+    "logging": (LoggingConfig, "logging"),
+}
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    field: dataclasses.Field
+    type: type
+    section: str | None  # the TrainConfig attribute, or None for an algorithm flag
+    algorithms: tuple[str, ...] = ()  # the units whose section holds it
+
+
+def flag_catalogue() -> dict[str, Flag]:
+    """Every flag: the sections' first, then each registered algorithm's (a flag shared by several units, such as
+    --num_generations, must be the same field in each)."""
+    from branchgrpo.algorithms import algorithms
+
+    out: dict[str, Flag] = {}
+    for attr, (cls, _) in SECTIONS.items():
+        types = field_types(cls)
+        for f in dataclasses.fields(cls):
+            out[f.name] = Flag(f.name, f, types[f.name], attr)
+    for name, unit in algorithms().items():
+        types = field_types(unit.Config)
+        for f in dataclasses.fields(unit.Config):
+            known = out.get(f.name)
+            if known is None:
+                out[f.name] = Flag(f.name, f, types[f.name], None, (name,))
+                continue
+            if known.section is not None or (known.field.default, known.type) != (f.default, types[f.name]):
+                raise ValueError(f"algorithm '{name}': flag --{f.name} clashes with another definition of it")
+            out[f.name] = dataclasses.replace(known, algorithms=known.algorithms + (name,))
+    return out
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig
+    sampling: SamplingConfig
+    loss: LossConfig
+    reward: RewardConfig
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    parallel: ParallelConfig
+    checkpoint: CheckpointConfig
+    eval: EvalConfig
+    logging: LoggingConfig
+    algorithm: object  # the selected unit's section (its Config dataclass)
+    flags: dict  # every flag of the catalogue, flat, as given or defaulted: what config.json records
+
+    @property
+    def unit(self):
+        from branchgrpo.algorithms import get_algorithm
+
+        return get_algorithm(self.run.algo)
+
+    def build_algorithm(self):
+        """The algorithm unit of this run (fresh schedule state)."""
+        return self.unit(self.algorithm, self.sampling, seed=self.run.seed, max_train_steps=self.optim.max_train_steps,
+                         adv_clip_max=self.loss.adv_clip_max)
+
+    def sections(self) -> dict[str, object]:
+        return {attr: getattr(self, attr) for attr in SECTIONS}
+
+    @property
+    def resumable(self) -> frozenset[str]:
+        """Flags that may change between a run and its resumption (each section's own declaration)."""
+        return frozenset().union(*(type(s).RESUMABLE for s in self.sections().values()))
+
+    # --- validation ------------------------------------------------------------------------------------------
+    def validate_algorithm(self):
+        """The checks `plan` needs: schedule, loss and the algorithm's own section. Returns the built unit."""
+        self.sampling.validate(self.run.algo, self.unit.default_kernel)
+        require(self.optim.max_train_steps >= 1, f"--max_train_steps: need >= 1, got {self.optim.max_train_steps}")
+        self.loss.validate()
+        return self.build_algorithm()
+
+    def validate(self) -> None:
+        """Every check that needs no model: run before anything is loaded."""
+        algorithm = self.validate_algorithm()
+        for attr in ("data", "optim", "reward", "model", "parallel", "checkpoint", "eval", "logging"):
+            getattr(self, attr).validate()
+        spec = self.model.spec
+        require(self.sampling.time_shift != "dynamic" or spec.dynamic_shift,
+                f"--time_shift dynamic: the {self.model.model} backbone has no resolution-dependent shift")
+        if self.loss.kl_coef > 0 and spec.is_large and not self.model.use_lora:
+            log.warning("--kl_coef with a full fine-tune keeps a frozen copy of the backbone (twice the weights)")
+        if algorithm.counts(0)["trained_edges"] == 0:
+            raise ValueError(f"{self.algorithm.selection_summary() or '--algo ' + self.run.algo}: no edge is left to "
+                             "train at iteration 0")
+        unused = self.inapplicable_flags()
+        if unused:
+            log.warning("these flags have no effect in this configuration: %s", "; ".join(unused))
+
+    def inapplicable_flags(self) -> list[str]:
+        """Flags set to a non-default value that have no effect with the rest of the configuration, with the
+        condition under which they would act: warned about at start-up, never silently ignored."""
+        catalogue = flag_catalogue()
+        conditions = {}
+        for section in self.sections().values():
+            conditions.update(section.conditions(self))
+        conditions.update(self.algorithm.conditions())
+        own = {f.name for f in dataclasses.fields(self.algorithm)}
+        for name, entry in catalogue.items():
+            if entry.algorithms and name not in own:
+                conditions[name] = (False, "--algo " + _either(entry.algorithms))
+        return [f"--{name} (acts only with {conditions[name][1]})" for name, entry in catalogue.items()
+                if name in conditions and not conditions[name][0] and self.flags[name] != entry.field.default]
+
+
+def _either(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def config_from_flags(values: dict, validate: str = "all") -> TrainConfig:
+    """A TrainConfig from flat flag values (the rest default). `validate`: "all" (training), "algorithm" (what
+    `plan` needs) or "none"."""
+    from branchgrpo.algorithms import get_algorithm
+
+    catalogue = flag_catalogue()
+    unknown = sorted(set(values) - set(catalogue))
+    if unknown:
+        raise ValueError(f"unknown flag(s) {unknown}")
+    flags = {name: entry.field.default for name, entry in catalogue.items()}
+    flags.update(values)
+    for name, entry in catalogue.items():
+        check_value_type(name, flags[name], entry.type)
+    unit = get_algorithm(flags["algo"])
+    sections = {attr: section_from(cls, flags) for attr, (cls, _) in SECTIONS.items()}
+    cfg = TrainConfig(**sections, algorithm=section_from(unit.Config, flags), flags=flags)
+    if validate == "all":
+        cfg.validate()
+    elif validate == "algorithm":
+        cfg.validate_algorithm()
+    return cfg
+
+
+def algorithm_from_flags(**values):
+    """The algorithm unit of a configuration given as flags, validated (for notebooks and tests)."""
+    return config_from_flags(values, validate="algorithm").build_algorithm()
+
+
+def build_parser(description: str = "Train with BranchGRPO and relatives.", extra_args=None,
+                 prog: str = "branchgrpo-train") -> argparse.ArgumentParser:
+    from branchgrpo.algorithms import algorithms
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", default=None, help="YAML file of flag values (CLI flags override it)")
+    if extra_args:
+        extra_args(parser)
+    catalogue = flag_catalogue()
+    groups = {attr: parser.add_argument_group(title) for attr, (_, title) in SECTIONS.items()}
+    for name in algorithms():
+        groups[name] = parser.add_argument_group(f"--algo {name}")
+    for entry in catalogue.values():
+        add_flag(groups[entry.section or entry.algorithms[0]], entry.field, entry.type)
+    add_official_flags(parser)
+    return parser
+
+
+def parse_flags(argv=None, description: str = "Train with BranchGRPO and relatives.", extra_args=None,
+                prog: str = "branchgrpo-train") -> tuple[dict, argparse.Namespace]:
+    """Command line over `--config` YAML -> (flat flag values given, namespace of `extra_args`' arguments)."""
+    ns = build_parser(description, extra_args, prog).parse_args(argv)
+    values = load_yaml(ns.config) if ns.config else {}
+    catalogue = flag_catalogue()
+    official = {k: values.pop(k) for k in list(values) if k in OFFICIAL_FLAGS}
+    unknown = sorted(set(values) - set(catalogue))
+    if unknown:
+        raise ValueError(f"{ns.config}: unknown option(s) {unknown}")
+    values = {k: normalise_yaml_value(v, catalogue[k].type) for k, v in values.items()}
+    given = vars(ns)
+    values.update({k: v for k, v in given.items() if k in catalogue})
+    official.update({k: v for k, v in given.items() if k in OFFICIAL_FLAGS})
+    apply_official(values, official)
+    extras = argparse.Namespace(**{k: v for k, v in given.items()
+                                   if k not in catalogue and k not in OFFICIAL_FLAGS and k != "config"})
+    return values, extras
+
+
+def parse_train_config(argv=None) -> TrainConfig:
+    values, _ = parse_flags(argv)
+    return config_from_flags(values)
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig, path) -> None:
+    """Refuse to resume with flags that differ from the checkpoint's run, except the sections' RESUMABLE ones: it
+    would silently train a different experiment from the checkpoint's state."""
+    resumable = cfg.resumable
+    changed = {k: (saved.get(k), v) for k, v in cfg.flags.items() if k not in resumable and saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"--resume_from_checkpoint {path}: flags differ from the checkpoint's run ({detail}); "
+                         "resume with the original flags")

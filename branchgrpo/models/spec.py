@@ -1,0 +1,121 @@
+"""A backbone spec: the one place that answers every question about a backbone (toy, FLUX, Wan, ...).
+
+Trainer, preprocessing, evaluation, benchmark and `make_tiny` look a backbone up by its `--model` name
+(`branchgrpo.models.get_backbone`) and ask its spec; nothing else compares backbone names. A spec says
+
+- which model flags apply to it (`flags`: --h, --w, --num_frames, --guidance_scale) and their defaults, and checks
+  their values before anything is loaded (`check_flags`);
+- how to load it for training (`load`) and for evaluation from a base folder plus a training checkpoint's weights
+  (`load_for_eval`: full weights, LoRA, EMA; `eval_layouts`), how to encode prompts for preprocessing and evaluation
+  (`prompt_encoder`, reading `encoder_flags`), how many tokens a sample costs (`tokens_per_sample`, for MFU);
+- its media type, how `--parallel auto` wraps it, whether it has a resolution-dependent schedule shift, which
+  rewards `--rewards default` means for it, and how to write its tiny checkpoint (`tiny`).
+The adapter it loads (models/base.py) answers the per-call questions: velocity, decode, blocks, export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+
+REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+
+
+#: the generation-size flags a backbone may take (`flags` says which it does)
+MODEL_FLAGS = ("h", "w", "num_frames", "guidance_scale")
+
+
+class EvalModel(NamedTuple):
+    """What `BackboneSpec.load_for_eval` returns."""
+
+    adapter: object  # the FlowAdapter to sample with
+    description: str  # "base", "full weights from DIR", "LoRA from DIR"
+    prompt_source: str | Path | None  # the folder whose text encoders encode the prompts (`prompt_encoder`'s path)
+
+
+class BackboneSpec:
+    #: the `--model` value
+    name: ClassVar[str]
+    #: "image" (decode -> [B, C, H, W]) or "video" (decode -> [B, C, F, H, W])
+    media: ClassVar[str] = "image"
+    #: model flags that act on this backbone, and the values used when they are not given
+    flags: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict] = {}
+    #: --pretrained_model_name_or_path is required (the toy ships its checkpoint in the package)
+    needs_pretrained: ClassVar[bool] = True
+    #: how `--parallel auto` wraps it with more than one process: "fsdp" (shard per block) or "ddp" (replicate)
+    default_parallel: ClassVar[str] = "fsdp"
+    #: billions of weights: a second (frozen) copy of them is worth a warning
+    is_large: ClassVar[bool] = True
+    #: has a resolution-dependent schedule shift (`--time_shift dynamic`; its adapter implements `mu()`)
+    dynamic_shift: ClassVar[bool] = False
+    #: what the evaluation CLI's `--rewards default` / `all` mean for this backbone
+    eval_rewards: ClassVar[tuple[str, ...]] = ()
+    #: the weight layouts of a training checkpoint `load_for_eval` reads (names as branchgrpo.eval.checkpoints
+    #: detects them: "toy_full", "diffusers_full", "peft_lora", "diffusers_lora")
+    eval_layouts: ClassVar[tuple[str, ...]] = ()
+    #: prompt-encoder flags (preprocessing, evaluation) its `prompt_encoder` reads: "max_sequence_length",
+    #: "negative_prompt"
+    encoder_flags: ClassVar[tuple[str, ...]] = ()
+    #: "module:function(out_dir, seed)" that writes a tiny random checkpoint in the real layout (None: none)
+    tiny: ClassVar[str | None] = None
+
+    def size(self, model_cfg, name: str):
+        """A model flag's value: as given, else this backbone's default."""
+        value = getattr(model_cfg, name, None)
+        return self.defaults.get(name) if value is None else value
+
+    def check_flags(self, model_cfg) -> None:
+        """Value checks of the flags in `flags` (ValueError naming the flag); nothing is loaded."""
+
+    def inapplicable_flags(self, model_cfg) -> list[str]:
+        """Model flags given (not None) that do not act on this backbone, e.g. `num_frames` for an image model.
+        Training warns about them; evaluation and the benchmark refuse them."""
+        return [name for name in MODEL_FLAGS if getattr(model_cfg, name, None) is not None and name not in self.flags]
+
+    def load(self, model_cfg, device: torch.device, dtype: torch.dtype = torch.float32):
+        """The FlowAdapter for training: trained weights in `dtype` (fp32 master weights by default)."""
+        raise NotImplementedError
+
+    def load_for_eval(self, model_cfg, weights: Path | None, layout: str | None, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> "EvalModel":
+        """The model to evaluate: the base (`weights` None) or the base with a training checkpoint's weights, the
+        folder `weights` in `layout` (one of `eval_layouts`). The transformer's weights are in `dtype`."""
+        raise NotImplementedError(f"--model {self.name}: evaluation is not supported")
+
+    def tokens_per_sample(self, adapter, cond: dict[str, torch.Tensor]) -> int:
+        """Tokens the transformer processes per sample (latent + text tokens; twice with classifier-free guidance),
+        the `tokens` of the benchmark's MFU."""
+        raise NotImplementedError(f"--model {self.name}: no token count for the benchmark")
+
+    def prompt_encoder(self, model_path, device: torch.device, settings):
+        """encode(texts) -> {key: tensor [n, ...]} with the keys the adapter reads (preprocessing and evaluation).
+        `settings` has max_sequence_length, dtype and negative_prompt. `encode.extras()`, where present, gives
+        the dataset-wide tensors (e.g. Wan's negative-prompt embedding)."""
+        raise NotImplementedError
+
+    def default_prompts(self) -> Path:
+        """The prompt file evaluation uses when none is given."""
+        return REPO_ASSETS / "prompts.txt"
+
+    def builtin_prompts(self) -> tuple[Path, Path] | None:
+        """(training, held-out) prompt files shipped with the backbone, so that a run needs no data of the user's
+        (the toy's); None: the user provides prompts."""
+        return None
+
+    def make_tiny(self, out_dir: str, seed: int = 0) -> None:
+        if self.tiny is None:
+            raise ValueError(f"make_tiny: the {self.name} backbone has no tiny checkpoint")
+        from branchgrpo.testing import call_writer
+
+        call_writer(self.tiny, out_dir, seed)
+
+
+def check_sizes(model_cfg, multiple: int, why: str, names=("h", "w")) -> None:
+    """Image sides given must be positive multiples of `multiple` (VAE factor x patch size)."""
+    for name in names:
+        size = getattr(model_cfg, name, None)
+        if size is not None and (size <= 0 or size % multiple):
+            raise ValueError(f"--{name}: {size} is not a positive multiple of {multiple} ({why})")

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Evaluate Wan2.1 text-to-video (base, or one of our checkpoints) on a prompt file: fixed seeds, the deterministic ODE
+# sampler, every video reward whose checkpoint is in HPS_CKPT_DIR (VideoAlign; frame_reward on HPS-v2.1; the
+# checkpoint-free temporal_consistency; absent ones are skipped with a message). One process, one GPU.
+# See docs/evaluation.md and docs/wan.md.
+#
+#   bash scripts/eval/eval_wan.sh                                                     # base Wan2.1-T2V-1.3B
+#   CHECKPOINT=outputs/wan_branchgrpo/checkpoints/checkpoint-300 bash scripts/eval/eval_wan.sh
+#   SAVE_IMAGES=outputs/eval/wan_media bash scripts/eval/eval_wan.sh --num_prompts 16  # PNG (middle frame) + MP4
+#
+# Environment (defaults): MODEL_PATH (data/wan, diffusers layout); CHECKPOINT (none: the base model; a checkpoint-N
+# folder, a run's output dir, or a weights folder); USE_EMA (0; 1 evaluates ema/); PROMPTS
+# (assets/video_prompts.txt); NUM_PROMPTS (0 = all); SAMPLES (4 seeds per prompt); SEED (1234); STEPS (20);
+# GUIDANCE (5.0); H, W (480, 832); FRAMES (33); SHIFT (3); HPS_CKPT_DIR (hps_ckpt); REWARDS (all);
+# OUTPUT_DIR (outputs/eval/wan_<checkpoint name or base>); SAVE_IMAGES (unset: no per-sample files); PYTHON.
+# Use the training run's sizes, guidance, shift and negative prompt (--negative_prompt). Extra arguments are passed
+# to `python -m branchgrpo.cli.eval` and win over the defaults.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+source scripts/lib/common.sh
+
+MODEL_PATH="${MODEL_PATH:-data/wan}"
+PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
+HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
+CHECKPOINT="${CHECKPOINT:-}"
+NAME="base"
+[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
+[[ "${USE_EMA:-0}" == 1 ]] && NAME="${NAME}_ema"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/wan_${NAME}}"
+
+bg_python
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V-1.3B there in diffusers layout (docs/wan.md)"
+[[ -d "$MODEL_PATH" ]] && for part in transformer vae text_encoder tokenizer; do
+  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
+done
+bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
+[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
+[[ "${USE_EMA:-0}" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
+[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: only checkpoint-free rewards will run" >&2
+bg_check_inputs
+
+ARGS=(
+  --model wan --pretrained_model_name_or_path "$MODEL_PATH" --prompts "$PROMPTS"
+  --num_prompts "${NUM_PROMPTS:-0}" --samples_per_prompt "${SAMPLES:-4}" --seed "${SEED:-1234}"
+  --steps "${STEPS:-20}" --guidance_scale "${GUIDANCE:-5.0}" --h "${H:-480}" --w "${W:-832}"
+  --num_frames "${FRAMES:-33}" --shift "${SHIFT:-3}"
+  --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
+)
+[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
+[[ "${USE_EMA:-0}" == 1 ]] && ARGS+=(--use_ema)
+[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
+
+export TOKENIZERS_PARALLELISM=false
+echo "[eval wan] $NAME -> $OUTPUT_DIR"
+"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
