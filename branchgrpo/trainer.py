@@ -152,7 +152,7 @@ class Trainer:
         t2 = time.time()
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
-        edges = select_edges(graph, trained, advantages)
+        edges = select_edges(graph, trained, advantages, self.cfg.loss.adv_clip_max)
         update = self.updater.run(graph, embeddings, edges, it)
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)

@@ -40,9 +40,10 @@ class Edges:
     old_log_prob: torch.Tensor  # float32
 
 
-def select_edges(graph: RolloutGraph, trained: torch.Tensor, advantages: torch.Tensor) -> Edges:
+def select_edges(graph: RolloutGraph, trained: torch.Tensor, advantages: torch.Tensor, clip: float) -> Edges:
+    """The edges of mask `trained`, their advantages clipped to +-`clip` (--adv_clip_max) for the loss."""
     child = torch.nonzero(trained).flatten()
-    adv = advantages[child].to(torch.float32)
+    adv = advantages[child].clamp(-clip, clip).to(torch.float32)
     finite = torch.isfinite(adv)
     return Edges(child=child, parent=graph.parent[child], advantage=torch.where(finite, adv, torch.zeros_like(adv)),
                  weight=finite.to(torch.float32), old_log_prob=graph.log_prob[child].clone())

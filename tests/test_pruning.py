@@ -126,3 +126,24 @@ def test_pruning_step_ratio_gates_width_pruning():
     g = skeleton_graph(a.plan(0))
     values = torch.arange(g.num_nodes, dtype=torch.float64)
     assert int(a.select(g, values, 4).sum()) == 122 and int(a.select(g, values, 5).sum()) == 202
+
+
+def test_width_pruning_ranks_by_fused_values_not_by_clipped_advantages():
+    """With --adv_clip_max below the depth's z-scores every clipped advantage ties, and the first child used to win:
+    the selections rank by the unclipped advantages, and only the loss sees clipped ones."""
+    from branchgrpo.update import select_edges
+
+    algo = algorithm_from_flags(sampling_steps=4, tree_split_points="0,1", width_pruning_mode=1, adv_clip_max=0.1)
+    graph = skeleton_graph(algo.plan(0))
+    rewards = torch.tensor([10.0, 11.0, 0.0, 1.0])  # leaves in order; pairs of siblings after the last split
+    advantages = algo.advantages(graph, {"r": rewards}, {"r": 1.0}, "sum")
+    assert float(advantages[graph.leaves].abs().min()) > 0.1  # unclipped
+    keep = algo.select(graph, advantages, 0)
+    trained_chain = keep[graph.parent[graph.leaves]]  # the leaf edge itself is deterministic: look one step up
+    assert rewards[trained_chain].tolist() == [11.0, 1.0]  # the better child of each parent, not the first
+    edges = select_edges(graph, keep, advantages, clip=0.1)
+    assert float(edges.advantage.abs().max()) == pytest.approx(0.1)
+    extreme = algorithm_from_flags(sampling_steps=4, tree_split_points="0,1", width_pruning_mode=2,
+                                   width_pruning_ratio=0.5, adv_clip_max=0.1)
+    keep = extreme.select(graph, extreme.advantages(graph, {"r": rewards}, {"r": 1.0}, "sum"), 0)
+    assert sorted(rewards[keep[graph.parent[graph.leaves]]].tolist()) == [0.0, 11.0]  # the best and the worst leaf

@@ -114,12 +114,12 @@ class Algorithm(abc.ABC):
     #: stands for the sliding-schedule interval of the run
     presets: ClassVar[dict[str, tuple[str, list[str]]]] = {}
 
-    def __init__(self, cfg, sampling, *, seed: int = 0, max_train_steps: int = 1, adv_clip_max: float = 5.0):
+    def __init__(self, cfg, sampling, *, seed: int = 0, max_train_steps: int = 1):
         cfg.validate(sampling)
         leaves = cfg.num_leaves(sampling)
         require(leaves <= sampling.max_leaves, f"{leaves} leaves per prompt exceed --max_leaves {sampling.max_leaves}")
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
-        self.max_train_steps, self.adv_clip_max = max_train_steps, adv_clip_max
+        self.max_train_steps = max_train_steps
         #: everything with state: name -> an object with state_dict()/load_state_dict() (sliding windows, ...), or
         #: None for a slot the configuration leaves empty (saved as null)
         self.schedules: dict[str, object | None] = {}
@@ -148,9 +148,9 @@ class Algorithm(abc.ABC):
 
     def advantages(self, graph: RolloutGraph, scores: dict[str, torch.Tensor], weights: dict[str, float],
                    mode: str) -> torch.Tensor:
-        """`estimate` over the (weighted) rewards, clipped to +-adv_clip_max for the loss."""
-        a = adv.combined_advantages(self.estimate, graph, scores, weights, mode)
-        return a.clamp(-self.adv_clip_max, self.adv_clip_max)
+        """`estimate` over the (weighted) rewards, unclipped: selections rank by these (clipped values tie), and
+        the loss clips them (--adv_clip_max, `update.select_edges`)."""
+        return adv.combined_advantages(self.estimate, graph, scores, weights, mode)
 
     def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
                prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:

@@ -150,8 +150,8 @@ def training_throughput(backbone, graph, args, device, autocast, checkpointing: 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    advantages = keyed_normal((graph.num_nodes,), mix_key(0, "bench-advantages")).double().clamp(-5, 5)
-    edges = select_edges(graph, graph.stochastic, advantages)
+    advantages = keyed_normal((graph.num_nodes,), mix_key(0, "bench-advantages")).double()
+    edges = select_edges(graph, graph.stochastic, advantages, LossConfig().adv_clip_max)
     rows = []
     for micro in args.micro_batch_sizes:
         # the trainer's defaults (one optimizer step per update, clipping 1.0, clip range 1e-3, no KL)

@@ -114,8 +114,7 @@ class TrainConfig:
 
     def build_algorithm(self):
         """The algorithm unit of this run (fresh schedule state)."""
-        return self.unit(self.algorithm, self.sampling, seed=self.run.seed, max_train_steps=self.optim.max_train_steps,
-                         adv_clip_max=self.loss.adv_clip_max)
+        return self.unit(self.algorithm, self.sampling, seed=self.run.seed, max_train_steps=self.optim.max_train_steps)
 
     def sections(self) -> dict[str, object]:
         return {attr: getattr(self, attr) for attr in SECTIONS}
