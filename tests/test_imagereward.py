@@ -154,6 +154,29 @@ def test_preprocess_close_to_pil_pipeline(scorer):
     assert ((ours - (pil - CLIP_MEAN) / CLIP_STD) * CLIP_STD).abs().max() < 1.5 / 255
 
 
+def test_preprocess_is_imagerewards_transform_on_non_square_images(scorer):
+    """ImageReward's `_transform` is CLIP's, not BLIP's square resize: Resize(n_px, bicubic) of the shorter edge,
+    CenterCrop(n_px) (torchvision: offsets rounded), ToTensor, Normalize. Built here from torchvision's own classes on
+    PIL images: exact where no resize is needed (32 x 35: crop offset 1.5, rounded to 2; 35 x 32), within 1.5/255 of
+    8-bit rounding after a resize (48 x 80, 80 x 48, 45 x 70)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    size = TINY["image_size"]
+    transform = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                           T.ToTensor(), T.Normalize(CLIP_MEAN.flatten().tolist(), CLIP_STD.flatten().tolist())])
+    gen = torch.Generator().manual_seed(3)
+    for (height, width), exact in [((32, 35), True), ((35, 32), True), ((48, 80), False), ((80, 48), False),
+                                   ((45, 70), False)]:
+        smooth = F.interpolate(torch.rand(2, 3, 6, 8, generator=gen), size=(height, width), mode="bilinear")
+        arrays = (smooth.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        expected = torch.stack([transform(Image.fromarray(a)) for a in arrays])
+        ours = scorer.preprocess(torch.from_numpy(arrays).permute(0, 3, 1, 2) / 255.0)
+        error = ((ours - expected) * CLIP_STD).abs().max()
+        assert error < (1e-6 if exact else 1.5 / 255), (height, width, error)
+
+
 def _write_variant(tiny_dir, tmp_path, edit):
     sd = torch.load(tiny_dir / "ImageReward.pt", weights_only=True)
     edit(sd)

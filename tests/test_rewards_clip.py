@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from branchgrpo.rewards import available_rewards, build_reward
-from branchgrpo.testing.clip_tiny import TINY_HPS_ARCH, TINY_OPEN_CLIP_CONFIG, make_tiny_clip, make_tiny_hps, \
-    make_tiny_pickscore
+from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from branchgrpo.testing.clip_tiny import TINY_HPS_ARCH, TINY_IMAGE_SIZE, TINY_OPEN_CLIP_CONFIG, make_tiny_clip, \
+    make_tiny_hps, make_tiny_pickscore
 
 PROMPTS = ["a red cat on a table", "a castle in the clouds", "a red cat on a table", "an old map", "a blue robot"]
 
@@ -60,17 +61,38 @@ def test_rewards_are_registered():
     assert {"hps", "pickscore", "clip"} <= set(available_rewards())
 
 
-def _open_clip_direct(ckpt, images, prompts, use_pil):
-    """HPS-v2.1 written out with open_clip alone: its eval transform, encode_image/encode_text, raw cosine."""
+def _hpsv2_pixels(images, size):
+    """HPSv2's eval transform (its bundled open_clip's image_transform with resize_longest_max=True) on float images,
+    step by step with torchvision: ToTensor (already done: floats in [0, 1]), ResizeMaxSize (bicubic resize of the
+    longer edge to `size`, the other to round(side * size / longer), no clamp; zero padding to a square, left/top
+    = pad // 2), then Normalize with the OpenAI CLIP mean/std."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for image in images:
+        height, width = image.shape[-2:]
+        scale = size / max(height, width)
+        new_h, new_w = round(height * scale), round(width * scale)
+        image = TF.resize(image, [new_h, new_w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        pad_h, pad_w = size - new_h, size - new_w
+        image = TF.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        out.append(TF.normalize(image, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)))
+    return torch.stack(out)
+
+
+def _open_clip_model(ckpt):
     import open_clip
 
     open_clip.add_model_config(str(ckpt / "open_clip_configs"))
     model, _, preprocess_val = open_clip.create_model_and_transforms(TINY_HPS_ARCH, pretrained=None)
     state = torch.load(ckpt / "HPS_v2.1_compressed.pt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(TINY_HPS_ARCH)
-    pixels = torch.stack([preprocess_val(_pil(im) if use_pil else im) for im in images])
+    return model.eval(), preprocess_val, open_clip.get_tokenizer(TINY_HPS_ARCH)
+
+
+def _open_clip_cosine(ckpt, pixels, prompts):
+    """encode_image/encode_text of the tiny open_clip model, raw cosine (HPS-v2.1's score)."""
+    model, _, tokenizer = _open_clip_model(ckpt)
     with torch.no_grad():
         image_f = model.encode_image(pixels)
         text_f = model.encode_text(tokenizer(prompts))
@@ -79,16 +101,72 @@ def _open_clip_direct(ckpt, images, prompts, use_pil):
     return (image_f @ text_f.T).diag()
 
 
-@pytest.mark.parametrize("size", [(72, 56), (32, 32)])
+@pytest.mark.parametrize("size", [(72, 56), (48, 80), (32, 32), (48, 48)])
 @pytest.mark.slow
-def test_hps_equals_direct_open_clip(ckpt, size):
+def test_hps_equals_hpsv2_eval_transform_and_open_clip(ckpt, size):
+    import open_clip
+
     images = _images(*size)
-    scores = _hps(ckpt, batch_size=2)(images, PROMPTS)  # batch 2 over 5 images: the chunking is exercised too
+    reward = _hps(ckpt, batch_size=2)  # batch 2 over 5 images: the chunking is exercised too
+    scores = reward(images, PROMPTS)
     assert scores.shape == (5,) and scores.dtype == torch.float32 and scores.device.type == "cpu"
-    torch.testing.assert_close(scores, _open_clip_direct(ckpt, images, PROMPTS, use_pil=False), atol=1e-5, rtol=0)
-    # Against the PIL path hpsv2 uses: equal up to PIL's 8-bit rounding after the resize.
-    torch.testing.assert_close(scores, _open_clip_direct(ckpt, images, PROMPTS, use_pil=True), atol=5e-3, rtol=0)
+    torch.testing.assert_close(reward.preprocess(images), _hpsv2_pixels(images, TINY_IMAGE_SIZE), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, _open_clip_cosine(ckpt, _hpsv2_pixels(images, TINY_IMAGE_SIZE), PROMPTS),
+                               atol=1e-5, rtol=0)
+    # open_clip's own letterbox transform (resize_mode="longest": resize on PIL, CenterCropOrPad with black):
+    # equal up to PIL's 8-bit rounding after the resize.
+    longest = open_clip.image_transform(TINY_IMAGE_SIZE, is_train=False, resize_mode="longest")
+    torch.testing.assert_close(scores, _open_clip_cosine(ckpt, torch.stack([longest(_pil(im)) for im in images]),
+                                                         PROMPTS), atol=5e-3, rtol=0)
     assert scores[0] != scores[1]
+
+
+def _letterbox(images):
+    """Black bars to a square by hand: the image centred in a max(H, W) square of zeros (odd pixel right/bottom)."""
+    height, width = images.shape[-2:]
+    side = max(height, width)
+    out = torch.zeros(*images.shape[:-2], side, side)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[..., top : top + height, left : left + width] = images
+    return out
+
+
+@pytest.mark.slow
+def test_hps_scores_a_non_square_image_as_its_letterboxed_square(ckpt):
+    """HPSv2 letterboxes: scoring an image = scoring it padded with black to a square by hand. Exact where no resize
+    is needed (longer edge = the model's size); to interpolation error otherwise (the letterboxed square's resize
+    blurs the black bars into the border pixels; on these images at most 0.018 where scores spread over 0.15). A
+    centre crop of the shorter edge (open_clip's default transform, and this reward before) scores a different image:
+    0.14 away here, several times the tolerance."""
+    from branchgrpo.rewards._image import center_crop
+
+    hps = _hps(ckpt)
+    for size in [(20, 32), (19, 32), (32, 23)]:  # longer edge = 32: pad only, even and odd
+        images = _images(*size, seed=11)
+        torch.testing.assert_close(hps(images, PROMPTS), hps(_letterbox(images), PROMPTS), atol=1e-6, rtol=0)
+    for size in [(48, 80), (80, 48)]:
+        images = _images(*size, seed=0)
+        scores, letterboxed = hps(images, PROMPTS), hps(_letterbox(images), PROMPTS)
+        torch.testing.assert_close(scores, letterboxed, atol=0.03, rtol=0)
+        cropped = hps(center_crop(images, min(size)), PROMPTS)
+        assert (cropped - letterboxed).abs().max() > 0.1
+
+
+def test_letterbox_of_a_square_is_the_resize_of_the_crop_path():
+    """Squares take the same resize in both geometries (no crop, no pad); the crop path clamps bicubic overshoot as
+    PIL's uint8 output does, HPSv2's float resize does not. So square images score as before wherever the resize
+    does not overshoot [0, 1], and differ by the clamp where it does."""
+    from branchgrpo.rewards._image import resize_center_crop, resize_longer_edge_and_pad
+
+    smooth = _images(48, 48, seed=13)
+    assert torch.equal(resize_longer_edge_and_pad(smooth, 32), resize_center_crop(smooth, 32))
+    blocks = (torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(14)) > 0.5).float()
+    sharp = torch.nn.functional.interpolate(blocks, size=(48, 48), mode="nearest")  # black/white edges
+    letterboxed = resize_longer_edge_and_pad(sharp, 32)
+    assert letterboxed.min() < 0 and letterboxed.max() > 1  # overshoot, not clamped (HPSv2's ToTensor-first order)
+    assert torch.equal(letterboxed.clamp(0, 1), resize_center_crop(sharp, 32))
+    at_size = _images(32, 32, seed=15)
+    assert torch.equal(resize_longer_edge_and_pad(at_size, 32), at_size)  # no resize, no pad
 
 
 @pytest.mark.slow
@@ -100,6 +178,61 @@ def test_clip_reward_open_clip_backend_is_cosine_and_clipscore(ckpt):
     torch.testing.assert_close(build_reward("clip", **common)(images, PROMPTS), hps)
     torch.testing.assert_close(build_reward("clip", form="clipscore", **common)(images, PROMPTS),
                                2.5 * hps.clamp(min=0))
+
+
+@pytest.mark.slow
+def test_clip_reward_open_clip_backend_uses_open_clips_own_eval_transform(ckpt):
+    """The "clip" reward on an open_clip file keeps open_clip's default eval transform (shorter edge, centre crop with
+    torchvision's rounded offsets), unlike HPS on the same file. 32 x 35 needs no resize and crops at offset 1.5,
+    rounded to 2 (half to even), so that case is exact."""
+    reward = build_reward("clip", model_path=str(ckpt / "HPS_v2.1_compressed.pt"), **_tiny_hps_options(ckpt))
+    _, preprocess_val, _ = _open_clip_model(ckpt)
+    for size in [(32, 35), (35, 32), (48, 80), (80, 48), (45, 70)]:
+        images = _images(*size, seed=16)
+        ours = reward.preprocess(images)
+        on_tensors = torch.stack([preprocess_val(im) for im in images])  # torchvision on floats: no 8-bit rounding
+        torch.testing.assert_close(ours, on_tensors, atol=1e-5, rtol=0)
+        on_pil = torch.stack([preprocess_val(_pil(im)) for im in images])
+        assert ((ours - on_pil) * torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)).abs().max() < 1.5 / 255, size
+    assert not torch.equal(reward.preprocess(images), _hps(ckpt).preprocess(images))
+
+
+def _image_processors(folder):
+    """transformers' CLIPImageProcessor from `folder`, with each of its backends (torchvision: the default in
+    transformers 5; PIL: transformers 4's slow processor, which the PickScore release used)."""
+    from transformers import CLIPImageProcessor
+
+    processors = {"torchvision": CLIPImageProcessor.from_pretrained(str(folder))}
+    try:
+        from transformers import CLIPImageProcessorPil
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        return processors
+    processors["pil"] = CLIPImageProcessorPil.from_pretrained(str(folder))
+    return processors
+
+
+@pytest.mark.parametrize("reward_name", ["pickscore", "clip"])
+@pytest.mark.slow
+def test_transformers_backends_preprocess_as_clip_image_processor(ckpt, reward_name):
+    """PickScore and the transformers CLIP backend see the pixels their processor gives: exactly where no resize is
+    needed - including 32 x 35, whose crop offset 1.5 transformers floors to 1 (torchvision's CenterCrop would
+    round it to 2: a one-pixel shift) - and to 8-bit rounding after a resize."""
+    if reward_name == "pickscore":
+        reward, folder = _pickscore(ckpt), ckpt / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    else:
+        folder = ckpt / "clip-vit-large-patch14"
+        reward = build_reward("clip", model_path=str(folder))
+    std = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+    for backend, processor in _image_processors(folder).items():
+        for size, exact in [((32, 35), True), ((35, 32), True), ((32, 37), True), ((48, 80), False),
+                            ((80, 48), False), ((45, 70), False)]:
+            images = _images(*size, seed=17)
+            expected = processor(images=[_pil(im) for im in images], return_tensors="pt")["pixel_values"]
+            ours = reward.preprocess(images)
+            if exact:
+                torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0, msg=f"{backend} {size}")
+            else:
+                assert ((ours - expected) * std).abs().max() < 1.5 / 255, (backend, size)
 
 
 def _transformers_direct(folder, processor_folder, images, prompts):
@@ -128,6 +261,9 @@ def test_pickscore_equals_direct_transformers(ckpt):
     torch.testing.assert_close(scores, direct, atol=1e-5, rtol=0)
     scaled = _pickscore(ckpt, use_logit_scale=True)(images, PROMPTS)
     torch.testing.assert_close(scaled, logit_scale * direct, atol=1e-4, rtol=1e-5)
+    odd = _images(32, 35, seed=4)  # no resize, crop offset 1.5: transformers floors it
+    direct_odd, _ = _transformers_direct(ckpt / "PickScore_v1", ckpt / "CLIP-ViT-H-14-laion2B-s32B-b79K", odd, PROMPTS)
+    torch.testing.assert_close(_pickscore(ckpt)(odd, PROMPTS), direct_odd, atol=1e-5, rtol=0)
     resized = _images(80, 64, seed=4)  # resize + crop path, against PIL: equal up to 8-bit rounding
     direct_resized, _ = _transformers_direct(ckpt / "PickScore_v1", ckpt / "CLIP-ViT-H-14-laion2B-s32B-b79K",
                                              resized, PROMPTS)
@@ -181,6 +317,12 @@ def test_hf_clip_errors(ckpt, tmp_path):
         build_reward("clip", model_path=str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="form must be one of"):
         build_reward("clip", model_path=str(ckpt / "clip-vit-large-patch14"), form="logits")
+    bilinear = tmp_path / "bilinear"  # a processor we would not reproduce is refused, not approximated
+    shutil.copytree(ckpt / "CLIP-ViT-H-14-laion2B-s32B-b79K", bilinear)
+    config = json.loads((bilinear / "preprocessor_config.json").read_text())
+    (bilinear / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 2}))
+    with pytest.raises(ValueError, match="resample=2; only bicubic"):
+        build_reward("pickscore", model_path=str(ckpt / "PickScore_v1"), processor_path=str(bilinear))
 
 
 @pytest.mark.slow

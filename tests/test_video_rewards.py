@@ -68,6 +68,18 @@ def test_frame_reward_is_the_mean_of_per_frame_image_scores(hps_options):
 
 
 @pytest.mark.slow
+def test_frame_reward_with_hps_letterboxes_wide_frames(hps_options):
+    """Wan's frames are wide (480 x 832); HPS-v2.1 scores them letterboxed with black, as HPSv2 does, not centre-
+    cropped. Frames 18 x 32 need no resize at the tiny model's 32 px, so the hand-letterboxed video scores exactly
+    the same (7 black rows above, 7 below)."""
+    videos = _videos(frames=3, height=18, width=32, seed=3)
+    letterboxed = torch.zeros(*videos.shape[:3], 32, 32)
+    letterboxed[..., 7:25, :] = videos
+    reward = build_reward("frame_reward", image_reward="hps", **hps_options)
+    torch.testing.assert_close(reward(videos, PROMPTS), reward(letterboxed, PROMPTS), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
 def test_frame_reward_passes_model_dir_to_its_image_reward(hps_dir, hps_options, tmp_path):
     videos = _videos(frames=3)
     tiny = {k: v for k, v in hps_options.items() if k != "checkpoint"}

@@ -13,8 +13,9 @@ a clear `FileNotFoundError` naming the option that points to it.
   sets of samples scored the same way are what this is for.
 - `PixelFeatures`: raw pixels after area downsampling, no checkpoint (for the toy and for tests).
 
-Resizing, cropping and CLIP normalisation are the reward models' own (`branchgrpo.rewards._image`), so CLIP features
-here see exactly the pixels the CLIP-family rewards see.
+Resizing, cropping and CLIP normalisation are the reward models' own (`branchgrpo.rewards._image`): CLIP features
+here see the pixels of open_clip's default eval transform (shorter edge, centre crop), as the "clip" reward's
+open_clip backend does, also on an HPS checkpoint (the HPS reward itself letterboxes, as HPSv2 does).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ Backends (picked from what `model_path` is, so users point at what they have):
 - a file: an open_clip checkpoint (a raw state dict, or {'state_dict': ...}) for architecture `arch`
   (OpenAI weights need the "-quickgelu" variants, e.g. ViT-L-14-quickgelu).
 
+Preprocessing is each backend's own reference: the transformers processor's (shorter-edge bicubic resize, centre crop
+with floored offsets, the processor's mean/std) or open_clip's eval transform for a model built with
+`pretrained=None` (shorter-edge bicubic resize, centre crop, OpenAI mean/std: open_clip's defaults; a pretrained tag's
+own preprocessing, e.g. SigLIP's, is not known without the tag and not reproduced).
+
 Forms: "cosine" (default) is the raw cosine of normalised embeddings, on the same scale as HPS and PickScore here;
 "clipscore" is CLIPScore of Hessel et al. 2021, 2.5 * max(cosine, 0), the number papers usually report.
 """

@@ -8,6 +8,10 @@ and hpsv2's bundled open_clip and open_clip 3.x share the state-dict layout, so 
 
 Score = cosine(normalised image features, normalised text features) with no logit scale, as hpsv2 and the official
 BranchGRPO code compute it (about 0.31 for base FLUX.1-dev, 0.36 after training: DESIGN section 9).
+
+Preprocessing is HPSv2's evaluation transform, not open_clip's default: the longer edge resized to 224 and the image
+letterboxed with black to a square (`resize_mode="longest"`, `_image.py`). A centre crop of the shorter edge gives
+other scores on non-square images (480 x 832: -0.033 official vs +0.016 cropped, notes/ecosystem.md).
 """
 
 from __future__ import annotations
@@ -82,24 +86,31 @@ def load_open_clip(
 
 
 class OpenClipScorer:
-    """Cosine similarity of an open_clip model's normalised image and text features, batched, under no_grad."""
+    """Cosine similarity of an open_clip model's normalised image and text features, batched, under no_grad.
+    `resize_mode`: "shortest" (resize + centre crop, open_clip's default eval transform) or "longest" (resize +
+    black letterbox, HPSv2's)."""
 
     def __init__(self, name: str, model, tokenizer, device: torch.device, dtype: torch.dtype, batch_size: int = 16,
-                 transform=None):
+                 transform=None, resize_mode: str = "shortest"):
         if batch_size < 1:
             raise ValueError(f"reward '{name}': batch_size must be >= 1, got {batch_size}")
         self.name, self.tokenizer, self.device, self.dtype, self.batch_size = name, tokenizer, device, dtype, batch_size
+        self.resize_mode = resize_mode
         self.model = model.to(device=device, dtype=dtype)
         self.image_size = image_size_of(model.visual.image_size)
         self.mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
         self.std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
         self.transform = transform or (lambda cos: cos)
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the model's normalised [B, 3, S, S] input, on the device, in its dtype."""
+        return clip_preprocess(images.to(self.device), self.image_size, mean=self.mean, std=self.std, dtype=self.dtype,
+                               resize_mode=self.resize_mode)
+
     @torch.no_grad()
     def features(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised fp32 image and text features [B, D]; each distinct prompt is encoded once."""
-        pixels = clip_preprocess(images.to(self.device), self.image_size, mean=self.mean, std=self.std, dtype=self.dtype)
-        image_f = self.model.encode_image(pixels).float()
+        image_f = self.model.encode_image(self.preprocess(images)).float()
         unique = sorted(set(prompts))
         tokens = self.tokenizer(unique).to(self.device)
         text_u = self.model.encode_text(tokens).float()
@@ -134,4 +145,5 @@ def build_hps(
     checkpoint = checkpoint or os.path.join(model_dir, HPS_FILE)
     device = torch.device(device)
     model, tokenizer = load_open_clip(arch, checkpoint, "hps", model_config_dir, require_state_dict_key=True)
-    return OpenClipScorer("hps", model, tokenizer, device, resolve_dtype(dtype, device, "hps"), batch_size)
+    return OpenClipScorer("hps", model, tokenizer, device, resolve_dtype(dtype, device, "hps"), batch_size,
+                          resize_mode="longest")  # HPSv2's ResizeMaxSize

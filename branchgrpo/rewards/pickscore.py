@@ -9,7 +9,9 @@ cosine so that our numbers compare with Table 1 (DESIGN section 9); `use_logit_s
 which is only a factor of ~100 and changes nothing after GRPO's group normalisation.
 
 Images are preprocessed in torch from the processor's own config (shorter-edge bicubic resize, centre crop, mean/std),
-so the batch stays on the device (see `_image.py`).
+so the batch stays on the device (see `_image.py`). As in transformers' CLIPImageProcessor (torchvision and PIL
+backends alike, and transformers 4's), the crop offsets are floored, not rounded as torchvision's CenterCrop rounds
+them: on some non-square sizes the two crops are one pixel apart.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from branchgrpo.rewards.hps import resolve_dtype
 # Folder names under --reward_model_dir.
 PICKSCORE_MODEL = "PickScore_v1"
 PICKSCORE_PROCESSOR = "CLIP-ViT-H-14-laion2B-s32B-b79K"
+BICUBIC = 3  # PIL's resample code, as preprocessor_config.json stores it
 
 
 def _edge(value, key_order: Sequence[str]) -> int:
@@ -47,6 +50,9 @@ def read_image_processor(folder: Path, reward: str) -> dict:
         raise FileNotFoundError(f"reward '{reward}': {path} does not exist; the processor folder must hold a CLIP "
                                 "preprocessor_config.json and tokenizer files (see docs/flux.md)")
     cfg = json.loads(path.read_text())
+    if cfg.get("resample", BICUBIC) != BICUBIC:
+        raise ValueError(f"reward '{reward}': {path} asks for resample={cfg['resample']}; only bicubic ({BICUBIC}, "
+                         "the CLIP processors' setting) is implemented")
     size = _edge(cfg.get("size", 224), ("shortest_edge", "height"))
     crop = _edge(cfg.get("crop_size", size), ("height", "shortest_edge")) if cfg.get("do_center_crop", True) else size
     return {"size": size, "crop_size": crop, "mean": cfg.get("image_mean", OPENAI_CLIP_MEAN),
@@ -91,12 +97,17 @@ class HFClipScorer:
         self.max_length = min(int(model.config.text_config.max_position_embeddings), 77)
         self.transform = transform or (lambda cos: cos)
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> the processor's normalised [B, 3, S, S] pixel values, on the device."""
+        p = self.processor
+        return clip_preprocess(images.to(self.device), p["size"], p["crop_size"], p["mean"], p["std"], self.dtype,
+                               crop_offset="floor")  # transformers' centre crop floors its offsets
+
     @torch.no_grad()
     def features(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised fp32 image and text embeddings [B, D]. CLIPModel's forward returns both already projected
         (the same call on transformers 4 and 5, unlike get_*_features whose return type changed)."""
-        p = self.processor
-        pixels = clip_preprocess(images.to(self.device), p["size"], p["crop_size"], p["mean"], p["std"], self.dtype)
+        pixels = self.preprocess(images)
         text = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(self.device)
         out = self.model(input_ids=text["input_ids"], attention_mask=text.get("attention_mask"), pixel_values=pixels)
