@@ -7,21 +7,32 @@ A checkpoint is a folder `<output_dir>/checkpoints/checkpoint-<step>/`:
     state/               torch.distributed.checkpoint (DCP) of the trained parameters and the optimizer
                          (sharded with FSDP2, reshardable), plus rank<r>.pt: RNG states and the EMA shard
     trainer_state.json   step, world size, the run's flags, and the state of every object handed over in
-                         `states` (LR schedule, algorithm schedules, data position, evaluations, wall clock)
+                         `states` (LR schedule, algorithm schedules, data position, evaluations, wall clock,
+                         the count of iterations with non-finite rewards)
+    complete.json        written last: every file of the checkpoint with its size; resuming checks it
 
 The trainer hands the manager its objects with state as two dicts of objects with `state_dict()` /
 `load_state_dict()`: `states` (the same on every rank, in trainer_state.json) and `rank_states` (per rank, in
-state/rank<r>.pt, loaded with weights_only=True: RNG, EMA shard); adding state to a run is one more entry.
+state/rank<r>.pt, loaded with weights_only=True: RNG, EMA shard); adding state to a run is one more entry (with
+`STATE_OPTIONAL = True` on its class, checkpoints written before it existed still resume, leaving it as built).
 
 Everything is written into a hidden temporary folder first; only when every rank has finished does rank 0 rename
-it into place and then point `latest` at it (both renames are atomic). A kill at any moment leaves the previous
-checkpoint intact and loadable; leftovers of an interrupted save are removed by the next save.
+it into place and then point `latest` at it (both renames are atomic). Old checkpoints are deleted the same way
+round: renamed to a hidden trash name first, then removed, so that no folder named like a checkpoint is ever half
+written or half deleted. A kill at any moment leaves the previous checkpoint intact and loadable; leftovers of an
+interrupted save or deletion are removed by the next save.
+
+Resuming verifies a checkpoint before loading it (`resolve`): every file of complete.json present with its size, and
+every file the DCP metadata points into long enough. Checkpoints written before complete.json existed ("legacy") are
+accepted when trainer_state.json (written last by that code), the DCP metadata, this rank's state file and the
+exported weights are present. Anything unreadable is refused with one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -42,6 +53,8 @@ warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unava
 LATEST = "latest"
 PREFIX = "checkpoint-"
 REPLACED = ".replaced-"  # an older checkpoint of the same step, while a new one takes its name
+TRASH = ".trash-"  # a checkpoint being deleted
+COMPLETE = "complete.json"  # the completeness marker, written last
 
 
 def rng_state() -> dict:
@@ -110,12 +123,12 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{PREFIX}{step}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f".tmp-{PREFIX}*"):
+            for stale in [*self.root.glob(f".tmp-{PREFIX}*"), *self.root.glob(f"{TRASH}*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             for aside in self.root.glob(f"{REPLACED}{PREFIX}*"):  # a kill while replacing: keep the complete one
                 original = self.root / aside.name[len(REPLACED):]
                 if original.exists():
-                    shutil.rmtree(aside, ignore_errors=True)
+                    _discard(aside)
                 else:
                     os.replace(aside, original)
             tmp.mkdir()
@@ -130,12 +143,14 @@ class CheckpointManager:
             state = dict(_state_dicts(states), config=config, step=step, world_size=self.world_size)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
             _fsync_tree(tmp)
+            _write_marker(tmp, step)
             replaced = self.root / f"{REPLACED}{final.name}"
             if final.exists():  # a checkpoint of this step from an earlier attempt: swap it out, then delete it
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)  # `resolve` falls back to it if a kill lands between the two renames
             os.replace(tmp, final)
-            shutil.rmtree(replaced, ignore_errors=True)
+            if replaced.exists():
+                _discard(replaced)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
@@ -148,7 +163,7 @@ class CheckpointManager:
             return
         done = sorted(self.root.glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
         for old in done[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
 
     # ------------------------------------------------------------------------------------------------------
     def resolve(self, spec: str) -> Path:
@@ -162,12 +177,33 @@ class CheckpointManager:
                 path = self.root / f"{REPLACED}{path.name}"  # killed while replacing a checkpoint of the same step
         else:
             path = Path(spec)
-        for needed in ("trainer_state.json", "state/.metadata", f"state/rank{self.rank}.pt"):
-            if not (path / needed).exists():
-                raise FileNotFoundError(
-                    f"--resume_from_checkpoint: {path} is not a complete checkpoint ({needed} is missing)"
-                )
+        self.verify(path)
         return path
+
+    def verify(self, path: Path) -> None:
+        """Refuse an incomplete or damaged checkpoint with one line naming the file (FileNotFoundError for a missing
+        file, ValueError for a damaged one): the files of its complete.json with their sizes, or for a legacy
+        checkpoint (no complete.json) the files that code wrote last; then every DCP data file as long as the
+        metadata says."""
+        marker = path / COMPLETE
+        if marker.is_file():
+            try:
+                files = json.loads(marker.read_text())["files"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"--resume_from_checkpoint: {marker} is corrupt ({type(err).__name__})") from None
+        else:  # legacy: trainer_state.json was written last, but a kill while deleting could leave it behind
+            files = {name: None for name in ("trainer_state.json", "state/.metadata", f"state/rank{self.rank}.pt")}
+            if path.is_dir() and not any((path / "model").rglob("*.safetensors")):
+                files["model/*.safetensors"] = None
+        for name, size in files.items():
+            file = path / name
+            if not file.exists():
+                raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a complete checkpoint ({name} is "
+                                        f"missing{'' if marker.is_file() else f'; it has no {COMPLETE} either'})")
+            if size is not None and file.stat().st_size != size:
+                raise ValueError(f"--resume_from_checkpoint: {file} is truncated or damaged "
+                                 f"({file.stat().st_size} bytes; {size} were written)")
+        _check_dcp_files(path / "state")
 
     @staticmethod
     def read_trainer_state(path: Path) -> dict:
@@ -185,15 +221,23 @@ class CheckpointManager:
                 f"--resume_from_checkpoint: {path} was written by {trainer_state['world_size']} processes; resume "
                 f"with the same number (now {self.world_size}): the EMA and data position are per rank"
             )
+        rank_file = path / "state" / f"rank{self.rank}.pt"
+        try:  # read before anything is changed in place
+            rank_state = torch.load(rank_file, weights_only=True)
+        except Exception as err:  # garbage, truncated, or pickled objects that weights_only refuses
+            detail = _one_line(err)
+            if isinstance(err, pickle.UnpicklingError):  # torch's own text is a paragraph about weights_only
+                detail = ("UnpicklingError: damaged, or it holds Python objects other than tensors and plain values, "
+                          "which are not loaded")
+            raise ValueError(f"--resume_from_checkpoint: cannot read {rank_file} ({detail})") from None
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path / "state"), no_dist=not distributed.is_distributed())
         except (Exception, CheckpointException) as err:  # DCP's own exception is a BaseException
-            raise ValueError(f"--resume_from_checkpoint: cannot load {path}/state ({type(err).__name__}: {err})") from None
+            raise ValueError(f"--resume_from_checkpoint: cannot load {path}/state ({_one_line(err)})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.load_options)
-        rank_state = torch.load(path / "state" / f"rank{self.rank}.pt", weights_only=True)
         _load_state_dicts(states, trainer_state, path)
         _load_state_dicts(rank_states, rank_state, path)
         return trainer_state["step"]
@@ -207,7 +251,66 @@ def _load_state_dicts(objects: dict, saved: dict, path: Path) -> None:
     for name, obj in objects.items():
         if obj is None:
             continue
+        if saved.get(name) is None and getattr(obj, "STATE_OPTIONAL", False):
+            continue  # a checkpoint written before this object had state: it keeps its initial state
         if saved.get(name) is None:
             raise ValueError(f"--resume_from_checkpoint: {path} has no {name} state, which this run needs "
                              "(was it written with other flags?)")
         obj.load_state_dict(saved[name])
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill never leaves a half-deleted folder under a checkpoint's name: rename
+    it to a hidden trash name (atomic), then remove it; the next save sweeps trash a kill left behind."""
+    trash = folder.with_name(f"{TRASH}{folder.name.lstrip('.')}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_marker(folder: Path, step: int) -> None:
+    """The completeness marker, after every other file is on disk: their relative paths and sizes."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / COMPLETE)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_dcp_files(state_dir: Path) -> None:
+    """The DCP metadata is readable and every data file it points into is long enough (a truncated .distcp would
+    otherwise surface as an EOFError deep inside dcp.load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(state_dir)).read_metadata()
+    except Exception as err:
+        file = state_dir / ".metadata"
+        raise ValueError(f"--resume_from_checkpoint: cannot read {file} ({_one_line(err)})") from None
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = state_dir / name
+        if not file.is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint: {file} is missing")
+        if file.stat().st_size < size:
+            raise ValueError(f"--resume_from_checkpoint: {file} is truncated ({file.stat().st_size} bytes, the "
+                             f"metadata needs {size})")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as `Type: first line of its message`; DCP's CheckpointException (whose text holds every rank's
+    traceback) as the first rank's underlying exception."""
+    if isinstance(err, CheckpointException) and err.failures:
+        inner = next(iter(err.failures.values()))
+        err = inner[0] if isinstance(inner, tuple) else inner
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

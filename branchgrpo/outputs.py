@@ -1,11 +1,16 @@
 """What a run leaves behind (rank 0 writes): metrics.jsonl, TensorBoard events, optional wandb, sample grids (PNG),
-rollout videos (MP4/GIF), the reward curve (PNG) and summary.json."""
+rollout videos (MP4/GIF), the reward curve (PNG) and summary.json; and the checks of --output_dir before a run
+starts. Numbers that are not finite, or that do not exist (no finite reward in an iteration), are written as JSON
+null, never as NaN and never as a 0.0 that stands for "no data"."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +18,63 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+# what the trainer writes at the top of --output_dir: a folder holding any of them holds a run
+RUN_FILES = ("config.json", "sizes.json", "metrics.jsonl", "eval.jsonl", "summary.json", "reward_curve.png",
+             "checkpoints", "samples", "tensorboard")
+
+
+def run_files(output_dir: Path) -> list[str]:
+    """The run files present in `output_dir` (other files, e.g. the toy launcher's embeddings/, are not a run)."""
+    return [name for name in RUN_FILES if (output_dir / name).exists()]
+
+
+def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_main: bool) -> None:
+    """Checked on every rank before anything is loaded: --output_dir is (or can be made) a writable folder, and it
+    holds no earlier run unless the run resumes (--resume_from_checkpoint) or replaces it (--overwrite_output_dir:
+    the main rank deletes the RUN_FILES present and nothing else). Raises ValueError naming the flag."""
+    if resuming and overwrite:
+        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint: choose one (overwriting would delete "
+                         "the run being resumed)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir: {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"--output_dir: {output_dir} is not a writable folder ({reason})") from None
+    found = run_files(output_dir)
+    if not found or resuming:
+        return
+    if not overwrite:
+        raise ValueError(f"--output_dir: {output_dir} holds an earlier run ({', '.join(found)}); pass "
+                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete it and "
+                         "start over, or choose another folder")
+    if is_main:
+        for name in found:
+            path = output_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        log.warning("--overwrite_output_dir: deleted the earlier run's %s in %s", ", ".join(found), output_dir)
+
+
+def finite_or_none(value):
+    """A float that is not finite -> None (JSON null); anything else unchanged."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float, however deeply nested, replaced by None."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return finite_or_none(obj)
 
 
 class MetricsLog:
@@ -43,16 +105,17 @@ class MetricsLog:
             self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
 
     def log(self, entry: dict) -> None:
+        entry = json_safe(entry)
         self.entries.append(entry)
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(json.dumps(entry, allow_nan=False) + "\n")
         step = entry["step"]
         for key, value in entry.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 if self.tb is not None:
                     self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in entry.items() if k != "step"}, step=step)
+            self.wandb.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -118,9 +181,12 @@ def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [e["step"] for e in entries]
-    ax.plot(steps, [e["reward_mean"] for e in entries], label="rollout reward (mean over leaves)", alpha=0.7)
+    nan = float("nan")  # null (no finite reward) leaves a gap in the curve
+    ax.plot(steps, [nan if e["reward_mean"] is None else e["reward_mean"] for e in entries],
+            label="rollout reward (mean over leaves)", alpha=0.7)
     if evals:
-        ax.plot([e["step"] for e in evals], [e["eval_reward"] for e in evals], "o-", label="held-out eval reward")
+        ax.plot([e["step"] for e in evals], [nan if e["eval_reward"] is None else e["eval_reward"] for e in evals],
+                "o-", label="held-out eval reward")
     if reward_max is not None:
         ax.axhline(reward_max, color="grey", linestyle="--", label="reward maximum")
     ax.set_xlabel("iteration")
@@ -141,10 +207,11 @@ class EvalLog:
         self.path, self.records = path, []
 
     def append(self, record: dict) -> None:
+        record = json_safe(record)
         self.records.append(record)
         if self.path is not None:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
 
     def rewrite(self) -> None:
         """After a resume: the file holds exactly the checkpoint's evaluations (later ones belong to the lost

@@ -31,14 +31,27 @@ from branchgrpo.eval.heldout import Evaluator
 from branchgrpo.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
+from branchgrpo.nonfinite import NonFiniteGuard, NonFiniteRewardsError
 from branchgrpo.optim import build_lr_scheduler, build_optimizer
-from branchgrpo.outputs import EvalLog, MetricsLog, plot_rewards, save_grid, save_videos
+from branchgrpo.outputs import (
+    EvalLog,
+    MetricsLog,
+    json_safe,
+    plot_rewards,
+    prepare_output_dir,
+    save_grid,
+    save_videos,
+)
 from branchgrpo.parallel import full_state_dict, prepare_model, using_module
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options
 from branchgrpo.rollout import NoiseKeys, run_rollout
 from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
 
 log = logging.getLogger(__name__)
+
+# the update's figures that do not exist when no edge had a finite advantage (every reward non-finite): null then
+UPDATE_FIGURES = ("loss", "grad_norm", "clip_fraction", "approx_kl", "kl", "ratio_min", "ratio_max", "first_ratio_min",
+                  "first_ratio_max")
 
 
 class Trainer:
@@ -48,6 +61,10 @@ class Trainer:
         self.device = self.info.device
         _configure_torch(cfg.parallel, self.device)
         self.output_dir = Path(cfg.run.output_dir)
+        self.checkpoints = CheckpointManager(self.output_dir, self.info.rank, self.info.world_size,
+                                             cfg.checkpoint.checkpoints_total_limit, trainable_only=cfg.model.use_lora)
+        resuming = cfg.checkpoint.resume_from_checkpoint
+        resume_path = self._check_before_loading()
         self.algo = cfg.build_algorithm()
         self.spec = cfg.model.spec
         self.store = EmbeddingStore(cfg.data.data_json_path)
@@ -80,18 +97,16 @@ class Trainer:
         self.updater = PolicyUpdate(self.adapter, self.prepared.model, self.optimizer, self.scheduler, cfg.optim,
                                     cfg.loss, cfg.run.seed, self.kernel, self.device, self.prepared.autocast,
                                     self.prepared.reference, self.info.rank)
-        self.checkpoints = CheckpointManager(self.output_dir, self.info.rank, self.info.world_size,
-                                             cfg.checkpoint.checkpoints_total_limit, trainable_only=cfg.model.use_lora)
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
+        self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
-                       "evals": self.evals, "wall_time_s": self.clock}
+                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard}
         self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
         self.step = 0
-        resuming = cfg.checkpoint.resume_from_checkpoint
-        if resuming:
-            self._resume(self.checkpoints.resolve(resuming))
+        if resume_path is not None:
+            self._resume(resume_path)
         self.metrics = None
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +119,19 @@ class Trainer:
             self._log_sizes()
         self._stop = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _check_before_loading(self) -> Path | None:
+        """What can fail without a model fails before one is loaded, in one line: the output folder (a file, not
+        writable, or holding an earlier run), and the checkpoint to resume (incomplete, damaged, other flags).
+        Returns the verified checkpoint folder, or None."""
+        cfg, resuming = self.cfg, self.cfg.checkpoint.resume_from_checkpoint
+        prepare_output_dir(self.output_dir, bool(resuming), cfg.run.overwrite_output_dir, self.info.is_main)
+        distributed.barrier()  # an overwritten run is gone on every rank before any of them writes
+        if not resuming:
+            return None
+        path = self.checkpoints.resolve(resuming)
+        check_resume_config(self.checkpoints.read_trainer_state(path)["config"], cfg, path)
+        return path
 
     # ---------------------------------------------------------------------------------------------------------
     # The loop
@@ -121,15 +149,20 @@ class Trainer:
             self.step = it + 1
             if self.metrics:
                 self.metrics.log(entry)
-                bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", loss=f"{entry['loss']:.3g}")
+                bar.set_postfix(reward=_fmt(entry["reward_mean"], ".4f"), loss=_fmt(entry["loss"], ".3g"))
             # the final evaluation too runs here, before the checkpoint of the last step, so that it is part of it
             every = cfg.eval.validation_steps
             if (every and self.step % every == 0) or self.step == total:
                 self._evaluate(self.step)
             stop = bool(distributed.all_reduce_max(torch.tensor(int(self._stop))).item())
+            failing = self.guard.tripped  # the same on every rank: it counts over all of them
             every = cfg.checkpoint.checkpointing_steps
-            if stop or (every and self.step % every == 0):
-                self.save()
+            if stop or failing or (every and self.step % every == 0):
+                saved = self.save()
+            if failing:
+                if self.metrics:
+                    self.metrics.close()
+                raise NonFiniteRewardsError(self.guard.message(saved))
             if stop:
                 log.warning("SIGTERM: checkpoint written at step %d; exiting", self.step)
                 return {"stopped_at": self.step}
@@ -158,7 +191,7 @@ class Trainer:
             self.ema.update(self.prepared.model)
         t3 = time.time()
         self._maybe_save_rollout(graph, it)
-        return self._entry(it, graph, scores, trained, update, (t0, t1, t2, t3))
+        return self._entry(it, graph, scores, trained, update, float(edges.weight.sum()), (t0, t1, t2, t3))
 
     def rollout(self, embeddings: dict, prompt_keys: tuple[int, ...], it: int) -> RolloutGraph:
         s = self.cfg.sampling
@@ -212,7 +245,10 @@ class Trainer:
         )
         (self.output_dir / "sizes.json").write_text(json.dumps(s, indent=1))
 
-    def _entry(self, it, graph, scores, trained, update, times) -> dict:
+    def _entry(self, it, graph, scores, trained, update, live_edges: float, times) -> dict:
+        """The iteration's metrics, identical on every rank. Rewards: over the leaves with a finite reward (null
+        when there is none); the update's figures: null when no edge had a finite advantage to train on. Also
+        warns about non-finite rewards and feeds their counts to the guard that stops a failing run."""
         t0, t1, t2, t3 = times
         leaves = graph.leaves
         scored = graph.group[leaves] >= 0
@@ -220,13 +256,18 @@ class Trainer:
         finite = torch.isfinite(total) & scored
         gathered = distributed.all_gather_cat(torch.where(finite, total, torch.zeros_like(total)).double())
         mask = distributed.all_gather_cat(finite.double())
+        num_finite = int(mask.sum())
         n = mask.sum().clamp(min=1)
         mean = float((gathered * mask).sum() / n)
         std = float((((gathered - mean) * mask) ** 2).sum().div((n - 1).clamp(min=1)).sqrt())
+        counts = {"nonfinite_rewards": int((~torch.isfinite(total) & scored).sum()), "scored": int(scored.sum()),
+                  "live_edges": live_edges,
+                  **{f"reward:{name}": int((~torch.isfinite(v) & scored).sum()) for name, v in scores.items()}}
+        over_ranks, counts = self._over_ranks(update, counts)
         entry = {
             "step": it,
-            "reward_mean": mean,
-            "reward_std": std,
+            "reward_mean": mean if num_finite else None,
+            "reward_std": std if num_finite > 1 else None,
             "loss": update["loss"],
             "rollout_nfe": graph.num_forward_passes / leaves.numel(),
             "train_nfe": int(trained.sum()) / leaves.numel(),
@@ -238,27 +279,43 @@ class Trainer:
             "grad_norm": update["grad_norm"],
         }
         entry.update({k: v for k, v in update.items() if k not in ("loss", "grad_norm")})
-        entry.update(self._over_ranks(update, int((~torch.isfinite(total) & scored).sum())))
-        entry.update({f"reward_{name}": float(v[scored].nanmean()) for name, v in scores.items() if len(scores) > 1})
+        entry.update(over_ranks, nonfinite_rewards=int(counts["nonfinite_rewards"]))
+        entry.update({f"reward_{name}": float(v[scored & torch.isfinite(v)].nanmean())
+                      for name, v in scores.items() if len(scores) > 1})
         entry["trained_edges"] = int(trained.sum())
         entry["leaves"] = int(scored.sum())
         entry["peak_memory_mb"] = _peak_memory_mb(self.device)
-        return entry
+        if counts["live_edges"] == 0:
+            entry.update(dict.fromkeys(UPDATE_FIGURES))
+        self._watch_rewards(it, counts, list(scores))
+        return json_safe(entry)
 
-    def _over_ranks(self, update: dict, nonfinite_rewards: int) -> dict:
+    def _watch_rewards(self, it: int, counts: dict, names: list[str]) -> None:
+        """Warn about non-finite rewards (naming the reward models), and count towards stopping the run."""
+        per_reward = {name: int(counts[f"reward:{name}"]) for name in names}
+        bad, scored = int(counts["nonfinite_rewards"]), int(counts["scored"])
+        if bad and self.info.is_main:
+            log.warning("iteration %d: %d of %d leaves have no finite reward (%s); they are left out of the "
+                        "advantages and the metrics", it, bad, scored,
+                        ", ".join(f"'{name}' non-finite on {n}" for name, n in per_reward.items() if n))
+        self.guard.observe(it, bad, scored, per_reward)
+
+    def _over_ranks(self, update: dict, counts: dict) -> tuple[dict, dict]:
         """The update's rank-local figures as whole-iteration ones (identical on every rank): means over ranks of
-        the loss, clip fraction and KL estimates, sums of the non-finite counts, extremes of the ratios. The
-        gradient norm needs nothing: it is computed from the all-reduced gradients."""
+        the loss, clip fraction and KL estimates, sums of the non-finite counts, extremes of the ratios; and
+        `counts` summed over ranks. The gradient norm needs nothing: it is computed from the all-reduced
+        gradients."""
         means, sums = ("loss", "clip_fraction", "approx_kl", "kl"), ("nonfinite_edges",)
-        values = torch.tensor([update[k] for k in means + sums] + [nonfinite_rewards], dtype=torch.float64)
+        values = torch.tensor([update[k] for k in means + sums] + list(counts.values()), dtype=torch.float64)
         values = distributed.all_reduce_sum(values).tolist()
         out = {k: v / self.info.world_size for k, v in zip(means, values)}
-        out.update({k: v for k, v in zip(sums, values[len(means):])}, nonfinite_rewards=int(values[-1]))
+        out.update({k: v for k, v in zip(sums, values[len(means):])})
+        counts = dict(zip(counts, values[len(means + sums):]))
         extremes = torch.tensor([-update["ratio_min"], update["ratio_max"], -update["first_ratio_min"],
                                  update["first_ratio_max"]], dtype=torch.float64)
         lo, hi, first_lo, first_hi = distributed.all_reduce_max(extremes).tolist()
         out.update(ratio_min=-lo, ratio_max=hi, first_ratio_min=-first_lo, first_ratio_max=first_hi)
-        return out
+        return out, counts
 
     def _evaluate(self, step: int) -> None:
         model = self.prepared.model
@@ -267,9 +324,15 @@ class Trainer:
             result = self.evaluator.run(self._velocity, self.adapter, self.rewards, self.sigmas, self.kernel,
                                         self.device, self.store.extras)
         self.evals.append({"step": step, "eval_reward": result.reward,
-                           **{f"eval_{k}": v for k, v in result.per_reward.items()}})
+                           **{f"eval_{k}": v for k, v in result.per_reward.items()},
+                           "eval_nonfinite": result.num_nonfinite})
         if self.info.is_main:
-            log.info("eval at step %d: reward %.4f over %d held-out samples", step, result.reward, result.num_samples)
+            log.info("eval at step %d: reward %s over %d held-out samples", step, _fmt(result.reward, ".4f"),
+                     result.num_samples)
+            if result.num_nonfinite:
+                log.warning("eval at step %d: %d of %d held-out samples have no finite reward; %s", step,
+                            result.num_nonfinite, result.num_samples,
+                            "the mean is over the others" if result.reward is not None else "there is no mean")
             self._save_media(result.media, result.labels, self.output_dir / "samples" / f"eval_step{step:06d}")
 
     def _save_media(self, media: torch.Tensor, labels: list[str], stem: Path) -> None:
@@ -317,7 +380,6 @@ class Trainer:
             self.adapter.export(str(folder), state)
 
     def _resume(self, path: Path) -> None:
-        check_resume_config(self.checkpoints.read_trainer_state(path)["config"], self.cfg, path)
         self.step = self.checkpoints.load(path, self.prepared.model, self.optimizer, self.states, self.rank_states)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -342,12 +404,13 @@ class Trainer:
                 summary[f"mean_{key}"] = sum(values) / len(values) if values else None
             summary["peak_memory_mb"] = max((e["peak_memory_mb"] for e in entries), default=None)
             summary["first_ratio_max_abs_dev"] = max((max(abs(e["first_ratio_min"] - 1), abs(e["first_ratio_max"] - 1))
-                                                      for e in entries), default=0.0)
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                                                      for e in entries if e["first_ratio_min"] is not None),
+                                                     default=0.0)
+            (self.output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
             plot_rewards(entries, self.evals.records, self.output_dir / "reward_curve.png", summary["reward_max"])
             self.metrics.close()
-            log.info("done: eval reward %.4f -> %.4f (max %s) in %.0f s", summary["eval_reward_before"],
-                     summary["eval_reward_after"], summary["reward_max"], wall)
+            log.info("done: eval reward %s -> %s (max %s) in %.0f s", _fmt(summary["eval_reward_before"], ".4f"),
+                     _fmt(summary["eval_reward_after"], ".4f"), summary["reward_max"], wall)
         return summary
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -389,6 +452,10 @@ def _configure_torch(parallel_cfg, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = parallel_cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = parallel_cfg.allow_tf32
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -81,3 +81,14 @@ def test_launcher_checks_its_inputs(tmp_path):
                           env={**env, "MODEL": "flux", "MODEL_PATH": str(tmp_path / "none"),
                                "DATA_JSON": str(tmp_path / "none.json")}, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "MODEL_PATH" in proc.stderr and "DATA_JSON" in proc.stderr
+
+
+def test_a_run_folder_the_harness_did_not_write_is_never_deleted(tmp_path, capsys):
+    """The harness deletes and retrains only run folders it stamped (harness_args.json, written before training);
+    anything else in a method's folder is refused, not deleted."""
+    mine = tmp_path / "runs" / "branchgrpo" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("not the harness's")
+    with pytest.raises(SystemExit, match="did not write"):
+        compare_main(["--iterations", "1", "--output_dir", str(tmp_path), "--methods", "branchgrpo", "--", *TINY])
+    assert mine.read_text() == "not the harness's"

@@ -1,10 +1,28 @@
 """Two processes under torchrun (gloo, CPU): DDP and FSDP2 keep the ranks in step and train the same model as a
-single process fed the same global batch (same prompts, same noise keys, same mean over edges)."""
+single process fed the same global batch (same prompts, same noise keys, same mean over edges); an FSDP2 run killed
+during a checkpoint write resumes to exactly the unbroken run."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
 
-from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics, torchrun, train, without_timings
+from trainer_utils import (
+    REPO,
+    exported_weights,
+    fast_args,
+    free_port,
+    make_toy_embeddings,
+    metrics,
+    torchrun,
+    train,
+    without_timings,
+)
 
 pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
 
@@ -26,11 +44,21 @@ def single(emb, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, emb, single, tmp_path):
-    out = tmp_path / mode
+def two_processes(emb, out, mode):
     proc = torchrun(fast_args(emb, out, parallel=mode, **dict(COMMON, train_batch_size=1)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp(emb, tmp_path_factory):
+    """The unbroken two-process FSDP2 run (2 iterations)."""
+    return two_processes(emb, tmp_path_factory.mktemp("fsdp"), "fsdp")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(mode, emb, single, tmp_path, request):
+    out = request.getfixturevalue("fsdp") if mode == "fsdp" else two_processes(emb, tmp_path / mode, mode)
     # the same global batch: identical rollouts and rewards at the first iteration
     m1, m2 = without_timings(metrics(single)), without_timings(metrics(out))
     assert m1[0]["reward_mean"] == pytest.approx(m2[0]["reward_mean"], abs=1e-6)
@@ -48,3 +76,50 @@ def test_two_processes_match_one(mode, emb, single, tmp_path):
                  for r in (0, 1)]
         ema0, ema1 = ranks[0]["ema"]["shadow"], ranks[1]["ema"]["shadow"]
         assert ema0.keys() == ema1.keys() and all(torch.equal(ema0[k], ema1[k]) for k in ema0)
+
+
+def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, tmp_path):
+    """SIGKILL of the whole torchrun group while checkpoint-2 is being written (rank 0 has exported the weights,
+    rank 1 waits at the barrier), then `--resume_from_checkpoint latest` under torchrun: the sharded parameters and
+    optimizer state, each rank's RNG, EMA shard and data position come back, and the finished run equals the unbroken
+    one bitwise (weights, EMA, metrics, evaluations)."""
+    out, marker = tmp_path / "killed", tmp_path / "in_second_save"
+    script = tmp_path / "train_then_hang.py"
+    script.write_text(textwrap.dedent(f"""
+        import pathlib, sys, time
+        import branchgrpo.trainer as t
+        from branchgrpo.cli.train import main
+        orig, calls = t.Trainer._export, []
+        def export(self, folder):
+            orig(self, folder)
+            calls.append(folder)
+            if len(calls) == 2 and self.info.is_main:  # checkpoint-2 written, not yet published
+                pathlib.Path({str(marker)!r}).write_text(str(folder))
+                time.sleep(600)
+        t.Trainer._export = export
+        sys.exit(main(sys.argv[1:]))
+    """))
+    args = fast_args(emb, out, parallel="fsdp", **dict(COMMON, train_batch_size=1, checkpointing_steps=1))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(script), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    start = time.time()
+    while not marker.exists():
+        if proc.poll() is not None or time.time() - start > 300:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no second checkpoint write:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    proc.wait(timeout=60)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "checkpoint-1" and not (ckpts / "checkpoint-2").exists()
+    resumed = torchrun(fast_args(emb, out, parallel="fsdp", resume_from_checkpoint="latest",
+                                 **dict(COMMON, train_batch_size=1, checkpointing_steps=1)))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [e["step"] for e in metrics(out)] == [0, 1]
+    assert without_timings(metrics(out)) == without_timings(metrics(fsdp))
+    assert (out / "eval.jsonl").read_text() == (fsdp / "eval.jsonl").read_text()
+    for which in ("model", "ema"):
+        a, b = exported_weights(fsdp, 2, which), exported_weights(out, 2, which)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which

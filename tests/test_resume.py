@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,86 @@ def test_corrupt_or_mismatched_checkpoints_give_clear_errors(emb, straight, tmp_
     assert resume() == 2
     (ckpt / "state" / "rank0.pt").unlink()
     assert resume() == 2
+
+
+def _error_line(capsys) -> str:
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint"), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage,named", [
+    ("truncate state/__0_0.distcp", "state/__0_0.distcp"),  # caught by complete.json's sizes
+    ("legacy, truncate state/__0_0.distcp", "state/__0_0.distcp"),  # by the DCP metadata's offsets (EOFError)
+    ("legacy, truncate state/.metadata", "state/.metadata"),  # (AssertionError inside dcp.load)
+    ("garbage state/rank0.pt", "state/rank0.pt"),  # same size: caught by torch.load (UnpicklingError)
+    ("legacy, pickle state/rank0.pt", "state/rank0.pt"),  # objects weights_only refuses (UnpicklingError)
+    ("delete model", "model/"),  # half deleted
+    ("legacy, delete model", "model/*.safetensors"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line(damage, named, emb, straight, tmp_path, capsys):
+    """Each damage gives exit 2 and one line naming the file and --resume_from_checkpoint, no traceback. "legacy":
+    without complete.json, as checkpoints written before it existed."""
+    from branchgrpo.cli.train import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-2", ckpt)
+    if damage.startswith("legacy, "):
+        (ckpt / "complete.json").unlink(missing_ok=True)
+        damage = damage[len("legacy, "):]
+    action, name = damage.split(" ")
+    target = ckpt / name
+    if action == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif action == "garbage":
+        target.write_bytes(b"\x07" * target.stat().st_size)
+    elif action == "pickle":
+        torch.save({"rng": {"torch": Path("not a tensor")}}, target)
+    else:
+        shutil.rmtree(target)
+    assert main(fast_args(emb, tmp_path / "r", resume_from_checkpoint=str(ckpt), checkpointing_steps=2,
+                          **STATEFUL)) == 2
+    line = _error_line(capsys)
+    assert named in line, line
+
+
+def test_every_checkpoint_ends_with_a_completeness_marker(straight):
+    """complete.json is written last: it lists every other file of the checkpoint with its size."""
+    ckpt = straight / "checkpoints" / "checkpoint-4"
+    marker = json.loads((ckpt / "complete.json").read_text())
+    on_disk = {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*")
+               if p.is_file() and p.name != "complete.json"}
+    assert marker == {"step": 4, "files": on_disk}
+    assert {"trainer_state.json", "state/.metadata", "state/rank0.pt", "model/transformer.safetensors",
+            "ema/transformer.safetensors"} <= set(on_disk)
+
+
+def test_a_kill_while_deleting_an_old_checkpoint_leaves_no_half_deleted_checkpoint(emb, tmp_path):
+    """Rotation (--checkpoints_total_limit) renames an old checkpoint to a hidden trash name before deleting it, so
+    a kill halfway through the deletion leaves nothing named like a checkpoint without its files; the next save
+    sweeps the trash."""
+    out = tmp_path / "rotated"
+    args = fast_args(emb, out, checkpointing_steps=1, max_train_steps=2, checkpoints_total_limit=1)
+    proc = _run_script(f"""
+        import os, shutil, signal
+        from trainer_utils import train
+        rmtree = shutil.rmtree
+        def killed_halfway(path, *args, **kwargs):
+            if "checkpoint-1" in str(path) and os.path.isdir(os.path.join(path, "model")):
+                rmtree(os.path.join(path, "model"))  # the weights are gone, the rest not yet
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rmtree(path, *args, **kwargs)
+        shutil.rmtree = killed_halfway
+        train({args!r})
+    """, tmp_path, "rotated")
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stdout.read()
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "checkpoint-2"
+    assert [p.name for p in ckpts.glob("checkpoint-*")] == ["checkpoint-2"]
+    assert [p.name for p in ckpts.glob(".trash-*")] == [".trash-checkpoint-1"]
+    train(fast_args(emb, out, checkpointing_steps=1, max_train_steps=3, checkpoints_total_limit=1,
+                    resume_from_checkpoint="latest"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-3", "latest"]
 
 
 def test_resume_error_messages(emb, straight, tmp_path, capsys):

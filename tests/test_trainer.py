@@ -2,6 +2,8 @@
 exactly 1, non-finite rewards are contained, and bad inputs fail early with messages naming the flag or file."""
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,13 +112,66 @@ def _toy_with_nan(device="cpu", **options):
     return score
 
 
+@register_reward("toy_all_nan")
+def _toy_all_nan(device="cpu", **options):
+    """A reward model that fails on every input."""
+
+    def score(media, prompts):
+        return torch.full((media.shape[0],), float("nan"))
+
+    score.name = "toy_all_nan"
+    return score
+
+
 def test_non_finite_rewards_are_counted_and_contained(emb, tmp_path):
     out = tmp_path / "nan"
-    train(fast_args(emb, out, reward="toy_with_nan"))
+    summary = train(fast_args(emb, out, reward="toy_with_nan"))
     for e in metrics(out):
         assert e["nonfinite_rewards"] > 0 and e["skipped_steps"] == 0
         assert torch.isfinite(torch.tensor(e["loss"])) and torch.isfinite(torch.tensor(e["reward_mean"]))
     assert all(torch.isfinite(v).all() for v in exported_weights(out).values())
+    # the evaluation averages the samples with a finite reward and says how many had none
+    for record in map(json.loads, (out / "eval.jsonl").read_text().splitlines()):
+        assert record["eval_nonfinite"] == 2 and 0 < record["eval_reward"] < 1  # samples 0 and 3 of 4
+    assert 0 < summary["eval_reward_after"] < 1
+
+
+def test_iterations_without_a_finite_reward_log_null_not_numbers(emb, tmp_path, caplog):
+    out = tmp_path / "all_nan"
+    with caplog.at_level(logging.WARNING):
+        summary = train(fast_args(emb, out, reward="toy_all_nan"))  # 2 iterations: under --max_nonfinite_iterations
+    written = "".join((out / name).read_text() for name in ("metrics.jsonl", "eval.jsonl", "summary.json"))
+    assert "NaN" not in written and "Infinity" not in written
+    for e in metrics(out):
+        assert e["reward_mean"] is None and e["reward_std"] is None  # no data, not 0.0
+        assert e["loss"] is None and e["grad_norm"] is None and e["clip_fraction"] is None  # no edge to train on
+        assert e["nonfinite_rewards"] == e["leaves"] == 8
+    for record in map(json.loads, (out / "eval.jsonl").read_text().splitlines()):
+        assert record["eval_reward"] is None and record["eval_nonfinite"] == 4
+    assert summary["eval_reward_before"] is None and summary["eval_reward_after"] is None
+    warned = [r.getMessage() for r in caplog.records if "no finite reward" in r.getMessage()]
+    assert sum("8 of 8 leaves" in w and "'toy_all_nan' non-finite on 8" in w for w in warned) == 2, warned
+
+
+def test_a_run_whose_rewards_keep_failing_stops_with_a_checkpoint(emb, tmp_path, capsys):
+    """More than --max_nonfinite_fraction of the leaves non-finite in --max_nonfinite_iterations iterations in a row
+    stops the run with a checkpoint and a message; the count is checkpointed, so it goes on across a resume."""
+    from branchgrpo.cli.train import main
+
+    out = tmp_path / "stops"
+    flags = dict(reward="toy_all_nan", checkpointing_steps=1, max_nonfinite_iterations=3)
+    train(fast_args(emb, out, max_train_steps=2, **flags))  # two failing iterations: not yet
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["nonfinite"]["count"] == 2
+    capsys.readouterr()
+    assert main(fast_args(emb, out, max_train_steps=6, resume_from_checkpoint="latest", **flags)) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "3 iterations in a row" in errors[0] and "checkpoint-3" in errors[0], errors
+    assert "'toy_all_nan' on 8 leaves" in errors[0] and "--max_nonfinite_iterations 3" in errors[0]
+    assert [e["step"] for e in metrics(out)] == [0, 1, 2]  # the third failing iteration in a row was the last
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-3"
+    state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["nonfinite"]["count"] == 3
 
 
 def test_kl_to_the_reference_is_logged_and_positive_after_an_update(emb, tmp_path):
@@ -162,3 +217,73 @@ def test_bad_input_messages(emb, tmp_path, capsys):
     assert "--tree_split_points: 9 is outside 0..4" in capsys.readouterr().err
     main(fast_args(emb, tmp_path / "m", reward="nonexistent"))
     assert "--reward: unknown reward 'nonexistent'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --output_dir: one run per folder, checked before anything is loaded
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Loading(Exception):
+    """Raised instead of loading the reward models: the output-dir checks passed."""
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import branchgrpo.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise _Loading
+
+    monkeypatch.setattr(trainer, "build_reward_set", refuse)
+
+
+def _error_line(capsys) -> str:
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_an_earlier_run_in_the_output_dir_is_refused_unless_resumed_or_overwritten(emb, tmp_path, no_loading, capsys):
+    from branchgrpo.cli.train import main
+
+    out = tmp_path / "run"
+    (out / "embeddings" / "train").mkdir(parents=True)  # the toy launcher's embeddings alone are not a run
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(_Loading):
+        main(fast_args(emb, out))
+    for name in ("metrics.jsonl", "eval.jsonl", "config.json"):
+        (out / name).write_text("{}\n")
+    (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (out / "samples").mkdir()
+    assert main(fast_args(emb, out)) == 2
+    line = _error_line(capsys)
+    assert "--output_dir" in line and "earlier run" in line and "--resume_from_checkpoint" in line
+    assert "--overwrite_output_dir" in line and "metrics.jsonl" in line
+    # continuing it is what --resume_from_checkpoint is for: the folder passes, the (fake) checkpoint does not
+    assert main(fast_args(emb, out, resume_from_checkpoint="latest")) == 2
+    assert "--resume_from_checkpoint latest: no checkpoint under" in _error_line(capsys)
+    assert main(fast_args(emb, out, resume_from_checkpoint="latest", overwrite_output_dir=True)) == 2
+    assert "choose one" in _error_line(capsys)
+    with pytest.raises(_Loading):
+        main(fast_args(emb, out, overwrite_output_dir=True))
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings", "notes.txt"]  # the run's files only
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_loading(emb, tmp_path, no_loading, capsys):
+    import os
+
+    from branchgrpo.cli.train import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    unwritable = tmp_path / "read_only"
+    unwritable.mkdir()
+    unwritable.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere permissions allow... except where the kernel refuses
+        unwritable = Path("/sys/branchgrpo-test")
+    for out, reason in [(a_file, "is a file"), (a_file / "run", "not a writable folder"),
+                        (unwritable / "run", "not a writable folder")]:
+        assert main(fast_args(emb, out)) == 2, out
+        line = _error_line(capsys)
+        assert line.startswith(f"error: --output_dir: {out}") and reason in line, line

@@ -71,21 +71,31 @@ def builtin_embeddings(model: str, output_dir: Path) -> tuple[Path, Path] | None
                  for path, part in zip(prompts, ("train", "eval")))
 
 
+STAMP = "harness_args.json"  # written into a run folder before its training starts: the folder is the harness's
+
+
 def _finished(run_dir: Path, args: list[str]) -> bool:
-    stamp = run_dir / "harness_args.json"
+    stamp = run_dir / STAMP
     return (run_dir / "summary.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args
 
 
 def run_method(name: str, args: list[str], launcher: str, nproc: int, num_threads: int) -> None:
-    """Train one method (in this process, or under torchrun), unless a finished run with these flags exists."""
+    """Train one method (in this process, or under torchrun), unless a finished run with these flags exists. A run
+    folder of the harness (it holds the stamp) with other flags, or interrupted, is deleted and trained again; a
+    non-empty folder without the stamp is not the harness's and is refused, never deleted."""
     run_dir = Path(args[args.index("--output_dir") + 1])
     if _finished(run_dir, args):
         print(f"[compare] {name}: reusing the finished run in {run_dir}", flush=True)
         return
-    if run_dir.exists():  # a different or interrupted run: start clean (metrics.jsonl would mix runs)
+    if (run_dir / STAMP).is_file():  # the harness's, with other flags or interrupted: start clean
         import shutil
 
         shutil.rmtree(run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise SystemExit(f"error: {name}: {run_dir} holds files the comparison harness did not write (no {STAMP}); "
+                         "move them away or choose another --output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STAMP).write_text(json.dumps(args))
     print(f"[compare] {name}: training -> {run_dir}", flush=True)
     if launcher == "inprocess":
         import torch
@@ -103,7 +113,6 @@ def run_method(name: str, args: list[str], launcher: str, nproc: int, num_thread
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{name}: training failed (exit {proc.returncode}); see its output above")
-    (run_dir / "harness_args.json").write_text(json.dumps(args))
 
 
 if __name__ == "__main__":  # `python -m branchgrpo.bench.compare`: an alias of branchgrpo.cli.compare

@@ -52,8 +52,10 @@ class RunConfig(Section):
     algo: str = flag("branchgrpo", "algorithm (a registered unit: branchgrpo, dancegrpo, mixgrpo, g2rpo, ...)")
     seed: int = flag(42, "seed of every keyed random draw (rollout noise, shuffles, timestep subsets)")
     output_dir: str = flag("outputs/run", "metrics, grids, plots, summary and checkpoints go here")
+    overwrite_output_dir: bool = flag(False, "start over in an --output_dir that holds an earlier run: delete its run "
+                                      "files (metrics, evaluations, samples, checkpoints, ...; other files stay)")
 
-    RESUMABLE = frozenset({"output_dir"})
+    RESUMABLE = frozenset({"output_dir", "overwrite_output_dir"})
 
 
 @dataclass
@@ -121,11 +123,20 @@ class RewardConfig(Section):
     reward_model_dir: str = flag("hps_ckpt", "folder holding reward checkpoints (see hps_ckpt/README.md)")
     reward_options: str = flag("", "JSON {reward: {option: value}} passed to the reward factories")
     reward_batch_size: int = flag(16, "leaves decoded and scored per call")
+    max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves without a finite "
+                                         "reward counts towards --max_nonfinite_iterations")
+    max_nonfinite_iterations: int = flag(3, "stop (with a checkpoint) after this many such iterations in a row "
+                                         "(0 = never)")
+
+    RESUMABLE = frozenset({"max_nonfinite_fraction", "max_nonfinite_iterations"})
 
     def validate(self) -> None:
         from branchgrpo.rewards.base import parse_reward_options, parse_reward_spec
 
         require_positive(self, "reward_batch_size")
+        require(0 <= self.max_nonfinite_fraction <= 1,
+                f"--max_nonfinite_fraction: need a fraction in [0, 1], got {self.max_nonfinite_fraction}")
+        require_non_negative(self, "max_nonfinite_iterations")
         parse_reward_spec(self.reward)
         parse_reward_options(self.reward_options)
 

@@ -1,7 +1,8 @@
 """Held-out evaluation during training: fixed prompts, fixed seeds, the same sampler every time.
 
 Each evaluation sample is a one-chain rollout (ODE by default, or the training SDE kernel) from noise keyed by
-(--eval_seed, sample id), so the samples before and after training differ only by the weights.
+(--eval_seed, sample id), so the samples before and after training differ only by the weights. Means are over the
+samples with a finite reward; how many were not is reported beside them (a mean over none is None).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from branchgrpo.rollout import NoiseKeys, run_rollout
 
 @dataclass
 class EvalResult:
-    reward: float  # weighted sum of the reward models, mean over samples
-    per_reward: dict[str, float]
+    reward: float | None  # weighted sum of the reward models, mean over the samples where it is finite
+    per_reward: dict[str, float | None]  # each reward's mean over the samples where it is finite
     num_samples: int
+    num_nonfinite: int  # samples whose weighted sum is not finite (left out of `reward`)
     media: torch.Tensor  # this rank's decoded samples (rank 0: the first prompts), for grids
     labels: list[str]
 
@@ -56,11 +58,17 @@ class Evaluator:
         for name, values in scores.items():
             values = values.double()
             total += rewards.weights[name] * values
-            per_reward[name] = _global_mean(values, keep)
-        return EvalResult(_global_mean(total, keep), per_reward, self.num_samples, media.cpu(), self.texts)
+            per_reward[name], _ = _global_mean(values, keep)
+        reward, num_nonfinite = _global_mean(total, keep)
+        return EvalResult(reward, per_reward, self.num_samples, num_nonfinite, media.cpu(), self.texts)
 
 
-def _global_mean(values: torch.Tensor, keep: torch.Tensor) -> float:
-    acc = torch.stack([torch.where(keep, values, torch.zeros_like(values)).sum(), keep.double().sum()])
+def _global_mean(values: torch.Tensor, keep: torch.Tensor) -> tuple[float | None, int]:
+    """Mean over every rank's kept samples with a finite value (None if there are none), and the number of kept
+    samples whose value is not finite."""
+    finite = torch.isfinite(values)
+    use = keep & finite
+    acc = torch.stack([torch.where(use, values, torch.zeros_like(values)).sum(), use.double().sum(),
+                       (keep & ~finite).double().sum()])
     acc = distributed.all_reduce_sum(acc)
-    return float(acc[0] / acc[1])
+    return (float(acc[0] / acc[1]) if acc[1] > 0 else None), int(acc[2])

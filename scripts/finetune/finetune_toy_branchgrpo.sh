@@ -9,6 +9,7 @@
 # Environment: ALGO (branchgrpo), OUTPUT_DIR (outputs/toy_$ALGO), NPROC (1 process; >1 runs torchrun with gloo),
 # CONFIG (configs/toy_$ALGO.yaml), SKIP_SETUP=1 to skip env_setup.sh. Extra flags go to the trainer ("$@").
 # Writes metrics.jsonl, summary.json, reward_curve.png, samples/*.png (before/after grids), checkpoints/.
+# Running it again into the same OUTPUT_DIR is refused: add --resume_from_checkpoint latest or --overwrite_output_dir.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
