@@ -31,7 +31,13 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _mean(values: list[float]) -> float | None:
+    """The mean of the finite-reported values (None entries are iterations without data), None if there are none."""
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
@@ -68,7 +74,7 @@ def collect(output_dir: Path, runs: dict[str, list[str]], methods: dict, flags: 
         row["plan_rollout_nfe"], row["plan_train_nfe"] = plan_nfe(run_dir, len(entries))
         row.update({k: _mean([e[k] for e in timed]) for k in TIME_KEYS})
         row.update(eval_reward_before=summary["eval_reward_before"], eval_reward_after=summary["eval_reward_after"],
-                   eval_reward_delta=summary["eval_reward_after"] - summary["eval_reward_before"],
+                   eval_reward_delta=_difference(summary["eval_reward_after"], summary["eval_reward_before"]),
                    reward_first=entries[0]["reward_mean"], reward_last=entries[-1]["reward_mean"],
                    train_wall_s=sum(e["iter_time_s"] for e in entries), wall_time_s=summary["wall_time_s"],
                    peak_memory_mb=summary.get("peak_memory_mb"), world_size=summary.get("world_size"),
@@ -123,7 +129,8 @@ def plot_reward_vs_time(rows: list[dict], path: Path) -> Path:
     window = max(1, max((len(r["curve"]["reward_mean"]) for r in rows), default=1) // 10)
     for row in rows:
         c = row["curve"]
-        (line,) = ax_eval.plot(c["eval_time_s"], c["eval_reward"], "o-", label=row["label"])
+        evals = [float("nan") if v is None else v for v in c["eval_reward"]]
+        (line,) = ax_eval.plot(c["eval_time_s"], evals, "o-", label=row["label"])
         ax_roll.plot(c["time_s"], _moving_average(c["reward_mean"], window), "-", color=line.get_color(),
                      label=row["label"])
     rollout_title = "rollout reward, mean over leaves" + (f" ({window}-iteration moving average)" if window > 1
@@ -140,12 +147,11 @@ def plot_reward_vs_time(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over the last `window` values (fewer at the start): rollout rewards are noisy per iteration."""
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+def _moving_average(values: list[float | None], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start): rollout rewards are noisy per iteration.
+    Iterations without a finite reward (None) are left out of the mean; a window without any gives NaN (a gap)."""
+    out = []
+    for i in range(len(values)):
+        known = [v for v in values[max(0, i + 1 - window) : i + 1] if v is not None]
+        out.append(sum(known) / len(known) if known else float("nan"))
     return out
