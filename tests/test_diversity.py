@@ -227,14 +227,14 @@ def _write_pngs(folder, brightness, count, seed):
 
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
-    from branchgrpo.eval.diversity_cli import main
+    from branchgrpo.eval.diversity_cli import main, run
 
     _write_pngs(tmp_path / "dark", 0.4, 16, seed=0)
     _write_pngs(tmp_path / "bright", 0.6, 16, seed=1)
     out = tmp_path / "result.json"
-    result = main(["--a", str(tmp_path / "dark"), "--b", str(tmp_path / "bright"), "--features", "pixels",
-                   "--pixel_size", "4", "--permutations", "200", "--kid_subsets", "10", "--output", str(out),
-                   "--save_features", str(tmp_path / "feats")])
+    result = run(["--a", str(tmp_path / "dark"), "--b", str(tmp_path / "bright"), "--features", "pixels",
+                  "--pixel_size", "4", "--permutations", "200", "--kid_subsets", "10", "--output", str(out),
+                  "--save_features", str(tmp_path / "feats")])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["num_a"] == result["num_b"] == 16 and result["feature_dim"] == 48
     assert result["kid"]["mean"] > 0 and result["mmd2_rbf"]["value"] > 0
@@ -252,4 +252,5 @@ def test_cli_end_to_end(tmp_path):
     same = json.loads(out2.read_text())
     assert same["features"] == "given" and same["permutation"]["p_value_rbf"] > 0.5 and "KID" in proc.stdout
     with pytest.raises(FileNotFoundError):
-        main(["--a", str(tmp_path / "absent"), "--b", str(tmp_path / "dark")])
+        run(["--a", str(tmp_path / "absent"), "--b", str(tmp_path / "dark")])
+    assert main(["--a", str(tmp_path / "absent"), "--b", str(tmp_path / "dark")]) == 2  # one line, not a traceback

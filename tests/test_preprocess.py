@@ -61,10 +61,11 @@ def _prompt_file(path: Path, extra_bad_lines: bool = True) -> Path:
     return path
 
 
-def _run_cli(flux_dir, prompts, out, shard_size=3, batch_size=2):
-    cli.main(["--model", "flux", "--model_path", str(flux_dir), "--prompts", str(prompts), "--output_dir", str(out),
-              "--max_sequence_length", str(MAX_SEQ), "--shard_size", str(shard_size), "--batch_size",
-              str(batch_size), "--device", "cpu"])
+def _run_cli(flux_dir, prompts, out, shard_size=3, batch_size=2, exit_code=0):
+    """The CLI in this process; input errors are its exit code 2 and one `error:` line on stderr."""
+    assert cli.main(["--model", "flux", "--model_path", str(flux_dir), "--prompts", str(prompts), "--output_dir",
+                     str(out), "--max_sequence_length", str(MAX_SEQ), "--shard_size", str(shard_size), "--batch_size",
+                     str(batch_size), "--device", "cpu"]) == exit_code
 
 
 def _assert_matches_reference(out_dir, reference):
@@ -172,13 +173,14 @@ def test_a_real_kill_mid_run_resumes_without_reencoding_finished_shards(flux_dir
     _assert_matches_reference(out, reference)
 
 
-def test_resume_with_other_encoder_settings_is_refused(flux_dir, tmp_path):
+def test_resume_with_other_encoder_settings_is_refused(flux_dir, tmp_path, capsys):
     out = tmp_path / "emb"
     prompts = _prompt_file(tmp_path / "a.txt")
     _run_cli(flux_dir, prompts, out)
-    with pytest.raises(ValueError, match="encoder settings"):
-        cli.main(["--model", "flux", "--model_path", str(flux_dir), "--prompts", str(prompts), "--output_dir",
-                  str(out), "--max_sequence_length", str(MAX_SEQ + 8), "--shard_size", "3", "--device", "cpu"])
+    capsys.readouterr()
+    assert cli.main(["--model", "flux", "--model_path", str(flux_dir), "--prompts", str(prompts), "--output_dir",
+                     str(out), "--max_sequence_length", str(MAX_SEQ + 8), "--shard_size", "3", "--device", "cpu"]) == 2
+    assert "encoder settings" in capsys.readouterr().err
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
@@ -189,18 +191,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
     assert read_prompt_file(path) == (PROMPTS[:2], {"empty": 0, "undecodable": 0})
 
 
-def test_resume_with_another_prompt_file_is_refused(flux_dir, tmp_path):
+def test_resume_with_another_prompt_file_is_refused(flux_dir, tmp_path, capsys):
     out = tmp_path / "emb"
     _run_cli(flux_dir, _prompt_file(tmp_path / "a.txt"), out)
     other = tmp_path / "b.txt"
     other.write_text("a completely different prompt\n")
-    with pytest.raises(ValueError, match="another prompt list"):
-        _run_cli(flux_dir, other, out)
+    capsys.readouterr()
+    _run_cli(flux_dir, other, out, exit_code=2)
+    assert "another prompt list" in capsys.readouterr().err
 
 
-def test_missing_model_folder_is_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_flux_here"):
-        _run_cli(tmp_path / "no_flux_here", _prompt_file(tmp_path / "p.txt"), tmp_path / "emb")
+def test_missing_model_folder_is_reported(tmp_path, capsys):
+    _run_cli(tmp_path / "no_flux_here", _prompt_file(tmp_path / "p.txt"), tmp_path / "emb", exit_code=2)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no_flux_here" in err and "Traceback" not in err
 
 
 def test_launcher_with_two_processes(flux_dir, reference, tmp_path):

@@ -9,6 +9,7 @@ fusion and depth-wise advantages (section 4), width and depth pruning and the hy
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,9 @@ from branchgrpo.config.fields import flag, parse_int_list, require
 from branchgrpo.graph import GraphPlan, RolloutGraph
 from branchgrpo.plans import tree_plan
 from branchgrpo.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
+
+log = logging.getLogger(__name__)
+_REPORTED: set[tuple] = set()  # split-point settings already reported (_report_split_points)
 
 _PAPER_TREE = ["--algo", "branchgrpo", "--tree_split_points", "0,3,6,9", "--branch_factor", "2", "--sde_kernel",
                "dance", "--eta", "0.3"]
@@ -52,8 +56,9 @@ class BranchGRPOConfig(WindowFlags):
 
     # --- derived values ----------------------------------------------------------------------------------------
     def split_points(self, num_steps: int) -> list[int]:
+        """The steps where the tree branches, ascending (the tree branches in step order, whatever the flag's)."""
         if self.tree_split_points.strip():
-            return parse_int_list(self.tree_split_points, "--tree_split_points")
+            return sorted(parse_int_list(self.tree_split_points, "--tree_split_points"))
         stride = max(1, num_steps // max(1, self.tree_split_rounds))
         return [k * stride for k in range(self.tree_split_rounds)]
 
@@ -73,7 +78,11 @@ class BranchGRPOConfig(WindowFlags):
     # --- checks ------------------------------------------------------------------------------------------------
     def validate(self, sampling) -> None:
         T = sampling.sampling_steps
+        if not self.tree_split_points.strip():
+            require(self.tree_split_rounds >= 1, "--tree_split_rounds: need >= 1 when --tree_split_points is empty, "
+                    f"got {self.tree_split_rounds}")
         points = self.split_points(T)
+        self._report_split_points(points, T)
         require(bool(points), "--tree_split_points: BranchGRPO needs at least one split point")
         for p in points:
             require(0 <= p <= T - 2, f"--tree_split_points: {p} is outside 0..{T - 2} "
@@ -101,6 +110,21 @@ class BranchGRPOConfig(WindowFlags):
         require(0 < self.pruning_step_ratio <= 1, f"--pruning_step_ratio: need (0, 1], got {self.pruning_step_ratio}")
         if self.mix_ode_sde_tree:
             self.validate_window(T)
+
+    def _report_split_points(self, points: list[int], num_steps: int) -> None:
+        """Say which split points are used when they are not the flag's text as given: derived from
+        --tree_split_rounds (empty flag), or put in ascending order."""
+        used = ",".join(map(str, points))
+        key = (self.tree_split_points, self.tree_split_rounds, num_steps)
+        if key in _REPORTED:  # the unit is validated each time it is built: say it once per process
+            return
+        _REPORTED.add(key)
+        if not self.tree_split_points.strip():
+            log.info("--tree_split_points is empty: splitting at steps %s (--tree_split_rounds %d over %d steps)",
+                     used, self.tree_split_rounds, num_steps)
+        elif parse_int_list(self.tree_split_points, "--tree_split_points") != points:
+            log.warning("--tree_split_points '%s' is not in ascending order; the tree splits at steps %s",
+                        self.tree_split_points, used)
 
     def conditions(self) -> dict[str, tuple[bool, str]]:
         return {

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from branchgrpo.cli import add_debug_flag, run_cli
 from branchgrpo.config import parse_int_list
 from branchgrpo.models import backbones
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float, default=None, help="peak dense TFLOP/s of the device in the "
                    "benchmark's dtype, for MFU (e.g. 989 for an H100/H200 SXM in bf16); omitted: no MFU")
     p.add_argument("--output", default="outputs/bench/bench.json", help="JSON result; the markdown goes next to it")
+    add_debug_flag(p)
     return p
 
 
@@ -108,6 +110,8 @@ def run(args) -> dict:
     from branchgrpo.bench.report import bench_markdown
 
     model_cfg = model_config(args)  # before anything is loaded
+    if args.num_threads < 0:
+        raise ValueError(f"--num_threads: need >= 0 (0 = torch's default), got {args.num_threads}")
     args.split_points = parse_int_list(args.tree_split_points, "--tree_split_points")
     args.micro_batch_sizes = parse_int_list(args.micro_batch_sizes, "--micro_batch_sizes")
     tree_prompts = parse_int_list(args.tree_prompts, "--tree_prompts")
@@ -177,14 +181,12 @@ def _mfu(result: dict, backbone, peak_tflops: float | None) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from branchgrpo.bench.compare import BASELINE, COMMON, builtin_embeddings, method_args, method_flags, methods, run_method
+from branchgrpo.cli import add_debug_flag, run_cli
 
 
 def _load() -> list[float] | None:
@@ -58,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (1 is fastest for the toy and "
                    "steadiest on a shared machine; 0: torch's default)")
     p.add_argument("--collect_only", action="store_true", help="only rebuild the table and plot from finished runs")
+    add_debug_flag(p)
     return p
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> dict:
+    """Train (or reuse) every method and tabulate them; input errors raise."""
     from branchgrpo.bench.compare_report import collect, write_outputs
 
     logging.basicConfig(level=logging.WARNING)
@@ -74,9 +81,10 @@ def main(argv=None) -> dict:
     names = list(rows_by_name) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in names if m not in rows_by_name]
     if bad or not names:
-        raise SystemExit(f"error: --methods: unknown {bad}; choose from {', '.join(rows_by_name)}")
-    if args.iterations < 1:
-        raise SystemExit(f"error: --iterations: need >= 1, got {args.iterations}")
+        raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(rows_by_name)}")
+    for name, low in (("iterations", 1), ("nproc", 1), ("eval_every", 0), ("num_threads", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     eval_every = args.eval_every or max(1, args.iterations // 5)
@@ -102,4 +110,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
+
+from branchgrpo.cli import add_debug_flag, run_cli
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -84,10 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save_features", default=None, help="folder to write a.pt / b.pt (extracted features)")
     parser.add_argument("--output", default=None, help="JSON result file (default: ./diversity.json)")
+    add_debug_flag(parser)
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> dict:
+    """The comparison of `--a` and `--b` (what `main` prints and writes); input errors raise."""
     from branchgrpo.eval.diversity import compare_feature_sets
     from branchgrpo.eval.features import build_extractor, extract_list
 
@@ -95,7 +104,7 @@ def main(argv=None) -> dict:
     kind_a, items_a = load_set(args.a)
     kind_b, items_b = load_set(args.b)
     if kind_a != kind_b:
-        raise SystemExit(f"--a holds {kind_a} but --b holds {kind_b}; give both as images or both as features")
+        raise ValueError(f"--a holds {kind_a} but --b holds {kind_b}; give both as images or both as features")
     if kind_a == "images":
         extractor = build_extractor(
             args.features, device=args.device, batch_size=args.batch_size, clip_arch=args.clip_arch,
@@ -130,4 +139,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

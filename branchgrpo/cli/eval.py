@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
+from branchgrpo.cli import add_debug_flag, run_cli
 from branchgrpo.models import backbones, get_backbone
 from branchgrpo.rewards.base import parse_reward_options
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "an MP4) to this folder")
     g.add_argument("--grid_prompts", type=int, default=8, help="prompts shown in grid.png (seeds in columns)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (0: none)")
+    add_debug_flag(p)
     return p
 
 
@@ -117,8 +119,9 @@ def _check(args, spec, model_cfg) -> None:
     for name in ("samples_per_prompt", "steps", "batch_size", "chunk_prompts", "reward_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
-    if args.num_prompts < 0:
-        raise ValueError(f"--num_prompts: need >= 0 (0 = all), got {args.num_prompts}")
+    for name, zero in (("num_prompts", "all"), ("num_threads", "torch's default")):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name}: need >= 0 (0 = {zero}), got {getattr(args, name)}")
     for name in spec.inapplicable_flags(model_cfg):
         raise ValueError(f"--{name}: does not apply to --model {spec.name} (its flags: "
                          f"{', '.join('--' + f for f in spec.flags) or 'none'})")
@@ -218,14 +221,12 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Backbones are the registered specs that have a tiny checkpoint (`BackboneSpec.ti
 from __future__ import annotations
 
 import argparse
+import sys
 
+from branchgrpo.cli import add_debug_flag, run_cli
 from branchgrpo.models import backbones
 from branchgrpo.testing import TINY_REWARDS, call_writer
 
@@ -31,16 +33,21 @@ def make_tiny(kind: str, out_dir: str, seed: int = 0) -> None:
         raise ValueError(f"make_tiny: unknown kind '{kind}'; expected one of {', '.join(kinds())}")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m branchgrpo.make_tiny", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=kinds())
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     make_tiny(args.kind, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.kind} checkpoint to {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

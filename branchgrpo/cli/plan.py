@@ -9,6 +9,9 @@ Width pruning keeps a fixed number of edges per tree whatever the rewards, so th
 from __future__ import annotations
 
 import json
+import sys
+
+from branchgrpo.cli import add_debug_flag, run_cli
 
 
 def count(cfg, iteration: int = 0) -> dict:
@@ -35,21 +38,23 @@ def format_counts(c: dict) -> str:
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     from branchgrpo.config import config_from_flags, parse_flags
 
     def extra(p):
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
+        add_debug_flag(p)
 
-    try:
-        # the training flags and configs are accepted as they are; only the algorithm's are checked and used
-        values, extras = parse_flags(argv, description=__doc__, extra_args=extra, prog="python -m branchgrpo.plan")
-        counts = count(config_from_flags(values, validate="algorithm"), extras.iteration)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    # the training flags and configs are accepted as they are; only the algorithm's are checked and used
+    values, extras = parse_flags(argv, description=__doc__, extra_args=extra, prog="python -m branchgrpo.plan")
+    counts = count(config_from_flags(values, validate="algorithm"), extras.iteration)
     print(json.dumps(counts) if extras.json else format_counts(counts))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from branchgrpo import distributed
+from branchgrpo.cli import add_debug_flag, run_cli
 from branchgrpo.data.preprocess import run_preprocess
 from branchgrpo.models import backbones, get_backbone
 
@@ -32,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16, help="prompts per encoder forward")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="encoder dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    add_debug_flag(p)
     return p
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    return run_cli(_preprocess, argv)
+
+
+def _preprocess(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     info = distributed.init_distributed(args.device)
@@ -63,4 +70,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

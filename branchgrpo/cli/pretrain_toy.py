@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from branchgrpo.cli import add_debug_flag, run_cli
 from branchgrpo.models.toy import ToyAdapter
 from branchgrpo.toy import data
 from branchgrpo.toy.pretrain import attribute_labels, evaluate, fit_reward, speed, train_flow
@@ -41,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_eta", type=float, default=0.3, help="eta of the dance SDE in evaluation")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--log_every", type=int, default=250, help="log the loss every N steps")
+    add_debug_flag(p)
     return p
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        raise ValueError(f"--threads: need >= 0 (0 = torch's default), got {args.threads}")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     # Bit-for-bit reruns: on CPU the backward of an index gather (index_put_ with accumulate) sums in a
@@ -80,4 +89,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

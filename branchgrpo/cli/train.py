@@ -3,7 +3,8 @@
     python -m branchgrpo.cli.train --config configs/toy_branchgrpo.yaml --output_dir outputs/toy
     torchrun --nproc_per_node 8 -m branchgrpo.cli.train --model flux --pretrained_model_name_or_path data/flux ...
 
-Every flag is documented in `--help`; YAML files in configs/ set defaults that flags override.
+Every flag is documented in `--help`; YAML files in configs/ set defaults that flags override. Bad input is one line
+`error: ...` and exit code 2 (`--debug` or BRANCHGRPO_DEBUG=1: with its traceback).
 """
 
 from __future__ import annotations
@@ -13,28 +14,27 @@ import os
 import sys
 
 from branchgrpo import distributed
+from branchgrpo.cli import add_debug_flag, run_cli
 
 
 def main(argv=None) -> int:
-    from branchgrpo.config import parse_train_config
+    return run_cli(_train, argv)
+
+
+def _train(argv: list[str]) -> int:
+    from branchgrpo.config import config_from_flags, parse_flags
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_train_config(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    values, _ = parse_flags(argv, extra_args=add_debug_flag)
+    cfg = config_from_flags(values)  # every check that needs no model, before anything is loaded
     from branchgrpo.trainer import Trainer
 
     clean = False
     try:
         Trainer(cfg).train()
         clean = True
-    except (ValueError, FileNotFoundError) as err:  # bad input found while loading: a message, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         distributed.shutdown(clean=clean)
     return 0

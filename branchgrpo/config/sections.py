@@ -131,14 +131,13 @@ class RewardConfig(Section):
     RESUMABLE = frozenset({"max_nonfinite_fraction", "max_nonfinite_iterations"})
 
     def validate(self) -> None:
-        from branchgrpo.rewards.base import parse_reward_options, parse_reward_spec
+        from branchgrpo.rewards.base import check_options_of, parse_reward_options, parse_reward_spec
 
         require_positive(self, "reward_batch_size")
         require(0 <= self.max_nonfinite_fraction <= 1,
                 f"--max_nonfinite_fraction: need a fraction in [0, 1], got {self.max_nonfinite_fraction}")
         require_non_negative(self, "max_nonfinite_iterations")
-        parse_reward_spec(self.reward)
-        parse_reward_options(self.reward_options)
+        check_options_of(parse_reward_spec(self.reward), parse_reward_options(self.reward_options))
 
 
 @dataclass
@@ -178,6 +177,7 @@ class ModelConfig(Section):
         path = self.pretrained_model_name_or_path
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"--pretrained_model_name_or_path: {path} does not exist")
+        spec.check_files(self)  # sizes against the checkpoint's configs, before any weight is read
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
         from branchgrpo.models import backbones
@@ -280,6 +280,7 @@ class ParallelConfig(Section):
         return self.deterministic == "on" or (self.deterministic == "auto" and device.type == "cpu")
 
     def validate(self) -> None:
+        require(self.num_threads >= 0, f"--num_threads: need >= 0 (0: torch's default), got {self.num_threads}")
         require(0 <= self.selective_checkpointing <= 1,
                 f"--selective_checkpointing: need a fraction in [0, 1], got {self.selective_checkpointing}")
 

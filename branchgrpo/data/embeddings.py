@@ -27,8 +27,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "branchgrpo-embeddings/1"
+INDEX_KEYS = ("format", "model", "keys", "shards", "prompts")  # what `EmbeddingStore` reads from index.json
 SHARD_DIR = "shards"
 EXTRAS_FILE = "extras.safetensors"
+
+
+def _open_safetensors(path: Path, what: str):
+    """`safe_open(path)`, or a ValueError naming the file when its header cannot be read (truncated or not a
+    safetensors file)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) for a bad header
+        raise ValueError(f"{what} {path} cannot be read ({err}): truncated or not a safetensors file; delete it and "
+                         "re-run preprocessing (finished shards are kept)") from None
 
 
 def shard_name(shard_id: int) -> str:
@@ -63,7 +74,7 @@ def write_extras(folder: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 def read_shard_texts(path: str | Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as handle:
+    with _open_safetensors(Path(path), "embedding shard") as handle:
         meta = handle.metadata() or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a branchgrpo embedding shard (format {meta.get('format')!r})")
@@ -79,7 +90,7 @@ def write_index(folder: str | Path, model: str, num_shards: int, skipped: dict[s
         if not path.exists():
             raise FileNotFoundError(f"{path}: shard missing; re-run preprocessing to finish it")
         texts = read_shard_texts(path)
-        with safe_open(str(path), framework="pt") as handle:
+        with _open_safetensors(path, "embedding shard") as handle:
             shard_keys = {}
             for key in handle.keys():
                 sl = handle.get_slice(key)
@@ -107,7 +118,9 @@ def write_index(folder: str | Path, model: str, num_shards: int, skipped: dict[s
 
 
 class EmbeddingStore:
-    """Lazy, read-only access to an embedding folder through its index.json."""
+    """Lazy, read-only access to an embedding folder through its index.json. Opening checks the index against the
+    shards' headers (keys, shapes, row counts; a few bytes per shard), so that a truncated shard or an index that
+    does not fit them fails here, naming the file, not in the middle of training."""
 
     def __init__(self, index_path: str | Path):
         self.index_path = Path(index_path)
@@ -118,30 +131,68 @@ class EmbeddingStore:
                 f"--data_json_path: {self.index_path} does not exist; run the preprocess script first "
                 "(scripts/preprocess/*.sh) to write the prompt embeddings"
             )
-        try:
-            index = json.loads(self.index_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--data_json_path: {self.index_path} is not valid JSON ({err})") from None
-        if index.get("format") != FORMAT:
-            raise ValueError(
-                f"--data_json_path: {self.index_path} has format {index.get('format')!r}, expected '{FORMAT}' "
-                "(written by branchgrpo's preprocess scripts)"
-            )
+        index = self._read_index()
         self.model = index["model"]
-        self.keys = {k: (tuple(v["shape"]), v["dtype"]) for k, v in index["keys"].items()}
         self.prompts = index["prompts"]
         self.skipped = index.get("skipped", {})
         self.folder = self.index_path.parent
-        self._shard_files = [self.folder / s["file"] for s in index["shards"]]
+        try:
+            self.keys = {k: (tuple(v["shape"]), v["dtype"]) for k, v in index["keys"].items()}
+            self._shard_files = [self.folder / s["file"] for s in index["shards"]]
+            rows_per_shard = [int(s["num_prompts"]) for s in index["shards"]]
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"--data_json_path: {self.index_path}: malformed 'keys' or 'shards' entry ({err!r}); "
+                             "re-run preprocessing to rewrite it") from None
         for path in self._shard_files:
             if not path.exists():
                 raise FileNotFoundError(f"{self.index_path}: embedding shard {path} is missing")
+        self._check_shards(rows_per_shard)
         self._handles: dict[int, object] = {}
         extras_path = self.folder / EXTRAS_FILE
         self.extras: dict[str, torch.Tensor] = {}
         if extras_path.exists():
-            with safe_open(str(extras_path), framework="pt") as handle:
+            with _open_safetensors(extras_path, "dataset-wide embeddings (extras)") as handle:
                 self.extras = {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def _read_index(self) -> dict:
+        try:
+            index = json.loads(self.index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"--data_json_path: {self.index_path} is not valid JSON ({err})") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            found = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise ValueError(
+                f"--data_json_path: {self.index_path} has format {found!r}, expected '{FORMAT}' "
+                "(written by branchgrpo's preprocess scripts)"
+            )
+        missing = [key for key in INDEX_KEYS if key not in index]
+        if missing:
+            raise ValueError(f"--data_json_path: {self.index_path} lacks {', '.join(map(repr, missing))} (an index "
+                             f"written by branchgrpo's preprocess scripts has {', '.join(INDEX_KEYS)}); re-run "
+                             "preprocessing to rewrite it")
+        return index
+
+    def _check_shards(self, rows_per_shard: list[int]) -> None:
+        """Every shard's header holds the index's keys with its row count and shapes; every prompt points at a row
+        that exists."""
+        for path, rows in zip(self._shard_files, rows_per_shard):
+            with _open_safetensors(path, "embedding shard") as handle:
+                for key, (shape, _) in self.keys.items():
+                    if key not in handle.keys():
+                        raise ValueError(f"{self.index_path}: embedding shard {path} has no tensor '{key}' "
+                                         f"(it holds {sorted(handle.keys())}); re-run preprocessing")
+                    found = tuple(handle.get_slice(key).get_shape())
+                    if found != (rows, *shape):
+                        raise ValueError(f"{self.index_path}: embedding shard {path} holds '{key}' of shape "
+                                         f"{list(found)}, the index says {[rows, *shape]}; re-run preprocessing")
+        for i, entry in enumerate(self.prompts):
+            shard, row = entry.get("shard"), entry.get("row")
+            ok = isinstance(shard, int) and 0 <= shard < len(rows_per_shard)
+            if not (ok and isinstance(row, int) and 0 <= row < rows_per_shard[shard]):
+                where = f"shard {shard}" + (f" of {rows_per_shard[shard]} rows" if ok else
+                                            f" (the index lists {len(rows_per_shard)} shards)")
+                raise ValueError(f"--data_json_path: {self.index_path}: prompt {i} points at row {row} of {where}; "
+                                 "the index does not fit its shards - re-run preprocessing")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -151,7 +202,7 @@ class EmbeddingStore:
 
     def _handle(self, shard: int):
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self._shard_files[shard]), framework="pt")
+            self._handles[shard] = _open_safetensors(self._shard_files[shard], "embedding shard")
         return self._handles[shard]
 
     def get(self, i: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """`python -m branchgrpo.eval.diversity_cli`: an alias of branchgrpo.cli.diversity (the README and users call it by
 this name)."""
 
-from branchgrpo.cli.diversity import main
+import sys
+
+from branchgrpo.cli.diversity import main, run  # noqa: F401
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -107,6 +107,8 @@ class ClipFeatures(_BatchedExtractor):
         super().__init__(device, batch_size)
         import open_clip
 
+        from branchgrpo.rewards.hps import open_clip_mismatch
+
         if model_config_dir is not None:
             if not os.path.exists(model_config_dir):
                 raise FileNotFoundError(f"--clip_model_config: '{model_config_dir}' does not exist")
@@ -115,12 +117,14 @@ class ClipFeatures(_BatchedExtractor):
             raise ValueError(f"--clip_arch: unknown open_clip architecture '{arch}' (add its json with "
                              f"--clip_model_config DIR)")
         state = load_state_dict_file(checkpoint, "--clip_checkpoint")
+        error = open_clip_mismatch(arch, state, f"--clip_checkpoint: '{checkpoint}'",
+                                   "give its architecture with --clip_arch (clip_arch for the temporal_consistency "
+                                   "reward), and --clip_model_config (model_config_dir) for one open_clip does not "
+                                   "ship")
+        if error is not None:
+            raise error
         model = open_clip.create_model(arch, pretrained=None)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"--clip_checkpoint: '{checkpoint}' does not fit open_clip '{arch}': "
-                             f"missing {sorted(result.missing_keys)[:10]}, "
-                             f"unexpected {sorted(result.unexpected_keys)[:10]}")
+        model.load_state_dict(state, strict=True)
         self.model = model.to(self.device).eval()
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
         size = cfg.get("size", model.visual.image_size)
@@ -144,13 +148,12 @@ class InceptionFeatures(_BatchedExtractor):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
+        from branchgrpo.state_dicts import load_strict
+
         state = load_state_dict_file(weights, "--inception_weights")
         model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"--inception_weights: '{weights}' is not a torchvision inception_v3 state dict "
-                             f"(e.g. inception_v3_google-0cc3c7bd.pth): missing {sorted(result.missing_keys)[:10]}, "
-                             f"unexpected {sorted(result.unexpected_keys)[:10]}")
+        load_strict(model, state, f"--inception_weights: '{weights}'", "torchvision's inception_v3 with aux_logits",
+                    fix="expected e.g. inception_v3_google-0cc3c7bd.pth")
         model.fc = torch.nn.Identity()  # eval-mode forward then returns the dropout-free pooled features
         self.model = model.to(self.device).eval()
 

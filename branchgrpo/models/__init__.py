@@ -29,9 +29,12 @@ def register_backbone(cls: type[BackboneSpec]) -> type[BackboneSpec]:
 
 
 def backbones() -> dict[str, BackboneSpec]:
+    """name -> spec: the built-in ones in BUILTIN_BACKBONES order (whichever module a caller imported first), then
+    the others as registered."""
     for module in BUILTIN_BACKBONES:
         importlib.import_module(module)
-    return dict(_REGISTRY)
+    rank = {module: i for i, module in enumerate(BUILTIN_BACKBONES)}
+    return dict(sorted(_REGISTRY.items(), key=lambda item: rank.get(type(item[1]).__module__, len(rank))))  # stable
 
 
 def get_backbone(name: str) -> BackboneSpec:

@@ -1,20 +1,116 @@
 """What the diffusers backbones (FLUX, Wan) share: LoRA through diffusers' PeftAdapterMixin (the layout their
 pipelines' `load_lora_weights` reads), exports in diffusers layout, state-dict hygiene (wrapper prefixes, LoRA
-merging, refusing sharded tensors), and loading a training checkpoint's weights for evaluation (`DiffusersSpec`)."""
+merging, refusing sharded tensors), loading a training checkpoint's weights for evaluation (`DiffusersSpec`), and
+reading a checkpoint folder with one-line errors: its configs as JSON (`read_config`, for the size checks that run
+before any weight is read), the transformer's weights checked against its config by their shapes (diffusers would
+fill missing blocks with random weights and only warn), and diffusers' own loading errors (`load_part`)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from branchgrpo.models.lora import merge_lora_state_dict
 from branchgrpo.models.spec import BackboneSpec, EvalModel
+from branchgrpo.state_dicts import shapes_of, state_dict_mismatch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what `<Pipeline>.save_lora_weights` writes (export_lora)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # what `save_pretrained` writes (sharded: + ".index.json")
 
+
+def read_config(folder: Path, what: str, required: bool = True) -> dict | None:
+    """`folder/config.json` as a dict (None when absent and not `required`): read as JSON before diffusers is asked,
+    so that a missing or corrupt file is one line naming it, and sizes can be checked before weights load."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        if not required:
+            return None
+        raise FileNotFoundError(f"{path} does not exist; the {what} folder of a diffusers checkpoint holds "
+                                f"{CONFIG_FILE} and its weights ({WEIGHTS_FILE})")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected the {what}'s diffusers config") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (the {what}'s diffusers config), got {type(config).__name__}")
+    return config
+
+
+def weight_shapes(folder: Path, what: str) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of the safetensors weights in `folder` (one file or an index of shards), read from the files'
+    headers; None when the folder holds another format (diffusers then reads it and reports itself)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / (WEIGHTS_FILE + ".index.json")
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a safetensors shard index ({err!r})") from None
+    elif (folder / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        return None
+    shapes = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (listed in {index.name}); the {what}'s weights are "
+                                    "incomplete")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+        except Exception as err:  # safetensors' SafetensorError (truncated file, bad header) is not an OSError
+            raise ValueError(f"{path}: cannot be read ({err}); expected the {what}'s safetensors weights (a "
+                             "truncated download or copy?)") from None
+    return shapes
+
+
+def check_weights_match(model_class, folder: Path, config: dict, what: str,
+                        describe: Callable[[Mapping[str, tuple]], str] | None = None, fix: str = "") -> None:
+    """The weights in `folder` have exactly the tensors `model_class` built from `config` has (names and shapes,
+    compared on the meta device: nothing is allocated). diffusers itself fills missing tensors with random values
+    and only warns."""
+    found = weight_shapes(folder, what)
+    if found is None:
+        return
+    with torch.device("meta"):
+        expected = shapes_of(model_class.from_config(config).state_dict())
+    for attr, side in (("_keys_to_ignore_on_load_unexpected", found), ("_keys_to_ignore_on_load_missing", expected)):
+        for pattern in getattr(model_class, attr, None) or ():
+            for key in [k for k in side if re.search(pattern, k)]:
+                del side[key]
+    error = state_dict_mismatch(f"{folder} (its weights)", f"the {what} of {Path(folder) / CONFIG_FILE}", found,
+                                expected, describe, fix)
+    if error is not None:
+        raise error
+
+
+def load_pretrained(load: Callable[[], object], folder: Path, what: str, expected: str):
+    """`load()` (a `from_pretrained` call of diffusers or transformers on local files) with the library's errors -
+    raised deep inside and several lines long - turned into one line naming `folder` and what was `expected`."""
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        if isinstance(err, FileNotFoundError) and err.filename:  # already names the file
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(f"{folder}: cannot load the {what} ({reason}); expected {expected}") from None
+
+
+def load_part(model_class, root: Path, subfolder: str, what: str, **kwargs):
+    """`model_class.from_pretrained(root, subfolder=...)` from local files through `load_pretrained`."""
+    return load_pretrained(
+        lambda: model_class.from_pretrained(str(root), subfolder=subfolder, local_files_only=True, **kwargs),
+        Path(root) / subfolder, what,
+        f"a diffusers {model_class.__name__} folder ({CONFIG_FILE} + {WEIGHTS_FILE} as save_pretrained writes them)")
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The model behind DDP (`.module`) or torch.compile (`._orig_mod`); FSDP2 keeps the module itself."""
@@ -120,6 +216,20 @@ class DiffusersSpec(BackboneSpec):
     takes `transformer/` from `transformer_path` instead of the base folder when given."""
 
     eval_layouts = ("diffusers_full", "diffusers_lora")  # what `export` and `export_lora` write
+
+    def check_files(self, model_cfg, transformer_root=None) -> None:
+        root = model_cfg.pretrained_model_name_or_path
+        if root is None or not Path(root).is_dir():
+            return
+        folder = Path(transformer_root or root) / "transformer"
+        transformer = read_config(folder, "transformer", required=False)
+        if transformer is not None:
+            vae = read_config(Path(root) / "vae", "VAE", required=False) or {}
+            self.check_config_sizes(model_cfg, transformer, vae, folder / CONFIG_FILE)
+
+    def check_config_sizes(self, model_cfg, transformer: dict, vae: dict, config_path: Path) -> None:
+        """The size flags (or their defaults) against the transformer's and VAE's configs (ValueError naming the
+        flag and the config file)."""
 
     def load_for_eval(self, model_cfg, weights, layout, device, dtype=torch.float32) -> EvalModel:
         """A full export replaces the base's transformer (the base transformer is never loaded); a LoRA is fused

@@ -28,8 +28,18 @@ from torch import nn
 from branchgrpo import sde
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
-from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, DiffusersSpec, _unwrap
+from branchgrpo.models.diffusers_backbone import (
+    CONFIG_FILE,
+    DiffusersExportMixin,
+    DiffusersSpec,
+    _unwrap,
+    check_weights_match,
+    load_part,
+    load_pretrained,
+    read_config,
+)
 from branchgrpo.models.spec import check_sizes
+from branchgrpo.state_dicts import count_blocks
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
                "tokenizer_2/")
@@ -59,6 +69,32 @@ def check_image_size(height: int, width: int, multiple: int = 16) -> None:
     for flag, value in (("--h", height), ("--w", width)):
         if not isinstance(value, int) or value <= 0 or value % multiple:
             raise ValueError(f"{flag} must be a positive multiple of {multiple} (VAE factor x 2x2 packing), got {value}")
+
+
+def check_flux_config(height: int, width: int, transformer: dict, vae: dict, config_path: Path) -> None:
+    """--h/--w and the channel counts against the checkpoint's configs (read as JSON), before any weight is read:
+    sides must be multiples of 2 x the VAE's downsampling (FLUX packs 2x2 latent patches), and the transformer
+    takes 4 x the VAE's latent channels."""
+    factor = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)  # absent VAE config: FLUX.1's 8
+    for flag, value in (("--h", height), ("--w", width)):
+        if value % (2 * factor):
+            raise ValueError(f"{flag}: {value} is not a multiple of {2 * factor}: the VAE (vae/config.json next to "
+                             f"{config_path.parent.name}/) downsamples {factor}x and FLUX packs 2x2 latent patches")
+    if int(transformer.get("patch_size", 1)) != 1:
+        raise ValueError(f"{config_path}: patch_size {transformer['patch_size']}; branchgrpo packs 2x2 latent "
+                         "patches itself and expects FLUX.1's patch_size 1")
+    latent, packed = vae.get("latent_channels"), int(transformer.get("in_channels", 64))
+    if latent is not None and packed != 4 * int(latent):
+        raise ValueError(f"{config_path}: the FLUX transformer takes {packed} packed channels, but the VAE has "
+                         f"{latent} latent channels (expected 4 x that): mismatched transformer/ and vae/ folders")
+
+
+def describe_flux(shapes) -> str:
+    """Blocks and width of a FLUX transformer, read from its tensor shapes."""
+    embed = shapes.get("x_embedder.weight")
+    return (f"{count_blocks(shapes, 'transformer_blocks.')} double-stream + "
+            f"{count_blocks(shapes, 'single_transformer_blocks.')} single-stream blocks x width "
+            f"{embed[0] if embed else '?'}")
 
 
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
@@ -164,7 +200,12 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
 
 def _read_scheduler_config(root: Path) -> dict:
     path = root / "scheduler" / "scheduler_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
 def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -175,16 +216,22 @@ def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype:
     `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
     check_image_size(height, width)
     root = check_flux_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
+    transformer_root = root if transformer_path is None else Path(transformer_path)
+    folder = transformer_root / "transformer"
+    transformer_config = read_config(folder, "FLUX transformer")
+    check_flux_config(height, width, transformer_config, read_config(root / "vae", "FLUX VAE"), folder / CONFIG_FILE)
+    scheduler_config = _read_scheduler_config(root)
     from diffusers import AutoencoderKL, FluxTransformer2DModel  # after the checks: importing takes seconds
 
+    check_weights_match(FluxTransformer2DModel, folder, transformer_config, "FLUX transformer", describe_flux,
+                        "config.json and the weights of transformer/ must come from the same checkpoint or export")
     device = torch.device(device)
     if vae_dtype is None:
         vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer_root = root if transformer_path is None else Path(transformer_path)
-    transformer = FluxTransformer2DModel.from_pretrained(str(transformer_root), subfolder="transformer",
-                                                         torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
-    adapter = FluxAdapter(transformer, vae, height, width, guidance_scale, _read_scheduler_config(root))
+    transformer = load_part(FluxTransformer2DModel, transformer_root, "transformer", "FLUX transformer",
+                            torch_dtype=dtype)
+    vae = load_part(AutoencoderKL, root, "vae", "FLUX VAE", torch_dtype=vae_dtype)
+    adapter = FluxAdapter(transformer, vae, height, width, guidance_scale, scheduler_config)
     return adapter.to(device)
 
 
@@ -205,11 +252,15 @@ def build_prompt_encoder(model_path: str | Path | None, device: torch.device | s
     dtype = ENCODER_DTYPES[name]
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # after the checks: importing takes seconds
 
-    clip_tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    t5_tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+    def load(cls, part: str, what: str, **kwargs):
+        return load_pretrained(lambda: cls.from_pretrained(str(root / part), local_files_only=True, **kwargs),
+                               root / part, what, f"FLUX.1-dev's {part}/ in transformers layout")
+
+    clip_tokenizer = load(AutoTokenizer, "tokenizer", "CLIP tokenizer")
+    t5_tokenizer = load(AutoTokenizer, "tokenizer_2", "T5 tokenizer")
     # Load in the target dtype (T5-XXL is 19 GB in fp32, per rank); `.to` below covers transformers < 4.56.
-    clip = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True, dtype=dtype)
-    t5 = T5EncoderModel.from_pretrained(str(root / "text_encoder_2"), local_files_only=True, dtype=dtype)
+    clip = load(CLIPTextModel, "text_encoder", "CLIP text encoder", dtype=dtype)
+    t5 = load(T5EncoderModel, "text_encoder_2", "T5 text encoder", dtype=dtype)
     clip = clip.to(device=device, dtype=dtype).eval().requires_grad_(False)
     t5 = t5.to(device=device, dtype=dtype).eval().requires_grad_(False)
     clip_len = int(clip_tokenizer.model_max_length)
@@ -242,6 +293,9 @@ class FluxSpec(DiffusersSpec):
 
     def check_flags(self, model_cfg) -> None:
         check_sizes(model_cfg, 16, "FLUX latents are 2x2-packed 8x-downsampled images")
+
+    def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
+        check_flux_config(self.size(model_cfg, "h"), self.size(model_cfg, "w"), transformer, vae, config_path)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> FluxAdapter:
         return load_flux(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),

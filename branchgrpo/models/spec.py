@@ -70,6 +70,12 @@ class BackboneSpec:
     def check_flags(self, model_cfg) -> None:
         """Value checks of the flags in `flags` (ValueError naming the flag); nothing is loaded."""
 
+    def check_files(self, model_cfg, transformer_root: str | Path | None = None) -> None:
+        """Checks of the flags against the checkpoint's own configs (small JSON files), run by config validation
+        when the folder is known (the loader runs the same checks again before any weight is read): e.g. sizes the
+        transformer cannot take. `transformer_root`: the folder whose transformer is loaded (default: the base
+        folder). A folder or config that is absent is left to the loader, which names it. Nothing by default."""
+
     def inapplicable_flags(self, model_cfg) -> list[str]:
         """Model flags given (not None) that do not act on this backbone, e.g. `num_frames` for an image model.
         Training warns about them; evaluation and the benchmark refuse them."""

@@ -24,6 +24,7 @@ from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.lora import merge_saved_adapter
 from branchgrpo.models.spec import BackboneSpec, EvalModel
+from branchgrpo.state_dicts import load_strict
 from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
 from branchgrpo.toy.network import (
     FlowConfig,
@@ -60,7 +61,20 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a toy checkpoint folder holds {TRANSFORMER_WEIGHTS}, "
                                 f"{TRANSFORMER_CONFIG}, {TEXT_ENCODER_WEIGHTS} and {TEXT_ENCODER_CONFIG}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected the config a toy export writes") from None
+
+
+def _load_weights(module: nn.Module, path: Path, config_path: Path) -> None:
+    """Fill `module` strictly from a safetensors file; an unreadable file or a mismatch is one line naming it."""
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors' own SafetensorError for a truncated file or a bad header
+        raise ValueError(f"{path}: cannot be read ({err}); expected the safetensors weights of a toy export") from None
+    load_strict(module, state, str(path), f"the {type(module).__name__} of {config_path}",
+                fix=f"{config_path.name} and {path.name} must come from the same export")
 
 
 def _save_module(folder: Path, weights: str, config_file: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -84,7 +98,7 @@ def load_text_encoder(model_path: str | Path | None = None, device: torch.device
     if tuple(vocab) != VOCAB:
         raise ValueError(f"{folder / TEXT_ENCODER_CONFIG}: its vocabulary differs from this version's toy grammar")
     encoder = ToyTextEncoder(_config_from_dict(TextEncoderConfig, config))
-    encoder.load_state_dict(load_file(str(folder / TEXT_ENCODER_WEIGHTS)))
+    _load_weights(encoder, folder / TEXT_ENCODER_WEIGHTS, folder / TEXT_ENCODER_CONFIG)
     encoder.requires_grad_(False)
     return encoder.eval().to(device)
 
@@ -167,7 +181,7 @@ def load_toy(model_path: str | Path | None = None, device: torch.device | str = 
     config = _read_json(folder / TRANSFORMER_CONFIG)
     config.pop("format", None)
     transformer = ToyFlowTransformer(_config_from_dict(FlowConfig, config))
-    transformer.load_state_dict(load_file(str(folder / TRANSFORMER_WEIGHTS)))
+    _load_weights(transformer, folder / TRANSFORMER_WEIGHTS, folder / TRANSFORMER_CONFIG)
     text_encoder = load_text_encoder(folder, device)
     return ToyAdapter(transformer.eval().to(device), text_encoder)
 

@@ -39,8 +39,18 @@ from torch import nn
 
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
-from branchgrpo.models.diffusers_backbone import DiffusersExportMixin, DiffusersSpec, _unwrap
+from branchgrpo.models.diffusers_backbone import (
+    CONFIG_FILE,
+    DiffusersExportMixin,
+    DiffusersSpec,
+    _unwrap,
+    check_weights_match,
+    load_part,
+    load_pretrained,
+    read_config,
+)
 from branchgrpo.models.spec import REPO_ASSETS, check_sizes
+from branchgrpo.state_dicts import count_blocks
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
 # Self- (attn1) and cross-attention (attn2) projections of every block.
@@ -83,26 +93,76 @@ def check_video_size(num_frames: int, height: int, width: int, temporal: int = 4
             raise ValueError(f"{flag} must be a positive multiple of {spatial} (VAE factor 8 x patch 2), got {value}")
 
 
+def check_wan_config(num_frames: int, height: int, width: int, transformer: dict, vae: dict,
+                     config_path: Path) -> None:
+    """--num_frames/--h/--w against the checkpoint's configs (read as JSON), before any weight is read: frames are
+    (VAE temporal factor) k + 1, sides multiples of (VAE spatial factor x patch), and the patches along each axis
+    fit the rotary embedding's `rope_max_seq_len` positions (else diffusers fails deep inside with a reshape error)."""
+    temporal, spatial = int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
+    patch = [int(p) for p in transformer.get("patch_size", (1, 2, 2))]
+    positions = int(transformer.get("rope_max_seq_len", 1024))
+    where = f"rope_max_seq_len of {config_path}"
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ValueError(f"--num_frames: {num_frames} is not of the form {temporal}k + 1 (the VAE compresses time "
+                         f"{temporal}x)")
+    latent_frames = (num_frames - 1) // temporal + 1
+    if latent_frames % patch[0]:
+        raise ValueError(f"--num_frames: {num_frames} frames are {latent_frames} latent frames, not a multiple of the "
+                         f"transformer's temporal patch {patch[0]} ({config_path})")
+    if latent_frames // patch[0] > positions:
+        most = (positions * patch[0] - 1) * temporal + 1
+        raise ValueError(f"--num_frames: {num_frames} frames are {latent_frames // patch[0]} temporal patches, more "
+                         f"than the {positions} rotary positions ({where}); this checkpoint takes at most {most}")
+    for flag, value, step in (("--h", height, patch[1]), ("--w", width, patch[2])):
+        unit = spatial * step
+        if value % unit:
+            raise ValueError(f"{flag}: {value} is not a multiple of {unit} (VAE {spatial}x x patch {step}, "
+                             f"{config_path})")
+        if value // unit > positions:
+            raise ValueError(f"{flag}: {value} px are {value // unit} patches of {unit} px, more than the "
+                             f"{positions} rotary positions ({where}); this checkpoint takes {flag} up to "
+                             f"{positions * unit}")
+    if vae.get("z_dim") is not None and int(transformer.get("in_channels", vae["z_dim"])) != int(vae["z_dim"]):
+        raise ValueError(f"{config_path}: the transformer takes {transformer['in_channels']} channels but the VAE has "
+                         f"{vae['z_dim']} latent channels: mismatched transformer/ and vae/ folders")
+
+
+def describe_wan(shapes) -> str:
+    """Blocks and width of a Wan transformer, read from its tensor shapes."""
+    embed = shapes.get("patch_embedding.weight")
+    return f"{count_blocks(shapes, 'blocks.')} blocks x width {embed[0] if embed else '?'}"
+
+
+def _read_json(path: Path) -> dict:
+    """A small JSON file of the checkpoint ({} when absent), or a ValueError naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
 def read_flow_shift(root: Path) -> float:
     """The static shift of the checkpoint's scheduler config (UniPC: `flow_shift`; FlowMatchEuler: `shift`)."""
     path = root / "scheduler" / "scheduler_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = _read_json(path)
     if config.get("use_dynamic_shifting"):
         raise ValueError(f"{path}: dynamic shifting is not used by Wan2.1; expected a static flow_shift")
     return float(config.get("flow_shift", config.get("shift", DEFAULT_SHIFT)))
 
 
-def _check_supported(root: Path, transformer_config) -> None:
-    index_path = root / "model_index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+def _check_supported(root: Path, transformer_config: dict) -> None:
+    """Wan2.1 text-to-video only: read from model_index.json and the transformer's config (before weights load)."""
+    index = _read_json(root / "model_index.json")
     if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None \
             or index.get("expand_timesteps"):
         raise ValueError(f"{root}: a Wan2.2 checkpoint (two experts / per-token timesteps); only Wan2.1 text-to-video "
                          "is supported (docs/wan.md)")
-    if transformer_config.image_dim is not None or transformer_config.in_channels != transformer_config.out_channels:
-        raise ValueError(f"{root}: an image-to-video Wan transformer (image_dim={transformer_config.image_dim}, "
-                         f"in_channels={transformer_config.in_channels}); only text-to-video is supported "
-                         "(docs/wan.md)")
+    image_dim, in_channels = transformer_config.get("image_dim"), transformer_config.get("in_channels", 16)
+    if image_dim is not None or in_channels != transformer_config.get("out_channels", 16):
+        raise ValueError(f"{root}: an image-to-video Wan transformer (image_dim={image_dim}, "
+                         f"in_channels={in_channels}); only text-to-video is supported (docs/wan.md)")
 
 
 class WanAdapter(DiffusersExportMixin, FlowAdapter):
@@ -203,16 +263,23 @@ def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: 
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`) from a local
     diffusers-layout Wan2.1 text-to-video folder; nothing is downloaded. `transformer_path`: a folder whose
     `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
     check_video_size(num_frames, height, width)
     root = check_wan_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
     transformer_root = root if transformer_path is None else Path(transformer_path)
-    transformer = WanTransformer3DModel.from_pretrained(str(transformer_root), subfolder="transformer",
-                                                        torch_dtype=dtype, local_files_only=True)
-    _check_supported(root, transformer.config)
-    vae = AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
-    adapter = WanAdapter(transformer, vae, num_frames, height, width, guidance_scale, read_flow_shift(root))
+    folder = transformer_root / "transformer"
+    transformer_config = read_config(folder, "Wan transformer")
+    _check_supported(root, transformer_config)
+    check_wan_config(num_frames, height, width, transformer_config, read_config(root / "vae", "Wan VAE"),
+                     folder / CONFIG_FILE)
+    shift = read_flow_shift(root)
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel  # after the checks: importing takes seconds
+
+    check_weights_match(WanTransformer3DModel, folder, transformer_config, "Wan transformer", describe_wan,
+                        "config.json and the weights of transformer/ must come from the same checkpoint or export")
+    transformer = load_part(WanTransformer3DModel, transformer_root, "transformer", "Wan transformer",
+                            torch_dtype=dtype)
+    vae = load_part(AutoencoderKLWan, root, "vae", "Wan VAE", torch_dtype=vae_dtype)
+    adapter = WanAdapter(transformer, vae, num_frames, height, width, guidance_scale, shift)
     return adapter.to(device)
 
 
@@ -250,8 +317,11 @@ def build_prompt_encoder(model_path: str | Path | None, device: torch.device | s
     if name not in ENCODER_DTYPES:  # fp16 T5 overflows to inf: not offered
         raise ValueError(f"--dtype must be auto, fp32 or bf16 for Wan's UMT5 encoder, got '{name}'")
     dtype = ENCODER_DTYPES[name]
-    tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    encoder = UMT5EncoderModel.from_pretrained(str(root / "text_encoder"), local_files_only=True)
+    tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
+                                root / "tokenizer", "UMT5 tokenizer", "Wan2.1's tokenizer/ in transformers layout")
+    encoder = load_pretrained(
+        lambda: UMT5EncoderModel.from_pretrained(str(root / "text_encoder"), local_files_only=True),
+        root / "text_encoder", "UMT5 text encoder", "Wan2.1's text_encoder/ in transformers layout")
     encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     negative = getattr(args, "negative_prompt", None)
     negative = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
@@ -294,6 +364,11 @@ class WanSpec(DiffusersSpec):
         frames = model_cfg.num_frames
         if frames is not None and (frames < 1 or (frames - 1) % 4):
             raise ValueError(f"--num_frames: {frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
+
+    def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
+        _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer)
+        check_wan_config(self.size(model_cfg, "num_frames"), self.size(model_cfg, "h"), self.size(model_cfg, "w"),
+                         transformer, vae, config_path)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> WanAdapter:
         return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),

@@ -19,6 +19,7 @@ Multi-reward runs give a weight per reward, e.g. `--reward hps=1.0,clip=0.5`. Tw
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -62,7 +63,35 @@ def build_reward(name: str, device: torch.device | str = "cpu", model_dir: str =
     _import_builtin_rewards()
     if name not in _REGISTRY:
         raise ValueError(f"--reward: unknown reward '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](device=device, model_dir=model_dir, **options)
+    factory = _REGISTRY[name]
+    check_reward_options(name, factory, options)
+    return factory(device=device, model_dir=model_dir, **options)
+
+
+def check_options_of(names, options: dict[str, dict]) -> None:
+    """`check_reward_options` for every registered reward of `names` that has options (config validation: before
+    any model is loaded). Unknown names are left to `build_reward`."""
+    if not options:
+        return
+    _import_builtin_rewards()
+    for name in names:
+        if name in _REGISTRY and options.get(name):
+            check_reward_options(name, _REGISTRY[name], options[name])
+
+
+def check_reward_options(name: str, factory: RewardFactory, options: dict) -> None:
+    """Options the factory does not take are refused naming those it does (read from its signature), instead of a
+    TypeError from inside the call. A factory with `**options` checks its own."""
+    import inspect
+
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    taken = [p for p, param in params.items() if p != "device" and param.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise ValueError(f"--reward_options: reward '{name}' takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(taken) or 'none'}")
 
 
 def _import_builtin_rewards() -> None:
@@ -110,6 +139,8 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
             raise ValueError(f"--reward: weight of '{name}' must be a number, got '{value}'") from None
         if not name or name in weights:
             raise ValueError(f"--reward: empty or repeated reward name in '{spec}'")
+        if not math.isfinite(weight):
+            raise ValueError(f"--reward: weight of '{name}' must be a finite number, got '{value}'")
         if weight == 0.0:
             raise ValueError(f"--reward: weight of '{name}' is 0; drop the reward instead")
         weights[name] = weight

@@ -16,6 +16,7 @@ other scores on non-square images (480 x 832: -0.033 official vs +0.016 cropped,
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,7 @@ import torch
 
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess, image_size_of
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 HPS_FILE = "HPS_v2.1_compressed.pt"  # under --reward_model_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,14 +77,45 @@ def load_open_clip(
     expected = (f"a dict with key 'state_dict' holding an open_clip {arch} state dict" if require_state_dict_key
                 else f"an open_clip {arch} state dict")
     state_dict = _load_checkpoint(Path(checkpoint), reward, expected, require_state_dict_key)
+    error = open_clip_mismatch(arch, state_dict, f"reward '{reward}': {checkpoint}",
+                               f"set `arch` (and `model_config_dir` for an architecture open_clip does not ship) in "
+                               f'--reward_options, e.g. {{"{reward}": {{"arch": ..., "model_config_dir": ...}}}}')
+    if error is not None:  # before the real model is built: ViT-H-14 is a billion randomly initialised weights
+        raise error
     model = open_clip.create_model(arch, pretrained=None)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        summary = str(err).split("\n")[1:4]
-        raise ValueError(f"reward '{reward}': {checkpoint} does not match open_clip {arch} ({' '.join(summary)}); "
-                         f"expected {expected}") from None
+    model.load_state_dict(state_dict, strict=True)
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch)
+
+
+def describe_open_clip(shapes) -> str:
+    """Depth and width of an open_clip CLIP's towers, read from its tensor shapes (ViT image tower)."""
+    conv = shapes.get("visual.conv1.weight")
+    if conv is not None and len(conv) == 4:
+        pos = shapes.get("visual.positional_embedding")
+        tokens = pos[0] - 1 if pos is not None else 0  # the class token, then a square grid of patches
+        grid = math.isqrt(max(tokens, 0))
+        size = f", {grid * conv[-1]} px" if tokens > 0 and grid * grid == tokens else ""
+        image = (f"image tower {count_blocks(shapes, 'visual.transformer.resblocks.')} blocks x width {conv[0]} "
+                 f"(patch {conv[-1]}{size})")
+    else:
+        image = "image tower " + ("of a non-ViT layout" if any(k.startswith("visual.") for k in shapes) else "absent")
+    token = shapes.get("token_embedding.weight")
+    text = (f"text tower {count_blocks(shapes, 'transformer.resblocks.')} blocks x width {token[1]}"
+            if token is not None and len(token) == 2 else "text tower absent")
+    projection = shapes.get("text_projection")
+    embed = f", embedding {projection[-1]}" if projection is not None and len(projection) == 2 else ""
+    return f"{image}, {text}{embed}"
+
+
+def open_clip_mismatch(arch: str, state_dict: dict[str, torch.Tensor], source: str, fix: str) -> ValueError | None:
+    """The one-line error when `state_dict` does not fit open_clip `arch` (None when it does), comparing with the
+    architecture built on the meta device (no memory, no initialisation)."""
+    import open_clip
+
+    with torch.device("meta"):
+        expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
+    return state_dict_mismatch(source, f"open_clip {arch}", shapes_of(state_dict), shapes_of(expected),
+                               describe_open_clip, fix)
 
 
 class OpenClipScorer:

@@ -47,6 +47,7 @@ from torch import nn
 
 from branchgrpo.rewards._image import clip_preprocess, to_rgb
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.state_dicts import count_blocks, mismatch_summary
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -217,9 +218,14 @@ def _text_config(med_config: dict, encoder_width: int):
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True)  # generation ids: unused
 
 
-def build_imagereward_model(state: dict[str, torch.Tensor], med_config: dict,
-                            vision_num_heads: int | None = None) -> ImageRewardModel:
-    """Build the model from an official-layout state dict, strictly: every key used, every parameter filled."""
+def _width(tensors: dict[str, torch.Tensor], key: str) -> str:
+    return str(tensors[key].shape[-1]) if key in tensors else "?"
+
+
+def build_imagereward_model(state: dict[str, torch.Tensor], med_config: dict, vision_num_heads: int | None = None,
+                            source: str = "") -> ImageRewardModel:
+    """Build the model from an official-layout state dict, strictly: every key used, every parameter filled.
+    `source`: the file it came from (named in errors)."""
     from transformers import BlipTextModel, BlipVisionModel
 
     state = dict(state)
@@ -256,10 +262,14 @@ def build_imagereward_model(state: dict[str, torch.Tensor], med_config: dict,
                        f"{tuple(value.shape)}" for key, value in expected.items()
                        if key in grouped[part] and grouped[part][key].shape != value.shape]
     if unexpected or missing or mismatched:
-        raise ValueError("imagereward checkpoint does not match the ImageReward architecture built from med_config:"
-                         + "".join(f"\n  {label}: {sorted(keys)}" for label, keys in
-                                   (("unexpected keys", unexpected), ("missing keys", missing),
-                                    ("shape mismatches", mismatched)) if keys))
+        found_text = (f"text encoder {count_blocks(grouped['text'], 'encoder.layer.')} layers x width "
+                      f"{_width(grouped['text'], 'embeddings.word_embeddings.weight')}")
+        raise ValueError(f"imagereward checkpoint {source} does not match the ImageReward architecture built from "
+                         f"its shapes and med_config (the file: vision {vision_cfg.num_hidden_layers} blocks x width "
+                         f"{vision_cfg.hidden_size}, {found_text}; med_config: text encoder "
+                         f"{text_cfg.num_hidden_layers} layers x width {text_cfg.hidden_size}); "
+                         f"{mismatch_summary(missing, unexpected, mismatched)}; the `checkpoint` and `med_config` "
+                         "options must name THUDM/ImageReward's ImageReward.pt and its med_config.json")
     for part, module in parts.items():
         module.load_state_dict({k: v.float() for k, v in grouped[part].items()}, strict=True, assign=True)
     text = parts["text"]  # its non-persistent position_ids buffer is still on the meta device
@@ -350,7 +360,8 @@ def build_imagereward(device: torch.device | str = "cpu", model_dir: str = DEFAU
                                 "med_config.json; set the reward option med_config=...)")
     with open(med_config) as f:
         med = json.load(f)
-    model = build_imagereward_model(load_official_state_dict(checkpoint), med, options.get("vision_num_heads"))
+    model = build_imagereward_model(load_official_state_dict(checkpoint), med, options.get("vision_num_heads"),
+                                    source=checkpoint)
     tok = load_imagereward_tokenizer(tokenizer, model.text.config.vocab_size)
     return ImageRewardScorer(model, tok, device=device, batch_size=int(options.get("batch_size", 16)),
                              dtype=_DTYPES[dtype])

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
@@ -382,13 +383,25 @@ def _model(ckpt: Path, base: Path, config: dict, vocab: int, dtype: torch.dtype)
     if not hasattr(model, "language_model"):
         raise RuntimeError("reward 'videoalign': needs a transformers whose Qwen2VLModel holds `visual` and "
                            "`language_model` (tested with 5.x)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"reward 'videoalign': {ckpt / 'model.pth'} does not fit {base}/config.json: missing "
-                         f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    error = state_dict_mismatch(f"reward 'videoalign': {ckpt / 'model.pth'}", f"the Qwen2-VL of {base}/config.json",
+                                shapes_of(state), shapes_of(model.state_dict()), _describe_qwen2vl,
+                                "the `base_model` option must name the Qwen2-VL folder VideoAlign was trained from "
+                                "(model_config.json's model_name_or_path)")
+    if error is not None:
+        raise error
+    model.load_state_dict(state, strict=True)
     head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, dtype=dtype)
     head.weight.data.copy_(head_weight)
     return model.eval().requires_grad_(False), head.eval().requires_grad_(False)
+
+
+def _describe_qwen2vl(shapes) -> str:
+    """Depth and width of Qwen2-VL's towers, read from tensor shapes."""
+    embed = shapes.get("language_model.embed_tokens.weight")
+    patch = shapes.get("visual.patch_embed.proj.weight")
+    return (f"language model {count_blocks(shapes, 'language_model.layers.')} layers x width "
+            f"{embed[-1] if embed else '?'}, vision tower {count_blocks(shapes, 'visual.blocks.')} blocks x width "
+            f"{patch[0] if patch else '?'}")
 
 
 @register_reward("videoalign")

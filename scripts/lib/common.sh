@@ -2,7 +2,10 @@
 #   bg_python            -> sets PY: $PYTHON, else the repo's .venv, else python3 on PATH
 #   bg_launch ARGS...    -> runs `python -m ARGS` under torchrun with NPROC processes per node (plain python when
 #                           NPROC=1 and NNODES=1); multi-node through torchrun's standard variables:
-#                           NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+#                           NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. Under torchrun every rank's output is
+#                           shown with a "[rank N]:" prefix and kept in LOG_DIR (default: a new folder under
+#                           $TMPDIR or /tmp); when a rank fails, the output ends with where its log is and its first
+#                           error line (torchrun's ChildFailedError report comes before them). Exit code: torchrun's.
 #   bg_require_file / bg_require_dir PATH WHAT  -> record a missing input; bg_check_inputs exits 2 if any
 BG_MISSING=0
 
@@ -24,10 +27,44 @@ bg_launch() {
   local nproc="${NPROC:-1}" nnodes="${NNODES:-1}"
   if [[ "$nproc" == 1 && "$nnodes" == 1 ]]; then
     "$PY" -m "$@"
-  else
-    "$PY" -m torch.distributed.run --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
-      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29517}" -m "$@"
+    return
   fi
+  local log_dir="${LOG_DIR:-}" rc=0 err_fd tee_pid
+  if [[ -z "$log_dir" ]]; then log_dir="$(mktemp -d "${TMPDIR:-/tmp}/branchgrpo_logs.XXXXXX")"; fi
+  mkdir -p "$log_dir"
+  # Every rank's stdout/stderr go to files under $log_dir (and, prefixed, to the console); torchrun's own stderr is
+  # kept too, for the rank it names as the first failure.
+  exec {err_fd}> >(tee "$log_dir/torchrun.stderr" >&2)
+  tee_pid=$!
+  "$PY" -m torch.distributed.run --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29517}" \
+    --log-dir "$log_dir" --redirects 3 --tee 3 --log-line-prefix-template '[rank ${rank}]: ' \
+    -m "$@" 2>&"$err_fd" || rc=$?
+  exec {err_fd}>&-
+  wait "$tee_pid" 2>/dev/null || true  # torchrun's report is complete on the console before the summary below
+  if (( rc != 0 )); then bg_report_failure "$log_dir"; fi
+  return "$rc"
+}
+
+# After a failed torchrun: where the failing rank's log is and its first error line, as the last lines of output.
+# The rank is the one torchrun reports as "Root Cause (first observed failure)"; its first error line is the first
+# `error: ...` line (the entry points' one-line input errors), else the exception line that ends its traceback.
+bg_report_failure() {
+  local log_dir="$1" local_rank rank log line
+  read -r rank local_rank < <(awk '/Root Cause/ {found = 1}
+    found && /rank *:/ {gsub(/[():]/, " "); for (i = 1; i <= NF; i++) { if ($i == "rank") r = $(i + 1);
+      if ($i == "local_rank") { print r, $(i + 1); exit } } }' "$log_dir/torchrun.stderr" 2>/dev/null) || true
+  local_rank="${local_rank:-0}"
+  log="$(ls -d "$log_dir"/*/attempt_*/"$local_rank"/stderr.log 2>/dev/null | sort -V | tail -n 1)"
+  if [[ -z "$log" || ! -s "$log" ]]; then
+    echo "[bg_launch] rank ${rank:-?} failed without output on stderr; torchrun's report: $log_dir/torchrun.stderr" >&2
+    return
+  fi
+  line="$(grep -m 1 '^error: ' "$log" || true)"
+  [[ -n "$line" ]] || line="$(grep -E '^[A-Za-z_][A-Za-z0-9_.]*(Error|Exception|Interrupt|Exit)(:|$)' "$log" | tail -n 1 || true)"
+  [[ -n "$line" ]] || line="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1)"
+  echo "[bg_launch] rank ${rank:-$local_rank} failed first; its full log: $log" >&2
+  echo "$line" >&2
 }
 
 # BranchGRPO variants of the paper's table -> trainer flags (appended to ALGO_ARGS); VARIANT=base|widpru|deppru|mix
