@@ -26,14 +26,23 @@ Resuming verifies a checkpoint before loading it (`resolve`): every file of comp
 every file the DCP metadata points into long enough. Checkpoints written before complete.json existed ("legacy") are
 accepted when trainer_state.json (written last by that code), the DCP metadata, this rank's state file and the
 exported weights are present. Anything unreadable is refused with one line naming the file.
+
+A checkpoint is untrusted input (it may come from someone else): nothing in it runs code. The JSON files are JSON;
+rank<r>.pt is read with weights_only=True; DCP's `.metadata` - a pickle - is read by an unpickler that knows only
+the checkpoint metadata types (`_MetadataUnpickler`), and the non-tensor values of the DCP data files with
+weights_only=True (`_SafeLoadPlanner`; DCP itself would unpickle both without restriction). Every path read from a
+checkpoint (the `latest` pointer, the names in complete.json, the data files of the DCP metadata) must stay inside
+its folder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -42,7 +51,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from branchgrpo import distributed
@@ -55,6 +66,7 @@ PREFIX = "checkpoint-"
 REPLACED = ".replaced-"  # an older checkpoint of the same step, while a new one takes its name
 TRASH = ".trash-"  # a checkpoint being deleted
 COMPLETE = "complete.json"  # the completeness marker, written last
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX}[0-9]+$")  # what `latest` may point at
 
 
 def rng_state() -> dict:
@@ -107,6 +119,7 @@ class CheckpointManager:
                  trainable_only: bool = False):
         self.root = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
+        self.saved_step = 0  # the step of the last checkpoint this run saved or resumed from
         # LoRA: the frozen base weights are not state (they come from --pretrained_model_name_or_path), so the
         # state dict loaded back holds the trainable tensors only and must not be loaded strictly (every one of them
         # is required by dcp.load itself)
@@ -115,10 +128,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: dict,
-             rank_states: dict, config: dict, export: Callable[[Path], None]) -> Path:
+             rank_states: dict, config: dict, export: Callable[[Path], None], prune: bool = True) -> Path:
         """Collective: every rank calls it. `states` / `rank_states`: name -> object with state_dict() (None
         entries are saved as None); `config`: the run's flags. `export(folder)` writes the user-facing weights
-        (collective as well: gathering a sharded model needs every rank; only rank 0 writes)."""
+        (collective as well: gathering a sharded model needs every rank; only rank 0 writes). `prune` False: keep
+        every older checkpoint (a run stopping because it failed keeps the ones from before the failure)."""
         final = self.root / f"{PREFIX}{step}"
         tmp = self.root / f".tmp-{PREFIX}{step}"
         if self.rank == 0:
@@ -154,8 +168,10 @@ class CheckpointManager:
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
-            self._prune()
+            if prune:
+                self._prune()
         distributed.barrier()
+        self.saved_step = step
         return final
 
     def _prune(self) -> None:
@@ -166,18 +182,32 @@ class CheckpointManager:
             _discard(old)
 
     # ------------------------------------------------------------------------------------------------------
-    def resolve(self, spec: str) -> Path:
-        """'latest' or a folder -> the checkpoint folder, validated before anything is loaded."""
+    def resolve(self, spec: str) -> Path | None:
+        """'latest' or a folder -> the checkpoint folder, validated before anything is loaded. 'latest' on a run
+        without any checkpoint yet (a requeued job killed before its first save) -> None."""
         if spec == LATEST:
-            pointer = self.root / LATEST
-            if not pointer.exists():
-                raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint under {self.root}")
-            path = self.root / pointer.read_text().strip()
-            if not path.exists() and (self.root / f"{REPLACED}{path.name}").is_dir():
-                path = self.root / f"{REPLACED}{path.name}"  # killed while replacing a checkpoint of the same step
+            path = self.latest()
+            if path is None:
+                return None
         else:
             path = Path(spec)
         self.verify(path)
+        return path
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` points at (the newest complete one if the pointer is missing), or None. The
+        pointer must name a checkpoint of this folder (`checkpoint-<step>`), nothing else."""
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            done = [p for p in self.root.glob(f"{PREFIX}*") if CHECKPOINT_NAME.match(p.name) and (p / COMPLETE).is_file()]
+            return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+        name = _read_text(pointer, "--resume_from_checkpoint latest").strip()
+        if not CHECKPOINT_NAME.match(name):
+            raise ValueError(f"--resume_from_checkpoint latest: {pointer} names {name[:80]!r}, not a checkpoint of "
+                             f"{self.root} (expected {PREFIX}<step>)")
+        path = self.root / name
+        if not path.exists() and (self.root / f"{REPLACED}{name}").is_dir():
+            path = self.root / f"{REPLACED}{name}"  # killed while replacing a checkpoint of the same step
         return path
 
     def verify(self, path: Path) -> None:
@@ -187,10 +217,16 @@ class CheckpointManager:
         metadata says."""
         marker = path / COMPLETE
         if marker.is_file():
+            text = _read_text(marker, "--resume_from_checkpoint")
             try:
-                files = json.loads(marker.read_text())["files"]
-            except (ValueError, KeyError, TypeError) as err:
+                files = {str(name): int(size) for name, size in json.loads(text)["files"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"--resume_from_checkpoint: {marker} is corrupt ({type(err).__name__})") from None
+            try:
+                for name in files:
+                    _confined(path, name, marker)
+            except ValueError as err:
+                raise ValueError(f"--resume_from_checkpoint: {err}") from None
         else:  # legacy: trainer_state.json was written last, but a kill while deleting could leave it behind
             files = {name: None for name in ("trainer_state.json", "state/.metadata", f"state/rank{self.rank}.pt")}
             if path.is_dir() and not any((path / "model").rglob("*.safetensors")):
@@ -207,10 +243,15 @@ class CheckpointManager:
 
     @staticmethod
     def read_trainer_state(path: Path) -> dict:
+        file = path / "trainer_state.json"
         try:
-            return json.loads((path / "trainer_state.json").read_text())
+            state = json.loads(_read_text(file, "--resume_from_checkpoint"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"--resume_from_checkpoint: {path}/trainer_state.json is corrupt ({err})") from None
+            raise ValueError(f"--resume_from_checkpoint: {file} is corrupt ({err})") from None
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict)
+                and isinstance(state.get("step"), int) and isinstance(state.get("world_size"), int)):
+            raise ValueError(f"--resume_from_checkpoint: {file} is corrupt (no step, world_size and config)")
+        return state
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: dict,
              rank_states: dict) -> int:
@@ -233,13 +274,15 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=str(path / "state"), no_dist=not distributed.is_distributed())
+            dcp.load(state, storage_reader=_SafeReader(str(path / "state")), planner=_SafeLoadPlanner(),
+                     no_dist=not distributed.is_distributed())
         except (Exception, CheckpointException) as err:  # DCP's own exception is a BaseException
             raise ValueError(f"--resume_from_checkpoint: cannot load {path}/state ({_one_line(err)})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.load_options)
         _load_state_dicts(states, trainer_state, path)
         _load_state_dicts(rank_states, rank_state, path)
+        self.saved_step = trainer_state["step"]
         return trainer_state["step"]
 
 
@@ -286,12 +329,10 @@ def _write_marker(folder: Path, step: int) -> None:
 def _check_dcp_files(state_dir: Path) -> None:
     """The DCP metadata is readable and every data file it points into is long enough (a truncated .distcp would
     otherwise surface as an EOFError deep inside dcp.load)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    file = state_dir / ".metadata"
     try:
-        metadata = FileSystemReader(str(state_dir)).read_metadata()
+        metadata = read_dcp_metadata(file)
     except Exception as err:
-        file = state_dir / ".metadata"
         raise ValueError(f"--resume_from_checkpoint: cannot read {file} ({_one_line(err)})") from None
     needed: dict[str, int] = {}
     for info in (getattr(metadata, "storage_data", None) or {}).values():
@@ -304,6 +345,97 @@ def _check_dcp_files(state_dir: Path) -> None:
         if file.stat().st_size < size:
             raise ValueError(f"--resume_from_checkpoint: {file} is truncated ({file.stat().st_size} bytes, the "
                              f"metadata needs {size})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No code from a checkpoint: DCP's metadata through an allow-list, its non-tensor values with weights_only
+# ---------------------------------------------------------------------------------------------------------------
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by name (torch.strided)
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+    "pathlib._local": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: the metadata dataclasses, sizes, dtypes, layouts and paths; anything else - a function
+    that a crafted pickle would call - is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                          torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which checkpoint metadata never holds; not "
+                                     "loaded (a damaged or crafted file)")
+
+
+def read_dcp_metadata(file: Path):
+    """DCP's `.metadata` through `_MetadataUnpickler`, with every data file it names inside its folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(file, "rb") as handle:
+        metadata = _MetadataUnpickler(handle).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        try:
+            _confined(file.parent, info.relative_path, file)
+        except ValueError:
+            raise pickle.UnpicklingError(f"it names the data file {str(info.relative_path)[:80]!r}, outside its "
+                                         "folder") from None
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with the metadata read by `read_dcp_metadata` (FileSystemReader uses plain pickle.load)."""
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        metadata = read_dcp_metadata(Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but the non-tensor values (optimizer hyper-parameters) are unpickled with
+    weights_only=True: they are plain numbers, strings and containers. The default planner reads them with
+    weights_only=False; it is handed the already-checked value, re-serialised."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            checked = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:  # torch's own text is a paragraph suggesting weights_only=False
+            raise pickle.UnpicklingError(f"the value of {read_item.dest_index.fqn} holds Python objects other than "
+                                         "numbers, strings and containers (damaged or crafted); not loaded") from None
+        buffer = io.BytesIO()
+        torch.save(checked, buffer)
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
+
+
+def _confined(folder: Path, name, source: Path) -> str:
+    """`name`, a relative path read from `source`, if it stays inside `folder` (no absolute path, no '..')."""
+    parts = Path(str(name)).parts
+    if not isinstance(name, str) or not parts or Path(name).is_absolute() or ".." in parts:
+        raise ValueError(f"{source} names {str(name)[:80]!r}, a path outside {folder}")
+    return name
+
+
+def _read_text(file: Path, flag: str) -> str:
+    try:
+        return file.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag}: {file} is not text (damaged, or not written by branchgrpo)") from None
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,6 +1,9 @@
 """Process-group setup for 1..N processes launched by torchrun (or plain python: a world of one).
 
 gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. Parallel wrappers (DDP, FSDP2) and activation checkpointing live in `parallel.py`.
+
+Collectives give up after `--collective_timeout_s` (the process group's timeout); the wrappers below record which
+collective a rank waits in, for the stall watchdog (branchgrpo.watchdog) to name it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from branchgrpo.watchdog import in_collective
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
-    """Initialise from torchrun's variables when present. `device`: "auto" (CUDA if available), "cpu", "cuda"."""
+def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
+    """Initialise from torchrun's variables when present. `device`: "auto" (CUDA if available), "cpu", "cuda";
+    `timeout_s`: how long a collective waits for the other ranks before it raises (--collective_timeout_s)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -42,7 +48,7 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
         # the backend of its tensor's device, so FSDP's CUDA traffic still goes over NCCL.
         dist.init_process_group(
             backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if use_cuda else None,
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
@@ -54,7 +60,8 @@ def is_distributed() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        with in_collective("barrier"):
+            dist.barrier()
 
 
 def shutdown(clean: bool = True) -> None:
@@ -69,13 +76,15 @@ def shutdown(clean: bool = True) -> None:
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with in_collective("all_reduce_sum"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with in_collective("all_reduce_max"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -84,5 +93,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    with in_collective("all_gather"):
+        dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)

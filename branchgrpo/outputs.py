@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,13 +54,77 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_mai
                          "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete it and "
                          "start over, or choose another folder")
     if is_main:
-        for name in found:
-            path = output_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        _delete_run_files(output_dir, found)
         log.warning("--overwrite_output_dir: deleted the earlier run's %s in %s", ", ".join(found), output_dir)
+
+
+def start_without_checkpoint(output_dir: Path, changes: Callable[[dict], str], is_main: bool) -> None:
+    """`--resume_from_checkpoint latest` on a folder without any checkpoint (a requeued job that was stopped before
+    its first save): start from the beginning, so that a requeue repeats one command. Files of an earlier attempt of
+    this same run - its config.json has the same flags: `changes(flags)` is '' - are deleted first; the run files
+    of another run, or without a config.json to tell, are refused."""
+    found = run_files(output_dir)
+    flag = "--resume_from_checkpoint latest"
+    if found:
+        config = output_dir / "config.json"
+        if not config.is_file():
+            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and holds run files ({', '.join(found)}) "
+                             "without a config.json to tell whose; choose another --output_dir, or replace them with "
+                             "--overwrite_output_dir (without --resume_from_checkpoint)")
+        try:
+            flags = json.loads(config.read_text())
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            flags = None
+        if not isinstance(flags, dict):
+            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its {config.name} cannot be read to tell "
+                             "whose run files it holds; choose another --output_dir")
+        detail = changes(flags)
+        if len(detail) > 300:
+            detail = detail[:300].rsplit(", --", 1)[0] + ", ..."
+        if detail:
+            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its run files belong to another run "
+                             f"({config.name}: {detail}); choose another --output_dir")
+        if is_main:
+            _delete_run_files(output_dir, found)
+    if is_main:
+        log.warning("%s: no checkpoint in %s yet; starting from the beginning%s", flag, output_dir,
+                    f" (deleted the files of an earlier attempt: {', '.join(found)})" if found else "")
+
+
+def _delete_run_files(output_dir: Path, found: list[str]) -> None:
+    for name in found:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def read_jsonl(path: Path) -> list:
+    """The objects of a JSON-lines file that branchgrpo appends to. A last line that does not parse is a write cut
+    short by a kill (it belongs to the interrupted iteration): dropped with a warning naming the file. Any other line
+    that does not parse is an error naming the file and the line."""
+    lines = path.read_bytes().split(b"\n")
+    entries = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            entries.append(json.loads(raw.decode()))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            if all(not rest.strip() for rest in lines[number:]):
+                log.warning("%s: dropped its last line, cut short by a kill while it was written (%d bytes)", path,
+                            len(raw))
+                break
+            raise ValueError(f"{path}: line {number} is not JSON ({type(err).__name__}); the file is damaged") from None
+    return entries
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds the old text or the new one, never half of it (a stop signal may end the process at once)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def finite_or_none(value):
@@ -86,7 +150,9 @@ class MetricsLog:
         self.path = output_dir / "metrics.jsonl"
         self.entries: list[dict] = []
         if resume_step is not None and self.path.exists():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = read_jsonl(self.path)
+            if not all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in kept):
+                raise ValueError(f"{self.path}: an entry without an integer 'step'; the file is damaged")
             self.entries = [e for e in kept if e["step"] < resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(e) + "\n" for e in self.entries))

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import resource
-import signal
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from branchgrpo import distributed, sde
 from branchgrpo.checkpoint import CheckpointManager, GlobalRNG
-from branchgrpo.config import TrainConfig, check_resume_config
+from branchgrpo.config import TrainConfig, changed_flags, check_resume_config
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.ema import EMA
@@ -41,11 +40,15 @@ from branchgrpo.outputs import (
     prepare_output_dir,
     save_grid,
     save_videos,
+    start_without_checkpoint,
+    write_atomically,
 )
 from branchgrpo.parallel import full_state_dict, prepare_model, using_module
+from branchgrpo.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options
 from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
+from branchgrpo.update import DivergedError, PolicyUpdate, optimizer_steps_per_iteration, select_edges
+from branchgrpo.watchdog import Watchdog, mark
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +60,17 @@ UPDATE_FIGURES = ("loss", "grad_norm", "clip_fraction", "approx_kl", "kl", "rati
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.info = distributed.init_distributed(cfg.parallel.device)
+        self.info = distributed.init_distributed(cfg.parallel.device, cfg.parallel.collective_timeout_s)
+        # stop signals from here on (branchgrpo.preemption)
+        self.preempt = Preemption(cfg.checkpoint.preempt_save_deadline_s, self.info.world_size, self.info.rank)
+        self.preempt.install()
         self.device = self.info.device
         _configure_torch(cfg.parallel, self.device)
         self.output_dir = Path(cfg.run.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, self.info.rank, self.info.world_size,
                                              cfg.checkpoint.checkpoints_total_limit, trainable_only=cfg.model.use_lora)
-        resuming = cfg.checkpoint.resume_from_checkpoint
         resume_path = self._check_before_loading()
+        resuming = resume_path is not None
         self.algo = cfg.build_algorithm()
         self.spec = cfg.model.spec
         self.store = EmbeddingStore(cfg.data.data_json_path)
@@ -96,29 +102,32 @@ class Trainer:
                                    r.reward_batch_size, self.info.rank, self.info.world_size)
         self.updater = PolicyUpdate(self.adapter, self.prepared.model, self.optimizer, self.scheduler, cfg.optim,
                                     cfg.loss, cfg.run.seed, self.kernel, self.device, self.prepared.autocast,
-                                    self.prepared.reference, self.info.rank)
+                                    self.prepared.reference, self.info.rank, self.preempt)
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
         self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
-                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard}
+                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard,
+                       "skipped_steps": self.updater.skipped, "preemption": self.preempt}
         self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
+        # what an iteration changes before its update ends, put back when a stop signal cuts it short (the EMA and
+        # the non-finite counts change after the update; the wall clock keeps counting)
+        self.boundary = dict({k: v for k, v in self.states.items() if k not in ("wall_time_s", "preemption")},
+                             rng=self.rank_states["rng"])
         self.step = 0
         if resume_path is not None:
             self._resume(resume_path)
         self.metrics = None
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(cfg.flags, indent=1))
+            write_atomically(self.output_dir / "config.json", json.dumps(cfg.flags, indent=1))
             lg = cfg.logging
             self.metrics = MetricsLog(self.output_dir, lg.report_to, lg.run_name or self.output_dir.name, cfg.flags,
                                       lg.wandb_project, resume_step=self.step if resuming else None)
             if resuming:
                 self.evals.rewrite()
             self._log_sizes()
-        self._stop = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _check_before_loading(self) -> Path | None:
         """What can fail without a model fails before one is loaded, in one line: the output folder (a file, not
@@ -130,6 +139,10 @@ class Trainer:
         if not resuming:
             return None
         path = self.checkpoints.resolve(resuming)
+        if path is None:  # 'latest' before any checkpoint (a requeued job stopped early): the same command starts over
+            start_without_checkpoint(self.output_dir, lambda flags: changed_flags(flags, cfg), self.info.is_main)
+            distributed.barrier()
+            return None
         check_resume_config(self.checkpoints.read_trainer_state(path)["config"], cfg, path)
         return path
 
@@ -137,14 +150,31 @@ class Trainer:
     # The loop
     # ---------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
+        self.clock.start()
+        self.preempt.arm()
+        mark("training", self.step)
+        self.watchdog = Watchdog.for_run(self.info, self.cfg.parallel.collective_timeout_s)  # several ranks: stalls
+        try:
+            return self._train()
+        except Preempted:  # a stop signal's deadline passed inside an iteration or evaluation: save the boundary
+            self.preempt.restore(self.optimizer)
+            return self._stop(self.preempt.pending_evaluation is not None or self.step > self.checkpoints.saved_step)
+        except RuntimeError as err:  # a collective timed out after this rank stalled: one line, where and who
+            raise err if self.watchdog is None else self.watchdog.explain(err)
+        finally:
+            self.preempt.uninstall()
+            if self.watchdog is not None:
+                self.watchdog.stop()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         total = cfg.optim.max_train_steps
-        self.clock.start()
-        if self.step == 0:
-            self._evaluate(0)
+        if self.step == 0 or self.preempt.pending_evaluation is not None:
+            self._evaluate(self.step)
         bar = tqdm(range(self.step, total), initial=self.step, total=total, disable=not self.info.is_main,
                    desc=cfg.run.algo, dynamic_ncols=True)
         for it in bar:
+            self.preempt.capture(self.boundary)
             entry = self.iteration(it)
             self.step = it + 1
             if self.metrics:
@@ -154,18 +184,19 @@ class Trainer:
             every = cfg.eval.validation_steps
             if (every and self.step % every == 0) or self.step == total:
                 self._evaluate(self.step)
-            stop = bool(distributed.all_reduce_max(torch.tensor(int(self._stop))).item())
-            failing = self.guard.tripped  # the same on every rank: it counts over all of them
+            stop = self.preempt.stop_agreed() and self.step < total  # at the last step: finish instead
+            # the same on every rank: they count over all of them (rewards gathered, gradient norms all-reduced)
+            failing, diverged = self.guard.tripped, self.updater.skipped.tripped
             every = cfg.checkpoint.checkpointing_steps
-            if stop or failing or (every and self.step % every == 0):
-                saved = self.save()
-            if failing:
+            if stop or failing or diverged or (every and self.step % every == 0):
+                saved = self.save(prune=not (failing or diverged))
+            if failing or diverged:
                 if self.metrics:
                     self.metrics.close()
-                raise NonFiniteRewardsError(self.guard.message(saved))
+                raise (NonFiniteRewardsError(self.guard.message(saved)) if failing else
+                       DivergedError(self.updater.skipped.message(saved, it)))
             if stop:
-                log.warning("SIGTERM: checkpoint written at step %d; exiting", self.step)
-                return {"stopped_at": self.step}
+                return self._stop(save=False)
         if not self.evals.records or self.evals.records[-1]["step"] != self.step:
             self._evaluate(self.step)
         self.clock.stop()  # the last checkpoint and the summary report the same training time
@@ -177,6 +208,7 @@ class Trainer:
     def iteration(self, it: int) -> dict:
         """One round of the paper's Algorithm: rollout, rewards, advantages, selection, update."""
         t0 = time.time()
+        mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch.keys, it)
@@ -205,15 +237,17 @@ class Trainer:
     def score(self, graph: RolloutGraph, texts: list[str]) -> dict[str, torch.Tensor]:
         leaves = graph.leaves
         prompts = [texts[int(p)] for p in graph.prompt[leaves]]
-        scores, self._last_media = decode_and_score(self.adapter.decode, graph.node_latents(leaves), prompts,
-                                                    self.rewards, self.cfg.reward.reward_batch_size)
+        decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
+        scores, self._last_media = decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
+                                                    self.cfg.reward.reward_batch_size)
         return scores
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
     # ---------------------------------------------------------------------------------------------------------
     def _velocity(self, embeddings: dict):
-        return velocity_fn(self.adapter, embeddings, self.prepared.autocast)
+        """The velocity of rollouts and evaluations, with a cut point for stop signals before each call."""
+        return self.preempt.guarded(velocity_fn(self.adapter, embeddings, self.prepared.autocast), "forward")
 
     def _warn_shift(self) -> None:
         native, s = self.adapter.native_shift, self.cfg.sampling
@@ -320,9 +354,12 @@ class Trainer:
     def _evaluate(self, step: int) -> None:
         model = self.prepared.model
         ema = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
+        self.preempt.capture(self.boundary)
+        self.preempt.pending_evaluation = step  # what a checkpoint says if a stop signal cuts this evaluation
         with ema, using_module(self.adapter, self.prepared.bare):
             result = self.evaluator.run(self._velocity, self.adapter, self.rewards, self.sigmas, self.kernel,
                                         self.device, self.store.extras)
+        self.preempt.pending_evaluation = None
         self.evals.append({"step": step, "eval_reward": result.reward,
                            **{f"eval_{k}": v for k, v in result.per_reward.items()},
                            "eval_nonfinite": result.num_nonfinite})
@@ -358,9 +395,21 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ---------------------------------------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self, prune: bool = True) -> Path:
+        mark("checkpoint")
         return self.checkpoints.save(self.step, self.prepared.model, self.optimizer, self.states, self.rank_states,
-                                     self.cfg.flags, self._export)
+                                     self.cfg.flags, self._export, prune=prune)
+
+    def _stop(self, save: bool) -> dict:
+        """After a stop signal: the checkpoint of the last boundary (unless written already, or nothing is trained
+        yet), then a clean exit."""
+        if save and self.step > 0:
+            self.save()
+        if self.metrics:
+            self.metrics.close()
+        log.warning("%s: %s; exiting (continue with --resume_from_checkpoint latest)", self.preempt.signal_name,
+                    self.preempt.describe(self.step))
+        return {"stopped_at": self.step}
 
     def _export(self, folder: Path) -> None:
         """The user-facing weights (and EMA): gathered on every rank, written by rank 0."""
@@ -412,13 +461,6 @@ class Trainer:
             log.info("done: eval reward %s -> %s (max %s) in %.0f s", _fmt(summary["eval_reward_before"], ".4f"),
                      _fmt(summary["eval_reward_after"], ".4f"), summary["reward_max"], wall)
         return summary
-
-    def _on_sigterm(self, signum, frame) -> None:
-        """First SIGTERM: finish the iteration, checkpoint, exit. A second one (torchrun stopping a group after
-        another rank failed, or an impatient user): leave now."""
-        if self._stop:
-            raise SystemExit(143)
-        self._stop = True
 
 
 class Stopwatch:

@@ -11,6 +11,10 @@ Batch semantics (logged at start-up):
   replaced by the old one before the ratio, so no inf reaches the backward; `losses.guard_non_finite`). A NaN in
   the model's output still reaches the gradient; a non-finite gradient norm - the same number on every rank after
   the all-reduce - skips that optimizer step on every rank, and both are counted in the metrics.
+- A diverged run does not carry on: `SkippedSteps` counts skipped optimizer steps in a row (across iterations), and at
+  `--max_skipped_steps` the trainer stops with a checkpoint and `DivergedError` (exit 2).
+- Preemption (branchgrpo.preemption): a cut point before every micro-batch; an iteration with several optimizer steps
+  first copies the trainable state to host memory, so that a cut after a step can still save the boundary.
 """
 
 from __future__ import annotations
@@ -66,13 +70,15 @@ class PolicyUpdate:
 
     def __init__(self, adapter: FlowAdapter, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, optim_cfg, loss_cfg, seed: int, kernel: sde.Kernel, device: torch.device,
-                 autocast: Callable, reference: Callable | None, rank: int):
+                 autocast: Callable, reference: Callable | None, rank: int, preemption=None):
         self.adapter, self.model, self.optimizer, self.scheduler = adapter, model, optimizer, scheduler
         self.optim_cfg, self.loss_cfg, self.seed = optim_cfg, loss_cfg, seed
         self.kernel, self.device, self.autocast = kernel, device, autocast
         self.reference = reference  # context manager factory: inside it adapter.velocity is the reference policy
         self.rank = rank
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.preemption = preemption  # branchgrpo.preemption.Preemption, or None
+        self.skipped = SkippedSteps(optim_cfg.max_skipped_steps)
 
     def _rescore(self, x, v, sigma_from, sigma_to, row, graph: RolloutGraph, children) -> sde.StepResult:
         """The stored transitions into `children` re-scored under velocity `v` of their parents (rows `row` of
@@ -113,12 +119,16 @@ class PolicyUpdate:
         accum = cfg.gradient_accumulation_steps or max(num_micro, 1)  # no edge at all: no optimizer step
         stats, losses, norms, first_ratio = {}, [], [], None
         skipped = nonfinite = steps = kl_sum = 0.0
+        if self.preemption is not None and optimizer_steps_per_iteration(num_micro, accum) > 1:
+            self.preemption.keep_weights(self.params, self.optimizer)
         self.model.train()
         for start in range(0, num_micro, accum):
             window = batches[start : start + accum]
             num_edges = float(sum(edges.weight[b].sum() for b in window))
             step_loss = 0.0
             for j, idx in enumerate(window):
+                if self.preemption is not None:
+                    self.preemption.cut_point()
                 with gradient_sync(self.model, enabled=j == len(window) - 1):
                     loss, mb = self._micro_batch_loss(graph, embeddings, edges, idx, max(num_edges, 1.0))
                     loss.backward()
@@ -130,10 +140,12 @@ class PolicyUpdate:
                     if first_ratio is None:
                         first_ratio = (mb["stats"]["ratio_min"], mb["stats"]["ratio_max"])
             norm = clip_grad_norm(self.params, cfg.max_grad_norm)
-            if torch.isfinite(norm):
+            finite = bool(torch.isfinite(norm))
+            if finite:
                 self.optimizer.step()
             else:
                 skipped += 1
+            self.skipped.observe(iteration, finite)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
@@ -184,6 +196,49 @@ class PolicyUpdate:
         loss = torch.where(live, loss_e * weight, torch.zeros_like(loss_e)).sum() / normaliser
         stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.loss_cfg.clip_range)
         return loss, {"stats": stats, "nonfinite": float((~finite & (weight > 0)).sum()), "kl_sum": kl_sum}
+
+
+class DivergedError(ValueError):
+    """The run stopped because its optimizer steps kept being skipped (a checkpoint was written first)."""
+
+
+class SkippedSteps:
+    """Optimizer steps skipped in a row for a non-finite gradient norm (the same count on every rank: the norm is
+    all-reduced). `limit` 0: never trips. Checkpointed, so a resumed run continues the count."""
+
+    STATE_OPTIONAL = True  # checkpoints written before it existed resume with no streak
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.first: int | None = None  # the iteration of the streak's first skipped step
+        self.last_applied: int | None = None  # the iteration of the last step that was applied
+
+    def observe(self, iteration: int, applied: bool) -> None:
+        if applied:
+            self.count, self.first, self.last_applied = 0, None, iteration
+        else:
+            self.count += 1
+            self.first = iteration if self.first is None else self.first
+
+    @property
+    def tripped(self) -> bool:
+        return self.limit > 0 and self.count >= self.limit
+
+    def message(self, checkpoint, last_iteration: int) -> str:
+        applied = ("before this run's first step" if self.last_applied is None else
+                   f"of the last applied step (iteration {self.last_applied})")
+        return (f"diverged: {self.count} optimizer steps in a row had a non-finite gradient norm and were skipped "
+                f"(iterations {self.first}-{last_iteration}; --max_skipped_steps {self.limit}); stopped after writing "
+                f"{checkpoint}, whose weights are those {applied} - skipped steps change nothing but the LR schedule; "
+                "older checkpoints were kept. Start again with a lower --learning_rate or --max_grad_norm, or raise "
+                "--max_skipped_steps if such steps are expected")
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "first": self.first, "last_applied": self.last_applied}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.first, self.last_applied = int(state["count"]), state["first"], state["last_applied"]
 
 
 def optimizer_steps_per_iteration(num_micro: int, accumulation: int) -> int:

@@ -234,8 +234,8 @@ def test_resume_error_messages(emb, straight, tmp_path, capsys):
     main(fast_args(emb, tmp_path / "r", resume_from_checkpoint=str(ckpt), checkpointing_steps=2,
                    **dict(STATEFUL, tree_split_points="0,1")))
     assert "--tree_split_points '0,2' -> '0,1'" in capsys.readouterr().err
-    main(fast_args(emb, tmp_path / "r2", resume_from_checkpoint="latest"))
-    assert "no checkpoint under" in capsys.readouterr().err
+    # 'latest' on a folder without a checkpoint starts over (a requeued job repeats its command):
+    # test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_another_runs
 
 
 def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_latest_loadable(emb, straight, tmp_path):
@@ -293,3 +293,143 @@ def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
                                                     ["eval_reward"], rel=1e-6)
     new_state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert new_state["algorithm"]["window"]["last_iteration"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Untrusted checkpoints: nothing in one runs code; every path read from one stays in its folder
+# ---------------------------------------------------------------------------------------------------------------
+class Payload:
+    """What a planted pickle does when it is loaded: here, write `marker` (in an attack, anything)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code from a checkpoint ran')",))
+
+
+def _plant(ckpts: Path, target: str, marker: Path) -> str:
+    """Put a payload (or a path outside the folder) into one file of checkpoint-2, as whoever hands over a checkpoint
+    could, and keep complete.json's sizes consistent with it (they could rewrite it too). Returns what the error
+    line must name."""
+    import dataclasses
+    import io
+    import pickle
+
+    ckpt = ckpts / "checkpoint-2"
+    state = ckpt / "state"
+    if target == "latest":
+        (ckpts / "latest").write_bytes(pickle.dumps(Payload(marker)))
+        return "checkpoints/latest"
+    if target == "latest outside":
+        (ckpts / "latest").write_text("../../elsewhere/checkpoint-2")
+        return "checkpoints/latest"
+    if target == "state/__0_0.distcp":  # the optimizer's lr, a non-tensor value, replaced by a torch.save'd payload
+        metadata = pickle.loads((state / ".metadata").read_bytes())  # the test's own file: plain pickle is fine
+        buffer = io.BytesIO()
+        torch.save(Payload(marker), buffer)
+        data = state / "__0_0.distcp"
+        offset = data.stat().st_size
+        data.write_bytes(data.read_bytes() + buffer.getvalue())
+        key = next(k for k in metadata.storage_data if k.fqn == "optim.param_groups.0.lr")
+        metadata.storage_data[key] = dataclasses.replace(metadata.storage_data[key], offset=offset,
+                                                         length=len(buffer.getvalue()))
+        (state / ".metadata").write_bytes(pickle.dumps(metadata))
+        named = "checkpoint-2/state"
+    elif target == "state/.metadata outside":
+        metadata = pickle.loads((state / ".metadata").read_bytes())
+        for key, info in metadata.storage_data.items():
+            metadata.storage_data[key] = dataclasses.replace(info, relative_path="../../../outside.distcp")
+        (state / ".metadata").write_bytes(pickle.dumps(metadata))
+        named = "state/.metadata"
+    elif target == "state/rank0.pt":
+        torch.save({"rng": Payload(marker)}, state / "rank0.pt")
+        named = "state/rank0.pt"
+    else:
+        (ckpt / target).write_bytes(pickle.dumps(Payload(marker)))
+        named = target
+    if target != "complete.json":
+        listed = json.loads((ckpt / "complete.json").read_text())
+        listed["files"] = {name: (ckpt / name).stat().st_size for name in listed["files"]}
+        (ckpt / "complete.json").write_text(json.dumps(listed))
+    return named
+
+
+@pytest.mark.parametrize("target", ["latest", "latest outside", "complete.json", "trainer_state.json",
+                                    "state/.metadata", "state/.metadata outside", "state/__0_0.distcp",
+                                    "state/rank0.pt"])
+def test_a_tampered_checkpoint_runs_no_code_and_is_refused_in_one_line(target, emb, straight, tmp_path, capsys):
+    """A pickle payload planted in any file that resuming reads (DCP's .metadata was read with plain pickle.load,
+    its non-tensor values with torch.load(weights_only=False)) does not run, and the refusal is one line naming the
+    file; a pointer or metadata entry leading outside the checkpoint's folder is refused the same way."""
+    from branchgrpo.cli.train import main
+
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    shutil.copytree(straight / "checkpoints", out / "checkpoints", ignore=shutil.ignore_patterns("checkpoint-4"))
+    (out / "checkpoints" / "latest").write_text("checkpoint-2")
+    named = _plant(out / "checkpoints", target, marker)
+    assert main(fast_args(emb, out, resume_from_checkpoint="latest", checkpointing_steps=2, **STATEFUL)) == 2
+    assert not marker.exists(), f"code planted in {target} ran"
+    line = _error_line(capsys)
+    assert named in line, line
+
+
+def test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_another_runs(emb, tmp_path, capsys):
+    """A requeued job repeats its command, --resume_from_checkpoint latest included, even when the first attempt
+    was stopped before its first checkpoint: it starts over, replacing that attempt's files (same flags in its
+    config.json). Another run's files are refused in one line."""
+    from branchgrpo.cli.train import main
+    from branchgrpo.config import parse_train_config
+
+    out = tmp_path / "requeued"
+    args = fast_args(emb, out, max_train_steps=1, resume_from_checkpoint="latest")
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(parse_train_config(args).flags))  # the earlier attempt's files
+    (out / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.1}\n{"step": 1, "rew')
+    (out / "eval.jsonl").write_text('{"step": 0, "eval_reward": 0.5}\n')
+    assert main(args) == 0
+    assert [e["step"] for e in metrics(out)] == [0]
+    assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-1"
+    capsys.readouterr()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(parse_train_config(fast_args(emb, other, learning_rate=0.5)).flags))
+    assert main(fast_args(emb, other, max_train_steps=1, resume_from_checkpoint="latest")) == 2
+    line = _error_line(capsys)
+    assert "another run" in line and "--learning_rate 0.5 -> 0.001" in line, line
+    (other / "config.json").unlink()
+    (other / "metrics.jsonl").write_text("")
+    assert main(fast_args(emb, other, max_train_steps=1, resume_from_checkpoint="latest")) == 2
+    assert "without a config.json" in _error_line(capsys)
+
+
+def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(emb, tmp_path, capsys, monkeypatch):
+    """Non-finite gradient norms from iteration 1 on (rewards stay finite, so the non-finite reward guard does not
+    trip): after --max_skipped_steps of them in a row the run writes a checkpoint - whose weights are those after
+    iteration 0, the last applied step - and stops with one line, exit 2, instead of running to the end with 0."""
+    import branchgrpo.update as update
+    from branchgrpo.cli.train import main
+
+    real, calls = update.clip_grad_norm, []
+
+    def diverging(params, max_norm):
+        calls.append(None)
+        norm = real(params, max_norm)
+        return norm if len(calls) == 1 else torch.tensor(float("nan"))
+
+    monkeypatch.setattr(update, "clip_grad_norm", diverging)
+    out = tmp_path / "diverged"
+    assert main(fast_args(emb, out, max_train_steps=8, max_skipped_steps=3)) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: diverged: 3 optimizer steps in a row"), lines
+    assert "iterations 1-3" in lines[0] and "checkpoint-4" in lines[0] and "iteration 0" in lines[0], lines[0]
+    assert [e["skipped_steps"] for e in metrics(out)] == [0, 1, 1, 1]
+    monkeypatch.setattr(update, "clip_grad_norm", real)
+    reference = tmp_path / "one_iteration"
+    train(fast_args(emb, reference, max_train_steps=1))
+    a, b = exported_weights(out, 4), exported_weights(reference, 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from branchgrpo.bench.report import md_table, write_csv
+from branchgrpo.outputs import read_jsonl
 
 TIME_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s")
 TABLE_COLUMNS = (
@@ -27,7 +28,7 @@ TABLE_COLUMNS = (
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def _mean(values: list[float]) -> float | None:

@@ -6,6 +6,7 @@ from branchgrpo.config.fields import flag, parse_int_list, require  # noqa: F401
 from branchgrpo.config.train import (  # noqa: F401
     TrainConfig,
     algorithm_from_flags,
+    changed_flags,
     check_resume_config,
     config_from_flags,
     flag_catalogue,

@@ -97,7 +97,14 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"--config: {path} is not a text file (a YAML file of flag values is expected)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"--config: {path} is not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
     return data

@@ -176,7 +176,10 @@ class ModelConfig(Section):
                     f"--pretrained_model_name_or_path: required for --model {self.model} (a local folder)")
         path = self.pretrained_model_name_or_path
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"--pretrained_model_name_or_path: {path} does not exist")
+            from branchgrpo.models.spec import hub_id_hint
+
+            raise FileNotFoundError(f"--pretrained_model_name_or_path: {path} does not exist"
+                                    f"{hub_id_hint(path, f'data/{self.model}')}")
         spec.check_files(self)  # sizes against the checkpoint's configs, before any weight is read
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
@@ -232,15 +235,17 @@ class OptimConfig(Section):
     use_ema: bool = flag(False, "keep an EMA of the trained weights on the CPU (evaluated and exported beside them)")
     ema_decay: float = flag(0.995, "EMA decay per update")
     ema_update_interval: int = flag(1, "iterations between EMA updates")
+    max_skipped_steps: int = flag(5, "stop (with a checkpoint, exit 2) after this many optimizer steps in a row "
+                                  "skipped for a non-finite gradient norm (0 = never)")
 
-    RESUMABLE = frozenset({"max_train_steps"})
+    RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps"})
 
     def validate(self) -> None:
         require(self.max_train_steps >= 1, f"--max_train_steps: need >= 1, got {self.max_train_steps}")
         require_positive(self, "train_micro_batch_size", "learning_rate", "ema_update_interval")
         require(self.gradient_accumulation_steps >= 0, "--gradient_accumulation_steps: need >= 0 (0 = once per "
                 f"iteration), got {self.gradient_accumulation_steps}")
-        require_non_negative(self, "lr_warmup_steps")
+        require_non_negative(self, "lr_warmup_steps", "max_skipped_steps")
         require(0 < self.ema_decay < 1, f"--ema_decay: need a value in (0, 1), got {self.ema_decay}")
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
@@ -263,8 +268,11 @@ class ParallelConfig(Section):
     master_weight_type: str = flag("fp32", "dtype of the trained weights and optimizer state", ("fp32", "bf16"))
     allow_tf32: bool = flag(True, "TF32 matmuls on CUDA")
     use_cpu_offload: bool = flag(False, "FSDP2: keep parameters and optimizer state on the CPU")
+    collective_timeout_s: float = flag(600.0, "a collective waits this long for the other ranks, then the run stops "
+                                       "with an error; a rank without progress for a quarter of it logs where it "
+                                       "waits and which rank is behind")
 
-    RESUMABLE = frozenset({"device"})
+    RESUMABLE = frozenset({"device", "collective_timeout_s"})
 
     @property
     def master_dtype(self) -> torch.dtype:
@@ -280,6 +288,7 @@ class ParallelConfig(Section):
         return self.deterministic == "on" or (self.deterministic == "auto" and device.type == "cpu")
 
     def validate(self) -> None:
+        require_positive(self, "collective_timeout_s")
         require(self.num_threads >= 0, f"--num_threads: need >= 0 (0: torch's default), got {self.num_threads}")
         require(0 <= self.selective_checkpointing <= 1,
                 f"--selective_checkpointing: need a fraction in [0, 1], got {self.selective_checkpointing}")
@@ -294,12 +303,20 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     checkpointing_steps: int = flag(50, "save a checkpoint every N iterations (and at the end)")
     checkpoints_total_limit: int = flag(3, "keep the newest N checkpoints (0 = all)")
-    resume_from_checkpoint: str | None = flag(None, "'latest' or a checkpoint folder")
+    resume_from_checkpoint: str | None = flag(None, "'latest' (a run without a checkpoint yet starts fresh, so a "
+                                              "requeued job repeats its command) or a checkpoint folder")
+    preempt_save_deadline_s: float = flag(20.0, "after SIGTERM/SIGINT: finish the iteration if it can be done within "
+                                          "this many seconds, else save the state of the last iteration boundary; "
+                                          "keep it (plus the save) below the grace before SIGKILL (-1: always "
+                                          "finish the iteration)")
 
-    RESUMABLE = frozenset({"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint"})
+    RESUMABLE = frozenset({"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                           "preempt_save_deadline_s"})
 
     def validate(self) -> None:
         require_non_negative(self, "checkpointing_steps", "checkpoints_total_limit")
+        require(self.preempt_save_deadline_s >= 0 or self.preempt_save_deadline_s == -1,
+                f"--preempt_save_deadline_s: need seconds >= 0, or -1, got {self.preempt_save_deadline_s}")
         path = self.resume_from_checkpoint
         if path not in (None, "latest") and not Path(path).is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")

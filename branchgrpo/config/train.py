@@ -241,12 +241,18 @@ def parse_train_config(argv=None) -> TrainConfig:
     return config_from_flags(values)
 
 
+def changed_flags(saved: dict, cfg: TrainConfig) -> str:
+    """The flags of `cfg` that differ from a run's `saved` flags, except the sections' RESUMABLE ones, as
+    "--name old -> new, ..." ('' when the runs are the same experiment)."""
+    resumable = cfg.resumable
+    changed = {k: (saved.get(k), v) for k, v in cfg.flags.items() if k not in resumable and saved.get(k) != v}
+    return ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+
+
 def check_resume_config(saved: dict, cfg: TrainConfig, path) -> None:
     """Refuse to resume with flags that differ from the checkpoint's run, except the sections' RESUMABLE ones: it
     would silently train a different experiment from the checkpoint's state."""
-    resumable = cfg.resumable
-    changed = {k: (saved.get(k), v) for k, v in cfg.flags.items() if k not in resumable and saved.get(k) != v}
-    if changed:
-        detail = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+    detail = changed_flags(saved, cfg)
+    if detail:
         raise ValueError(f"--resume_from_checkpoint {path}: flags differ from the checkpoint's run ({detail}); "
                          "resume with the original flags")

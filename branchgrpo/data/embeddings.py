@@ -12,7 +12,8 @@ Layout of an embedding folder (what `--data_json_path` points at is `index.json`
 
 Shards are written atomically (temporary name, then rename), so a finished shard is exactly one that exists; a
 preprocessing run that was killed resumes by skipping them. Reading is lazy: a shard is memory-mapped and only the
-requested rows are copied.
+requested rows are copied. The shard files an index names must lie inside its folder (relative, no '..'): an index
+from elsewhere cannot make the trainer read other files.
 """
 
 from __future__ import annotations
@@ -143,6 +144,12 @@ class EmbeddingStore:
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ValueError(f"--data_json_path: {self.index_path}: malformed 'keys' or 'shards' entry ({err!r}); "
                              "re-run preprocessing to rewrite it") from None
+        for entry in index["shards"]:
+            name = entry["file"]
+            parts = Path(name).parts if isinstance(name, str) else ()
+            if not parts or Path(name).is_absolute() or ".." in parts:
+                raise ValueError(f"--data_json_path: {self.index_path} names the shard {str(name)[:80]!r}, a path "
+                                 f"outside {self.folder}; shards must lie in the index's folder (re-run preprocessing)")
         for path in self._shard_files:
             if not path.exists():
                 raise FileNotFoundError(f"{self.index_path}: embedding shard {path} is missing")

@@ -38,7 +38,7 @@ from branchgrpo.models.diffusers_backbone import (
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import check_sizes
+from branchgrpo.models.spec import check_sizes, hub_id_hint
 from branchgrpo.state_dicts import count_blocks
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
@@ -55,7 +55,8 @@ def check_flux_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> 
         raise ValueError(f"--pretrained_model_name_or_path / --model_path: no FLUX folder given (diffusers layout: {layout})")
     root = Path(model_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"FLUX checkpoint folder {root} does not exist; expected a diffusers-layout FLUX.1-dev "
+        raise FileNotFoundError(f"FLUX checkpoint folder {root} does not exist{hub_id_hint(root, 'data/flux')}; "
+                                "expected a diffusers-layout FLUX.1-dev "
                                 f"folder holding {layout} (see docs/flux.md)")
     missing = [p for p in parts if not (root / p).exists()]
     if missing:

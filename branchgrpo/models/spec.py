@@ -27,6 +27,21 @@ REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MODEL_FLAGS = ("h", "w", "num_frames", "guidance_scale")
 
 
+def hub_id_hint(path: str | Path, local_dir: str) -> str:
+    """For a missing folder whose name looks like a Hugging Face Hub id (`owner/name`): how to fetch it, since every
+    loader here reads local folders only (offline machines). Empty for anything else, and for a relative path whose
+    first folder exists here (then it is a local path)."""
+    text = str(path)
+    parts = text.split("/")
+    looks_like_id = (len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and text != local_dir
+                     and all(c.isalnum() or c in "-_." for c in text.replace("/", "")) and not Path(parts[0]).exists())
+    if not looks_like_id:
+        return ""
+    return (f"; '{text}' looks like a Hugging Face Hub id, but folders are read locally only: fetch it on a machine "
+            f"with internet access with `huggingface-cli download {text} --local-dir {local_dir}` (copy the folder "
+            f"over if needed) and pass {local_dir}")
+
+
 class EvalModel(NamedTuple):
     """What `BackboneSpec.load_for_eval` returns."""
 

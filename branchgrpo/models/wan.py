@@ -49,7 +49,7 @@ from branchgrpo.models.diffusers_backbone import (
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import REPO_ASSETS, check_sizes
+from branchgrpo.models.spec import REPO_ASSETS, check_sizes, hub_id_hint
 from branchgrpo.state_dicts import count_blocks
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
@@ -75,7 +75,8 @@ def check_wan_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> P
                          f"(diffusers layout: {layout})")
     root = Path(model_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"Wan checkpoint folder {root} does not exist; expected a diffusers-layout "
+        raise FileNotFoundError(f"Wan checkpoint folder {root} does not exist{hub_id_hint(root, 'data/wan')}; "
+                                "expected a diffusers-layout "
                                 f"Wan2.1-T2V folder holding {layout} (see docs/wan.md)")
     missing = [p for p in parts if not (root / p).exists()]
     if missing:

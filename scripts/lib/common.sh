@@ -6,6 +6,12 @@
 #                           shown with a "[rank N]:" prefix and kept in LOG_DIR (default: a new folder under
 #                           $TMPDIR or /tmp); when a rank fails, the output ends with where its log is and its first
 #                           error line (torchrun's ChildFailedError report comes before them). Exit code: torchrun's.
+#                           It must be the launcher's last command. Stop signals reach every process: one process
+#                           replaces the shell (`exec`), so SIGTERM/SIGINT to the launcher's pid reach the trainer;
+#                           under torchrun the shell forwards SIGTERM/SIGINT to torchrun, which forwards them to
+#                           every rank and waits TORCHRUN_GRACE_S (300) seconds for them to write their checkpoint
+#                           before it SIGKILLs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torch versions without it: 30 s).
+#                           A run that torchrun stopped for a signal exits 128 + the signal's number (143: SIGTERM).
 #   bg_require_file / bg_require_dir PATH WHAT  -> record a missing input; bg_check_inputs exits 2 if any
 BG_MISSING=0
 
@@ -26,22 +32,43 @@ bg_check_inputs() {
 bg_launch() {
   local nproc="${NPROC:-1}" nnodes="${NNODES:-1}"
   if [[ "$nproc" == 1 && "$nnodes" == 1 ]]; then
-    "$PY" -m "$@"
-    return
+    exec "$PY" -m "$@"  # the trainer takes the shell's pid: a signal to the launcher is a signal to it
   fi
-  local log_dir="${LOG_DIR:-}" rc=0 err_fd tee_pid
+  local log_dir="${LOG_DIR:-}" rc=0 err_fd tee_pid pid signalled=""
   if [[ -z "$log_dir" ]]; then log_dir="$(mktemp -d "${TMPDIR:-/tmp}/branchgrpo_logs.XXXXXX")"; fi
   mkdir -p "$log_dir"
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCHRUN_GRACE_S:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}"
   # Every rank's stdout/stderr go to files under $log_dir (and, prefixed, to the console); torchrun's own stderr is
-  # kept too, for the rank it names as the first failure.
-  exec {err_fd}> >(tee "$log_dir/torchrun.stderr" >&2)
+  # kept too, for the rank it names as the first failure. The tee ignores stop signals: it ends with torchrun's
+  # output, so that what the ranks say while they checkpoint still reaches the console.
+  exec {err_fd}> >(trap '' INT TERM; exec tee "$log_dir/torchrun.stderr" >&2)
   tee_pid=$!
   "$PY" -m torch.distributed.run --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$nproc" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29517}" \
     --log-dir "$log_dir" --redirects 3 --tee 3 --log-line-prefix-template '[rank ${rank}]: ' \
-    -m "$@" 2>&"$err_fd" || rc=$?
+    -m "$@" 2>&"$err_fd" &
+  pid=$!
+  trap 'signalled=15; kill -TERM "$pid" 2>/dev/null || true' TERM
+  trap 'signalled=2; kill -INT "$pid" 2>/dev/null || true' INT
+  while :; do  # a trapped signal interrupts `wait`: forward it (the trap), then wait again
+    rc=0; wait "$pid" || rc=$?
+    if (( rc > 128 )) && kill -0 "$pid" 2>/dev/null; then continue; fi
+    break
+  done
+  if (( rc > 128 )) && [[ -n "$signalled" ]]; then rc=0; wait "$pid" || rc=$?; fi  # torchrun's own status
+  trap - TERM INT
   exec {err_fd}>&-
   wait "$tee_pid" 2>/dev/null || true  # torchrun's report is complete on the console before the summary below
+  if [[ -z "$signalled" ]] && (( rc != 0 )); then  # torchrun itself may have received the signal
+    signalled="$(sed -n 's/.*Received \(SIG[A-Z]*\|Signals\.SIG[A-Z]*\|[0-9]*\) death signal.*/\1/p' \
+      "$log_dir/torchrun.stderr" 2>/dev/null | head -n 1)"
+    case "$signalled" in *TERM) signalled=15 ;; *INT) signalled=2 ;; *[!0-9]*) signalled=15 ;; esac
+  fi
+  if [[ -n "$signalled" ]] && (( rc != 0 )); then
+    echo "[bg_launch] torchrun stopped by signal $signalled: each rank wrote a checkpoint before exiting (their logs" \
+      "under $log_dir say which); continue with --resume_from_checkpoint latest" >&2
+    return $(( 128 + signalled ))
+  fi
   if (( rc != 0 )); then bg_report_failure "$log_dir"; fi
   return "$rc"
 }
