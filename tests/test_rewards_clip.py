@@ -70,7 +70,11 @@ def _open_clip_direct(ckpt, images, prompts, use_pil):
     model.load_state_dict(state)
     model.eval()
     tokenizer = open_clip.get_tokenizer(TINY_HPS_ARCH)
-    pixels = torch.stack([preprocess_val(_pil(im) if use_pil else im) for im in images])
+    transform = preprocess_val
+    if not use_pil:  # drop the PIL-only steps, identities on tensors (open_clip >= 3.3 skips them itself)
+        transform = type(preprocess_val)([t for t in preprocess_val.transforms if type(t).__name__ not in (
+            "ToTensor", "MaybeToTensor", "MaybeConvertMode") and getattr(t, "__name__", "") != "_convert_to_rgb"])
+    pixels = torch.stack([transform(_pil(im) if use_pil else im) for im in images])
     with torch.no_grad():
         image_f = model.encode_image(pixels)
         text_f = model.encode_text(tokenizer(prompts))
