@@ -28,6 +28,7 @@ from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.ema import EMA
 from branchgrpo.eval.heldout import Evaluator
+from branchgrpo.eval.monitor import HackingMonitor, RewardHackingError
 from branchgrpo.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
@@ -100,9 +101,11 @@ class Trainer:
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
         self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
+        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
-                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard}
+                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard,
+                       "monitor": self.monitor}
         self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
         self.step = 0
         if resume_path is not None:
@@ -156,13 +159,17 @@ class Trainer:
                 self._evaluate(self.step)
             stop = bool(distributed.all_reduce_max(torch.tensor(int(self._stop))).item())
             failing = self.guard.tripped  # the same on every rank: it counts over all of them
+            hacked = self.monitor.tripped  # decided on gathered features: the same on every rank
             every = cfg.checkpoint.checkpointing_steps
-            if stop or failing or (every and self.step % every == 0):
+            if stop or failing or hacked or (every and self.step % every == 0):
                 saved = self.save()
             if failing:
                 if self.metrics:
                     self.metrics.close()
                 raise NonFiniteRewardsError(self.guard.message(saved))
+            if hacked:
+                self._plot()
+                raise RewardHackingError(self.monitor.message(saved))
             if stop:
                 log.warning("SIGTERM: checkpoint written at step %d; exiting", self.step)
                 return {"stopped_at": self.step}
@@ -323,12 +330,19 @@ class Trainer:
         with ema, using_module(self.adapter, self.prepared.bare):
             result = self.evaluator.run(self._velocity, self.adapter, self.rewards, self.sigmas, self.kernel,
                                         self.device, self.store.extras)
-        self.evals.append({"step": step, "eval_reward": result.reward,
-                           **{f"eval_{k}": v for k, v in result.per_reward.items()},
-                           "eval_nonfinite": result.num_nonfinite})
+        record = {"step": step, "eval_reward": result.reward,
+                  **{f"eval_{k}": v for k, v in result.per_reward.items()}, "eval_nonfinite": result.num_nonfinite}
+        record.update(self.monitor.observe(step, result.media, self.evaluator.sample_ids, self.evaluator.is_pad,
+                                           self.cfg.eval.eval_samples_per_prompt))
+        self.evals.append(record)
         if self.info.is_main:
             log.info("eval at step %d: reward %s over %d held-out samples", step, _fmt(result.reward, ".4f"),
                      result.num_samples)
+            if self.monitor.enabled:
+                log.info("reward-hacking monitor at step %d: %s (%.3f s)", step, _monitor_summary(record),
+                         self.monitor.last_cost_s)
+            if self.metrics:
+                self.metrics.log_scalars(record)
             if result.num_nonfinite:
                 log.warning("eval at step %d: %d of %d held-out samples have no finite reward; %s", step,
                             result.num_nonfinite, result.num_samples,
@@ -342,6 +356,13 @@ class Trainer:
             media = media[:, :, media.shape[2] // 2]
         save_grid(media, stem.with_suffix(".png"), columns=per, labels=labels[::per],
                   scale=max(1, 64 // media.shape[-1]))
+
+    def _plot(self) -> None:
+        """reward_curve.png (the monitor's values beside the reward) and the end of the loggers, on rank 0."""
+        if self.info.is_main:
+            plot_rewards(self.metrics.entries, self.evals.records, self.output_dir / "reward_curve.png",
+                         self.rewards.reward_max, self.monitor.thresholds())
+            self.metrics.close()
 
     def _maybe_save_rollout(self, graph: RolloutGraph, it: int) -> None:
         every = self.cfg.logging.save_rollout_samples
@@ -407,8 +428,7 @@ class Trainer:
                                                       for e in entries if e["first_ratio_min"] is not None),
                                                      default=0.0)
             (self.output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-            plot_rewards(entries, self.evals.records, self.output_dir / "reward_curve.png", summary["reward_max"])
-            self.metrics.close()
+            self._plot()
             log.info("done: eval reward %s -> %s (max %s) in %.0f s", _fmt(summary["eval_reward_before"], ".4f"),
                      _fmt(summary["eval_reward_after"], ".4f"), summary["reward_max"], wall)
         return summary
@@ -452,6 +472,11 @@ def _configure_torch(parallel_cfg, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = parallel_cfg.allow_tf32
         torch.backends.cudnn.allow_tf32 = parallel_cfg.allow_tf32
+
+
+def _monitor_summary(record: dict) -> str:
+    names = ("hf_share", "hf_ratio", "diversity_ratio", "kid", "mmd2_p")
+    return ", ".join(f"{n} {_fmt(record.get('monitor_' + n), '.4g')}" for n in names)
 
 
 def _fmt(value: float | None, spec: str) -> str:

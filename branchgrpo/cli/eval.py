@@ -96,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward_model_dir", default="hps_ckpt", help="folder of reward checkpoints (hps_ckpt/README.md)")
     g.add_argument("--reward_options", default="", help='JSON {reward: {option: value}} overriding the defaults')
     g.add_argument("--reward_batch_size", type=int, default=16, help="samples decoded and scored per call")
+    g = p.add_argument_group("video metrics (VBench-style, from local files; docs/evaluation.md)")
+    g.add_argument("--video_metrics", choices=("auto", "none"), default="auto",
+                   help="auto: every metric the files allow, for video backbones (pixel ones need none); none: skip")
+    g.add_argument("--dino_model", default=None, help="subject_consistency: a transformers DINO ViT folder "
+                   "(default: REWARD_MODEL_DIR/dino-vitb16 if present)")
+    g.add_argument("--video_clip", default=None, help="background_consistency, aesthetic_quality: a transformers CLIP "
+                   "folder or open_clip file (default: REWARD_MODEL_DIR/clip-vit-large-patch14 if present)")
+    g.add_argument("--video_clip_arch", default="ViT-B-32", help="open_clip architecture of a --video_clip file")
+    g.add_argument("--raft_weights", default=None, help="dynamic_degree: torchvision RAFT weights, e.g. "
+                   "raft_large_C_T_SKHT_V2-ff5fadd5.pth (default: under REWARD_MODEL_DIR if present; without it the "
+                   "pixel-space fallback dynamic_degree_pixels)")
+    g.add_argument("--aesthetic_head", default=None, help="aesthetic_quality: LAION's sa_0_4_vit_l_14_linear.pth "
+                   "(default: under REWARD_MODEL_DIR if present; needs a ViT-L/14 --video_clip)")
+    g.add_argument("--musiq_weights", default=None, help="imaging_quality: MUSIQ-SPAQ weights for pyiqa "
+                   "(musiq_spaq_ckpt-358bb6af.pth; default: under REWARD_MODEL_DIR if present)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="outputs/eval", help="where results.* and grid.png go")
     g.add_argument("--save_images", default=None, help="also write one PNG per sample (videos: the middle frame, and "
@@ -157,6 +172,21 @@ def _rewards(args, spec, device):
     return rewards
 
 
+def _video_metrics(args, spec, device):
+    """The VBench-style metrics the given (or default) local files allow, for video backbones; the others are
+    skipped with a one-line reason each."""
+    if spec.media != "video" or args.video_metrics == "none":
+        return None
+    from branchgrpo.eval.video_metrics import VideoMetricFiles, VideoMetrics
+
+    files = VideoMetricFiles(args.dino_model, args.video_clip, args.video_clip_arch, args.raft_weights,
+                             args.aesthetic_head, args.musiq_weights).resolve(args.reward_model_dir)
+    metrics = VideoMetrics(files, device, fps=None)
+    for name, reason in metrics.skipped.items():
+        print(f"skipping video metric '{name}': {reason}", flush=True)
+    return metrics
+
+
 def run(args) -> dict:
     from branchgrpo import sde
     from branchgrpo.eval.checkpoints import load_eval_model
@@ -173,6 +203,7 @@ def run(args) -> dict:
                           ("cpu" if args.device == "auto" else args.device))
     texts = _prompts(args, spec)
     rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
+    video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
     loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,
                              dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -186,10 +217,13 @@ def run(args) -> dict:
                               samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
                               chunk_prompts=args.chunk_prompts, reward_batch_size=args.reward_batch_size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    if video_metrics is not None:
+        video_metrics.fps = adapter.video_fps  # dynamic degree takes frames about 8 per second apart
     start = time.time()
     out = generate_and_score(adapter, embeddings, texts, rewards, settings, device, autocast, args.save_images,
                              args.grid_prompts,
-                             progress=lambda done, total: log.info("%d / %d prompts", done, total))
+                             progress=lambda done, total: log.info("%d / %d prompts", done, total),
+                             media_metrics=video_metrics)
     elapsed = time.time() - start
     output_dir = Path(args.output_dir)
     metrics = {n: summarize(v, out.prompt_index, args.bootstrap, seed=args.seed) for n, v in out.scores.items()}
@@ -205,6 +239,8 @@ def run(args) -> dict:
         "rewards": list(rewards.models), "forward_passes": out.num_forward_passes,
         "generate_and_score_time_s": elapsed, "device": str(device),
     }
+    if video_metrics is not None:
+        header.update(video_metrics=video_metrics.backends, skipped_video_metrics=video_metrics.skipped)
     sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
     result = write_results(output_dir, header, metrics, rewards.skipped, texts, out.scores, out.prompt_index,
                            out.seed_index, sample_ids, out.image_files, out.video_files)

@@ -59,7 +59,7 @@ def encode_prompts(spec, source, texts: list[str], device, settings, batch_size:
 
 @dataclass
 class Generated:
-    scores: dict[str, torch.Tensor]  # reward -> [N] float32, sample order (prompt-major)
+    scores: dict[str, torch.Tensor]  # reward (then media metric) -> [N] float32, sample order (prompt-major)
     prompt_index: torch.Tensor  # [N] long
     seed_index: torch.Tensor  # [N] long
     grid_media: torch.Tensor  # the grid's tiles: one per sample of the first `grid_prompts` prompts (images), or
@@ -73,9 +73,11 @@ class Generated:
 def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list[str], rewards: RewardSet,
                        settings: SampleSettings, device: torch.device, autocast: Callable | None = None,
                        save_images: str | Path | None = None, grid_prompts: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> Generated:
+                       progress: Callable[[int, int], None] | None = None,
+                       media_metrics: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Generated:
     """Sample `samples_per_prompt` seeds of every prompt, decode, score with every reward; optionally write one PNG
-    per sample (videos: its middle frame) and, for videos, one MP4 per sample."""
+    per sample (videos: its middle frame) and, for videos, one MP4 per sample. `media_metrics` (e.g. the video
+    metrics of branchgrpo.eval.video_metrics) maps each decoded chunk to more per-sample columns beside the rewards."""
     S, P = settings.samples_per_prompt, len(texts)
     sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu)
     plan = plans.group_plan(settings.steps, 1, sde_steps=None if settings.sampler == "sde" else [])
@@ -94,8 +96,10 @@ def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list
         chunk_scores, media = decode_and_score(lambda z: adapter.decode(z).cpu(), graph.node_latents(graph.leaves),
                                                [texts[int(p)] for p in sample_prompt], rewards,
                                                settings.reward_batch_size)
+        if media_metrics is not None:
+            chunk_scores.update(media_metrics(media))
         for name, values in chunk_scores.items():
-            scores[name].append(values)
+            scores.setdefault(name, []).append(values)
         shown = [i for i, sample in enumerate(sample_ids) if sample // S < grid_prompts]
         grid += grid_tiles(media[shown])
         if save_images is not None:
