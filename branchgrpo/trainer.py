@@ -188,7 +188,7 @@ class Trainer:
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch.keys, it)
         t1 = time.time()
-        scores = self.score(graph, batch.texts)
+        scores = self.score(graph, batch.texts, batch.embeddings)
         t2 = time.time()
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
@@ -209,11 +209,12 @@ class Trainer:
                                self.algo.branch_innovation)
 
     @torch.no_grad()
-    def score(self, graph: RolloutGraph, texts: list[str]) -> dict[str, torch.Tensor]:
+    def score(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
         leaves = graph.leaves
         prompts = [texts[int(p)] for p in graph.prompt[leaves]]
+        conditions = self.rewards.conditions(per_prompt, graph.prompt[leaves])  # e.g. I2V's first frame; mostly {}
         scores, self._last_media = decode_and_score(self.adapter.decode, graph.node_latents(leaves), prompts,
-                                                    self.rewards, self.cfg.reward.reward_batch_size)
+                                                    self.rewards, self.cfg.reward.reward_batch_size, conditions)
         return scores
 
     # ---------------------------------------------------------------------------------------------------------

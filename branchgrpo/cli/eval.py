@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g = p.add_argument_group("prompts and sampling")
-    g.add_argument("--prompts", default=None, help="prompt file, one per line (default: "
-                   f"{_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
+    g.add_argument("--prompts", default=None, help="prompt file in the backbone's format: one prompt per line, or "
+                   "JSONL {\"prompt\": ..., \"image\": ...} lines for " +
+                   (", ".join(b for b, spec in specs.items() if spec.prompt_format == "jsonl") or "none") +
+                   f" (default: {_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
     g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
     g.add_argument("--samples_per_prompt", type=int, default=4, help="seeds per prompt")
     g.add_argument("--seed", type=int, default=1234, help="noise seed (the trainer's --eval_seed default)")
@@ -149,11 +151,15 @@ def _check(args, spec, model_cfg) -> None:
     parse_reward_options(args.reward_options)
 
 
-def _prompts(args, spec) -> list[str]:
-    from branchgrpo.data.preprocess import read_prompt_file
+def _prompts(args, spec, model_cfg):
+    """The prompt file as the backbone's encoder reads it (`PromptList`: items and texts), cut to --num_prompts. A
+    JSONL file's images are all checked here, before anything is loaded (a bad line is an error)."""
+    from branchgrpo.data.preprocess import PromptList, read_prompts
 
-    texts, _ = read_prompt_file(args.prompts or spec.default_prompts())
-    return texts[: args.num_prompts] if args.num_prompts else texts
+    prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
+                           image_size=spec.image_size(model_cfg))
+    keep = slice(args.num_prompts or None)
+    return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
 
 def _rewards(args, spec, device):
@@ -201,7 +207,8 @@ def run(args) -> dict:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    texts = _prompts(args, spec)
+    prompts = _prompts(args, spec, model_cfg)
+    texts = prompts.texts
     rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
     video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
@@ -209,8 +216,9 @@ def run(args) -> dict:
                              dtype=torch.bfloat16 if bf16 else torch.float32)
     adapter = loaded.adapter
     encoder_settings = SimpleNamespace(dtype="auto", **{name: getattr(args, name) for name in ENCODER_FLAGS
-                                                        if getattr(args, name) is not None})
-    embeddings = encode_prompts(spec, loaded.prompt_source, texts, device, encoder_settings)
+                                                        if getattr(args, name) is not None},
+                                       **spec.encoder_sizes(model_cfg))
+    embeddings = encode_prompts(spec, loaded.prompt_source, prompts.items, device, encoder_settings)
     mu = adapter.mu() if args.time_shift == "dynamic" else None
     settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
                               kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,

@@ -47,11 +47,12 @@ def resolve_reward_names(text: str, spec) -> list[str]:
     return list(parse_reward_spec(text))
 
 
-def encode_prompts(spec, source, texts: list[str], device, settings, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Prompt embeddings [P, ...] on `device` from the backbone's own text encoders (the preprocessing step's
-    encoder, `spec.prompt_encoder`), with its dataset-wide extras (Wan's negative prompt) expanded per prompt."""
+def encode_prompts(spec, source, items: list, device, settings, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Prompt embeddings [P, ...] on `device` from the backbone's own encoders (the preprocessing step's encoder,
+    `spec.prompt_encoder`; `items` as its prompt format reads them: texts, or records with a conditioning image),
+    with its dataset-wide extras (Wan's negative prompt) expanded per prompt."""
     encode = spec.prompt_encoder(source, device, settings)
-    parts = [encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    parts = [encode(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     per_prompt = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     extras = encode.extras() if hasattr(encode, "extras") else {}
     return with_extras(per_prompt, extras, device)
@@ -95,7 +96,8 @@ def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list
         # media to the CPU chunk by chunk: a chunk of decoded videos can outgrow the GPU
         chunk_scores, media = decode_and_score(lambda z: adapter.decode(z).cpu(), graph.node_latents(graph.leaves),
                                                [texts[int(p)] for p in sample_prompt], rewards,
-                                               settings.reward_batch_size)
+                                               settings.reward_batch_size,
+                                               rewards.conditions(embeddings, sample_prompt))
         if media_metrics is not None:
             chunk_scores.update(media_metrics(media))
         for name, values in chunk_scores.items():
