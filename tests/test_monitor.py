@@ -289,3 +289,16 @@ def test_a_checkerboard_reward_trips_the_monitor_and_the_default_reward_does_not
     assert [e["step"] for e in evals] == [0, 2, 4, 6, 8, 10]
     assert all(e["monitor_alarm"] == [] for e in evals)
     assert max(e["monitor_hf_ratio"] for e in evals) < 1.5 and min(e["monitor_diversity_ratio"] for e in evals) > 0.9
+
+
+
+def test_a_single_evaluation_sample_reports_no_kid_instead_of_failing():
+    """KID and MMD^2 need two samples a side; with one held-out sample they are null and the evaluation goes on."""
+    from branchgrpo.config.sections import EvalConfig
+    from branchgrpo.eval.monitor import HackingMonitor
+
+    monitor = HackingMonitor(EvalConfig())
+    base, trained = torch.zeros(1, 3, 8, 8), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    monitor.observe(0, base + 0.5, [0], [False], 1)
+    out = monitor.observe(1, trained, [0], [False], 1)
+    assert out["monitor_kid"] is None and out["monitor_mmd2"] is None and out["monitor_hf_ratio"] is not None

@@ -214,6 +214,8 @@ class HackingMonitor:
             out.update(monitor_kid=0.0, monitor_mmd2=0.0, monitor_mmd2_p=1.0)
             return out
         n = min(len(x), len(y))
+        if n < 2:  # the unbiased KID / MMD^2 need two samples a side: nothing to report (null, not a number)
+            return out
         size = min(n, 1000)
         out["monitor_kid"] = kid(x, y, num_subsets=1 if size == n else 100, subset_size=size).mean
         if self.cfg.hacking_permutations > 0:
