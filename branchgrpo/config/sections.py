@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from branchgrpo.config.fields import flag, require
+from branchgrpo.config.fields import either, flag, require
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class ModelConfig(Section):
         out = {name: (self.use_lora, "--use_lora") for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
         for name in ("h", "w", "num_frames", "guidance_scale"):
             takers = [b for b, spec in backbones().items() if name in spec.flags]
-            out[name] = (self.model in takers, "--model " + " or ".join(takers))
+            out[name] = (self.model in takers, "--model " + either(takers))
         return out
 
 
