@@ -3,10 +3,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.strip() and not line.startswith("#") and not line.startswith(("pytest",))
+requirements = [  # requirements.txt without comments (whole-line or trailing) and without the test tools
+    spec
+    for spec in (line.split("#", 1)[0].strip() for line in (here / "requirements.txt").read_text().splitlines())
+    if spec and not spec.startswith("pytest")
 ]
 
 setup(

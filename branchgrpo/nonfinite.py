@@ -40,6 +40,10 @@ class NonFiniteGuard:
     def tripped(self) -> bool:
         return self.max_iterations > 0 and self.count >= self.max_iterations
 
+    def error(self, checkpoint) -> NonFiniteRewardsError:
+        """Why the run stops, once `tripped` (after writing `checkpoint`)."""
+        return NonFiniteRewardsError(self.message(checkpoint))
+
     def message(self, checkpoint) -> str:
         first, last = self.recent[0][0], self.recent[-1][0]
         fractions = ", ".join(f"{100 * f:.0f}%" for _, f in self.recent)

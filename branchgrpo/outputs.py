@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -183,6 +184,18 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in entry.items() if k != "step" and v is not None}, step=step)
 
+    def log_scalars(self, record: dict) -> None:
+        """An evaluation record's numbers (eval rewards, the reward-hacking monitor) to TensorBoard and wandb at its
+        step; metrics.jsonl is not touched (eval.jsonl holds them)."""
+        step = record["step"]
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                  and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None and values:
+            self.wandb.log(values, step=step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -239,13 +252,19 @@ def save_videos(videos: torch.Tensor, folder: Path, stem: str, fps: int = 16) ->
     return paths
 
 
-def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max: float | None = None) -> Path:
+def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max: float | None = None,
+                 thresholds: dict | None = None) -> Path:
+    """The reward curve; with the reward-hacking monitor's values in the evaluations (`monitor_*`), two panels
+    beside it: the high-frequency share and within-prompt diversity as ratios to the base model's (with the
+    configured thresholds, `{key: (direction, value)}`), and KID with the MMD^2 permutation p-value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    monitored = [e for e in evals if e.get("monitor_hf_ratio") is not None or e.get("monitor_kid") is not None]
+    fig, axes = plt.subplots(1, 3 if monitored else 1, figsize=(16 if monitored else 6, 4), squeeze=False)
+    ax = axes[0, 0]
     steps = [e["step"] for e in entries]
     nan = float("nan")  # null (no finite reward) leaves a gap in the curve
     ax.plot(steps, [nan if e["reward_mean"] is None else e["reward_mean"] for e in entries],
@@ -259,10 +278,44 @@ def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max:
     ax.set_ylabel("reward")
     ax.legend()
     ax.grid(alpha=0.3)
+    if monitored:
+        _plot_monitor(axes[0, 1], axes[0, 2], monitored, thresholds or {})
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _plot_monitor(ratios_ax, kid_ax, evals: list[dict], thresholds: dict) -> None:
+    steps = [e["step"] for e in evals]
+
+    def series(key):
+        return [float("nan") if e.get(key) is None else e[key] for e in evals]
+
+    for key, label, color in (("monitor_hf_ratio", "high-frequency share / base", "tab:red"),
+                              ("monitor_diversity_ratio", "within-prompt diversity / base", "tab:blue")):
+        ratios_ax.plot(steps, series(key), "o-", color=color, label=label)
+        if key in thresholds:
+            ratios_ax.axhline(thresholds[key][1], color=color, linestyle="--", alpha=0.6,
+                              label=f"alarm {thresholds[key][0]} {thresholds[key][1]:g}")
+    ratios_ax.axhline(1.0, color="grey", linewidth=0.8)
+    ratios_ax.set_xlabel("iteration")
+    ratios_ax.set_ylabel("ratio to the step-0 samples")
+    ratios_ax.set_title("reward-hacking monitor")
+    ratios_ax.legend(fontsize=8)
+    ratios_ax.grid(alpha=0.3)
+    kid_ax.plot(steps, series("monitor_kid"), "o-", color="tab:purple", label="KID to the step-0 samples")
+    if "monitor_kid" in thresholds:
+        kid_ax.axhline(thresholds["monitor_kid"][1], color="tab:purple", linestyle="--", alpha=0.6, label="alarm")
+    kid_ax.set_xlabel("iteration")
+    kid_ax.set_ylabel("KID")
+    kid_ax.grid(alpha=0.3)
+    p_ax = kid_ax.twinx()
+    p_ax.plot(steps, series("monitor_mmd2_p"), "s:", color="tab:green", label="MMD^2 permutation p-value")
+    p_ax.set_ylim(0, 1.05)
+    p_ax.set_ylabel("p-value")
+    lines = kid_ax.get_legend_handles_labels(), p_ax.get_legend_handles_labels()
+    kid_ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8)
 
 
 class EvalLog:
@@ -290,3 +343,25 @@ class EvalLog:
 
     def load_state_dict(self, records: list[dict]) -> None:
         self.records = list(records)
+
+
+class Stopwatch:
+    """Training wall-clock time across attempts: a resumed run continues the count of the run it resumes."""
+
+    def __init__(self):
+        self.before, self.since = 0.0, None
+
+    def start(self) -> None:
+        self.since = time.time()
+
+    def stop(self) -> None:
+        self.before, self.since = self.elapsed(), None
+
+    def elapsed(self) -> float:
+        return self.before + (time.time() - self.since if self.since is not None else 0.0)
+
+    def state_dict(self) -> float:
+        return self.elapsed()
+
+    def load_state_dict(self, seconds: float) -> None:
+        self.before = float(seconds)

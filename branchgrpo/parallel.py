@@ -194,3 +194,15 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return norm.detach().float().cpu()
+
+
+def configure_torch(parallel_cfg, device: torch.device) -> None:
+    """Threads, determinism and TF32 as the parallel flags ask, before any model is built."""
+    if parallel_cfg.num_threads > 0:
+        torch.set_num_threads(parallel_cfg.num_threads)
+    if parallel_cfg.deterministic_on(device):
+        # e.g. the backward of an index gather accumulates in thread order on CPU unless asked not to
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = parallel_cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = parallel_cfg.allow_tf32

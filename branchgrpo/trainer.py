@@ -27,14 +27,16 @@ from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.ema import EMA
 from branchgrpo.eval.heldout import Evaluator
+from branchgrpo.eval.monitor import HackingMonitor
 from branchgrpo.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
-from branchgrpo.nonfinite import NonFiniteGuard, NonFiniteRewardsError
+from branchgrpo.nonfinite import NonFiniteGuard
 from branchgrpo.optim import build_lr_scheduler, build_optimizer
 from branchgrpo.outputs import (
     EvalLog,
     MetricsLog,
+    Stopwatch,
     json_safe,
     plot_rewards,
     prepare_output_dir,
@@ -43,11 +45,11 @@ from branchgrpo.outputs import (
     start_without_checkpoint,
     write_atomically,
 )
-from branchgrpo.parallel import full_state_dict, prepare_model, using_module
+from branchgrpo.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options
 from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.update import DivergedError, PolicyUpdate, optimizer_steps_per_iteration, select_edges
+from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
 from branchgrpo.watchdog import Watchdog, mark
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class Trainer:
         self.preempt = Preemption(cfg.checkpoint.preempt_save_deadline_s, self.info.world_size, self.info.rank)
         self.preempt.install()
         self.device = self.info.device
-        _configure_torch(cfg.parallel, self.device)
+        configure_torch(cfg.parallel, self.device)
         self.output_dir = Path(cfg.run.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, self.info.rank, self.info.world_size,
                                              cfg.checkpoint.checkpoints_total_limit, trainable_only=cfg.model.use_lora)
@@ -106,10 +108,11 @@ class Trainer:
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
         self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
+        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
                        "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard,
-                       "skipped_steps": self.updater.skipped, "preemption": self.preempt}
+                       "monitor": self.monitor, "skipped_steps": self.updater.skipped, "preemption": self.preempt}
         self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
         # what an iteration changes before its update ends, put back when a stop signal cuts it short (the EMA and
         # the non-finite counts change after the update; the wall clock keeps counting)
@@ -185,16 +188,15 @@ class Trainer:
             if (every and self.step % every == 0) or self.step == total:
                 self._evaluate(self.step)
             stop = self.preempt.stop_agreed() and self.step < total  # at the last step: finish instead
-            # the same on every rank: they count over all of them (rewards gathered, gradient norms all-reduced)
-            failing, diverged = self.guard.tripped, self.updater.skipped.tripped
+            # each the same on every rank: counted over all of them (rewards gathered, gradient norms all-reduced,
+            # the monitor on gathered features)
+            halted = [h for h in (self.guard, self.updater.skipped, self.monitor) if h.tripped]
             every = cfg.checkpoint.checkpointing_steps
-            if stop or failing or diverged or (every and self.step % every == 0):
-                saved = self.save(prune=not (failing or diverged))
-            if failing or diverged:
-                if self.metrics:
-                    self.metrics.close()
-                raise (NonFiniteRewardsError(self.guard.message(saved)) if failing else
-                       DivergedError(self.updater.skipped.message(saved, it)))
+            if stop or halted or (every and self.step % every == 0):
+                saved = self.save(prune=not halted)  # a halted run keeps the older checkpoints
+            if halted:
+                self._plot()
+                raise halted[0].error(saved)
             if stop:
                 return self._stop(save=False)
         if not self.evals.records or self.evals.records[-1]["step"] != self.step:
@@ -213,7 +215,7 @@ class Trainer:
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch.keys, it)
         t1 = time.time()
-        scores = self.score(graph, batch.texts)
+        scores = self.score(graph, batch.texts, batch.embeddings)
         t2 = time.time()
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
@@ -234,12 +236,13 @@ class Trainer:
                                self.algo.branch_innovation)
 
     @torch.no_grad()
-    def score(self, graph: RolloutGraph, texts: list[str]) -> dict[str, torch.Tensor]:
+    def score(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
         leaves = graph.leaves
         prompts = [texts[int(p)] for p in graph.prompt[leaves]]
+        conditions = self.rewards.conditions(per_prompt, graph.prompt[leaves])  # e.g. I2V's first frame; mostly {}
         decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
         scores, self._last_media = decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
-                                                    self.cfg.reward.reward_batch_size)
+                                                    self.cfg.reward.reward_batch_size, conditions)
         return scores
 
     # ---------------------------------------------------------------------------------------------------------
@@ -360,12 +363,19 @@ class Trainer:
             result = self.evaluator.run(self._velocity, self.adapter, self.rewards, self.sigmas, self.kernel,
                                         self.device, self.store.extras)
         self.preempt.pending_evaluation = None
-        self.evals.append({"step": step, "eval_reward": result.reward,
-                           **{f"eval_{k}": v for k, v in result.per_reward.items()},
-                           "eval_nonfinite": result.num_nonfinite})
+        record = {"step": step, "eval_reward": result.reward,
+                  **{f"eval_{k}": v for k, v in result.per_reward.items()}, "eval_nonfinite": result.num_nonfinite}
+        record.update(self.monitor.observe(step, result.media, self.evaluator.sample_ids, self.evaluator.is_pad,
+                                           self.cfg.eval.eval_samples_per_prompt))
+        self.evals.append(record)
         if self.info.is_main:
             log.info("eval at step %d: reward %s over %d held-out samples", step, _fmt(result.reward, ".4f"),
                      result.num_samples)
+            if self.monitor.enabled:
+                log.info("reward-hacking monitor at step %d: %s (%.3f s)", step, self.monitor.summary(record),
+                         self.monitor.last_cost_s)
+            if self.metrics:
+                self.metrics.log_scalars(record)
             if result.num_nonfinite:
                 log.warning("eval at step %d: %d of %d held-out samples have no finite reward; %s", step,
                             result.num_nonfinite, result.num_samples,
@@ -379,6 +389,13 @@ class Trainer:
             media = media[:, :, media.shape[2] // 2]
         save_grid(media, stem.with_suffix(".png"), columns=per, labels=labels[::per],
                   scale=max(1, 64 // media.shape[-1]))
+
+    def _plot(self) -> None:
+        """reward_curve.png (the monitor's values beside the reward) and the end of the loggers, on rank 0."""
+        if self.info.is_main:
+            plot_rewards(self.metrics.entries, self.evals.records, self.output_dir / "reward_curve.png",
+                         self.rewards.reward_max, self.monitor.thresholds())
+            self.metrics.close()
 
     def _maybe_save_rollout(self, graph: RolloutGraph, it: int) -> None:
         every = self.cfg.logging.save_rollout_samples
@@ -456,44 +473,10 @@ class Trainer:
                                                       for e in entries if e["first_ratio_min"] is not None),
                                                      default=0.0)
             (self.output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
-            plot_rewards(entries, self.evals.records, self.output_dir / "reward_curve.png", summary["reward_max"])
-            self.metrics.close()
+            self._plot()
             log.info("done: eval reward %s -> %s (max %s) in %.0f s", _fmt(summary["eval_reward_before"], ".4f"),
                      _fmt(summary["eval_reward_after"], ".4f"), summary["reward_max"], wall)
         return summary
-
-
-class Stopwatch:
-    """Training wall-clock time across attempts: a resumed run continues the count of the run it resumes."""
-
-    def __init__(self):
-        self.before, self.since = 0.0, None
-
-    def start(self) -> None:
-        self.since = time.time()
-
-    def stop(self) -> None:
-        self.before, self.since = self.elapsed(), None
-
-    def elapsed(self) -> float:
-        return self.before + (time.time() - self.since if self.since is not None else 0.0)
-
-    def state_dict(self) -> float:
-        return self.elapsed()
-
-    def load_state_dict(self, seconds: float) -> None:
-        self.before = float(seconds)
-
-
-def _configure_torch(parallel_cfg, device: torch.device) -> None:
-    if parallel_cfg.num_threads > 0:
-        torch.set_num_threads(parallel_cfg.num_threads)
-    if parallel_cfg.deterministic_on(device):
-        # e.g. the backward of an index gather accumulates in thread order on CPU unless asked not to
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = parallel_cfg.allow_tf32
-        torch.backends.cudnn.allow_tf32 = parallel_cfg.allow_tf32
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -213,8 +213,10 @@ class SkippedSteps:
         self.count = 0
         self.first: int | None = None  # the iteration of the streak's first skipped step
         self.last_applied: int | None = None  # the iteration of the last step that was applied
+        self.last: int | None = None  # the iteration of the last step, applied or not
 
     def observe(self, iteration: int, applied: bool) -> None:
+        self.last = iteration
         if applied:
             self.count, self.first, self.last_applied = 0, None, iteration
         else:
@@ -225,11 +227,15 @@ class SkippedSteps:
     def tripped(self) -> bool:
         return self.limit > 0 and self.count >= self.limit
 
-    def message(self, checkpoint, last_iteration: int) -> str:
+    def error(self, checkpoint) -> DivergedError:
+        """Why the run stops, once `tripped` (after writing `checkpoint`)."""
+        return DivergedError(self.message(checkpoint))
+
+    def message(self, checkpoint) -> str:
         applied = ("before this run's first step" if self.last_applied is None else
                    f"of the last applied step (iteration {self.last_applied})")
         return (f"diverged: {self.count} optimizer steps in a row had a non-finite gradient norm and were skipped "
-                f"(iterations {self.first}-{last_iteration}; --max_skipped_steps {self.limit}); stopped after writing "
+                f"(iterations {self.first}-{self.last}; --max_skipped_steps {self.limit}); stopped after writing "
                 f"{checkpoint}, whose weights are those {applied} - skipped steps change nothing but the LR schedule; "
                 "older checkpoints were kept. Start again with a lower --learning_rate or --max_grad_norm, or raise "
                 "--max_skipped_steps if such steps are expected")

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from branchgrpo.config import algorithm_from_flags, config_from_flags, parse_flags, parse_train_config
+from branchgrpo.models import backbones
 
 
 def bad(message, **flags):
@@ -131,7 +132,10 @@ def test_a_selection_that_trains_nothing_is_refused(tmp_path):
 def test_flags_without_effect_are_reported(tmp_path, caplog):
     parse = lambda *a: parse_train_config([*a, "--data_json_path", str(tmp_path)])  # noqa: E731
     cfg = parse("--algo", "dancegrpo", "--tree_split_points", "0,3", "--lora_rank", "8", "--h", "64")
-    assert cfg.inapplicable_flags() == ["--h (acts only with --model flux or wan)",
+    sized = [name for name, spec in backbones().items() if "h" in spec.flags]  # the registered backbones with --h
+    assert "toy" not in sized and {"flux", "wan"} <= set(sized)
+    takers = ", ".join(sized[:-1]) + " or " + sized[-1]
+    assert cfg.inapplicable_flags() == [f"--h (acts only with --model {takers})",
                                         "--lora_rank (acts only with --use_lora)",
                                         "--tree_split_points (acts only with --algo branchgrpo)"]
     assert "no effect in this configuration: --h" in caplog.text

@@ -49,7 +49,14 @@ def evaluate(tiny, out, *flags) -> dict:
 def test_wan_eval_scores_videos_and_writes_video_outputs(tiny, tmp_path, capsys):
     result = evaluate(tiny, tmp_path / "out", "--save_images", str(tmp_path / "media"))
     assert "skipping reward 'videoalign'" in capsys.readouterr().out
-    assert list(result["metrics"]) == ["frame_reward", "temporal_consistency"]  # --rewards default: the spec's
+    assert list(result["metrics"]) == ["frame_reward", "temporal_consistency",  # --rewards default: the spec's
+                                       # then the video metrics that need no weights (docs/evaluation.md)
+                                       "frame_consistency_pixels", "motion_smoothness_pixels",
+                                       "dynamic_degree_pixels", "flow_magnitude_pixels"]
+    assert result["skipped_video_metrics"].keys() == {"subject_consistency", "background_consistency",
+                                                      "aesthetic_quality", "imaging_quality"}
+    results_md = (tmp_path / "out" / "results.md").read_text()
+    assert "| dynamic_degree_pixels | 2 |" in results_md and "pyramidal Lucas-Kanade fallback" in results_md
     assert result["skipped_rewards"].keys() == {"videoalign"} and "VideoReward" in result["skipped_rewards"]["videoalign"]
     assert (result["num_frames"], result["h"], result["w"], result["guidance_scale"]) == (FRAMES, HEIGHT, WIDTH, 5.0)
     assert result["weights"] == "base" and result["forward_passes"] == 2 * 2

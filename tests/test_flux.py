@@ -238,7 +238,7 @@ def test_lora_export_loads_in_flux_pipeline(flux_dir, adapter, cond, tmp_path):
     assert all(k.startswith("transformer.") and ".lora_" in k for k in a)
 
     pipe = FluxPipeline.from_pretrained(str(flux_dir), local_files_only=True)
-    pipe.load_lora_weights(str(tmp_path / "lora"))
+    pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=path.name)  # offline: diffusers < 0.39 needs the name
     loaded = FluxAdapter(pipe.transformer, pipe.vae, HEIGHT, WIDTH)
     with torch.no_grad():
         loaded_v = loaded.velocity(x, sigmas, cond)

@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "wan"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "wan", "wan_i2v"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    backbone = "wan" if "wan" in script else "flux"
+    backbone = "wan_i2v" if "wan_i2v" in script else "wan" if "wan" in script else "flux"
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
@@ -87,6 +87,20 @@ def test_wan_launchers(shim):
     dance = launch(shim, "finetune_wan_dancegrpo_8gpus.sh", TF="0.6")
     assert (dance["cfg"]["algo"], dance["cfg"]["num_generations"], dance["plan"]["trained_edges_per_leaf"]) == \
         ("dancegrpo", 16, 11)
+
+
+def test_wan_i2v_launchers(shim):
+    branch = launch(shim, "finetune_wan_i2v_branchgrpo_8gpus.sh", VARIANT="deppru")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_frames"], cfg["h"], cfg["w"], cfg["guidance_scale"], cfg["shift"],
+            cfg["reward"]) == ("wan_i2v", "branchgrpo", 33, 480, 832, 5.0, 3.0, "videoalign=1.0")
+    assert cfg["output_dir"] == str(shim / "out") and cfg["depth_pruning"] == "15,16,17,18"
+    assert (branch["plan"]["leaves"], branch["plan"]["forward_passes"]) == (16, 203)
+    dance = launch(shim, "finetune_wan_i2v_dancegrpo_8gpus.sh", "--learning_rate", "2e-6", TF="0.6", USE_LORA="1")
+    cfg = dance["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["learning_rate"], cfg["use_lora"]) == \
+        ("wan_i2v", "dancegrpo", 16, 2e-6, True)
+    assert dance["plan"]["trained_edges_per_leaf"] == 11
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

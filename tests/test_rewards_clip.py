@@ -90,6 +90,15 @@ def _open_clip_model(ckpt):
     return model.eval(), preprocess_val, open_clip.get_tokenizer(TINY_HPS_ARCH)
 
 
+def _on_tensors(transform):
+    """open_clip's eval transform without its PIL-only steps (RGB conversion, ToTensor), which open_clip >= 3.3 skips
+    for tensors itself and older releases apply and fail on: the same pixels on float images."""
+    steps = [t for t in transform.transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor",
+                                                                         "MaybeConvertMode")
+             and getattr(t, "__name__", "") != "_convert_to_rgb"]
+    return type(transform)(steps)
+
+
 def _open_clip_cosine(ckpt, pixels, prompts):
     """encode_image/encode_text of the tiny open_clip model, raw cosine (HPS-v2.1's score)."""
     model, _, tokenizer = _open_clip_model(ckpt)
@@ -190,7 +199,7 @@ def test_clip_reward_open_clip_backend_uses_open_clips_own_eval_transform(ckpt):
     for size in [(32, 35), (35, 32), (48, 80), (80, 48), (45, 70)]:
         images = _images(*size, seed=16)
         ours = reward.preprocess(images)
-        on_tensors = torch.stack([preprocess_val(im) for im in images])  # torchvision on floats: no 8-bit rounding
+        on_tensors = torch.stack([_on_tensors(preprocess_val)(im) for im in images])  # floats: no 8-bit rounding
         torch.testing.assert_close(ours, on_tensors, atol=1e-5, rtol=0)
         on_pil = torch.stack([preprocess_val(_pil(im)) for im in images])
         assert ((ours - on_pil) * torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)).abs().max() < 1.5 / 255, size

@@ -102,17 +102,20 @@ def _random_flux_cond(adapter, num_prompts, text_tokens, device, dtype, seed):
 STAND_INS = {"flux": StandIn(("tiny", "full"), _random_flux_adapter, _random_flux_cond)}
 
 
-def encoded_prompts(spec, model_path, num_prompts: int, text_tokens: int | None, device) -> dict[str, torch.Tensor]:
-    """The first `num_prompts` prompts of the backbone's default prompt file (cycled), encoded by its own text
-    encoders (`text_tokens`: their --max_sequence_length, where they take one), extras expanded per prompt."""
+def encoded_prompts(spec, model_path, num_prompts: int, text_tokens: int | None, device,
+                    model_cfg=None) -> dict[str, torch.Tensor]:
+    """The first `num_prompts` prompts of the backbone's default prompt file (cycled), encoded by its own encoders
+    (`text_tokens`: their --max_sequence_length, where they take one; the sizes of `model_cfg`, where they read
+    some), extras expanded per prompt."""
     from branchgrpo.data.embeddings import with_extras
-    from branchgrpo.data.preprocess import read_prompt_file
+    from branchgrpo.data.preprocess import read_prompts
 
-    texts, _ = read_prompt_file(spec.default_prompts())
-    texts = [texts[i % len(texts)] for i in range(num_prompts)]
-    settings = SimpleNamespace(dtype="auto", **({} if text_tokens is None else {"max_sequence_length": text_tokens}))
+    items = read_prompts(spec.default_prompts(), spec.prompt_format).items
+    items = [items[i % len(items)] for i in range(num_prompts)]
+    settings = SimpleNamespace(dtype="auto", **({} if text_tokens is None else {"max_sequence_length": text_tokens}),
+                               **(spec.encoder_sizes(model_cfg) if model_cfg is not None else {}))
     encode = spec.prompt_encoder(model_path, device, settings)
-    cond = encode(texts)
+    cond = encode(items)
     return with_extras(cond, encode.extras() if hasattr(encode, "extras") else {}, device)
 
 
@@ -139,7 +142,7 @@ def load_backbone(model_cfg, device: torch.device, *, random_shape: str | None =
     if stand_in is not None:
         cond = stand_in.cond(adapter, num_prompts, text_tokens, device, dtype, seed)
     else:
-        cond = encoded_prompts(spec, pretrained, num_prompts, text_tokens, device)
+        cond = encoded_prompts(spec, pretrained, num_prompts, text_tokens, device, model_cfg)
     tokens = spec.tokens_per_sample(adapter, cond)
     sizes = "x".join(str(getattr(adapter, a)) for a in ("num_frames", "height", "width") if hasattr(adapter, a))
     return BenchBackbone(adapter, cond, _count(adapter.transformer), tokens,

@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     g = p.add_argument_group("prompts and sampling")
-    g.add_argument("--prompts", default=None, help="prompt file, one per line (default: "
-                   f"{_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
+    g.add_argument("--prompts", default=None, help="prompt file in the backbone's format: one prompt per line, or "
+                   "JSONL {\"prompt\": ..., \"image\": ...} lines for " +
+                   (", ".join(b for b, spec in specs.items() if spec.prompt_format == "jsonl") or "none") +
+                   f" (default: {_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
     g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
     g.add_argument("--samples_per_prompt", type=int, default=4, help="seeds per prompt")
     g.add_argument("--seed", type=int, default=1234, help="noise seed (the trainer's --eval_seed default)")
@@ -96,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward_model_dir", default="hps_ckpt", help="folder of reward checkpoints (hps_ckpt/README.md)")
     g.add_argument("--reward_options", default="", help='JSON {reward: {option: value}} overriding the defaults')
     g.add_argument("--reward_batch_size", type=int, default=16, help="samples decoded and scored per call")
+    g = p.add_argument_group("video metrics (VBench-style, from local files; docs/evaluation.md)")
+    g.add_argument("--video_metrics", choices=("auto", "none"), default="auto",
+                   help="auto: every metric the files allow, for video backbones (pixel ones need none); none: skip")
+    g.add_argument("--dino_model", default=None, help="subject_consistency: a transformers DINO ViT folder "
+                   "(default: REWARD_MODEL_DIR/dino-vitb16 if present)")
+    g.add_argument("--video_clip", default=None, help="background_consistency, aesthetic_quality: a transformers CLIP "
+                   "folder or open_clip file (default: REWARD_MODEL_DIR/clip-vit-large-patch14 if present)")
+    g.add_argument("--video_clip_arch", default="ViT-B-32", help="open_clip architecture of a --video_clip file")
+    g.add_argument("--raft_weights", default=None, help="dynamic_degree: torchvision RAFT weights, e.g. "
+                   "raft_large_C_T_SKHT_V2-ff5fadd5.pth (default: under REWARD_MODEL_DIR if present; without it the "
+                   "pixel-space fallback dynamic_degree_pixels)")
+    g.add_argument("--aesthetic_head", default=None, help="aesthetic_quality: LAION's sa_0_4_vit_l_14_linear.pth "
+                   "(default: under REWARD_MODEL_DIR if present; needs a ViT-L/14 --video_clip)")
+    g.add_argument("--musiq_weights", default=None, help="imaging_quality: MUSIQ-SPAQ weights for pyiqa "
+                   "(musiq_spaq_ckpt-358bb6af.pth; default: under REWARD_MODEL_DIR if present)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default="outputs/eval", help="where results.* and grid.png go")
     g.add_argument("--save_images", default=None, help="also write one PNG per sample (videos: the middle frame, and "
@@ -134,11 +151,15 @@ def _check(args, spec, model_cfg) -> None:
     parse_reward_options(args.reward_options)
 
 
-def _prompts(args, spec) -> list[str]:
-    from branchgrpo.data.preprocess import read_prompt_file
+def _prompts(args, spec, model_cfg):
+    """The prompt file as the backbone's encoder reads it (`PromptList`: items and texts), cut to --num_prompts. A
+    JSONL file's images are all checked here, before anything is loaded (a bad line is an error)."""
+    from branchgrpo.data.preprocess import PromptList, read_prompts
 
-    texts, _ = read_prompt_file(args.prompts or spec.default_prompts())
-    return texts[: args.num_prompts] if args.num_prompts else texts
+    prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
+                           image_size=spec.image_size(model_cfg))
+    keep = slice(args.num_prompts or None)
+    return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
 
 def _rewards(args, spec, device):
@@ -157,6 +178,21 @@ def _rewards(args, spec, device):
     return rewards
 
 
+def _video_metrics(args, spec, device):
+    """The VBench-style metrics the given (or default) local files allow, for video backbones; the others are
+    skipped with a one-line reason each."""
+    if spec.media != "video" or args.video_metrics == "none":
+        return None
+    from branchgrpo.eval.video_metrics import VideoMetricFiles, VideoMetrics
+
+    files = VideoMetricFiles(args.dino_model, args.video_clip, args.video_clip_arch, args.raft_weights,
+                             args.aesthetic_head, args.musiq_weights).resolve(args.reward_model_dir)
+    metrics = VideoMetrics(files, device, fps=None)
+    for name, reason in metrics.skipped.items():
+        print(f"skipping video metric '{name}': {reason}", flush=True)
+    return metrics
+
+
 def run(args) -> dict:
     from branchgrpo import sde
     from branchgrpo.eval.checkpoints import load_eval_model
@@ -171,25 +207,31 @@ def run(args) -> dict:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    texts = _prompts(args, spec)
+    prompts = _prompts(args, spec, model_cfg)
+    texts = prompts.texts
     rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
+    video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
     loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,
                              dtype=torch.bfloat16 if bf16 else torch.float32)
     adapter = loaded.adapter
     encoder_settings = SimpleNamespace(dtype="auto", **{name: getattr(args, name) for name in ENCODER_FLAGS
-                                                        if getattr(args, name) is not None})
-    embeddings = encode_prompts(spec, loaded.prompt_source, texts, device, encoder_settings)
+                                                        if getattr(args, name) is not None},
+                                       **spec.encoder_sizes(model_cfg))
+    embeddings = encode_prompts(spec, loaded.prompt_source, prompts.items, device, encoder_settings)
     mu = adapter.mu() if args.time_shift == "dynamic" else None
     settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
                               kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,
                               samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
                               chunk_prompts=args.chunk_prompts, reward_batch_size=args.reward_batch_size)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
+    if video_metrics is not None:
+        video_metrics.fps = adapter.video_fps  # dynamic degree takes frames about 8 per second apart
     start = time.time()
     out = generate_and_score(adapter, embeddings, texts, rewards, settings, device, autocast, args.save_images,
                              args.grid_prompts,
-                             progress=lambda done, total: log.info("%d / %d prompts", done, total))
+                             progress=lambda done, total: log.info("%d / %d prompts", done, total),
+                             media_metrics=video_metrics)
     elapsed = time.time() - start
     output_dir = Path(args.output_dir)
     metrics = {n: summarize(v, out.prompt_index, args.bootstrap, seed=args.seed) for n, v in out.scores.items()}
@@ -205,6 +247,8 @@ def run(args) -> dict:
         "rewards": list(rewards.models), "forward_passes": out.num_forward_passes,
         "generate_and_score_time_s": elapsed, "device": str(device),
     }
+    if video_metrics is not None:
+        header.update(video_metrics=video_metrics.backends, skipped_video_metrics=video_metrics.skipped)
     sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
     result = write_results(output_dir, header, metrics, rewards.skipped, texts, out.scores, out.prompt_index,
                            out.seed_index, sample_ids, out.image_files, out.video_files)

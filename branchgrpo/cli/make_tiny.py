@@ -2,6 +2,7 @@
 
     python -m branchgrpo.make_tiny flux DIR     tiny FLUX.1-style pipeline (diffusers layout)
     python -m branchgrpo.make_tiny wan DIR      tiny Wan2.1-style pipeline (diffusers layout)
+    python -m branchgrpo.make_tiny wan_i2v DIR  tiny Wan2.1-I2V-style pipeline (+ CLIP image encoder and processor)
     python -m branchgrpo.make_tiny hps DIR      tiny HPS-style open_clip checkpoint + its model config
 
 Backbones are the registered specs that have a tiny checkpoint (`BackboneSpec.tiny`); rewards are listed in

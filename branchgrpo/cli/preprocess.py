@@ -2,9 +2,12 @@
 
     torchrun --nproc_per_node 8 -m branchgrpo.cli.preprocess --model flux \\
         --model_path data/flux --prompts assets/prompts.txt --output_dir data/rl_embeddings
+    torchrun --nproc_per_node 8 -m branchgrpo.cli.preprocess --model wan_i2v --model_path data/wan_i2v \\
+        --prompts assets/i2v_prompts.jsonl --h 480 --w 832 --num_frames 33 --output_dir data/wan_i2v_embeddings
 
-The backbone's text encoders (its spec's `prompt_encoder`) are loaded from `--model_path` (local folder, nothing
-downloaded). A killed run resumes: shards already written are skipped.
+The backbone's encoders (its spec's `prompt_encoder`) are loaded from `--model_path` (local folder, nothing
+downloaded); the prompt file is in the format the spec declares (one prompt per line, or JSONL lines with a
+conditioning image). A killed run resumes: shards already written are skipped.
 """
 
 from __future__ import annotations
@@ -15,18 +18,33 @@ import sys
 
 from branchgrpo import distributed
 from branchgrpo.cli import add_debug_flag, run_cli
-from branchgrpo.data.preprocess import run_preprocess
+from branchgrpo.data.preprocess import BAD_LINES, read_prompts, run_preprocess
 from branchgrpo.models import backbones, get_backbone
+from branchgrpo.models.spec import MODEL_FLAGS
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    specs = backbones()
+
+    def takers(name):
+        return ", ".join(b for b, spec in specs.items() if name in spec.encoder_flags) or "none"
+
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=list(backbones()), help="which backbone's text encoders")
+    p.add_argument("--model", required=True, choices=list(specs), help="which backbone's encoders")
     p.add_argument("--model_path", default=None, help="local checkpoint folder (diffusers layout); toy: optional")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    jsonl = ", ".join(b for b, spec in specs.items() if spec.prompt_format == "jsonl") or "none"
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line; for " + jsonl + " JSONL, one "
+                   '{"prompt": ..., "image": "path/to/first_frame.png"} per line (paths relative to the file)')
+    p.add_argument("--bad_lines", choices=BAD_LINES, default="refuse",
+                   help="JSONL: a line without a usable image (missing, unreadable, wrong aspect ratio) stops the run "
+                   "listing the bad lines (refuse) or is left out with a warning naming its line (skip)")
+    for name, what in (("h", "height"), ("w", "width"), ("num_frames", "frames")):
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help=f"{takers(name)}: video {what} the image conditioning is encoded for (default: the "
+                       "backbone's); use the training run's")
     p.add_argument("--output_dir", required=True, help="where shards and index.json go")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5/UMT5 tokens per prompt (FLUX, Wan)")
     p.add_argument("--negative_prompt", default=None, help="Wan: negative prompt for CFG (default: Wan's own)")
@@ -48,12 +66,18 @@ def _preprocess(argv: list[str]) -> None:
     info = distributed.init_distributed(args.device)
     try:
         spec = get_backbone(args.model)
-        if args.negative_prompt is not None and "negative_prompt" not in spec.encoder_flags:
-            log.warning("--negative_prompt has no effect with --model %s (its prompt encoder does not read it)",
-                        spec.name)
+        for name in ("negative_prompt", *MODEL_FLAGS):
+            if getattr(args, name, None) is not None and name not in spec.encoder_flags:
+                log.warning("--%s has no effect with --model %s (its prompt encoder does not read it)", name,
+                            spec.name)
+        sizes = spec.encoder_sizes(args)  # resolved: what the stored conditioning is built for
+        for name, value in sizes.items():
+            setattr(args, name, value)
+        # read (and, for JSONL, every image decoded and checked) before the encoders load: bad lines fail in seconds
+        prompts = read_prompts(args.prompts, spec.prompt_format, args.bad_lines, spec.image_size(args))
         encode = spec.prompt_encoder(args.model_path, info.device, args)
         run_preprocess(
-            args.prompts,
+            prompts,
             args.output_dir,
             model=args.model,
             encode=encode,
@@ -63,7 +87,7 @@ def _preprocess(argv: list[str]) -> None:
             world_size=info.world_size,
             barrier=distributed.barrier,
             encoder_settings={"max_sequence_length": args.max_sequence_length, "dtype": args.dtype,
-                              "negative_prompt": args.negative_prompt},
+                              "negative_prompt": args.negative_prompt, **sizes},
         )
     finally:
         distributed.shutdown()

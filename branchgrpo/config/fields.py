@@ -117,3 +117,9 @@ def defaults(cls) -> dict:
 def section_from(cls, values: dict):
     """An instance of the section `cls` from the flat flag values (its own fields only)."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+def either(names) -> str:
+    """'a', 'a or b', 'a, b or c': the alternatives of a flag condition, for messages."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

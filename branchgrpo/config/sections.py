@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from branchgrpo.config.fields import flag, require
+from branchgrpo.config.fields import either, flag, require
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class ModelConfig(Section):
         out = {name: (self.use_lora, "--use_lora") for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
         for name in ("h", "w", "num_frames", "guidance_scale"):
             takers = [b for b, spec in backbones().items() if name in spec.flags]
-            out[name] = (self.model in takers, "--model " + " or ".join(takers))
+            out[name] = (self.model in takers, "--model " + either(takers))
         return out
 
 
@@ -332,12 +332,53 @@ class EvalConfig(Section):
     eval_sampler: str = flag("ode", "evaluation sampler: ode (deterministic) or sde (the training kernel)",
                              ("ode", "sde"))
     eval_seed: int = flag(1234, "seed of the evaluation noise (the same at every evaluation)")
+    # the reward-hacking monitor (branchgrpo.eval.monitor): every evaluation against the step-0 samples
+    hacking_guard: str = flag("warn", "reward-hacking monitor at every evaluation, against the base model's (step 0) "
+                              "samples: off, warn (a warning when a threshold is crossed), stop (also checkpoint and "
+                              "stop)", ("off", "warn", "stop"))
+    hacking_features: str = flag("pixels", "features of the monitor's KID/MMD^2 and diversity: pixels (no weights), "
+                                 "clip or inception (--hacking_feature_weights)", ("pixels", "clip", "inception"))
+    hacking_feature_weights: str | None = flag(None, "local weights file: an open_clip checkpoint (clip) or "
+                                               "torchvision's inception_v3_google-0cc3c7bd.pth (inception)")
+    hacking_clip_arch: str = flag("ViT-H-14", "open_clip architecture of --hacking_feature_weights (clip)")
+    hacking_hf_band: float = flag(0.5, "top frequency band of the artefact score, as a fraction of the frequency "
+                                  "range (max-norm radius above 1 - band)")
+    hacking_max_hf_ratio: float = flag(2.0, "alarm when the high-frequency share exceeds this multiple of the base "
+                                       "model's (0 = not checked)")
+    hacking_min_diversity_ratio: float = flag(0.5, "alarm when within-prompt diversity falls below this fraction of "
+                                              "the base model's (0 = not checked)")
+    hacking_max_kid: float = flag(0.0, "alarm when KID to the base model's samples exceeds this (0 = not checked)")
+    hacking_permutations: int = flag(1000, "permutations of the MMD^2 test against the base samples (0 = no p-value)")
 
-    RESUMABLE = frozenset({"validation_steps"})
+    # the monitor's reference (step-0 features) is checkpointed with the settings it needs: it checks them itself
+    RESUMABLE = frozenset({"validation_steps", "hacking_guard", "hacking_features", "hacking_feature_weights",
+                           "hacking_clip_arch", "hacking_hf_band", "hacking_max_hf_ratio",
+                           "hacking_min_diversity_ratio", "hacking_max_kid", "hacking_permutations"})
 
     def validate(self) -> None:
         require_positive(self, "num_eval_prompts", "eval_samples_per_prompt")
-        require_non_negative(self, "validation_steps")
+        require_non_negative(self, "validation_steps", "hacking_max_kid", "hacking_permutations")
+        require(0 < self.hacking_hf_band <= 1,
+                f"--hacking_hf_band: need a fraction in (0, 1], got {self.hacking_hf_band}")
+        require(self.hacking_max_hf_ratio == 0 or self.hacking_max_hf_ratio > 1,
+                f"--hacking_max_hf_ratio: need a ratio > 1 (or 0 = not checked), got {self.hacking_max_hf_ratio}")
+        require(0 <= self.hacking_min_diversity_ratio < 1, "--hacking_min_diversity_ratio: need a fraction in [0, 1) "
+                f"(0 = not checked), got {self.hacking_min_diversity_ratio}")
+        if self.hacking_guard != "off" and self.hacking_features != "pixels":
+            weights = self.hacking_feature_weights
+            require(weights is not None, f"--hacking_features {self.hacking_features}: needs --hacking_feature_weights")
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"--hacking_feature_weights: {weights} is not a file")
+
+    def conditions(self, run) -> dict[str, tuple[bool, str]]:
+        on = self.hacking_guard != "off"
+        out = {name: (on, "--hacking_guard warn or stop") for name in (
+            "hacking_features", "hacking_hf_band", "hacking_max_hf_ratio", "hacking_min_diversity_ratio",
+            "hacking_max_kid", "hacking_permutations")}
+        out["hacking_feature_weights"] = (on and self.hacking_features != "pixels", "--hacking_features clip or "
+                                          "inception")
+        out["hacking_clip_arch"] = (on and self.hacking_features == "clip", "--hacking_features clip")
+        return out
 
 
 @dataclass

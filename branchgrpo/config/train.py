@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from branchgrpo.config.fields import (
     add_flag,
     check_value_type,
+    either,
     field_types,
     load_yaml,
     normalise_yaml_value,
@@ -160,14 +161,9 @@ class TrainConfig:
         own = {f.name for f in dataclasses.fields(self.algorithm)}
         for name, entry in catalogue.items():
             if entry.algorithms and name not in own:
-                conditions[name] = (False, "--algo " + _either(entry.algorithms))
+                conditions[name] = (False, "--algo " + either(entry.algorithms))
         return [f"--{name} (acts only with {conditions[name][1]})" for name, entry in catalogue.items()
                 if name in conditions and not conditions[name][0] and self.flags[name] != entry.field.default]
-
-
-def _either(names) -> str:
-    names = list(names)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def config_from_flags(values: dict, validate: str = "all") -> TrainConfig:

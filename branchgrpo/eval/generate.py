@@ -47,11 +47,12 @@ def resolve_reward_names(text: str, spec) -> list[str]:
     return list(parse_reward_spec(text))
 
 
-def encode_prompts(spec, source, texts: list[str], device, settings, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Prompt embeddings [P, ...] on `device` from the backbone's own text encoders (the preprocessing step's
-    encoder, `spec.prompt_encoder`), with its dataset-wide extras (Wan's negative prompt) expanded per prompt."""
+def encode_prompts(spec, source, items: list, device, settings, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Prompt embeddings [P, ...] on `device` from the backbone's own encoders (the preprocessing step's encoder,
+    `spec.prompt_encoder`; `items` as its prompt format reads them: texts, or records with a conditioning image),
+    with its dataset-wide extras (Wan's negative prompt) expanded per prompt."""
     encode = spec.prompt_encoder(source, device, settings)
-    parts = [encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    parts = [encode(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
     per_prompt = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     extras = encode.extras() if hasattr(encode, "extras") else {}
     return with_extras(per_prompt, extras, device)
@@ -59,7 +60,7 @@ def encode_prompts(spec, source, texts: list[str], device, settings, batch_size:
 
 @dataclass
 class Generated:
-    scores: dict[str, torch.Tensor]  # reward -> [N] float32, sample order (prompt-major)
+    scores: dict[str, torch.Tensor]  # reward (then media metric) -> [N] float32, sample order (prompt-major)
     prompt_index: torch.Tensor  # [N] long
     seed_index: torch.Tensor  # [N] long
     grid_media: torch.Tensor  # the grid's tiles: one per sample of the first `grid_prompts` prompts (images), or
@@ -73,9 +74,11 @@ class Generated:
 def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list[str], rewards: RewardSet,
                        settings: SampleSettings, device: torch.device, autocast: Callable | None = None,
                        save_images: str | Path | None = None, grid_prompts: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> Generated:
+                       progress: Callable[[int, int], None] | None = None,
+                       media_metrics: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Generated:
     """Sample `samples_per_prompt` seeds of every prompt, decode, score with every reward; optionally write one PNG
-    per sample (videos: its middle frame) and, for videos, one MP4 per sample."""
+    per sample (videos: its middle frame) and, for videos, one MP4 per sample. `media_metrics` (e.g. the video
+    metrics of branchgrpo.eval.video_metrics) maps each decoded chunk to more per-sample columns beside the rewards."""
     S, P = settings.samples_per_prompt, len(texts)
     sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu)
     plan = plans.group_plan(settings.steps, 1, sde_steps=None if settings.sampler == "sde" else [])
@@ -93,9 +96,12 @@ def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list
         # media to the CPU chunk by chunk: a chunk of decoded videos can outgrow the GPU
         chunk_scores, media = decode_and_score(lambda z: adapter.decode(z).cpu(), graph.node_latents(graph.leaves),
                                                [texts[int(p)] for p in sample_prompt], rewards,
-                                               settings.reward_batch_size)
+                                               settings.reward_batch_size,
+                                               rewards.conditions(embeddings, sample_prompt))
+        if media_metrics is not None:
+            chunk_scores.update(media_metrics(media))
         for name, values in chunk_scores.items():
-            scores[name].append(values)
+            scores.setdefault(name, []).append(values)
         shown = [i for i, sample in enumerate(sample_ids) if sample // S < grid_prompts]
         grid += grid_tiles(media[shown])
         if save_images is not None:

@@ -46,12 +46,13 @@ class Evaluator:
     def run(self, velocity_for, adapter, rewards: RewardSet, sigmas: torch.Tensor, kernel: sde.Kernel,
             device: torch.device, extras: dict) -> EvalResult:
         plan = group_plan(self.num_steps, 1, sde_steps=None if self.cfg.eval_sampler == "sde" else [])
-        embeddings = with_extras(self.store.batch(self.rows), extras, device)
+        per_prompt = self.store.batch(self.rows)  # one row per sample
+        embeddings = with_extras(per_prompt, extras, device)
         graph = run_rollout(plan, velocity_for(embeddings), sigmas, kernel,
                             NoiseKeys(self.cfg.eval_seed, 0, tuple(self.sample_ids)), adapter.latent_shape, device,
                             batch_size=self.rollout_batch_size)
         scores, media = decode_and_score(adapter.decode, graph.node_latents(graph.leaves), self.texts, rewards,
-                                         self.reward_batch_size)
+                                         self.reward_batch_size, rewards.conditions(per_prompt))
         keep = ~torch.tensor(self.is_pad)
         per_reward = {}
         total = torch.zeros(keep.numel(), dtype=torch.float64)

@@ -123,6 +123,10 @@ def markdown(result: dict) -> str:
              metrics_table(result["metrics"]) if result["metrics"] else "(no reward was available)", ""]
     for name, reason in result["skipped_rewards"].items():
         lines.append(f"- skipped `{name}`: {reason}")
+    for name, backend in result.get("video_metrics", {}).items():
+        lines.append(f"- `{name}`: {backend}")
+    for name, reason in result.get("skipped_video_metrics", {}).items():
+        lines.append(f"- skipped video metric `{name}`: {reason}")
     lines += ["", "Normal-approximation CI: mean +- 1.96 std / sqrt(n) over samples. Bootstrap CI: percentile "
               "bootstrap over prompts (seeds of a prompt are correlated, so this is the one to compare models with).",
               ""]

@@ -1,5 +1,5 @@
-"""Backbones: the adapter contract (base.py), one spec per backbone (spec.py; toy.py, flux.py, wan.py) and the
-registry through which the trainer, preprocessing, evaluation, benchmark and make_tiny find them.
+"""Backbones: the adapter contract (base.py), one spec per backbone (spec.py; toy.py, flux.py, wan.py, wan_i2v.py) and
+the registry through which the trainer, preprocessing, evaluation, benchmark and make_tiny find them.
 
 Adding a backbone: a module with a FlowAdapter subclass and a BackboneSpec subclass registered with
 `@register_backbone`, listed in BUILTIN_BACKBONES (see docs/architecture.md).
@@ -16,6 +16,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.toy",
     "branchgrpo.models.flux",
     "branchgrpo.models.wan",
+    "branchgrpo.models.wan_i2v",
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

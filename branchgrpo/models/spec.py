@@ -7,7 +7,8 @@ Trainer, preprocessing, evaluation, benchmark and `make_tiny` look a backbone up
   their values before anything is loaded (`check_flags`);
 - how to load it for training (`load`) and for evaluation from a base folder plus a training checkpoint's weights
   (`load_for_eval`: full weights, LoRA, EMA; `eval_layouts`), how to encode prompts for preprocessing and evaluation
-  (`prompt_encoder`, reading `encoder_flags`), how many tokens a sample costs (`tokens_per_sample`, for MFU);
+  (`prompt_encoder`, reading `encoder_flags`) and in which format its prompt files come (`prompt_format`: one prompt
+  per line, or JSONL lines with a conditioning image), how many tokens a sample costs (`tokens_per_sample`, for MFU);
 - its media type, how `--parallel auto` wraps it, whether it has a resolution-dependent schedule shift, which
   rewards `--rewards default` means for it, and how to write its tiny checkpoint (`tiny`).
 The adapter it loads (models/base.py) answers the per-call questions: velocity, decode, blocks, export.
@@ -72,8 +73,11 @@ class BackboneSpec:
     #: detects them: "toy_full", "diffusers_full", "peft_lora", "diffusers_lora")
     eval_layouts: ClassVar[tuple[str, ...]] = ()
     #: prompt-encoder flags (preprocessing, evaluation) its `prompt_encoder` reads: "max_sequence_length",
-    #: "negative_prompt"
+    #: "negative_prompt", and model flags (MODEL_FLAGS) when the stored conditioning depends on the generation size
     encoder_flags: ClassVar[tuple[str, ...]] = ()
+    #: its prompt files (branchgrpo.data.preprocess.PROMPT_FORMATS): "text" (one prompt per line; the encoder takes
+    #: strings) or "jsonl" (lines {"prompt": ..., "image": ...}; the encoder takes `PromptRecord`s)
+    prompt_format: ClassVar[str] = "text"
     #: "module:function(out_dir, seed)" that writes a tiny random checkpoint in the real layout (None: none)
     tiny: ClassVar[str | None] = None
 
@@ -81,6 +85,17 @@ class BackboneSpec:
         """A model flag's value: as given, else this backbone's default."""
         value = getattr(model_cfg, name, None)
         return self.defaults.get(name) if value is None else value
+
+    def encoder_sizes(self, model_cfg) -> dict:
+        """The model flags its prompt encoder reads (`encoder_flags`), resolved (given, else default): the sizes its
+        stored conditioning is built for (e.g. first-frame latents of the video size)."""
+        return {name: self.size(model_cfg, name) for name in self.encoder_flags if name in MODEL_FLAGS}
+
+    def image_size(self, model_cfg) -> tuple[int, int] | None:
+        """(h, w) of the frames its conditioning images are resized to (JSONL prompt files are checked against it),
+        or None when its encoder reads no size."""
+        sizes = self.encoder_sizes(model_cfg)
+        return (sizes["h"], sizes["w"]) if {"h", "w"} <= set(sizes) else None
 
     def check_flags(self, model_cfg) -> None:
         """Value checks of the flags in `flags` (ValueError naming the flag); nothing is loaded."""
@@ -112,9 +127,10 @@ class BackboneSpec:
         raise NotImplementedError(f"--model {self.name}: no token count for the benchmark")
 
     def prompt_encoder(self, model_path, device: torch.device, settings):
-        """encode(texts) -> {key: tensor [n, ...]} with the keys the adapter reads (preprocessing and evaluation).
-        `settings` has max_sequence_length, dtype and negative_prompt. `encode.extras()`, where present, gives
-        the dataset-wide tensors (e.g. Wan's negative-prompt embedding)."""
+        """encode(items) -> {key: tensor [n, ...]} with the keys the adapter reads (preprocessing and evaluation);
+        items are prompt strings, or `PromptRecord`s for a "jsonl" `prompt_format`. `settings` has
+        max_sequence_length, dtype and negative_prompt (and the sizes of `encoder_sizes` where it reads them).
+        `encode.extras()`, where present, gives the dataset-wide tensors (e.g. Wan's negative-prompt embedding)."""
         raise NotImplementedError
 
     def default_prompts(self) -> Path:

@@ -17,10 +17,10 @@ tests/test_wan.py):
   (`flow_shift` of UniPC or `shift` of FlowMatchEuler; 3.0 if absent) is read into `native_shift`, and the trainer
   warns when `--shift` differs from it (e.g. a 720p checkpoint shipping flow_shift 5).
 
-Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout. Not supported (clear error at load): image-to-video
-(its transformer takes CLIP image embeddings and 20 extra condition channels per step, which the prompt-only
-preprocessing and rollout do not provide) and Wan2.2 (two-expert `transformer_2` / `boundary_ratio`, per-token
-timesteps).
+Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout; image-to-video is the `wan_i2v` backbone
+(models/wan_i2v.py), which subclasses this adapter (its transformer takes CLIP image tokens and 20 extra condition
+channels per step: the two hooks `model_input` / `image_inputs` below). Not supported (clear error at load): Wan2.2
+(two-expert `transformer_2` / `boundary_ratio`, per-token timesteps) and the first-last-frame model.
 
 dtypes: master weights fp32 (`load_wan(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
 cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:
@@ -67,21 +67,21 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
-def check_wan_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> Path:
+def check_wan_folder(model_path: str | Path | None, parts: tuple[str, ...], layout: tuple[str, ...] = WAN_LAYOUT,
+                     kind: str = "Wan2.1-T2V") -> Path:
     """Fail before loading anything heavy when the checkpoint folder or one of the needed subfolders is missing."""
-    layout = ", ".join(WAN_LAYOUT)
+    listed = ", ".join(layout)
     if model_path is None:
         raise ValueError("--pretrained_model_name_or_path / --model_path: no Wan folder given "
-                         f"(diffusers layout: {layout})")
+                         f"(diffusers layout: {listed})")
     root = Path(model_path)
     if not root.is_dir():
         raise FileNotFoundError(f"Wan checkpoint folder {root} does not exist{hub_id_hint(root, 'data/wan')}; "
-                                "expected a diffusers-layout "
-                                f"Wan2.1-T2V folder holding {layout} (see docs/wan.md)")
+                                f"expected a diffusers-layout {kind} folder holding {listed} (see docs/wan.md)")
     missing = [p for p in parts if not (root / p).exists()]
     if missing:
         raise FileNotFoundError(f"Wan checkpoint folder {root} lacks {', '.join(missing)}; expected a diffusers-layout "
-                                f"Wan2.1-T2V folder holding {layout} (see docs/wan.md)")
+                                f"{kind} folder holding {listed} (see docs/wan.md)")
     return root
 
 
@@ -95,7 +95,7 @@ def check_video_size(num_frames: int, height: int, width: int, temporal: int = 4
 
 
 def check_wan_config(num_frames: int, height: int, width: int, transformer: dict, vae: dict,
-                     config_path: Path) -> None:
+                     config_path: Path, image_to_video: bool = False) -> None:
     """--num_frames/--h/--w against the checkpoint's configs (read as JSON), before any weight is read: frames are
     (VAE temporal factor) k + 1, sides multiples of (VAE spatial factor x patch), and the patches along each axis
     fit the rotary embedding's `rope_max_seq_len` positions (else diffusers fails deep inside with a reshape error)."""
@@ -123,9 +123,13 @@ def check_wan_config(num_frames: int, height: int, width: int, transformer: dict
             raise ValueError(f"{flag}: {value} px are {value // unit} patches of {unit} px, more than the "
                              f"{positions} rotary positions ({where}); this checkpoint takes {flag} up to "
                              f"{positions * unit}")
-    if vae.get("z_dim") is not None and int(transformer.get("in_channels", vae["z_dim"])) != int(vae["z_dim"]):
-        raise ValueError(f"{config_path}: the transformer takes {transformer['in_channels']} channels but the VAE has "
-                         f"{vae['z_dim']} latent channels: mismatched transformer/ and vae/ folders")
+    if vae.get("z_dim") is not None:
+        expected = int(vae["z_dim"]) + condition_channels(vae, image_to_video)
+        if int(transformer.get("in_channels", expected)) != expected:
+            raise ValueError(f"{config_path}: the transformer takes {transformer['in_channels']} channels but the "
+                             f"VAE's {vae['z_dim']} latent channels make {expected}"
+                             + (" (latents + mask + first-frame latents)" if image_to_video else "")
+                             + ": mismatched transformer/ and vae/ folders")
 
 
 def describe_wan(shapes) -> str:
@@ -153,17 +157,34 @@ def read_flow_shift(root: Path) -> float:
     return float(config.get("flow_shift", config.get("shift", DEFAULT_SHIFT)))
 
 
-def _check_supported(root: Path, transformer_config: dict) -> None:
-    """Wan2.1 text-to-video only: read from model_index.json and the transformer's config (before weights load)."""
+def _check_supported(root: Path, transformer_config: dict, image_to_video: bool = False) -> None:
+    """Wan2.1 text-to-video (or, `image_to_video`, Wan2.1 image-to-video) only: read from model_index.json and the
+    transformer's config (before weights load)."""
     index = _read_json(root / "model_index.json")
     if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None \
             or index.get("expand_timesteps"):
         raise ValueError(f"{root}: a Wan2.2 checkpoint (two experts / per-token timesteps); only Wan2.1 text-to-video "
-                         "is supported (docs/wan.md)")
+                         "and image-to-video are supported (docs/wan.md)")
     image_dim, in_channels = transformer_config.get("image_dim"), transformer_config.get("in_channels", 16)
-    if image_dim is not None or in_channels != transformer_config.get("out_channels", 16):
+    is_i2v = image_dim is not None or in_channels != transformer_config.get("out_channels", 16)
+    if is_i2v and not image_to_video:
         raise ValueError(f"{root}: an image-to-video Wan transformer (image_dim={image_dim}, "
-                         f"in_channels={in_channels}); only text-to-video is supported (docs/wan.md)")
+                         f"in_channels={in_channels}); the wan backbone is text-to-video: use --model wan_i2v "
+                         "(docs/wan.md)")
+    if image_to_video and image_dim is None:
+        raise ValueError(f"{root}: a text-to-video Wan transformer (no image_dim: it takes no CLIP image tokens); the "
+                         "wan_i2v backbone needs Wan2.1-I2V: use --model wan for this checkpoint (docs/wan.md)")
+    if image_to_video and transformer_config.get("pos_embed_seq_len") is not None:
+        raise ValueError(f"{root}: a first-last-frame-to-video Wan transformer (pos_embed_seq_len set: two "
+                         "conditioning images); only first-frame image-to-video is supported (docs/wan.md)")
+
+
+def condition_channels(vae_config, image_to_video: bool) -> int:
+    """Channels concatenated to the latents at every step: none (text-to-video), or image-to-video's mask (one per
+    frame of the VAE's temporal factor) plus the encoded first-frame video (the latent channels)."""
+    if not image_to_video:
+        return 0
+    return int(vae_config.get("scale_factor_temporal", 4)) + int(vae_config.get("z_dim", 16))
 
 
 class WanAdapter(DiffusersExportMixin, FlowAdapter):
@@ -174,6 +195,12 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
     transformer_class_name = "WanTransformer3DModel"
     pipeline_class_name = "WanPipeline"
     embedding_keys = ("prompt_embeds", "negative_prompt_embeds")
+    #: the transformer takes the image conditioning (models/wan_i2v.py); read by the loader's checks
+    image_to_video = False
+    #: what the loader's messages call the checkpoint, and the folder layout they list
+    checkpoint_kind, checkpoint_layout = "Wan2.1-T2V", WAN_LAYOUT
+    #: LoRA targets looked for in the transformer (those found become `default_lora_targets`)
+    lora_targets = LORA_TARGETS
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, num_frames: int, height: int, width: int,
                  guidance_scale: float = 5.0, shift: float = DEFAULT_SHIFT):
@@ -186,14 +213,16 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         self.guidance_scale, self.native_shift = float(guidance_scale), float(shift)
         self.latent_shape = (int(vae_config.z_dim), (num_frames - 1) // self.temporal_factor + 1,
                              height // self.spatial_factor, width // self.spatial_factor)
-        if self.latent_shape[0] != config.in_channels:
-            raise ValueError(f"Wan VAE has {self.latent_shape[0]} latent channels but the transformer takes "
-                             f"{config.in_channels}")
+        expected = self.latent_shape[0] + condition_channels(dict(vae_config), self.image_to_video)
+        if expected != config.in_channels:
+            raise ValueError(f"Wan VAE has {self.latent_shape[0]} latent channels, which make {expected} transformer "
+                             f"inputs, but the transformer takes {config.in_channels}")
         view = (1, self.latent_shape[0], 1, 1, 1)
         self.latents_mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(view)
         self.latents_std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(view)
         module_names = [n for n, _ in transformer.named_modules()]
-        self.default_lora_targets = tuple(t for t in LORA_TARGETS if any(n.endswith("." + t) for n in module_names))
+        self.default_lora_targets = tuple(t for t in self.lora_targets
+                                          if any(n.endswith("." + t) for n in module_names))
 
     @property
     def uses_cfg(self) -> bool:
@@ -214,6 +243,14 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
                              "in length or width; encode both with the same --max_sequence_length")
         return neg.expand(like.shape[0], -1, -1).to(device=like.device, dtype=like.dtype)
 
+    def model_input(self, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's `hidden_states` for latents [B, C, F, h, w]: the latents themselves (text-to-video)."""
+        return latents
+
+    def image_inputs(self, cond: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+        """Extra per-row keyword inputs of the transformer, the same for the cond and uncond rows: none here."""
+        return {}
+
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """v = eps - x0 (guided when guidance_scale > 1) for latents [B, C, F, h, w] at per-sample sigmas [B]; fp32."""
         batch = latents.shape[0]
@@ -221,17 +258,19 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         assert sigmas.shape == (batch,), sigmas.shape
         device = latents.device
         dtype = next(self.transformer.parameters()).dtype
-        x = latents.to(dtype)
+        x = self.model_input(latents, cond).to(dtype)
         timestep = sigmas.to(device=device, dtype=torch.float32) * 1000.0  # Wan embeds raw timesteps in [0, 1000]
         text = cond["prompt_embeds"].to(device=device, dtype=dtype)
+        extra = self.image_inputs(cond, device, dtype)
         if self.uses_cfg:  # one forward on [cond; uncond]: 2B rows, half the kernel launches of two forwards
             x = torch.cat([x, x])
             timestep = torch.cat([timestep, timestep])
             text = torch.cat([text, self._negative(cond, text)])
+            extra = {key: torch.cat([value, value]) for key, value in extra.items()}
         # The timestep stays fp32 even for a bf16 transformer (as in WanPipeline): bf16 would round 1000 * sigma
         # to 3 significant digits.
-        out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                               return_dict=False)[0].float()
+        out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False,
+                               **extra)[0].float()
         if not self.uses_cfg:
             return out
         v_cond, v_uncond = out.chunk(2)
@@ -260,18 +299,22 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
 
 def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              vae_dtype: torch.dtype = torch.float32, height: int = 480, width: int = 832, num_frames: int = 81,
-             guidance_scale: float = 5.0, transformer_path: str | Path | None = None) -> WanAdapter:
+             guidance_scale: float = 5.0, transformer_path: str | Path | None = None,
+             adapter_class: type[WanAdapter] = WanAdapter) -> WanAdapter:
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`) from a local
-    diffusers-layout Wan2.1 text-to-video folder; nothing is downloaded. `transformer_path`: a folder whose
-    `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
+    diffusers-layout Wan2.1 folder (text-to-video, or image-to-video for `adapter_class.image_to_video`); nothing is
+    downloaded. `transformer_path`: a folder whose `transformer/` is loaded instead of the base's (a full export of a
+    training run; the rest from `model_path`)."""
     check_video_size(num_frames, height, width)
-    root = check_wan_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
+    root = check_wan_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"),
+                            adapter_class.checkpoint_layout, adapter_class.checkpoint_kind)
     transformer_root = root if transformer_path is None else Path(transformer_path)
     folder = transformer_root / "transformer"
     transformer_config = read_config(folder, "Wan transformer")
-    _check_supported(root, transformer_config)
+    i2v = adapter_class.image_to_video
+    _check_supported(root, transformer_config, i2v)
     check_wan_config(num_frames, height, width, transformer_config, read_config(root / "vae", "Wan VAE"),
-                     folder / CONFIG_FILE)
+                     folder / CONFIG_FILE, i2v)
     shift = read_flow_shift(root)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # after the checks: importing takes seconds
 
@@ -280,7 +323,7 @@ def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: 
     transformer = load_part(WanTransformer3DModel, transformer_root, "transformer", "Wan transformer",
                             torch_dtype=dtype)
     vae = load_part(AutoencoderKLWan, root, "vae", "Wan VAE", torch_dtype=vae_dtype)
-    adapter = WanAdapter(transformer, vae, num_frames, height, width, guidance_scale, shift)
+    adapter = adapter_class(transformer, vae, num_frames, height, width, guidance_scale, shift)
     return adapter.to(device)
 
 
@@ -359,6 +402,8 @@ class WanSpec(DiffusersSpec):
     eval_rewards = ("frame_reward", "temporal_consistency", "videoalign")
     encoder_flags = ("max_sequence_length", "negative_prompt")
     tiny = "branchgrpo.testing.wan_tiny:make_tiny_wan"
+    #: the adapter `load` builds (and whose `image_to_video` the checkpoint checks follow)
+    adapter_class: type[WanAdapter] = WanAdapter
 
     def check_flags(self, model_cfg) -> None:
         check_sizes(model_cfg, 16, "Wan latents are 8x-downsampled and cut into 2x2 patches")
@@ -367,14 +412,16 @@ class WanSpec(DiffusersSpec):
             raise ValueError(f"--num_frames: {frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
-        _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer)
+        i2v = self.adapter_class.image_to_video
+        _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer, i2v)
         check_wan_config(self.size(model_cfg, "num_frames"), self.size(model_cfg, "h"), self.size(model_cfg, "w"),
-                         transformer, vae, config_path)
+                         transformer, vae, config_path, i2v)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> WanAdapter:
         return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),
                         width=self.size(model_cfg, "w"), num_frames=self.size(model_cfg, "num_frames"),
-                        guidance_scale=self.size(model_cfg, "guidance_scale"), transformer_path=transformer_path)
+                        guidance_scale=self.size(model_cfg, "guidance_scale"), transformer_path=transformer_path,
+                        adapter_class=self.adapter_class)
 
     def prompt_encoder(self, model_path, device, settings):
         return build_prompt_encoder(model_path, device, settings)

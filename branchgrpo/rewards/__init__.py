@@ -23,4 +23,5 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.imagereward",
     "branchgrpo.rewards.video",
     "branchgrpo.rewards.videoalign",
+    "branchgrpo.rewards.first_frame",
 )

@@ -11,6 +11,14 @@ Factories import their heavy dependencies (open_clip, transformers) inside, so i
 `build_reward_set` builds the weighted set a run scores with (training and evaluation alike); `decode_and_score`
 decodes latents in chunks and scores every chunk with it.
 
+Per-prompt conditioning (e.g. image-to-video's first frame): a reward model that needs more than the prompt text
+names the per-prompt tensors it reads in a `conditioning` attribute (keys of the embedding store, e.g.
+`("first_frame",)`) and is then called as `model(media, prompts, conditions={key: tensor [B, ...]})`, one row per
+medium; every other reward keeps the plain `(media, prompts)` call. The caller hands `decode_and_score` the
+per-prompt tensors it has (the store's rows: `RewardSet.conditions` picks the keys the set reads and gathers a row
+per sample), so nothing is loaded or copied for sets that read none, and a reward whose key is missing (a
+text-to-video dataset) fails with a message naming the key.
+
 Multi-reward runs give a weight per reward, e.g. `--reward hps=1.0,clip=0.5`. Two ways to combine (DESIGN section 7):
 - "sum": the weighted sum of raw rewards is the reward, normalised once (Flow-GRPO);
 - "advantage": each reward gets its own advantages, and the advantages are summed with the weights
@@ -33,7 +41,8 @@ class RewardModel(Protocol):
     name: str
 
     def __call__(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Scores `[B]` (float32, CPU), computed under no_grad."""
+        """Scores `[B]` (float32, CPU), computed under no_grad. A model with a `conditioning` attribute (the
+        per-prompt tensors it reads) is called with `conditions={key: [B, ...]}` as well."""
 
 
 RewardFactory = Callable[..., RewardModel]
@@ -181,12 +190,45 @@ class RewardSet:
             return None
         return sum(self.weights[name] * value for name, value in maxima.items())
 
+    @property
+    def condition_keys(self) -> tuple[str, ...]:
+        """The per-prompt tensors the set's rewards read (their `conditioning`), in order, without repeats."""
+        keys = [key for model in self.models.values() for key in getattr(model, "conditioning", ())]
+        return tuple(dict.fromkeys(keys))
+
+    def conditions(self, per_prompt: dict[str, torch.Tensor] | None,
+                   prompt_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The tensors the set's rewards read, one row per sample: row `prompt_index[i]` of `per_prompt[key]` (all
+        rows in order when `prompt_index` is None), on the CPU. Empty when no reward reads any; a missing key is
+        left out here and reported by `score`, naming the reward."""
+        if not self.condition_keys or per_prompt is None:
+            return {}
+        out = {}
+        for key in self.condition_keys:
+            if key in per_prompt:
+                value = per_prompt[key]
+                rows = value if prompt_index is None else value.index_select(0, prompt_index.to(value.device))
+                out[key] = rows.cpu()
+        return out
+
     @torch.no_grad()
-    def score(self, media: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Raw scores per reward, each `[B]` float32 on the CPU."""
+    def score(self, media: torch.Tensor, prompts: Sequence[str],
+              conditions: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Raw scores per reward, each `[B]` float32 on the CPU; `conditions` ({key: [B, ...]}) go to the rewards
+        that read them."""
         out = {}
         for name, model in self.models.items():
-            values = model(media, prompts)
+            keys = tuple(getattr(model, "conditioning", ()))
+            if keys:
+                missing = [key for key in keys if key not in (conditions or {})]
+                if missing:
+                    raise ValueError(f"reward '{name}' needs the per-prompt {', '.join(map(repr, missing))} of each "
+                                     f"sample, which the prompt embeddings do not hold (it has "
+                                     f"{sorted(conditions or {})}); use it with a backbone whose preprocessing writes "
+                                     "them (e.g. --model wan_i2v: its first frame)")
+                values = model(media, prompts, conditions={key: conditions[key] for key in keys})
+            else:
+                values = model(media, prompts)
             out[name] = torch.as_tensor(values, dtype=torch.float32).detach().cpu().reshape(-1)
             if out[name].numel() != media.shape[0]:
                 raise RuntimeError(f"reward '{name}' returned {out[name].numel()} scores for {media.shape[0]} inputs")
@@ -218,8 +260,10 @@ def build_reward_set(spec: str, mode: str, device: torch.device | str, options: 
 
 @torch.no_grad()
 def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, prompts: Sequence[str],
-                     rewards: RewardSet, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Decode `latents` [N, ...] in chunks of `batch_size` and score each chunk with `rewards` (one prompt per latent).
+                     rewards: RewardSet, batch_size: int, conditions: dict[str, torch.Tensor] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Decode `latents` [N, ...] in chunks of `batch_size` and score each chunk with `rewards` (one prompt per latent;
+    `conditions`: per-sample tensors [N, ...] for the rewards that read some, see `RewardSet.conditions`).
 
     Returns ({reward: float32 [N] on the CPU}, media [N, ...] float32 where `decode` put it). Chunk by chunk, so the
     reward models see the same batches as when all media are decoded first and then scored in chunks of the same
@@ -234,7 +278,8 @@ def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: to
     media_parts, score_parts = [], {name: [] for name in rewards.models}
     for start in range(0, num, batch_size):
         media = decode(latents[start : start + batch_size]).float()
-        for name, values in rewards.score(media, prompts[start : start + batch_size]).items():
+        chunk = {key: value[start : start + batch_size] for key, value in (conditions or {}).items()}
+        for name, values in rewards.score(media, prompts[start : start + batch_size], chunk).items():
             score_parts[name].append(values)
         media_parts.append(media)
     return {name: torch.cat(parts) for name, parts in score_parts.items()}, torch.cat(media_parts)

@@ -21,7 +21,7 @@ import torch
 
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, build_reward, register_reward
 
-VIDEO_ONLY = ("frame_reward", "temporal_consistency", "videoalign")
+VIDEO_ONLY = ("frame_reward", "temporal_consistency", "videoalign", "first_frame_consistency")
 
 
 def check_videos(media: torch.Tensor, prompts: Sequence[str], reward: str) -> torch.Tensor:

@@ -31,23 +31,29 @@ SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True,
                         flow_shift=3.0)
 
 
+def tiny_umt5(tokenizer):
+    """A 2-layer UMT5 encoder whose width is the tiny transformer's `text_dim` (random weights: seed first)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=TRANSFORMER_CONFIG["text_dim"], d_kv=8, d_ff=64, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=1,
+    )).eval()
+
+
 def build_tiny_wan_pipeline(seed: int = 0):
     """The tiny WanPipeline in memory (random weights drawn from `seed`)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
     vae = AutoencoderKLWan(**VAE_CONFIG)
     tokenizer = t5_tokenizer()
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=TRANSFORMER_CONFIG["text_dim"], d_kv=8, d_ff=64, num_layers=2,
-        num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
-        eos_token_id=1,
-    ))
+    text_encoder = tiny_umt5(tokenizer)
     return WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=text_encoder.eval(),
+        text_encoder=text_encoder,
         vae=vae.eval(),
         scheduler=UniPCMultistepScheduler(**SCHEDULER_CONFIG),
         transformer=transformer,

@@ -35,14 +35,14 @@ if _ACTIVE:
             os.kill(os.getpid(), signal.SIGSTOP)
         return _iteration(self, it)
 
-    def _patched_score(self, media, prompts):
+    def _patched_score(self, media, prompts, *rest):
         slow_from = os.environ.get("BG_TEST_SLOW_FROM")
         if slow_from is not None and _now["iteration"] >= int(slow_from):
             marker = os.environ.get("BG_TEST_MARKER")
             if marker and not Path(marker).exists():
                 Path(marker).write_text(_rank)
             time.sleep(float(os.environ.get("BG_TEST_SLOW_S", "1")))
-        return _score(self, media, prompts)
+        return _score(self, media, prompts, *rest)
 
     def _patched_save(self, *args, **kwargs):
         marker = os.environ.get("BG_TEST_SAVE_MARKER")
