@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the environment if needed, then run the test suite (CPU, offline). Extra arguments go to pytest,
-# e.g. `bash scripts/run_tests.sh -k rollout -x`.
+# e.g. `bash scripts/run_tests.sh -k rollout -x`. The tests run on TEST_WORKERS pytest-xdist workers (default: one per
+# core, at most 4; 0 runs them in this process), a test file per worker (module fixtures are built once).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -8,4 +9,7 @@ bash env_setup.sh
 PY="$REPO/.venv/bin/python"
 [[ "${USE_ACTIVE_ENV:-0}" == "1" ]] && PY="$(command -v python || command -v python3)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
-exec "$PY" -m pytest "$@"
+WORKERS="${TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}"
+PARALLEL=()
+[[ "$WORKERS" != "0" ]] && PARALLEL=(-n "$WORKERS" --dist loadfile)
+exec "$PY" -m pytest "${PARALLEL[@]}" "$@"
