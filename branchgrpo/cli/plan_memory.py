@@ -37,7 +37,7 @@ def check_memory_flags(extras) -> tuple[int, float]:
     if gpus < 1:
         raise ValueError(f"--gpus {gpus}: need at least 1")
     if not budget > 0:
-        raise ValueError(f"--gpu_memory_gb {extras.gpu_memory_gb}: need a positive number of GiB")
+        raise ValueError(f"--gpu_memory_gb {extras.gpu_memory_gb:g}: need a positive number of GiB")
     if extras.reward_memory_gb is not None and extras.reward_memory_gb < 0:
         raise ValueError(f"--reward_memory_gb {extras.reward_memory_gb}: need >= 0")
     return gpus, budget

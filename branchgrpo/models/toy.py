@@ -229,6 +229,8 @@ class ToySpec(BackboneSpec):
         return Path(train_prompts_path()), Path(eval_prompts_path())
 
     def planner_config(self, model_cfg, name=None) -> tuple[dict, str]:
+        if name is not None:
+            return super().planner_config(model_cfg, name)
         path = _checkpoint_dir(getattr(model_cfg, "pretrained_model_name_or_path", None)) / TRANSFORMER_CONFIG
         config = _read_json(path)
         config.pop("format", None)
