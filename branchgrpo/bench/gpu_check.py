@@ -74,14 +74,15 @@ def build(args, device):
     return adapter, cond, transformer.config
 
 
-def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: bool) -> dict:
-    """The real PolicyUpdate over every trainable edge, learning rate 0 (weights unchanged): time and first ratio."""
+def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: bool, lr: float = 0.0) -> dict:
+    """The real PolicyUpdate over every trainable edge (learning rate 0 by default: weights unchanged, so repeats
+    train the same weights): time, first-ratio deviation, peak memory, the update's own metrics."""
     from branchgrpo.config.sections import LossConfig, OptimConfig
     from branchgrpo.seeding import keyed_normal, mix_key
     from branchgrpo.update import PolicyUpdate, select_edges
 
     params = [p for p in adapter.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     advantages = keyed_normal((graph.num_nodes,), mix_key(0, "gpu-check-advantages")).double()
     edges = select_edges(graph, graph.stochastic, advantages, LossConfig().adv_clip_max)
@@ -99,7 +100,8 @@ def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: b
     return {"seconds": seconds, "edges": int(edges.child.numel()),
             "training_forwards": int(torch.unique(edges.parent).numel()),
             "first_ratio_deviation": max(out["first_ratio_max"] - 1.0, 1.0 - out["first_ratio_min"]),
-            "peak_memory_gb": memory.peak_mb / 1024 if memory.peak_mb else None, "memory_kind": memory.kind}
+            "peak_memory_gb": memory.peak_mb / 1024 if memory.peak_mb else None, "memory_kind": memory.kind,
+            "loss": out.get("loss"), "grad_norm": out.get("grad_norm")}
 
 
 def predicted_memory_gb(args, counts_nodes: int, world: int, config) -> dict:
