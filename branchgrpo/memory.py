@@ -10,6 +10,13 @@ rollout's node count from the algorithm's plan. What each part assumes:
   trained weight (autocast's weight cache).
 - gradients: the trained parameters in the master dtype (sharded under FSDP2), plus the unsharded gradients of the
   block being reduce-scattered (2 blocks, in `--reduce_dtype`); DDP adds its buckets (one more copy).
+- gradient accumulation without sync: with more than one micro-batch per optimizer step (the trainer's default,
+  `--gradient_accumulation_steps 0`, is one step per iteration over all its micro-batches), FSDP2 skips the
+  reduce-scatter on all but the last micro-batch (`set_requires_gradient_sync(False)`) and keeps each parameter's
+  UNSHARDED gradient until then, in `--reduce_dtype`: a full gradient of the trained parameters on every GPU, not
+  1/N of it. Costly for a full fine-tune (FLUX.1-dev in fp32: 44 GiB per GPU), negligible for LoRA;
+  `--reduce_dtype bf16` halves it, and one optimizer step per micro-batch (`--gradient_accumulation_steps 1`)
+  avoids it at the price of more optimizer steps.
 - optimizer: AdamW's two moments per trained parameter, in the master dtype.
 - EMA: fp32 per trained parameter; on the device only with `--ema_device device` (else host memory, reported apart).
 - reference: the frozen copy the KL term needs for a full fine-tune (LoRA's reference is the adapters switched off).
@@ -45,6 +52,8 @@ class MemoryModel:
     checkpointed_blocks: int  # the first this many blocks are checkpointed (0: off)
     rollout_latents: int  # latent elements stored per rank (nodes x elements per latent)
     reward_bytes: float
+    parents_per_rank: int = 1  # distinct parents trained per rank and iteration (the update's forwards)
+    accumulation_steps: int = 0  # micro-batches per optimizer step (0: all of the iteration's)
     margin_fraction: float = 0.10
     margin_fixed_bytes: float = 1.5 * GB
 
@@ -74,6 +83,7 @@ def breakdown(m: MemoryModel, micro_batch: int) -> dict[str, float]:
     return {
         "parameters": m.num_params * m.master_bytes / shard + gathered,
         "gradients": m.num_trainable * m.master_bytes / shard + grad_buffers,
+        "unsharded_grad_accumulation": _no_sync_bytes(m, micro_batch),
         "optimizer": 2 * m.num_trainable * m.master_bytes / shard,
         "ema": 4 * m.num_trainable / shard if m.ema == "device" else 0.0,
         "reference": m.num_params * m.master_bytes / shard if m.reference_copy else 0.0,
@@ -81,6 +91,13 @@ def breakdown(m: MemoryModel, micro_batch: int) -> dict[str, float]:
         "rollout": 4 * m.rollout_latents,
         "rewards": m.reward_bytes,
     }
+
+
+def _no_sync_bytes(m: MemoryModel, micro_batch: int) -> float:
+    if not (m.sharded and m.world_size > 1):
+        return 0.0
+    window = m.accumulation_steps or -(-m.parents_per_rank // micro_batch)  # ceil: micro-batches per iteration
+    return m.num_trainable * m.reduce_bytes if window > 1 else 0.0
 
 
 def total_bytes(m: MemoryModel, micro_batch: int) -> tuple[float, dict[str, float]]:

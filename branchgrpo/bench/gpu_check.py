@@ -104,7 +104,7 @@ def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: b
             "loss": out.get("loss"), "grad_norm": out.get("grad_norm")}
 
 
-def predicted_memory_gb(args, counts_nodes: int, world: int, config) -> dict:
+def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
     """The memory planner's prediction for this check's configuration (no reward model is loaded here)."""
     from branchgrpo import memory
     from branchgrpo.cli.plan_memory import memory_model
@@ -116,7 +116,7 @@ def predicted_memory_gb(args, counts_nodes: int, world: int, config) -> dict:
     cfg = config_from_flags(flags, validate="none")
     path = Path(args.output_dir) / "transformer_config.json"
     path.write_text(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
-    m, _ = memory_model(cfg, {"nodes": counts_nodes}, world, 0.0, str(path), text_tokens=args.text_tokens)
+    m, _ = memory_model(cfg, counts, world, 0.0, str(path), text_tokens=args.text_tokens)
     total, parts = memory.total_bytes(m, args.micro_batch)
     return {"predicted_total_gb": total / memory.GB,
             "predicted_without_margin_gb": (total - parts["margin"]) / memory.GB}
@@ -162,7 +162,9 @@ def run(args) -> dict:
         "bf16_first_ratio_deviation": plain["first_ratio_deviation"],
         "bf16_first_ratio_deviation_recompute_old_log_prob": recomputed["first_ratio_deviation"],
         "memory": {"measured_update_peak_gb": plain["peak_memory_gb"], "kind": plain["memory_kind"],
-                   **predicted_memory_gb(args, plan.num_nodes, info.world_size, config)},
+                   **predicted_memory_gb(args, {"nodes": plan.num_nodes,
+                                                "train_forward_passes": plain["training_forwards"]},
+                                         info.world_size, config)},
         "compile": "pending: this branch has no --compile flag; eager only", "is_main": info.is_main,
     }
 

@@ -71,7 +71,8 @@ def memory_model(cfg, counts: dict, gpus: int, reward_gb: float | None, config_n
         reference_copy=cfg.loss.kl_coef > 0 and not lora, block_saved=trace.block_saved,
         block_inputs=trace.block_inputs, other_saved=trace.other_saved, checkpointed_blocks=num_ckpt,
         rollout_latents=counts["nodes"] * cfg.data.train_batch_size * planned.latent_numel,
-        reward_bytes=reward_gb * memory.GB)
+        reward_bytes=reward_gb * memory.GB, accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        parents_per_rank=counts.get("train_forward_passes", 1) * cfg.data.train_batch_size)
     facts = {"transformer_config": source, "transformer_parameters": num_params, "trainable_parameters": trainable,
              "parallel": mode, "blocks": len(planned.blocks), "checkpointed_blocks": num_ckpt,
              "sample": planned.description, "compute_dtype": str(compute).replace("torch.", "")}
