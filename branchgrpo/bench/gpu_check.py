@@ -147,7 +147,7 @@ def run(args) -> dict:
     plain = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
     recomputed = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=True)
     fwd_per_s = graph.num_forward_passes / rollout_s
-    train_fwd_per_s = plain["training_forwards"] * args.micro_batch / args.micro_batch / plain["seconds"]
+    train_fwd_per_s = plain["training_forwards"] / plain["seconds"]  # sample forwards (+ backward) per second
     peak = None if device.type == "cpu" else args.peak_tflops
     return {
         "machine": machine_info(device), "world_size": info.world_size, "tiny": args.tiny,
