@@ -240,7 +240,7 @@ class OptimConfig(Section):
     max_skipped_steps: int = flag(5, "stop (with a checkpoint, exit 2) after this many optimizer steps in a row "
                                   "skipped for a non-finite gradient norm (0 = never)")
 
-    RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps"})
+    RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps", "ema_device"})  # EMA checkpoints: CPU tensors
 
     def validate(self) -> None:
         require(self.max_train_steps >= 1, f"--max_train_steps: need >= 1, got {self.max_train_steps}")
