@@ -11,7 +11,7 @@ from branchgrpo import memory
 from branchgrpo.bench.measure import allocation_peak_bytes
 from branchgrpo.cli import plan
 from branchgrpo.cli.plan_memory import memory_model
-from branchgrpo.memory_trace import lora_parameters
+from branchgrpo.memory_trace import lora_parameters, trace_activations
 from branchgrpo.config import config_from_flags
 from branchgrpo.parallel import apply_activation_checkpointing
 
@@ -29,7 +29,6 @@ def test_shipped_flux_dev_config_has_its_parameter_count():
     assert abs(sum(p.numel() for p in planned.transformer.parameters()) - 11.9e9) < 0.02e9
 
 
-@pytest.mark.slow  # traces FLUX.1-dev's 57 blocks at 720px on meta: ~15 s of CPU
 def test_flux_dev_plan_on_8_gpus(capsys):
     full = _plan_json(capsys, "--model", "flux", "--h", "720", "--w", "720", "--gpus", "8", "--gpu_memory_gb", "80",
                       "--gradient_checkpointing", "--train_micro_batch_size", "4", "--reduce_dtype", "bf16")
@@ -58,6 +57,16 @@ def test_wan_counts_and_lora():
     # without checkpointing a micro-batch needs far more than with it
     m_small.checkpointed_blocks = 30
     assert memory.activation_bytes(m_small, 1) * 5 < sum(m_small.block_saved)
+
+
+def test_replayed_blocks_account_like_traced_ones():
+    """The trace runs the first block of each kind and replays the rest: the same bytes as running every block."""
+    cfg = config_from_flags({"model": "toy"}, validate="none")
+    config, _ = cfg.model.spec.planner_config(cfg.model)
+    planned = cfg.model.spec.planner_model(cfg.model, config, torch.bfloat16)
+    fast, full = (trace_activations(planned.transformer, planned.blocks, planned.inputs(3), 3, replay=r)
+                  for r in (True, False))
+    assert fast == full and len(set(full.block_saved[1:])) == 1 and full.block_saved[0] > 0
 
 
 def test_toy_plan_json_and_budget(capsys):
