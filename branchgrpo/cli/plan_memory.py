@@ -66,7 +66,8 @@ def memory_model(cfg, counts: dict, gpus: int, reward_gb: float | None, config_n
         reward_gb = 4.0 if spec.is_large else 0.0
     m = memory.MemoryModel(
         num_params=num_params + (trainable if lora else 0), num_trainable=trainable, block_params=trace.block_params,
-        world_size=gpus, sharded=sharded, master_bytes=DTYPE_BYTES[par.master_dtype], compute_bytes=DTYPE_BYTES[compute],
+        world_size=gpus, sharded=sharded, master_bytes=DTYPE_BYTES[par.master_dtype],
+        compute_bytes=DTYPE_BYTES[compute],
         reduce_bytes=DTYPE_BYTES[par.gradient_reduce_dtype], ema=cfg.optim.ema_device if cfg.optim.use_ema else "none",
         reference_copy=cfg.loss.kl_coef > 0 and not lora, block_saved=trace.block_saved,
         block_inputs=trace.block_inputs, other_saved=trace.other_saved, checkpointed_blocks=num_ckpt,

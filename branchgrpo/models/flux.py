@@ -325,8 +325,9 @@ class FluxSpec(DiffusersSpec):
                             encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"],
                                                               dtype=dtype),
                             pooled_projections=torch.randn(batch, config["pooled_projection_dim"], dtype=dtype),
-                            timestep=torch.ones(batch), guidance=torch.ones(batch), img_ids=torch.zeros(image_tokens, 3),
-                            txt_ids=torch.zeros(text_tokens, 3), return_dict=False)
+                            timestep=torch.ones(batch), guidance=torch.ones(batch),
+                            img_ids=torch.zeros(image_tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
+                            return_dict=False)
 
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         return PlannerModel(transformer, blocks, inputs, LORA_TARGETS, image_tokens * config["in_channels"],
