@@ -276,7 +276,8 @@ class ParallelConfig(Section):
                                        "with an error; a rank without progress for a quarter of it logs where it "
                                        "waits and which rank is behind")
 
-    RESUMABLE = frozenset({"device", "collective_timeout_s"})
+    # reduce_dtype: changes no saved state (checkpoints of runs before the flag existed resume too)
+    RESUMABLE = frozenset({"device", "collective_timeout_s", "reduce_dtype"})
 
     @property
     def master_dtype(self) -> torch.dtype:
