@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["branchgrpo", "branchgrpo.*"]),
     include_package_data=True,
-    package_data={"branchgrpo": ["toy/assets/*", "assets/*"]},
+    package_data={"branchgrpo": ["toy/assets/*", "assets/*", "models/configs/*.json"]},
     install_requires=requirements,
     extras_require={"wandb": ["wandb"]},
 )

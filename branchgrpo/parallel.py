@@ -79,7 +79,7 @@ def prepare_model(adapter: FlowAdapter, model_cfg, parallel_cfg, default_paralle
     model = module
     if mode == "fsdp":
         apply_fsdp(module, checkpointed_blocks(module, blocks), param_dtype=precision,
-                   cpu_offload=parallel_cfg.use_cpu_offload)
+                   reduce_dtype=parallel_cfg.gradient_reduce_dtype, cpu_offload=parallel_cfg.use_cpu_offload)
         if frozen_copy is not None:
             apply_fsdp(frozen_copy, [u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}],
                        param_dtype=precision)

@@ -96,7 +96,7 @@ class Trainer:
         self.sizes = self._derived_sizes()
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim,
                                             cfg.optim.max_train_steps * self.sizes["optimizer_steps"])
-        self.ema = EMA(self.prepared.model, cfg.optim.ema_decay) if cfg.optim.use_ema else None
+        self.ema = EMA(self.prepared.model, cfg.optim.ema_decay, cfg.optim.ema_device) if cfg.optim.use_ema else None
         data_seed = cfg.run.seed if cfg.data.sampler_seed is None else cfg.data.sampler_seed
         self.sampler = PromptSampler(self.store, cfg.data.train_batch_size, self.info.rank, self.info.world_size,
                                      data_seed)

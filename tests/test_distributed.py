@@ -123,3 +123,24 @@ def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, 
     for which in ("model", "ema"):
         a, b = exported_weights(fsdp, 2, which), exported_weights(out, 2, which)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_fsdp_bf16_gradient_reduce_and_device_ema(emb, fsdp, tmp_path):
+    """--reduce_dtype bf16 (FSDP2's MixedPrecisionPolicy reduce-scatter) and --ema_device device on the same
+    two-process run as the fp32 / host-EMA one: it trains to nearly the same weights (the gradients are rounded to bf16
+    before they are summed, so not bitwise), and its EMA checkpoints have the host-EMA layout (CPU tensors, same
+    names and shard shapes), so either setting resumes the other's checkpoints."""
+    out = tmp_path / "bf16_reduce"
+    proc = torchrun(fast_args(emb, out, parallel="fsdp", reduce_dtype="bf16", ema_device="device",
+                              **dict(COMMON, train_batch_size=1)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = exported_weights(fsdp), exported_weights(out)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < worst < 1e-2, worst  # > 0: the bf16 reduce really happened
+    for r in (0, 1):
+        ref, new = (torch.load(run / "checkpoints" / "checkpoint-2" / "state" / f"rank{r}.pt", weights_only=True)
+                    for run in (fsdp, out))
+        ref, new = ref["ema"]["shadow"], new["ema"]["shadow"]
+        assert ref.keys() == new.keys()
+        assert all(new[k].device.type == "cpu" and new[k].shape == ref[k].shape for k in ref)
+        assert max(float((ref[k] - new[k]).abs().max()) for k in ref if ref[k].numel()) < 1e-2

@@ -20,11 +20,10 @@ from typing import Callable
 
 import torch
 
-# FLUX.1-dev's transformer/config.json (public architecture numbers; weights are not needed).
-FLUX_DEV_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56],
-)
+from branchgrpo.models.spec import read_shipped_config
+
+# FLUX.1-dev's transformer/config.json (public architecture numbers; weights are not needed), as shipped for the planner
+FLUX_DEV_CONFIG = read_shipped_config("flux1-dev", ("flux1-dev",))
 T5_XXL_DIM = 4096
 
 
@@ -60,23 +59,19 @@ def _flux_vae_stub_config():
                          scaling_factor=0.3611, shift_factor=0.1159)
 
 
-def random_flux_transformer(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_flux_transformer(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides):
     """A FluxTransformer2DModel of FLUX.1-dev's shape ('full') or of the test-sized tiny shape ('tiny'), random
-    weights drawn on `device` in `dtype` (std 0.02 normal for matrices, as a freshly initialised model)."""
+    weights drawn on `device` in `dtype` (std 0.02 normal for matrices, as a freshly initialised model);
+    `overrides` replace config values (e.g. fewer blocks: num_layers, num_single_layers)."""
     from diffusers import FluxTransformer2DModel
 
+    from branchgrpo.models.diffusers_backbone import build_transformer
     from branchgrpo.testing.flux_tiny import TRANSFORMER_CONFIG
 
-    config = {"full": FLUX_DEV_CONFIG, "tiny": TRANSFORMER_CONFIG}[shape]
+    config = {**{"full": FLUX_DEV_CONFIG, "tiny": TRANSFORMER_CONFIG}[shape], **overrides}
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = FluxTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model  # already on `device` in `dtype` (a .to() here would also make diffusers warn)
+    # already on `device` in `dtype` (a .to() here would also make diffusers warn)
+    return build_transformer(FluxTransformer2DModel, config, device, dtype)
 
 
 def _random_flux_adapter(shape, model_cfg, device, dtype, seed):

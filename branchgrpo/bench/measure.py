@@ -97,3 +97,27 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def allocation_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by `fn` above what was allocated when it started, from the allocator's own records:
+    torch.profiler with profile_memory logs every allocation and free of the CPU (and CUDA) allocator with its size;
+    the running sum of those sizes in time order peaks where `fn` held the most. Works on CPU, where torch keeps no
+    peak counter (tensors allocated before `fn` and freed inside count negative: keep them alive across the call)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    running = peak = 0
+    for _, size in sorted(sizes):
+        running += size
+        peak = max(peak, running)
+    return peak

@@ -3,6 +3,9 @@
 Prints, per prompt: leaves, transformer forward passes in the rollout (total and per leaf), nodes, trainable edges
 (SDE transitions) and the edges trained after pruning/selection (total and per leaf) - the papers' "NFE" columns,
 counted honestly (forward passes, not nodes). `--iteration N` evaluates sliding windows at training iteration N.
+With `--gpus N` and/or `--gpu_memory_gb G` it also predicts the memory per GPU of the training flags given (parameters,
+gradients, optimizer, EMA, activations of a micro-batch, rollout latents, reward models, margin), whether it fits
+and the largest --train_micro_batch_size that does (branchgrpo/cli/plan_memory.py, branchgrpo/memory.py).
 Width pruning keeps a fixed number of edges per tree whatever the rewards, so the count uses a stand-in ranking.
 """
 
@@ -12,6 +15,7 @@ import json
 import sys
 
 from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.cli.plan_memory import add_memory_flags, check_memory_flags, format_memory, plan_memory, wants_memory
 
 
 def count(cfg, iteration: int = 0) -> dict:
@@ -48,12 +52,21 @@ def _main(argv: list[str]) -> None:
     def extra(p):
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--iteration", type=int, default=0, help="training iteration for sliding windows")
+        add_memory_flags(p)
         add_debug_flag(p)
 
     # the training flags and configs are accepted as they are; only the algorithm's are checked and used
     values, extras = parse_flags(argv, description=__doc__, extra_args=extra, prog="python -m branchgrpo.plan")
-    counts = count(config_from_flags(values, validate="algorithm"), extras.iteration)
-    print(json.dumps(counts) if extras.json else format_counts(counts))
+    cfg = config_from_flags(values, validate="algorithm")
+    counts = count(cfg, extras.iteration)
+    if not wants_memory(extras):
+        print(json.dumps(counts) if extras.json else format_counts(counts))
+        return
+    check_memory_flags(extras)
+    cfg.model.spec.check_flags(cfg.model)
+    cfg.parallel.validate()
+    planned = plan_memory(cfg, counts, extras)
+    print(json.dumps({**counts, **planned}) if extras.json else format_counts(counts) + "\n" + format_memory(planned))
 
 
 if __name__ == "__main__":

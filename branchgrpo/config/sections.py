@@ -233,12 +233,14 @@ class OptimConfig(Section):
                                         "the update (costs one no-grad forward per trained edge; makes the first "
                                         "ratio 1 where rollout and training kernels differ, e.g. bf16 on GPU)")
     use_ema: bool = flag(False, "keep an EMA of the trained weights on the CPU (evaluated and exported beside them)")
+    ema_device: str = flag("cpu", "where the EMA lives: cpu (fp32 host copy of this rank's shards) | device (fp32 "
+                           "tensors beside this rank's shards on the GPU: no host copy per update)", ("cpu", "device"))
     ema_decay: float = flag(0.995, "EMA decay per update")
     ema_update_interval: int = flag(1, "iterations between EMA updates")
     max_skipped_steps: int = flag(5, "stop (with a checkpoint, exit 2) after this many optimizer steps in a row "
                                   "skipped for a non-finite gradient norm (0 = never)")
 
-    RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps"})
+    RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps", "ema_device"})  # EMA checkpoints: CPU tensors
 
     def validate(self) -> None:
         require(self.max_train_steps >= 1, f"--max_train_steps: need >= 1, got {self.max_train_steps}")
@@ -249,7 +251,7 @@ class OptimConfig(Section):
         require(0 < self.ema_decay < 1, f"--ema_decay: need a value in (0, 1), got {self.ema_decay}")
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
-        return {name: (self.use_ema, "--use_ema") for name in ("ema_decay", "ema_update_interval")}
+        return {name: (self.use_ema, "--use_ema") for name in ("ema_decay", "ema_update_interval", "ema_device")}
 
 
 @dataclass
@@ -268,15 +270,22 @@ class ParallelConfig(Section):
     master_weight_type: str = flag("fp32", "dtype of the trained weights and optimizer state", ("fp32", "bf16"))
     allow_tf32: bool = flag(True, "TF32 matmuls on CUDA")
     use_cpu_offload: bool = flag(False, "FSDP2: keep parameters and optimizer state on the CPU")
+    reduce_dtype: str = flag("fp32", "FSDP2: dtype of the gradient reduce-scatter (bf16 halves its traffic and "
+                             "buffers, and rounds the summed gradients)", ("fp32", "bf16"))
     collective_timeout_s: float = flag(600.0, "a collective waits this long for the other ranks, then the run stops "
                                        "with an error; a rank without progress for a quarter of it logs where it "
                                        "waits and which rank is behind")
 
-    RESUMABLE = frozenset({"device", "collective_timeout_s"})
+    # reduce_dtype: changes no saved state (checkpoints of runs before the flag existed resume too)
+    RESUMABLE = frozenset({"device", "collective_timeout_s", "reduce_dtype"})
 
     @property
     def master_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.master_weight_type == "bf16" else torch.float32
+
+    @property
+    def gradient_reduce_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.reduce_dtype == "bf16" else torch.float32
 
     def compute_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 autocast (explicit, or auto on CUDA), else None (fp32)."""
@@ -296,7 +305,8 @@ class ParallelConfig(Section):
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
         sharded = self.parallel == "fsdp" or (self.parallel == "auto" and run.model.spec.default_parallel == "fsdp")
         return {"selective_checkpointing": (self.gradient_checkpointing, "--gradient_checkpointing"),
-                "use_cpu_offload": (sharded, "FSDP (--parallel fsdp, or auto with a backbone that shards)")}
+                "use_cpu_offload": (sharded, "FSDP (--parallel fsdp, or auto with a backbone that shards)"),
+                "reduce_dtype": (sharded, "FSDP (--parallel fsdp, or auto with a backbone that shards)")}
 
 
 @dataclass

@@ -243,3 +243,14 @@ class DiffusersSpec(BackboneSpec):
             return EvalModel(adapter, "base", base)
         fuse_lora_file(adapter.transformer, Path(weights))
         return EvalModel(adapter, f"LoRA from {weights}", base)
+
+
+def build_transformer(cls, config: dict, device, dtype: torch.dtype) -> nn.Module:
+    """`cls(**config)` created directly on `device` in `dtype` (meta: no memory; no fp32 copy on the host first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(**config)
+    finally:
+        torch.set_default_dtype(previous)

@@ -33,12 +33,13 @@ from branchgrpo.models.diffusers_backbone import (
     DiffusersExportMixin,
     DiffusersSpec,
     _unwrap,
+    build_transformer,
     check_weights_match,
     load_part,
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import check_sizes, hub_id_hint
+from branchgrpo.models.spec import PlannerModel, check_sizes, hub_id_hint
 from branchgrpo.state_dicts import count_blocks
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
@@ -308,3 +309,26 @@ class FluxSpec(DiffusersSpec):
 
     def tokens_per_sample(self, adapter: FluxAdapter, cond) -> int:
         return adapter.latent_shape[0] + cond["prompt_embeds"].shape[1]
+
+    planner_configs = ("flux1-dev",)
+
+    def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
+        from diffusers import FluxTransformer2DModel
+
+        transformer = build_transformer(FluxTransformer2DModel, config, device, dtype)
+        h, w = self.size(model_cfg, "h"), self.size(model_cfg, "w")
+        image_tokens = (h // 16) * (w // 16)  # 8x VAE, 2x2 packing
+
+        def inputs(batch: int) -> dict:
+            with torch.device(device):
+                return dict(hidden_states=torch.randn(batch, image_tokens, config["in_channels"], dtype=dtype),
+                            encoder_hidden_states=torch.randn(batch, text_tokens, config["joint_attention_dim"],
+                                                              dtype=dtype),
+                            pooled_projections=torch.randn(batch, config["pooled_projection_dim"], dtype=dtype),
+                            timestep=torch.ones(batch), guidance=torch.ones(batch),
+                            img_ids=torch.zeros(image_tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
+                            return_dict=False)
+
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        return PlannerModel(transformer, blocks, inputs, LORA_TARGETS, image_tokens * config["in_channels"],
+                            f"{h}x{w}: {image_tokens} image + {text_tokens} text tokens")

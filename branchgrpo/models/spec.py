@@ -16,12 +16,16 @@ The adapter it loads (models/base.py) answers the per-call questions: velocity, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+#: transformer configs of the released checkpoints (their `transformer/config.json`), shipped with the package for the
+#: memory planner, which builds the transformer from them on the meta device (no weights, no download)
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 #: the generation-size flags a backbone may take (`flags` says which it does)
@@ -49,6 +53,29 @@ class EvalModel(NamedTuple):
     adapter: object  # the FlowAdapter to sample with
     description: str  # "base", "full weights from DIR", "LoRA from DIR"
     prompt_source: str | Path | None  # the folder whose text encoders encode the prompts (`prompt_encoder`'s path)
+
+
+class PlannerModel(NamedTuple):
+    """What the memory planner (branchgrpo/cli/plan.py) needs of a backbone: its transformer built without weights."""
+
+    transformer: torch.nn.Module  # on the meta device (or `device`), in the given dtype
+    blocks: list  # the FSDP2 / activation-checkpointing units, in call order
+    inputs: Callable[[int], dict]  # batch -> the keyword inputs of one training forward of `batch` samples
+    lora_targets: tuple[str, ...]  # module-name suffixes LoRA adapts by default
+    latent_numel: int  # elements of one sample's latent (the rollout stores one per tree node, fp32)
+    description: str
+
+
+def read_shipped_config(name: str, offered: tuple[str, ...]) -> dict:
+    """A shipped transformer config by name, or a config.json path (ValueError naming --transformer_config)."""
+    path = Path(name)
+    if name in offered:
+        path = SHIPPED_CONFIGS / f"{name}.json"
+    elif not path.is_file():
+        raise ValueError(f"--transformer_config {name}: neither a shipped config ({', '.join(offered) or 'none'}) nor "
+                         "a config.json file")
+    with open(path) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
 class BackboneSpec:
@@ -80,6 +107,26 @@ class BackboneSpec:
     prompt_format: ClassVar[str] = "text"
     #: "module:function(out_dir, seed)" that writes a tiny random checkpoint in the real layout (None: none)
     tiny: ClassVar[str | None] = None
+    #: transformer configs shipped under models/configs/ for the memory planner; the first is the default
+    planner_configs: ClassVar[tuple[str, ...]] = ()
+
+    def planner_config(self, model_cfg, name: str | None = None) -> tuple[dict, str]:
+        """(transformer config, where it came from) for the memory planner: `name` (a shipped config or a path),
+        else the checkpoint's transformer/config.json when --pretrained_model_name_or_path holds one, else the
+        first shipped config."""
+        root = getattr(model_cfg, "pretrained_model_name_or_path", None)
+        if name is None and root is not None and (Path(root) / "transformer" / "config.json").is_file():
+            name = str(Path(root) / "transformer" / "config.json")
+        if name is None:
+            if not self.planner_configs:
+                raise ValueError(f"--model {self.name}: no shipped transformer config; give --transformer_config")
+            name = self.planner_configs[0]
+        return read_shipped_config(name, self.planner_configs), name
+
+    def planner_model(self, model_cfg, config: dict, dtype: torch.dtype, device="meta",
+                      text_tokens: int = 512) -> PlannerModel:
+        """The transformer of `config` built on `device` (meta: no memory) with the size flags of `model_cfg`."""
+        raise NotImplementedError(f"--model {self.name}: the memory planner does not know this backbone")
 
     def size(self, model_cfg, name: str):
         """A model flag's value: as given, else this backbone's default."""

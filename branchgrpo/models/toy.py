@@ -23,7 +23,7 @@ from torch import nn
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.lora import merge_saved_adapter
-from branchgrpo.models.spec import BackboneSpec, EvalModel
+from branchgrpo.models.spec import BackboneSpec, EvalModel, PlannerModel
 from branchgrpo.state_dicts import load_strict
 from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
 from branchgrpo.toy.network import (
@@ -227,3 +227,28 @@ class ToySpec(BackboneSpec):
         from branchgrpo.toy.data import eval_prompts_path, train_prompts_path
 
         return Path(train_prompts_path()), Path(eval_prompts_path())
+
+    def planner_config(self, model_cfg, name=None) -> tuple[dict, str]:
+        if name is not None:
+            return super().planner_config(model_cfg, name)
+        path = _checkpoint_dir(getattr(model_cfg, "pretrained_model_name_or_path", None)) / TRANSFORMER_CONFIG
+        config = _read_json(path)
+        config.pop("format", None)
+        return config, str(path)
+
+    def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=8) -> PlannerModel:
+        flow = _config_from_dict(FlowConfig, config)
+        with torch.device(device):
+            transformer = ToyFlowTransformer(flow).to(dtype)
+
+        def inputs(batch: int) -> dict:
+            with torch.device(device):
+                side = flow.image_size
+                return dict(latents_BCHW=torch.randn(batch, flow.in_channels, side, side, dtype=dtype),
+                            sigmas_B=torch.ones(batch), prompt_embeds_BLD=torch.randn(batch, text_tokens, flow.text_dim,
+                                                                               dtype=dtype),
+                            pooled_BD=torch.randn(batch, flow.text_dim, dtype=dtype))
+
+        return PlannerModel(transformer, list(transformer.blocks), inputs, ToyAdapter.default_lora_targets,
+                            flow.in_channels * flow.image_size ** 2, f"8x8 digits: {flow.num_patches} patch + "
+                            f"{text_tokens} text tokens")

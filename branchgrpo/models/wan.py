@@ -44,12 +44,13 @@ from branchgrpo.models.diffusers_backbone import (
     DiffusersExportMixin,
     DiffusersSpec,
     _unwrap,
+    build_transformer,
     check_weights_match,
     load_part,
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import REPO_ASSETS, check_sizes, hub_id_hint
+from branchgrpo.models.spec import REPO_ASSETS, PlannerModel, check_sizes, hub_id_hint
 from branchgrpo.state_dicts import count_blocks
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
@@ -434,3 +435,28 @@ class WanSpec(DiffusersSpec):
         _, frames, height, width = adapter.latent_shape
         tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2]) + cond["prompt_embeds"].shape[1]
         return 2 * tokens if adapter.uses_cfg else tokens
+
+    planner_configs = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+
+    def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
+        from diffusers import WanTransformer3DModel
+
+        transformer = build_transformer(WanTransformer3DModel, config, device, dtype)
+        frames, h, w = (self.size(model_cfg, n) for n in ("num_frames", "h", "w"))
+        latent = (16, (frames - 1) // 4 + 1, h // 8, w // 8)  # Wan2.1's VAE: 16 channels, 4x time, 8x space
+        rows = 2 if self.size(model_cfg, "guidance_scale") > 1 else 1  # CFG: [cond; uncond] in one forward
+
+        def inputs(batch: int) -> dict:
+            n = rows * batch
+            with torch.device(device):
+                out = dict(hidden_states=torch.randn(n, config["in_channels"], *latent[1:], dtype=dtype),
+                           timestep=torch.ones(n), return_dict=False,
+                           encoder_hidden_states=torch.randn(n, text_tokens, config["text_dim"], dtype=dtype))
+                if config.get("image_dim"):  # image-to-video: the CLIP image tokens (257 for ViT-H/14)
+                    out["encoder_hidden_states_image"] = torch.randn(n, 257, config["image_dim"], dtype=dtype)
+            return out
+
+        tokens = latent[1] * (latent[2] // 2) * (latent[3] // 2)
+        return PlannerModel(transformer, list(transformer.blocks), inputs, LORA_TARGETS,
+                            latent[0] * latent[1] * latent[2] * latent[3],
+                            f"{frames}x{h}x{w}: {tokens} video + {text_tokens} text tokens, x{rows} rows (CFG)")

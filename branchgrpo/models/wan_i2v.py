@@ -184,6 +184,7 @@ class WanI2VSpec(WanSpec):
     encoder_flags = WanSpec.encoder_flags + ("h", "w", "num_frames")
     prompt_format = "jsonl"
     tiny = "branchgrpo.testing.wan_i2v_tiny:make_tiny_wan_i2v"
+    planner_configs = ("wan2.1-i2v-14b",)
 
     def prompt_encoder(self, model_path, device, settings):
         return build_i2v_encoder(model_path, device, settings, **self.encoder_sizes(settings))

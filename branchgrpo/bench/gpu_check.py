@@ -1,0 +1,209 @@
+"""One-command GPU check (`bash scripts/bench/gpu_check.sh`; `--tiny`: the same code on the tiny FLUX on CPU).
+
+Builds FLUX.1-dev's transformer from the shipped config (branchgrpo/models/configs/flux1-dev.json) with random
+weights in bf16 - no download - and measures, through the training code itself (`run_rollout`, `PolicyUpdate`):
+1. a 16-leaf tree rollout (T steps, splits 0,3,6,9, K 2) at --h x --w: time, forward passes/s, MFU;
+2. the update over the tree's trainable edges with activation checkpointing (and FSDP2 over all processes when
+   launched with more than one): time, MFU (6 N tokens per training forward; recomputation not counted);
+3. the bf16 first-ratio deviation: the first micro-batch's ratio exp(log pi_theta - log pi_old) should be exactly 1
+   (same weights), but the rollout's batched bf16 forwards and the update's differ in layout and rounding;
+   `max |ratio - 1|` without and with --recompute_old_log_prob (which re-scores pi_old with the training forward);
+4. peak memory of the update against the memory planner's prediction for the same configuration.
+`--compile` does not exist in this branch: eager only, recorded as such. Writes gpu_check.json and gpu_check.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from branchgrpo import distributed, plans
+from branchgrpo.bench.measure import PeakMemory, machine_info, sync
+from branchgrpo.bench.report import md_table
+from branchgrpo.bench.throughput import KERNEL, make_rollout, mfu
+
+SPLITS = (0, 3, 6, 9)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m branchgrpo.bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="the tiny FLUX config on CPU (CI); sizes default to 64 px")
+    p.add_argument("--output_dir", default="outputs/gpu_check")
+    p.add_argument("--h", type=int, default=None, help="image height (default 720; --tiny: 64)")
+    p.add_argument("--w", type=int, default=None, help="image width (default 720; --tiny: 64)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps of the tree (>= 11: splits at 0,3,6,9)")
+    p.add_argument("--num_layers", type=int, default=None, help="cut the double blocks (FLUX.1-dev: 19)")
+    p.add_argument("--num_single_layers", type=int, default=None, help="cut the single blocks (FLUX.1-dev: 38)")
+    p.add_argument("--micro_batch", type=int, default=4, help="parents per training forward")
+    p.add_argument("--lora_rank", type=int, default=64, help="train LoRA of this rank (0: full fine-tune)")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100/H200)")
+    p.add_argument("--text_tokens", type=int, default=None, help="T5 tokens (default 512; --tiny: 16)")
+    args = p.parse_args(argv)
+    for name in ("h", "w"):
+        value = getattr(args, name) or (64 if args.tiny else 720)
+        if value <= 0 or value % 16:
+            raise ValueError(f"--{name} {value}: need a positive multiple of 16")
+        setattr(args, name, value)
+    if args.steps < 11:
+        raise ValueError(f"--steps {args.steps}: need >= 11 (the tree splits at steps {SPLITS})")
+    if args.micro_batch < 1 or args.lora_rank < 0:
+        raise ValueError("--micro_batch: need >= 1; --lora_rank: need >= 0")
+    args.text_tokens = args.text_tokens or (16 if args.tiny else 512)
+    return args
+
+
+def build(args, device):
+    """The FLUX adapter of the shipped (or tiny) config with random weights in bf16, and random conditioning."""
+    from branchgrpo.bench.backbones import _flux_vae_stub_config, _random_flux_cond, random_flux_transformer
+    from branchgrpo.models.flux import FluxAdapter
+
+    overrides = {k: getattr(args, k) for k in ("num_layers", "num_single_layers") if getattr(args, k) is not None}
+    transformer = random_flux_transformer("tiny" if args.tiny else "full", device, torch.bfloat16, 0, **overrides)
+    adapter = FluxAdapter(transformer, _flux_vae_stub_config(), args.h, args.w).to(device)
+    cond = _random_flux_cond(adapter, 1, args.text_tokens, device, torch.bfloat16, 0)
+    if args.lora_rank:
+        adapter.add_lora(args.lora_rank)
+    else:
+        transformer.requires_grad_(True)
+    return adapter, cond, transformer.config
+
+
+def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: bool, lr: float = 0.0) -> dict:
+    """The real PolicyUpdate over every trainable edge (learning rate 0 by default: weights unchanged, so repeats
+    train the same weights): time, first-ratio deviation, peak memory, the update's own metrics."""
+    from branchgrpo.config.sections import LossConfig, OptimConfig
+    from branchgrpo.seeding import keyed_normal, mix_key
+    from branchgrpo.update import PolicyUpdate, select_edges
+
+    params = [p for p in adapter.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    advantages = keyed_normal((graph.num_nodes,), mix_key(0, "gpu-check-advantages")).double()
+    edges = select_edges(graph, graph.stochastic, advantages, LossConfig().adv_clip_max)
+    optim_cfg = OptimConfig(train_micro_batch_size=micro, gradient_accumulation_steps=0, max_grad_norm=1.0,
+                            recompute_old_log_prob=recompute)
+    updater = PolicyUpdate(adapter, adapter.transformer, optimizer, scheduler, optim_cfg,
+                           LossConfig(clip_range=1e-3, kl_coef=0.0), 0, KERNEL, device, autocast, None, 0)
+    with PeakMemory(device) as memory:
+        sync(device)
+        start = time.perf_counter()
+        out = updater.run(graph, cond, edges, 0)
+        sync(device)
+        seconds = time.perf_counter() - start
+    adapter.transformer.eval()
+    return {"seconds": seconds, "edges": int(edges.child.numel()),
+            "training_forwards": int(torch.unique(edges.parent).numel()),
+            "first_ratio_deviation": max(out["first_ratio_max"] - 1.0, 1.0 - out["first_ratio_min"]),
+            "peak_memory_gb": memory.peak_mb / 1024 if memory.peak_mb else None, "memory_kind": memory.kind,
+            "loss": out.get("loss"), "grad_norm": out.get("grad_norm")}
+
+
+def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
+    """The memory planner's prediction for this check's configuration (no reward model is loaded here)."""
+    from branchgrpo import memory
+    from branchgrpo.cli.plan_memory import memory_model
+    from branchgrpo.config import config_from_flags
+
+    flags = {"model": "flux", "h": args.h, "w": args.w, "gradient_checkpointing": True, "train_batch_size": 1,
+             "mixed_precision": "bf16", "master_weight_type": "bf16", "train_micro_batch_size": args.micro_batch,
+             "use_lora": args.lora_rank > 0, "lora_rank": max(args.lora_rank, 1), "parallel": "fsdp"}
+    cfg = config_from_flags(flags, validate="none")
+    path = Path(args.output_dir) / "transformer_config.json"
+    path.write_text(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+    m, _ = memory_model(cfg, counts, world, 0.0, str(path), text_tokens=args.text_tokens)
+    total, parts = memory.total_bytes(m, args.micro_batch)
+    return {"predicted_total_gb": total / memory.GB,
+            "predicted_without_margin_gb": (total - parts["margin"]) / memory.GB}
+
+
+def run(args) -> dict:
+    info = distributed.init_distributed("cpu" if args.tiny else "auto")
+    device = info.device
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731 - the GPU path's autocast
+    adapter, cond, config = build(args, device)
+    plan = plans.tree_plan(args.steps, SPLITS, 2)
+    num_params = sum(p.numel() for p in adapter.transformer.parameters())
+    tokens = adapter.latent_shape[0] + args.text_tokens
+    rollout = make_rollout(SimpleNamespace(adapter=adapter, cond=cond), plan, 1, args.steps, 32, device, autocast)
+    with torch.no_grad():
+        rollout()  # warm-up (kernels, allocator)
+        sync(device)
+        start = time.perf_counter()
+        graph = rollout()
+        sync(device)
+        rollout_s = time.perf_counter() - start
+    from branchgrpo.parallel import apply_activation_checkpointing, apply_fsdp, checkpointed_blocks
+
+    blocks = adapter.blocks()
+    apply_activation_checkpointing(adapter.transformer, blocks)
+    if info.world_size > 1:
+        apply_fsdp(adapter.transformer, checkpointed_blocks(adapter.transformer, blocks), torch.bfloat16)
+    plain = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
+    recomputed = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=True)
+    fwd_per_s = graph.num_forward_passes / rollout_s
+    train_fwd_per_s = plain["training_forwards"] / plain["seconds"]  # sample forwards (+ backward) per second
+    peak = None if device.type == "cpu" else args.peak_tflops
+    return {
+        "machine": machine_info(device), "world_size": info.world_size, "tiny": args.tiny,
+        "config": "tiny" if args.tiny else "flux1-dev (shipped config, random bf16 weights)",
+        "blocks": len(blocks), "transformer_parameters": num_params, "size": f"{args.h}x{args.w}",
+        "tokens_per_sample": tokens, "steps": args.steps, "lora_rank": args.lora_rank,
+        "rollout": {"leaves": int(plan.is_leaf.sum()), "forward_passes": graph.num_forward_passes,
+                    "seconds": rollout_s, "forward_passes_per_s": fwd_per_s,
+                    "mfu": mfu(num_params, tokens, fwd_per_s, peak, 2)},
+        "update": {**plain, "micro_batch": args.micro_batch, "activation_checkpointing": True,
+                   "fsdp2": info.world_size > 1, "mfu": mfu(num_params, tokens, train_fwd_per_s, peak, 6)},
+        "bf16_first_ratio_deviation": plain["first_ratio_deviation"],
+        "bf16_first_ratio_deviation_recompute_old_log_prob": recomputed["first_ratio_deviation"],
+        "memory": {"measured_update_peak_gb": plain["peak_memory_gb"], "kind": plain["memory_kind"],
+                   **predicted_memory_gb(args, {"nodes": plan.num_nodes,
+                                                "train_forward_passes": plain["training_forwards"]},
+                                         info.world_size, config)},
+        "compile": "pending: this branch has no --compile flag; eager only", "is_main": info.is_main,
+    }
+
+
+def markdown(r: dict) -> str:
+    u, ro, m = r["update"], r["rollout"], r["memory"]
+    rows = [["rollout (16-leaf tree)", f"{ro['forward_passes']} forwards", f"{ro['seconds']:.3f}",
+             f"{ro['forward_passes_per_s']:.2f} fwd/s", ro["mfu"]],
+            ["update (act. ckpt" + (", FSDP2)" if u["fsdp2"] else ")"), f"{u['edges']} edges, "
+             f"{u['training_forwards']} forwards", f"{u['seconds']:.3f}", f"micro-batch {u['micro_batch']}", u["mfu"]]]
+    return "\n".join([
+        f"# GPU check: {r['config']}, {r['size']}, {r['world_size']} process(es), {r['machine'].get('device', '')}",
+        "", f"{r['transformer_parameters'] / 1e9:.4f}B parameters, {r['blocks']} blocks, {r['tokens_per_sample']} "
+        f"tokens per sample, T = {r['steps']}, LoRA rank {r['lora_rank']}; eager ({r['compile']}).", "",
+        md_table(["phase", "work", "seconds", "rate", "MFU"], rows), "",
+        f"- bf16 first-ratio deviation max |ratio - 1|: {r['bf16_first_ratio_deviation']:.3g}; with "
+        f"--recompute_old_log_prob: {r['bf16_first_ratio_deviation_recompute_old_log_prob']:.3g}",
+        f"- update peak memory ({m['kind']}): {m['measured_update_peak_gb']} GB; planner: "
+        f"{m['predicted_without_margin_gb']:.3f} GiB without margin, {m['predicted_total_gb']:.3f} GiB with it", ""])
+
+
+def main(argv=None) -> int:
+    from branchgrpo.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    if result.pop("is_main"):
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "gpu_check.md").write_text(markdown(result))
+        print(markdown(result))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
