@@ -147,3 +147,22 @@ def test_plan_prints_the_policies_budgets(capsys):
     out = capsys.readouterr().out
     for name in ("dynamic_allocation", "adaptive_splits", "adaptive_innovation", "guided_expansion"):
         assert name in out
+
+
+def test_benchmark_table_counts_forwards_to_the_baselines_final_reward():
+    from branchgrpo.bench.dynamic import mean_ci, table
+
+    def curve(rewards, per_eval):
+        fw = [i * per_eval for i in range(len(rewards))]
+        return {"reward": rewards, "forwards": fw, "wall": fw, "forwards_total": fw[-1], "wall_total": fw[-1],
+                "diversity": 1.0, "diversity_ratio": 1.0}
+
+    curves = {"branchgrpo": [curve([0.4, 0.5, 0.6], 100), curve([0.4, 0.6, 0.6], 100)],
+              "branchgrpo_guided": [curve([0.4, 0.6, 0.7], 50), curve([0.4, 0.5, 0.55], 50)]}
+    rows = {r["method"]: r for r in table(curves, 2)}
+    assert rows["branchgrpo"]["eval_reward_after"] == 0.6 and rows["branchgrpo"]["forwards_to_baseline_reward"] == 150
+    guided = rows["branchgrpo_guided"]
+    assert guided["forwards_to_baseline_reward"] == 50 and guided["reached"] == "1/2"
+    assert guided["forwards_to_baseline_ratio"] == 0.25 and guided["forward_passes_ratio"] == 0.5
+    m, half = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and abs(half - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
