@@ -29,8 +29,9 @@ from pathlib import Path
 from branchgrpo.bench.compare import builtin_embeddings, run_method
 
 BASELINE = "branchgrpo"
-# row -> flags added to the baseline's; the combination was chosen before measuring (the two policies that cut the
-# compute of an iteration), not tuned on the results
+# row -> flags added to the baseline's. The combinations: guided + allocation (chosen before measuring: the two that
+# cut an iteration's compute) and guided + splits (chosen after the single policies' 20-iteration toy runs: the two
+# with the fewest forward passes per eval-reward gain); neither tuned further.
 POLICIES: dict[str, list[str]] = {
     "branchgrpo": [],
     "branchgrpo_allocation": ["--dynamic_allocation"],
@@ -38,6 +39,7 @@ POLICIES: dict[str, list[str]] = {
     "branchgrpo_innovation": ["--adaptive_innovation"],
     "branchgrpo_guided": ["--guided_expansion"],
     "branchgrpo_guided_allocation": ["--guided_expansion", "--dynamic_allocation"],
+    "branchgrpo_guided_splits": ["--guided_expansion", "--adaptive_splits"],
 }
 TOY_CONFIG = "configs/toy_branchgrpo.yaml"
 COLUMNS = ("method", "seeds", "iterations", "forward_passes_total", "forward_passes_ratio", "wall_time_s",

@@ -9,7 +9,8 @@
 #   MODEL=flux NPROC=8 MODEL_PATH=data/flux DATA_JSON=data/rl_embeddings/index.json bash scripts/bench/dynamic_branching.sh
 #
 # Environment (defaults): MODEL (toy | flux); ITERATIONS (30); SEEDS (0,1,2); METHODS (all: branchgrpo,
-# branchgrpo_allocation, branchgrpo_splits, branchgrpo_innovation, branchgrpo_guided, branchgrpo_guided_allocation;
+# branchgrpo_allocation, branchgrpo_splits, branchgrpo_innovation, branchgrpo_guided, branchgrpo_guided_allocation,
+# branchgrpo_guided_splits;
 # the baseline branchgrpo is always added); EVAL_EVERY (ITERATIONS / 6); OUTPUT_DIR (outputs/dynamic_branching);
 # NUM_THREADS (1); SKIP_SETUP=1 skips env_setup.sh; PYTHON.
 # flux only: NPROC (8), MODEL_PATH (data/flux), DATA_JSON (data/rl_embeddings/index.json), HPS_CKPT_DIR (hps_ckpt),
