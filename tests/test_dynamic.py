@@ -166,3 +166,23 @@ def test_benchmark_table_counts_forwards_to_the_baselines_final_reward():
     assert guided["forwards_to_baseline_ratio"] == 0.25 and guided["forward_passes_ratio"] == 0.5
     m, half = mean_ci([1.0, 2.0, 3.0])
     assert m == 2.0 and abs(half - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
+
+
+def test_policy_states_round_trip_through_the_checkpoints_json_exactly():
+    """The allocation history only acts on a prompt's second visit, which the short training test above never
+    reaches: its state (and the others') is checked here through the JSON the checkpoint writes."""
+    import json
+
+    algo = algorithm(**POLICIES)
+    graph = algo.rollout(0, lambda plan, **kw: rollout(plan, Counting(), 3, **kw), [5, 6, 7],
+                         lambda x0, p: x0.flatten(1).mean(1))
+    rewards = torch.rand(graph.leaves.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    algo.observe(graph, rewards, [5, 6, 7], 0)
+    saved = json.loads(json.dumps(algo.state_dict()))
+    fresh = algorithm(**POLICIES)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == algo.state_dict()
+    assert fresh.split_points == algo.split_points
+    assert [p.parent.tolist() for p in fresh.prompt_plans(1, [5, 6, 7, 8])] == \
+        [p.parent.tolist() for p in algo.prompt_plans(1, [5, 6, 7, 8])]
+    assert fresh.schedules["innovation"].r == algo.schedules["innovation"].r

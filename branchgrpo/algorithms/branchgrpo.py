@@ -21,7 +21,7 @@ from branchgrpo.algorithms import dynamic as dyn
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, WindowFlags, window_flag_names
 from branchgrpo.config.fields import flag, parse_int_list, require
-from branchgrpo.graph import GraphPlan, RolloutGraph
+from branchgrpo.graph import GraphPlan, RolloutGraph, plan_counts
 from branchgrpo.plans import tree_plan
 from branchgrpo.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
 
@@ -359,7 +359,7 @@ class BranchGRPO(Algorithm):
             lines["adaptive_innovation"] = (f"r per split in [{c.innovation_min:g}, 1] toward a within-parent variance "
                                             f"share of {c.innovation_target:g}; no change in forward passes")
         if c.guided_expansion:
-            full = dyn.plan_counts(self._tree(iteration, self.split_points))
+            full = plan_counts(self._tree(iteration, self.split_points))
             decodes = sum(int((self.plan(iteration).step == s).sum()) for s in self.split_points)
             lines["guided_expansion"] = (f"{out['forward_passes']} rollout forwards (fixed tree: "
                                          f"{full['forward_passes']}), {out['leaves']} leaves, plus {decodes} decodes "
