@@ -65,18 +65,22 @@ def path_log_probs(graph: RolloutGraph) -> torch.Tensor:
     return cum
 
 
-def fuse_rewards(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: float) -> torch.Tensor:
+def fuse_rewards(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: float,
+                 leaf_log_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Paper Eq. 3: V(n) = sum over leaves l below n of w_l r_l, w = softmax_l(alpha * log pi(path n -> l)).
 
     The path log-prob from n to l is cum(l) - cum(n); cum(n) is common to all of n's leaves and cancels in the
     softmax, so w_l is proportional to exp(alpha * cum(l)) restricted to the leaves below n. alpha = 0: the plain
     mean of the leaf descendants; alpha = 1: behaviour-policy weighting; large alpha: the most probable leaf.
+    `leaf_log_weights` [num leaves] (guided expansion's importance weights) multiply each leaf's weight.
     """
     r = leaf_rewards.to(torch.float64)
     pos, anc = leaf_ancestor_pairs(graph)
     valid = torch.isfinite(r)[pos]
     pos, anc = pos[valid], anc[valid]
     logits = alpha * path_log_probs(graph)[graph.leaves][pos]
+    if leaf_log_weights is not None:
+        logits = logits + leaf_log_weights.to(torch.float64)[pos]
     n = graph.num_nodes
     peak = torch.full((n,), -float("inf"), dtype=torch.float64).scatter_reduce(0, anc, logits, reduce="amax")
     w = torch.exp(logits - peak[anc])
@@ -85,9 +89,10 @@ def fuse_rewards(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: float) 
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(num, float("nan")))
 
 
-def tree_advantages(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+def tree_advantages(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: float = 0.0,
+                    leaf_log_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Fusion (Eq. 3) then depth-wise normalisation (Eq. 4) within each prompt: A [N] (float64, NaN = no data)."""
-    values = fuse_rewards(graph, leaf_rewards, alpha)
+    values = fuse_rewards(graph, leaf_rewards, alpha, leaf_log_weights)
     keys = graph.prompt * (int(graph.depth.max()) + 1) + graph.depth
     return standardize(values, keys)
 

@@ -117,10 +117,21 @@ class RolloutGraph:
     latents: torch.Tensor  # fp32 [M, *latent_shape]: latents of the nodes with latent_row >= 0
     latent_row: torch.Tensor  # [N] row of each node in `latents`, -1 if not kept
     num_forward_passes: int = 0
+    #: one plan per prompt when the prompts' graphs differ (dynamic branching); None: `plan` for every prompt
+    prompt_plans: tuple[GraphPlan, ...] | None = None
 
     @property
     def num_nodes(self) -> int:
         return self.parent.numel()
+
+    def _per_node(self, name: str) -> torch.Tensor:
+        if self.prompt_plans is None:
+            return getattr(self.plan, name).repeat(self.num_prompts)
+        return torch.cat([getattr(p, name) for p in self.prompt_plans])
+
+    @property
+    def num_children(self) -> torch.Tensor:
+        return self._per_node("num_children")
 
     @property
     def stochastic(self) -> torch.Tensor:
@@ -129,12 +140,12 @@ class RolloutGraph:
 
     @property
     def is_leaf(self) -> torch.Tensor:
-        return self.plan.is_leaf.repeat(self.num_prompts)
+        return self._per_node("is_leaf")
 
     @property
     def std_scale(self) -> torch.Tensor:
         """float64 [N]: multiplier of each SDE edge's kernel std (split steps' lambda; 1 elsewhere)."""
-        return self.plan.std_scale.repeat(self.num_prompts)
+        return self._per_node("std_scale")
 
     @property
     def leaves(self) -> torch.Tensor:
@@ -160,6 +171,31 @@ def expand_plan(plan: GraphPlan, num_prompts: int) -> dict[str, torch.Tensor]:
         "prompt": torch.arange(num_prompts).repeat_interleave(n),
         "group": plan.group.repeat(num_prompts),
     }
+
+
+def expand_plans(plans: list[GraphPlan]) -> dict[str, torch.Tensor]:
+    """Like `expand_plan` for prompts with their own plans (plans[b] for prompt b), plus the per-node plan tensors
+    (`std_scale`, `shares_noise`, `evaluated`, `is_leaf`, `root_slot`) the rollout needs."""
+    sizes = torch.tensor([p.num_nodes for p in plans])
+    offsets = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    parent = torch.cat([p.parent for p in plans])
+    out = {"parent": torch.where(parent >= 0, parent + offsets, parent),
+           "prompt": torch.repeat_interleave(torch.arange(len(plans)), sizes)}
+    for name in ("step", "depth", "kind", "group", "std_scale", "shares_noise", "evaluated", "is_leaf", "root_slot"):
+        out[name] = torch.cat([getattr(p, name) for p in plans])
+    return out
+
+
+def sub_plan(plan: GraphPlan, keep: torch.Tensor) -> GraphPlan:
+    """The plan restricted to the nodes of bool mask `keep` (closed under parents: a kept node's parent is kept)."""
+    ids = torch.nonzero(keep).flatten()
+    new_id = torch.full((plan.num_nodes,), -1, dtype=torch.long)
+    new_id[ids] = torch.arange(ids.numel())
+    parent = plan.parent[ids]
+    assert bool((keep[parent[parent >= 0]]).all()), "sub_plan: a kept node lost its parent"
+    return GraphPlan(num_steps=plan.num_steps, parent=torch.where(parent >= 0, new_id[parent.clamp(min=0)], parent),
+                     step=plan.step[ids], kind=plan.kind[ids], std_scale=plan.std_scale[ids],
+                     shares_noise=plan.shares_noise[ids], group=plan.group[ids], root_slot=plan.root_slot[ids])
 
 
 def skeleton_graph(plan: GraphPlan, num_prompts: int = 1) -> RolloutGraph:

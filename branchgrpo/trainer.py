@@ -15,6 +15,7 @@ import json
 import logging
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ from branchgrpo.outputs import (
 )
 from branchgrpo.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.preemption import Preempted, Preemption
-from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options
+from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
 from branchgrpo.rollout import NoiseKeys, run_rollout
 from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
 from branchgrpo.watchdog import Watchdog, mark
@@ -213,27 +214,29 @@ class Trainer:
         mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
-        graph = self.rollout(embeddings, batch.keys, it)
+        graph = self.rollout(embeddings, batch, it)
         t1 = time.time()
         scores = self.score(graph, batch.texts, batch.embeddings)
         t2 = time.time()
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
+        figures = self.algo.observe(graph, self.rewards.weighted_sum(scores), batch.indices, it)  # adaptive policies
         edges = select_edges(graph, trained, advantages, self.cfg.loss.adv_clip_max)
         update = self.updater.run(graph, embeddings, edges, it)
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)
         t3 = time.time()
         self._maybe_save_rollout(graph, it)
-        return self._entry(it, graph, scores, trained, update, float(edges.weight.sum()), (t0, t1, t2, t3))
+        return self._entry(it, graph, scores, trained, update, float(edges.weight.sum()), (t0, t1, t2, t3)) | figures
 
-    def rollout(self, embeddings: dict, prompt_keys: tuple[int, ...], it: int) -> RolloutGraph:
-        s = self.cfg.sampling
-        noise = NoiseKeys(self.cfg.run.seed, it, prompt_keys, shared_root_key=self.info.rank if s.init_same_noise else None)
+    def rollout(self, embeddings: dict, batch, it: int) -> RolloutGraph:
+        s, r = self.cfg.sampling, self.cfg.reward
+        noise = NoiseKeys(self.cfg.run.seed, it, batch.keys, shared_root_key=self.info.rank if s.init_same_noise else None)
+        run = partial(run_rollout, velocity_fn=self._velocity(embeddings), sigmas=self.sigmas, kernel=self.kernel,
+                      noise=noise, latent_shape=self.adapter.latent_shape, device=self.device, batch_size=s.rollout_batch_size)
+        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size, batch.embeddings)
         with using_module(self.adapter, self.prepared.bare):
-            return run_rollout(self.algo.plan(it), self._velocity(embeddings), self.sigmas, self.kernel, noise,
-                               self.adapter.latent_shape, self.device, s.rollout_batch_size,
-                               self.algo.branch_innovation)
+            return self.algo.rollout(it, run, batch.indices, score)
 
     @torch.no_grad()
     def score(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
@@ -320,6 +323,7 @@ class Trainer:
         entry.update({f"reward_{name}": float(v[scored & torch.isfinite(v)].nanmean())
                       for name, v in scores.items() if len(scores) > 1})
         entry["trained_edges"] = int(trained.sum())
+        entry["train_forward_passes"] = int(torch.unique(graph.parent[trained]).numel())  # siblings share one
         entry["leaves"] = int(scored.sum())
         entry["peak_memory_mb"] = _peak_memory_mb(self.device)
         if counts["live_edges"] == 0:

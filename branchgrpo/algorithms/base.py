@@ -157,6 +157,16 @@ class Algorithm(abc.ABC):
         """Bool mask over nodes: the edges (child ends) trained this iteration; always a subset of SDE edges."""
         return graph.stochastic.clone()
 
+    def rollout(self, iteration: int, run, prompt_ids: list[int], score=None) -> RolloutGraph:
+        """The iteration's rollout graph: `run(plan_or_per_prompt_plans, branch_innovation=..., expand=...)` runs
+        branchgrpo.rollout.run_rollout on the batch; `prompt_ids` are the prompts' dataset rows; `score(latents,
+        prompt index)` rewards decoded latents (for units that look at intermediate rewards)."""
+        return run(self.plan(iteration), branch_innovation=self.branch_innovation)
+
+    def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
+        """After the rewards: update adaptive state from the iteration's statistics; returns figures to log."""
+        return {}
+
     # --- counts and state ------------------------------------------------------------------------------------
     def counts(self, iteration: int = 0) -> dict:
         """The honest per-prompt cost of iteration `iteration` (branchgrpo.graph.plan_counts). Selections that

@@ -37,6 +37,7 @@ def format_counts(c: dict) -> str:
         ("training forward passes", f"{c['train_forward_passes']}  ({c['train_forward_passes_per_leaf']:.4g} per leaf;"
                                     " siblings share one)"),
     ]
+    rows += [(f"--{name}", text) for name, text in c.get("policies", {}).items()]  # dynamic branching's budgets
     width = max(len(k) for k, _ in rows)
     head = f"{c['algo']}, T = {c['sampling_steps']}, iteration {c['iteration']}, per prompt:"
     return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])

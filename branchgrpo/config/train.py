@@ -241,7 +241,10 @@ def changed_flags(saved: dict, cfg: TrainConfig) -> str:
     """The flags of `cfg` that differ from a run's `saved` flags, except the sections' RESUMABLE ones, as
     "--name old -> new, ..." ('' when the runs are the same experiment)."""
     resumable = cfg.resumable
-    changed = {k: (saved.get(k), v) for k, v in cfg.flags.items() if k not in resumable and saved.get(k) != v}
+    # an algorithm flag added after the run was written, left at its default, reproduces the old behaviour
+    added = {f.name for f in dataclasses.fields(cfg.algorithm) if f.name not in saved and cfg.flags.get(f.name) == f.default}
+    changed = {k: (saved.get(k), v) for k, v in cfg.flags.items()
+               if k not in resumable and k not in added and saved.get(k) != v}
     return ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
 
 

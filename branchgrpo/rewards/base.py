@@ -283,3 +283,13 @@ def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: to
             score_parts[name].append(values)
         media_parts.append(media)
     return {name: torch.cat(parts) for name, parts in score_parts.items()}, torch.cat(media_parts)
+
+
+def score_latents(decode: Callable[[torch.Tensor], torch.Tensor], rewards: RewardSet, texts: Sequence[str],
+                  batch_size: int, per_prompt: dict | None, latents: torch.Tensor, prompt_index: torch.Tensor
+                  ) -> torch.Tensor:
+    """The weighted total reward of decoded `latents` [N, ...] whose prompts are rows `prompt_index` [N] of `texts`
+    (guided expansion scores x0-predictions with it): float32 [N] on the CPU."""
+    conditions = rewards.conditions(per_prompt, prompt_index.cpu())
+    scores, _ = decode_and_score(decode, latents, [texts[int(p)] for p in prompt_index], rewards, batch_size, conditions)
+    return rewards.weighted_sum(scores)
