@@ -1,6 +1,7 @@
 """Process-group setup for 1..N processes launched by torchrun (or plain python: a world of one).
 
-gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. Parallel wrappers (DDP, FSDP2) and activation checkpointing live in `parallel.py`.
+gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. Parallel wrappers (DDP, FSDP2) and activation
+checkpointing live in `parallel.py`.
 
 Collectives give up after `--collective_timeout_s` (the process group's timeout); the wrappers below record which
 collective a rank waits in, for the stall watchdog (branchgrpo.watchdog) to name it.

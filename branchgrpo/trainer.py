@@ -231,10 +231,13 @@ class Trainer:
 
     def rollout(self, embeddings: dict, batch, it: int) -> RolloutGraph:
         s, r = self.cfg.sampling, self.cfg.reward
-        noise = NoiseKeys(self.cfg.run.seed, it, batch.keys, shared_root_key=self.info.rank if s.init_same_noise else None)
+        noise = NoiseKeys(self.cfg.run.seed, it, batch.keys,
+                          shared_root_key=self.info.rank if s.init_same_noise else None)
         run = partial(run_rollout, velocity_fn=self._velocity(embeddings), sigmas=self.sigmas, kernel=self.kernel,
-                      noise=noise, latent_shape=self.adapter.latent_shape, device=self.device, batch_size=s.rollout_batch_size)
-        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size, batch.embeddings)
+                      noise=noise, latent_shape=self.adapter.latent_shape, device=self.device,
+                      batch_size=s.rollout_batch_size)
+        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
+                        batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
         with using_module(self.adapter, self.prepared.bare):
             return self.algo.rollout(it, run, batch.indices, score)
 

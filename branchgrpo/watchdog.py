@@ -1,8 +1,8 @@
 """Stall watchdog: a rank that makes no progress for a while says where it waits and which rank is behind.
 
-From the start of training, the trainer marks progress at every cut point (rollout forward, reward chunk, micro-batch, ...) and the collectives of
-`branchgrpo.distributed` record which one a rank is in (and who called it). With several processes, a daemon thread
-per rank publishes its last progress to the process group's store every few seconds, and when its own rank has made
+From the start of training, the trainer marks progress at every cut point (rollout forward, reward chunk,
+micro-batch, ...) and the collectives of `branchgrpo.distributed` record which one a rank is in (and who called it).
+With several processes, a daemon thread per rank publishes its last progress to the process group's store every few seconds, and when its own rank has made
 no progress for `stall_s` (a quarter of --collective_timeout_s) it logs one line such as
 
     rank 0: no progress for 150 s (iteration 12, since 'rollout forward'), waiting in all_reduce_max (from
