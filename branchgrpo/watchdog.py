@@ -2,8 +2,9 @@
 
 From the start of training, the trainer marks progress at every cut point (rollout forward, reward chunk,
 micro-batch, ...) and the collectives of `branchgrpo.distributed` record which one a rank is in (and who called it).
-With several processes, a daemon thread per rank publishes its last progress to the process group's store every few seconds, and when its own rank has made
-no progress for `stall_s` (a quarter of --collective_timeout_s) it logs one line such as
+With several processes, a daemon thread per rank publishes its last progress to the process group's store every few
+seconds, and when its own rank has made no progress for `stall_s` (a quarter of --collective_timeout_s) it logs one
+line such as
 
     rank 0: no progress for 150 s (iteration 12, since 'rollout forward'), waiting in all_reduce_max (from
     Preemption.cut_point); behind: rank 1 (heartbeat 149 s old: stopped, hung or dead; last 'reward chunk')
