@@ -41,7 +41,7 @@ POLICIES: dict[str, list[str]] = {
     "branchgrpo_guided_allocation": ["--guided_expansion", "--dynamic_allocation"],
     "branchgrpo_guided_splits": ["--guided_expansion", "--adaptive_splits"],
 }
-TOY_CONFIG = "configs/toy_branchgrpo.yaml"
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ("method", "seeds", "iterations", "forward_passes_total", "forward_passes_ratio", "wall_time_s",
            "eval_reward_before", "eval_reward_after", "eval_reward_ci95", "forwards_to_baseline_reward",
            "forwards_to_baseline_ratio", "reached", "diversity", "diversity_ratio")
@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     every = args.eval_every or max(1, args.iterations // 6)
-    base = ["--config", TOY_CONFIG] if args.model == "toy" else ["--model", args.model]
+    preset = REPO / "configs" / f"{args.model}_branchgrpo.yaml"  # the backbone's shipped BranchGRPO preset, if any
+    base = ["--config", str(preset)] if preset.is_file() else ["--model", args.model]
     emb = builtin_embeddings(args.model, out)
     if emb is not None:
         base += ["--data_json_path", str(emb[0]), "--eval_data_json_path", str(emb[1]), "--device", "cpu"]
