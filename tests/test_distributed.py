@@ -19,6 +19,7 @@ from trainer_utils import (
     free_port,
     make_toy_embeddings,
     metrics,
+    processes_naming,
     torchrun,
     train,
     without_timings,
@@ -110,8 +111,16 @@ def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, 
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"no second checkpoint write:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    ranks = [pid for pid in processes_naming(str(script)) if pid != proc.pid]  # torchrun names the script too
+    assert len(ranks) == 2, ranks
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and, in their own sessions, both ranks at once
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.time() + 10
+    while processes_naming(str(script)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not processes_naming(str(script)), "a rank survived its SIGKILL"
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "checkpoint-1" and not (ckpts / "checkpoint-2").exists()
     resumed = torchrun(fast_args(emb, out, parallel="fsdp", resume_from_checkpoint="latest",

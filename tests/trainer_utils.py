@@ -92,3 +92,20 @@ TIMING_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s",
 
 def without_timings(entries: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in entries]
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live (not zombie) processes other than this one whose command line contains `text`. torchrun starts its
+    ranks in sessions of their own, so killing torchrun's process group does not reach them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if state != "Z" and text.encode() in cmd:
+            found.append(int(entry.name))
+    return found
