@@ -29,9 +29,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/flux_${NAME}}"
 
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
-[[ -d "$MODEL_PATH" ]] && for part in vae text_encoder text_encoder_2 tokenizer tokenizer_2; do
-  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
-done
+bg_require_parts "$MODEL_PATH" docs/flux.md vae text_encoder text_encoder_2 tokenizer tokenizer_2
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 [[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
 [[ "${USE_EMA:-0}" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }

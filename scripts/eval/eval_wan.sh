@@ -31,9 +31,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/wan_${NAME}}"
 
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V-1.3B there in diffusers layout (docs/wan.md)"
-[[ -d "$MODEL_PATH" ]] && for part in transformer vae text_encoder tokenizer; do
-  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
-done
+bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 [[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
 [[ "${USE_EMA:-0}" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }

@@ -24,6 +24,16 @@ bg_python() {
 
 bg_require_file() { [[ -f "$1" ]] || { echo "error: $2 ($1 not found)" >&2; BG_MISSING=1; }; }
 bg_require_dir() { [[ -d "$1" ]] || { echo "error: $2 ($1 not found)" >&2; BG_MISSING=1; }; }
+# bg_require_parts DIR DOC PART...: each PART (file or folder) of a diffusers-layout checkpoint folder exists in DIR
+# (checked only when DIR exists; its absence is bg_require_dir's to report); DOC names where the layout is described.
+bg_require_parts() {
+  local dir="$1" doc="$2" part
+  shift 2
+  [[ -d "$dir" ]] || return 0
+  for part in "$@"; do
+    [[ -e "$dir/$part" ]] || { echo "error: MODEL_PATH=$dir lacks $part (diffusers layout expected, $doc)" >&2; BG_MISSING=1; }
+  done
+}
 bg_check_inputs() {
   [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '${NPROC:-}'" >&2; BG_MISSING=1; }
   [[ "$BG_MISSING" == 0 ]] || exit 2

@@ -19,9 +19,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/flux_${NAME}}"
 
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
-[[ -d "$MODEL_PATH" ]] && for part in transformer vae; do
-  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
-done
+bg_require_parts "$MODEL_PATH" docs/flux.md transformer vae
 bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_flux_rl_embeddings.sh first"
 if [[ "$REWARD" == *hps* ]]; then
   bg_require_file "$HPS_CKPT_DIR/HPS_v2.1_compressed.pt" "HPS_CKPT_DIR: HPS-v2.1 checkpoint missing (hps_ckpt/README.md)"

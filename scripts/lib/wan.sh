@@ -25,9 +25,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/${WAN_BACKBONE}_${NAME}}"
 
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/wan.md)"
-[[ -d "$MODEL_PATH" ]] && for part in transformer vae; do
-  bg_require_dir "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part/ (diffusers layout expected)"
-done
+bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae
 bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_${WAN_BACKBONE}_rl_embeddings.sh first"
 if [[ "$REWARD" == *videoalign* ]]; then
   bg_require_dir "$HPS_CKPT_DIR/VideoReward" "HPS_CKPT_DIR: VideoAlign checkpoint folder VideoReward/ missing (docs/wan.md)"

@@ -24,11 +24,7 @@ MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: prompt file not found (one prompt per line; docs/flux.md says where to get prompts)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
-if [[ -d "$MODEL_PATH" ]]; then
-  for part in model_index.json text_encoder text_encoder_2 tokenizer tokenizer_2; do
-    [[ -e "$MODEL_PATH/$part" ]] || bg_require_file "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part (diffusers layout expected, docs/flux.md)"
-  done
-fi
+bg_require_parts "$MODEL_PATH" docs/flux.md model_index.json text_encoder text_encoder_2 tokenizer tokenizer_2
 bg_check_inputs
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"

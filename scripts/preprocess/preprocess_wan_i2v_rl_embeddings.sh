@@ -30,11 +30,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-data/wan_i2v_embeddings}"
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: JSONL prompt file not found (one {\"prompt\": ..., \"image\": ...} per line, docs/wan.md)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-I2V-14B-480P (or -720P) there in diffusers layout (docs/wan.md)"
-if [[ -d "$MODEL_PATH" ]]; then
-  for part in model_index.json text_encoder tokenizer image_encoder image_processor vae; do
-    [[ -e "$MODEL_PATH/$part" ]] || bg_require_file "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part (diffusers layout expected, docs/wan.md)"
-  done
-fi
+bg_require_parts "$MODEL_PATH" docs/wan.md model_index.json text_encoder tokenizer image_encoder image_processor vae
 bg_check_inputs
 
 # Only an explicitly set NEGATIVE_PROMPT (possibly empty) overrides Wan's default.

@@ -26,11 +26,7 @@ MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: prompt file not found (one prompt per line; docs/wan.md says where to get prompts)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V (e.g. Wan2.1-T2V-1.3B-Diffusers) there in diffusers layout (docs/wan.md)"
-if [[ -d "$MODEL_PATH" ]]; then
-  for part in model_index.json text_encoder tokenizer; do
-    [[ -e "$MODEL_PATH/$part" ]] || bg_require_file "$MODEL_PATH/$part" "MODEL_PATH=$MODEL_PATH lacks $part (diffusers layout expected, docs/wan.md)"
-  done
-fi
+bg_require_parts "$MODEL_PATH" docs/wan.md model_index.json text_encoder tokenizer
 bg_check_inputs
 
 # Only an explicitly set NEGATIVE_PROMPT (possibly empty) overrides Wan's default.
