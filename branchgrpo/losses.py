@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from branchgrpo.sde import gaussian_kl_equal_std
@@ -35,15 +37,26 @@ def kl_penalty(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tens
 
 
 @torch.no_grad()
-def policy_stats(ratio: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float) -> dict:
-    """Sums and extremes over a micro-batch, to be reduced over an iteration (see `merge_stats`)."""
-    log_ratio = log_prob.float() - old_log_prob.float()
+def policy_stats(ratio: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float,
+                 live: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sums (float64) and extremes over a micro-batch's edges - those of bool mask `live`, all if None - as 0-d
+    tensors on their device: nothing is read back to the host here (`read_stats` does, once per iteration)."""
+    deviation = ratio.float() - 1.0
+    kl = deviation - (log_prob.float() - old_log_prob.float())  # k3 estimator of KL(old || new), >= 0
+    clipped = deviation.abs() > clip_range
+    lowest, highest = ratio.float(), ratio.float()
+    if live is not None:
+        kl = torch.where(live, kl, torch.zeros_like(kl))
+        clipped = clipped & live
+        lowest = torch.where(live, lowest, torch.full_like(lowest, math.inf))
+        highest = torch.where(live, highest, torch.full_like(highest, -math.inf))
+    none = ratio.numel() == 0
     return {
-        "num_edges": float(ratio.numel()),
-        "clipped": float(((ratio - 1.0).abs() > clip_range).sum()),
-        "approx_kl_sum": float(((ratio - 1.0) - log_ratio).sum()),  # k3 estimator of KL(old || new), >= 0
-        "ratio_min": float(ratio.min()) if ratio.numel() else 1.0,
-        "ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
+        "num_edges": (live.sum() if live is not None else torch.tensor(ratio.numel(), device=ratio.device)).double(),
+        "clipped": clipped.sum().double(),
+        "approx_kl_sum": kl.sum().double(),
+        "ratio_min": lowest.new_tensor(math.inf) if none else lowest.min(),
+        "ratio_max": highest.new_tensor(-math.inf) if none else highest.max(),
     }
 
 
@@ -51,6 +64,17 @@ def merge_stats(acc: dict, new: dict) -> dict:
     if not acc:
         return dict(new)
     out = {k: acc[k] + new[k] for k in ("num_edges", "clipped", "approx_kl_sum")}
-    out["ratio_min"] = min(acc["ratio_min"], new["ratio_min"])
-    out["ratio_max"] = max(acc["ratio_max"], new["ratio_max"])
+    out["ratio_min"] = torch.minimum(acc["ratio_min"], new["ratio_min"])
+    out["ratio_max"] = torch.maximum(acc["ratio_max"], new["ratio_max"])
     return out
+
+
+def read_stats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`stats` as Python floats in one device-to-host copy; extremes over no edge at all read as 1.0."""
+    if not stats:
+        return {}
+    values = dict(zip(stats, torch.stack([t.double() for t in stats.values()]).tolist()))
+    for name, value in values.items():
+        if name.endswith(("ratio_min", "ratio_max")) and math.isinf(value):
+            values[name] = 1.0
+    return values

@@ -1,6 +1,7 @@
 """Parallelism and memory savers, applied by free functions to an already built backbone, in one fixed order
-(as torchtitan does): LoRA -> frozen reference copy (KL) -> activation checkpointing on blocks -> FSDP2 (one
-`fully_shard` per block, then the root) or DDP (`prepare_model`). Full state dicts for export are gathered here too.
+(as torchtitan does): LoRA -> frozen reference copy (KL) -> activation checkpointing on blocks -> torch.compile of
+each block (`--compile`) -> FSDP2 (one `fully_shard` per block, then the root) or DDP (`prepare_model`). Full state
+dicts for export are gathered here too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ class Prepared:
     mode: str  # none | ddp | fsdp
     autocast: Callable[[], contextlib.AbstractContextManager]
     reference: Callable[[], contextlib.AbstractContextManager] | None  # adapter.velocity = reference policy inside
+    compiled: bool = False  # --compile: the blocks are compiled
+
+    def log_compiles(self) -> None:
+        """Log how many graphs torch.compile has built when that number changed (a new batch size class, or a
+        recompile): a count that keeps growing over iterations means a recompile per step."""
+        if self.compiled:
+            from branchgrpo.compile_stats import log_new_graphs
+
+            log_new_graphs(log)
 
 
 @contextlib.contextmanager
@@ -75,6 +85,13 @@ def prepare_model(adapter: FlowAdapter, model_cfg, parallel_cfg, default_paralle
             raise ValueError(f"--gradient_checkpointing: the {adapter.name} backbone declares no blocks")
         n = apply_activation_checkpointing(module, blocks, parallel_cfg.selective_checkpointing)
         log.info("activation checkpointing on %d of %d blocks", n, len(blocks))
+    if parallel_cfg.compile:
+        if not blocks:
+            raise ValueError(f"--compile: the {adapter.name} backbone declares no blocks")
+        apply_compile(checkpointed_blocks(module, blocks))
+        if frozen_copy is not None:  # the KL reference runs the same blocks: compiled alike (they share graphs)
+            apply_compile([u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}])
+        log.info("torch.compile on %d blocks (dynamic batch dimension)", len(blocks))
     precision = parallel_cfg.compute_dtype(info.device)
     model = module
     if mode == "fsdp":
@@ -93,7 +110,8 @@ def prepare_model(adapter: FlowAdapter, model_cfg, parallel_cfg, default_paralle
         autocast = lambda: torch.autocast(info.device.type, dtype=precision)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
-    return Prepared(model=model, bare=module, mode=mode, autocast=autocast, reference=reference)
+    return Prepared(model=model, bare=module, mode=mode, autocast=autocast, reference=reference,
+                    compiled=parallel_cfg.compile)
 
 
 def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], fraction: float = 1.0) -> int:
@@ -113,6 +131,19 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], fr
         check_fn=lambda m: id(m) in chosen,
     )
     return len(chosen)
+
+
+def apply_compile(units: list[nn.Module], dynamic: bool | None = True) -> int:
+    """torch.compile each unit in place (`nn.Module.compile`: the module, its parameters and its state-dict keys stay
+    as they are; only its call goes through the compiled code). The units are the blocks after activation
+    checkpointing (so a wrapper's recomputation is compiled with its block) and before FSDP2 (torchtitan's order).
+
+    dynamic=True marks the batch dimension symbolic from the first call, so a tree's depths (1, 2, 4, ... nodes per
+    prompt) share one graph instead of compiling one per batch size; identical blocks share their graphs (dynamo
+    inlines module calls and passes the parameters as inputs). See branchgrpo/compile_stats.py for the counts."""
+    for unit in units:
+        unit.compile(dynamic=dynamic)
+    return len(units)
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype | None,

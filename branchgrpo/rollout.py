@@ -10,6 +10,7 @@ the rollout batch size or the batch's other prompts, and another iteration gives
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ import torch
 
 from branchgrpo import sde
 from branchgrpo.graph import SDE, GraphPlan, RolloutGraph, expand_plans, sub_plan
-from branchgrpo.seeding import keyed_normal, mix_key
+from branchgrpo.seeding import keyed_generator, keyed_normal, mix_key
+from branchgrpo.transfer import to_device_once
 
 # velocity_fn(latents [B, ...] fp32, sigmas [B] fp32, prompt index [B] long) -> velocity [B, ...] fp32
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,12 +59,141 @@ def _evaluate(velocity_fn: VelocityFn, x: torch.Tensor, sigma_B: torch.Tensor, p
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         outs.append(velocity_fn(x[sl], sigma_B[sl], prompt_B[sl]).float())
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # expand(parents [n] global ids, x0_hat [n, ...], prompt [n]) -> children to keep [n] long: guided expansion's hook,
 # called at each split with the split parents whose velocities were just evaluated (branchgrpo.algorithms.dynamic)
 ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class _Depth:
+    """One depth of a rollout, laid out on the host before the rollout runs: the level's nodes, which of them are
+    stored and evaluated, and the transitions into the next level. `dev` holds the index and sigma tensors the
+    loop needs on the device (moved there in one copy, `transfer.to_device_once`); a missing entry means "all
+    rows, in order", so the loop skips that gather. The loop itself then only launches device work: no host sync."""
+
+    depth: int
+    ids: torch.Tensor  # host [n]: the level's node ids, in node-id order
+    stored_ids: torch.Tensor  # host: those whose latents are stored
+    dev: dict = dataclasses.field(default_factory=dict)
+    ev_ids: torch.Tensor | None = None  # host: the evaluated nodes
+    children: torch.Tensor | None = None  # host: the next level's node ids; None at the last level
+    sde_ids: torch.Tensor | None = None  # host: the children entered by an SDE edge
+    kinds: str = ""  # transitions into the children: "sde", "ode" or "mixed"
+    own_draws: list = dataclasses.field(default_factory=list)  # [(prompt, rows)]: own noise, one draw per prompt
+    shared_draws: list = dataclasses.field(default_factory=list)  # [(prompt, rows)]: split-shared noise
+    innovation: float = 1.0
+
+
+def _layout(nodes: dict, alive: torch.Tensor, keep: torch.Tensor, level_ids: torch.Tensor, depth: int,
+            sigma32: torch.Tensor, branch_innovation, by_depth: list[torch.Tensor]) -> list[_Depth]:
+    """The depths from `depth` (whose nodes are `level_ids`) down; nodes below a dead one are marked dead."""
+    parent, step, kind, prompt = nodes["parent"], nodes["step"], nodes["kind"], nodes["prompt"]
+    row_of = torch.full((parent.numel(),), -1, dtype=torch.long)
+    out = []
+    for d in range(depth, len(by_depth)):
+        stored = keep[level_ids]
+        lv = _Depth(d, level_ids, level_ids[stored])
+        out.append(lv)
+        if not bool(stored.all()):
+            lv.dev["keep"] = torch.nonzero(stored).flatten()
+        children = by_depth[d + 1] if d + 1 < len(by_depth) else by_depth[d][:0]
+        children = children[alive[children]]
+        orphan = ~alive[parent[children]]  # below a child that guided expansion dropped
+        alive[children[orphan]] = False
+        children = children[~orphan]
+        if children.numel() == 0:
+            break
+        evaluated = nodes["evaluated"][level_ids]
+        lv.ev_ids, lv.children = level_ids[evaluated], children
+        if not bool(evaluated.all()):
+            lv.dev["evaluated"] = torch.nonzero(evaluated).flatten()
+        lv.dev["ev_sigma"], lv.dev["ev_prompt"] = sigma32[step[lv.ev_ids]], prompt[lv.ev_ids]
+        row_of[lv.ev_ids] = torch.arange(lv.ev_ids.numel())
+        rows = row_of[parent[children]]
+        if not torch.equal(rows, torch.arange(lv.ev_ids.numel())):
+            lv.dev["rows"] = rows
+        lv.dev["s_from"], lv.dev["s_to"] = sigma32[step[parent[children]]], sigma32[step[children]]
+        is_sde = kind[children] == SDE
+        lv.kinds = "sde" if bool(is_sde.all()) else "mixed" if bool(is_sde.any()) else "ode"
+        if lv.kinds != "ode":
+            _noise_layout(lv, nodes, is_sde, branch_innovation)
+        level_ids = children
+    return out
+
+
+def _noise_layout(lv: _Depth, nodes: dict, is_sde: torch.Tensor, branch_innovation) -> None:
+    """Where the noise of the SDE edges into the level's children comes from (see `_edge_noise`)."""
+    parent, prompt = nodes["parent"], nodes["prompt"]
+    sde_ids = lv.children[is_sde]
+    lv.sde_ids = sde_ids
+    if lv.kinds == "mixed":
+        lv.dev["sde_rows"] = torch.nonzero(is_sde).flatten()
+    lv.dev["std_scale"] = nodes["std_scale"][sde_ids]
+    prompts, counts = torch.unique_consecutive(prompt[sde_ids], return_counts=True)
+    lv.own_draws = list(zip(prompts.tolist(), counts.tolist()))
+    r = branch_innovation
+    lv.innovation = float(r if isinstance(r, float | int) else r.get(lv.depth + 1, 1.0))
+    mix = nodes["shares_noise"][sde_ids] & (lv.innovation < 1.0)
+    if not bool(mix.any()):
+        return
+    shared_rows, which = torch.unique_consecutive(parent[sde_ids], return_inverse=True)
+    prompts, counts = torch.unique_consecutive(prompt[shared_rows], return_counts=True)
+    lv.shared_draws = list(zip(prompts.tolist(), counts.tolist()))
+    lv.dev["which"] = which
+    if not bool(mix.all()):
+        lv.dev["mix_rows"] = torch.nonzero(mix).flatten()
+        lv.dev["which"] = which[lv.dev["mix_rows"]]
+
+
+# laid-out rollouts by (plans, sigmas, innovation, keep_all_latents) and device: a training run lays out its plan
+# once, not every iteration (guided expansion's layouts depend on the rollout and are never kept)
+_LAYOUTS: dict[tuple, list[_Depth]] = {}
+_MAX_LAYOUTS = 8
+
+
+def _fingerprint(plans: list[GraphPlan], sigma32: torch.Tensor, branch_innovation, keep_all: bool) -> bytes:
+    """A digest of everything a layout depends on (the plans' content, not their identity)."""
+    digest, seen = hashlib.blake2b(digest_size=16), {}
+    for p in plans:
+        if id(p) not in seen:
+            one = hashlib.blake2b(f"{p.num_steps},{p.num_nodes}".encode(), digest_size=16)
+            for t in (p.parent, p.step, p.kind, p.std_scale, p.shares_noise, p.group, p.root_slot):
+                one.update(t.numpy().tobytes())
+            seen[id(p)] = one.digest()
+        digest.update(seen[id(p)])
+    r = branch_innovation
+    digest.update(sigma32.cpu().numpy().tobytes())
+    digest.update(repr((keep_all, sorted(r.items()) if isinstance(r, Mapping) else float(r))).encode())
+    return digest.digest()
+
+
+def _prepare(plans, nodes, alive, sigma32, branch_innovation, keep_all_latents: bool, device, cache: bool):
+    """(levels, keep, by_depth): the rollout's layout, from the cache if `cache` and laid out before, plus the
+    stored-latent mask and the node ids per depth that guided expansion's re-layouts need (None from the cache)."""
+    key = (_fingerprint(plans, sigma32, branch_innovation, keep_all_latents), str(device))
+    if cache and key in _LAYOUTS:
+        return list(_LAYOUTS[key]), None, None
+    parent, kind, depth = nodes["parent"], nodes["kind"], nodes["depth"]
+    keep = nodes["is_leaf"] | (kind == SDE)
+    keep[parent[kind == SDE]] = True
+    if keep_all_latents:
+        keep[:] = True
+    by_depth = [torch.nonzero(depth == d).flatten() for d in range(int(depth.max()) + 1)]
+    levels = _layout(nodes, alive, keep, by_depth[0], 0, sigma32, branch_innovation, by_depth)
+    to_device_once([lv.dev for lv in levels], device)
+    if cache:
+        _LAYOUTS[key] = levels
+        while len(_LAYOUTS) > _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    return list(levels), keep, by_depth  # a copy: guided expansion replaces the levels below a split
+
+
+def _rows(x: torch.Tensor, dev: dict, name: str) -> torch.Tensor:
+    """x's rows `dev[name]`, or x itself where the layout says "all rows, in order"."""
+    return x[dev[name]] if name in dev else x
 
 
 @torch.no_grad()
@@ -87,7 +218,8 @@ def run_rollout(
     `expand` (guided expansion): at each split, keeps only the first `expand(...)` children of each split parent;
     the dropped children and their subtrees are never run, and the returned graph holds the prompts' reduced plans.
     Latents are kept for the nodes training and rewards need (both ends of SDE edges, and leaves); all of them with
-    `keep_all_latents`.
+    `keep_all_latents`. Host syncs: none inside the depth loop (the layout is built and moved before it; log-probs
+    are read back once at the end), except guided expansion's decision at each split.
     """
     device = torch.device(device)
     num_prompts = len(noise.prompt_keys)
@@ -96,65 +228,57 @@ def run_rollout(
     nodes = expand_plans(plans)
     parent, step, kind, prompt, depth = (nodes[k] for k in ("parent", "step", "kind", "prompt", "depth"))
     num_nodes = parent.numel()
-    std_scale, shares_noise, has_children = nodes["std_scale"], nodes["shares_noise"], nodes["evaluated"]
     sigma32 = sigmas.to(torch.float32)
     shape = tuple(latent_shape)
     alive = torch.ones(num_nodes, dtype=torch.bool)
+    levels, keep, by_depth = _prepare(plans, nodes, alive, sigma32, branch_innovation, keep_all_latents, device,
+                                      cache=expand is None)
+    roots = levels[0].ids
+    level_x = torch.stack([keyed_normal(shape, noise.root(b, slot), device)
+                           for b, slot in zip(prompt[roots].tolist(), nodes["root_slot"][roots].tolist())])
+    stored, stored_ids, sde_out = [], [], []
+    forward_passes, d = 0, 0
+    while True:
+        lv = levels[d]
+        stored.append(_rows(level_x, lv.dev, "keep"))
+        stored_ids.append(lv.stored_ids)
+        if lv.children is None:
+            break
+        ev_x = _rows(level_x, lv.dev, "evaluated")
+        v = _evaluate(velocity_fn, ev_x, lv.dev["ev_sigma"], lv.dev["ev_prompt"], batch_size)
+        forward_passes += lv.ev_ids.numel()
+        splits = expand is not None and bool(nodes["shares_noise"][lv.children].any())
+        if splits and _expand(expand, lv, nodes, ev_x, v, sigma32, alive):  # some children dropped: lay out again
+            levels[d:] = _layout(nodes, alive, keep, lv.ids, d, sigma32, branch_innovation, by_depth)
+            to_device_once([lv.dev for lv in levels[d:]], device)
+            lv = levels[d]
+        xp, vp = _rows(ev_x, lv.dev, "rows"), _rows(v, lv.dev, "rows")
+        s_from, s_to = lv.dev["s_from"], lv.dev["s_to"]
+        if lv.kinds != "sde":
+            level_x = sde.ode_step(xp, vp, s_from, s_to)
+        if lv.kinds != "ode":
+            eps = _edge_noise(lv, noise, shape, device)
+            rows = lv.dev.get("sde_rows")
+            out = sde.sde_step(_rows(xp, lv.dev, "sde_rows"), _rows(vp, lv.dev, "sde_rows"),
+                               _rows(s_from, lv.dev, "sde_rows"), _rows(s_to, lv.dev, "sde_rows"), kernel,
+                               noise=eps, std_scale=lv.dev["std_scale"])
+            if rows is None:
+                level_x = out.sample
+            else:
+                level_x[rows] = out.sample
+            sde_out.append((lv.sde_ids, out.log_prob, out.std))
+        d += 1
 
-    keep = nodes["is_leaf"] | (kind == SDE)
-    keep[parent[kind == SDE]] = True
-    if keep_all_latents:
-        keep[:] = True
     log_prob = torch.zeros(num_nodes, dtype=torch.float32)
     std = torch.zeros(num_nodes, dtype=torch.float32)
-
-    # level d holds the latents of every node at depth d, in node-id order
-    level_ids = torch.nonzero(depth == 0).flatten()
-    root_slot = nodes["root_slot"]
-    level_x = torch.stack([keyed_normal(shape, noise.root(int(prompt[r]), int(root_slot[r])), device)
-                           for r in level_ids.tolist()])
-    kept_ids, kept_x = [], []
-    forward_passes = 0
-    for d in range(int(depth.max()) + 1):
-        keep_rows = keep[level_ids]
-        kept_ids.append(level_ids[keep_rows])
-        kept_x.append(level_x[keep_rows.to(device)])
-        children = torch.nonzero(depth == d + 1).flatten()
-        orphan = ~alive[parent[children]]  # below a child that guided expansion dropped
-        alive[children[orphan]] = False
-        children = children[~orphan]
-        if children.numel() == 0:
-            break
-        evaluated = has_children[level_ids]
-        ev_ids, ev_x = level_ids[evaluated], level_x[evaluated.to(device)]
-        v = _evaluate(velocity_fn, ev_x, sigma32[step[ev_ids]].to(device), prompt[ev_ids].to(device), batch_size)
-        forward_passes += ev_ids.numel()
-        if expand is not None and bool(shares_noise[children].any()):
-            children = _expand(expand, children, parent, shares_noise, ev_ids, ev_x, v, sigma32, step, prompt, alive)
-
-        row_of = torch.full((num_nodes,), -1, dtype=torch.long)
-        row_of[ev_ids] = torch.arange(ev_ids.numel())
-        rows = row_of[parent[children]].to(device)
-        xp, vp = ev_x[rows], v[rows]
-        s_from, s_to = sigma32[step[parent[children]]].to(device), sigma32[step[children]].to(device)
-        level_x = sde.ode_step(xp, vp, s_from, s_to)
-        is_sde = kind[children] == SDE
-        if bool(is_sde.any()):
-            idx = torch.nonzero(is_sde).flatten()
-            c = children[idx]
-            r = branch_innovation if isinstance(branch_innovation, float | int) else branch_innovation.get(d + 1, 1.0)
-            eps = _edge_noise(c, parent, prompt, depth, shares_noise, noise, float(r), shape, device)
-            out = sde.sde_step(xp[idx], vp[idx], s_from[idx], s_to[idx], kernel, noise=eps,
-                               std_scale=std_scale[c].to(device))
-            level_x[idx.to(device)] = out.sample
-            log_prob[c] = out.log_prob.cpu()
-            std[c] = out.std.cpu()
-        level_ids = children
-
-    ids = torch.cat(kept_ids)
-    order = torch.argsort(ids)
+    if sde_out:  # one device-to-host copy for the whole rollout
+        ids = torch.cat([i for i, _, _ in sde_out])
+        values = torch.stack([torch.cat([lp for _, lp, _ in sde_out]), torch.cat([s for _, _, s in sde_out])]).cpu()
+        log_prob[ids], std[ids] = values[0], values[1]
+    complete = expand is None or bool(alive.all())
     latent_row = torch.full((num_nodes,), -1, dtype=torch.long)
-    latent_row[ids[order]] = torch.arange(ids.numel())
+    ids = torch.cat(stored_ids)
+    latent_row[ids] = torch.arange(ids.numel())  # latents are stored level by level
     graph = RolloutGraph(
         plan=plans[0],
         num_prompts=num_prompts,
@@ -167,17 +291,20 @@ def run_rollout(
         group=nodes["group"],
         log_prob=log_prob,
         std=std,
-        latents=torch.cat(kept_x)[order.to(device)],
+        latents=torch.cat(stored),
         latent_row=latent_row,
         num_forward_passes=forward_passes,
-        prompt_plans=None if isinstance(plan, GraphPlan) and bool(alive.all()) else tuple(plans),
+        prompt_plans=None if isinstance(plan, GraphPlan) and complete else tuple(plans),
     )
-    return graph if bool(alive.all()) else _alive_subgraph(graph, alive)
+    return graph if complete else _alive_subgraph(graph, alive)
 
 
-def _expand(expand: ExpandFn, children, parent, shares_noise, ev_ids, ev_x, v, sigma32, step, prompt, alive):
-    """Guided expansion at one split: ask `expand` how many children each split parent keeps; mark the rest dead."""
-    split_parents = torch.unique(parent[children[shares_noise[children]]])
+def _expand(expand: ExpandFn, lv: _Depth, nodes: dict, ev_x, v, sigma32, alive) -> bool:
+    """Guided expansion at one split: ask `expand` how many children each split parent keeps; mark the rest dead.
+    Returns whether any child was dropped (then the layout below is rebuilt)."""
+    parent, step, prompt = nodes["parent"], nodes["step"], nodes["prompt"]
+    children, ev_ids = lv.children, lv.ev_ids
+    split_parents = torch.unique(parent[children[nodes["shares_noise"][children]]])
     rows = torch.nonzero(torch.isin(ev_ids, split_parents)).flatten()
     x0 = sde.predict_x0(ev_x[rows.to(ev_x.device)], v[rows.to(v.device)], sigma32[step[ev_ids[rows]]].to(v.device))
     num_keep = expand(ev_ids[rows], x0, prompt[ev_ids[rows]]).to(torch.long).cpu()
@@ -190,7 +317,7 @@ def _expand(expand: ExpandFn, children, parent, shares_noise, ev_ids, ev_x, v, s
     rank = torch.arange(children.numel()) - start
     live = rank < limit[parent[children]]
     alive[children[~live]] = False
-    return children[live]
+    return not bool(live.all())
 
 
 def _alive_subgraph(graph: RolloutGraph, alive: torch.Tensor) -> RolloutGraph:
@@ -207,20 +334,28 @@ def _alive_subgraph(graph: RolloutGraph, alive: torch.Tensor) -> RolloutGraph:
         prompt_plans=plans)
 
 
-def _edge_noise(children, parent, prompt, depth, shares_noise, noise: NoiseKeys, r: float, shape, device):
-    """Noise of the SDE edges into `children` (all at one depth, in node-id order, hence grouped by prompt): one
-    keyed draw per (prompt, depth) for the children's own components, and one per (prompt, depth) for the
-    components that the siblings of a split share."""
-    d = int(depth[children[0]])
-    prompts, counts = torch.unique_consecutive(prompt[children], return_counts=True)
-    own = torch.cat([keyed_normal((n, *shape), noise.edge(b, d), device)
-                     for b, n in zip(prompts.tolist(), counts.tolist())])
-    mix = shares_noise[children] & (r < 1.0)
-    if not bool(mix.any()):
+def _edge_noise(lv: _Depth, noise: NoiseKeys, shape, device) -> torch.Tensor:
+    """Noise of the SDE edges into the level's children (all at one depth, in node-id order, hence grouped by
+    prompt): one keyed draw per (prompt, depth) for the children's own components, and one per (prompt, depth) for
+    the components that the siblings of a split share; drawn straight into their rows."""
+    d = lv.depth
+    own = torch.empty((lv.sde_ids.numel(), *shape), dtype=torch.float32, device=device)
+    _keyed_rows(own, [(noise.edge(b, d + 1), n) for b, n in lv.own_draws])
+    if not lv.shared_draws:
         return own
-    shared_rows, which = torch.unique_consecutive(parent[children], return_inverse=True)
-    per_prompt = torch.unique_consecutive(prompt[shared_rows], return_counts=True)
-    shared = torch.cat([keyed_normal((n, *shape), noise.split(b, d - 1), device)
-                        for b, n in zip(per_prompt[0].tolist(), per_prompt[1].tolist())])
-    mixed = math.sqrt(1.0 - r * r) * shared[which.to(device)] + r * own
-    return torch.where(mix.to(device).reshape(-1, *([1] * len(shape))), mixed, own)
+    shared = torch.empty((sum(n for _, n in lv.shared_draws), *shape), dtype=torch.float32, device=device)
+    _keyed_rows(shared, [(noise.split(b, d), n) for b, n in lv.shared_draws])
+    r = lv.innovation
+    if "mix_rows" not in lv.dev:
+        return math.sqrt(1.0 - r * r) * shared[lv.dev["which"]] + r * own
+    rows = lv.dev["mix_rows"]
+    own[rows] = math.sqrt(1.0 - r * r) * shared[lv.dev["which"]] + r * own[rows]
+    return own
+
+
+def _keyed_rows(out: torch.Tensor, draws: list[tuple[int, int]]) -> None:
+    """Fill consecutive row blocks of `out` with keyed standard normals: draws [(key, rows)]."""
+    start = 0
+    for key, n in draws:
+        out[start : start + n].normal_(generator=keyed_generator(key, out.device))
+        start += n

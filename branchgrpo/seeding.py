@@ -6,6 +6,8 @@ exactly what the unbroken run drew; ranks differ because their prompts (or ranks
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -18,6 +20,7 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+@functools.lru_cache(maxsize=1024)  # the same few labels, hashed thousands of times per rollout
 def _fnv1a(text: str) -> int:
     h = 0xCBF29CE484222325
     for byte in text.encode():

@@ -223,6 +223,7 @@ class Trainer:
         figures = self.algo.observe(graph, self.rewards.weighted_sum(scores), batch.indices, it)  # adaptive policies
         edges = select_edges(graph, trained, advantages, self.cfg.loss.adv_clip_max)
         update = self.updater.run(graph, embeddings, edges, it)
+        self.prepared.log_compiles()  # --compile: how many graphs so far, when that changed
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)
         t3 = time.time()

@@ -27,10 +27,18 @@ import torch
 
 from branchgrpo import distributed, sde
 from branchgrpo.graph import RolloutGraph
-from branchgrpo.losses import clipped_surrogate, guard_non_finite, kl_penalty, merge_stats, policy_stats
+from branchgrpo.losses import (
+    clipped_surrogate,
+    guard_non_finite,
+    kl_penalty,
+    merge_stats,
+    policy_stats,
+    read_stats,
+)
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.parallel import clip_grad_norm, gradient_sync
 from branchgrpo.seeding import keyed_permutation, mix_key
+from branchgrpo.transfer import to_device_once
 
 
 @dataclass
@@ -80,65 +88,92 @@ class PolicyUpdate:
         self.preemption = preemption  # branchgrpo.preemption.Preemption, or None
         self.skipped = SkippedSteps(optim_cfg.max_skipped_steps)
 
-    def _rescore(self, x, v, sigma_from, sigma_to, row, graph: RolloutGraph, children) -> sde.StepResult:
-        """The stored transitions into `children` re-scored under velocity `v` of their parents (rows `row` of
-        x / v): the rollout's own step function, given the sample instead of noise (one code path)."""
-        return sde.sde_step(x[row], v.float()[row], sigma_from[row], sigma_to, self.kernel,
-                            sample=graph.node_latents(children).to(self.device),
-                            std_scale=graph.std_scale[children].to(self.device))
-
-    def micro_batch_forward(self, graph: RolloutGraph, embeddings: dict, edges: Edges, idx: torch.Tensor):
-        """The edges `idx` re-scored under the current policy (StepResult: log-prob [E], mean, std [E]), one forward
-        per distinct parent, and what the KL term needs to score the reference the same way."""
-        parents, row = torch.unique(edges.parent[idx], return_inverse=True)
-        x = graph.node_latents(parents).to(self.device)
-        sigma_from = graph.sigmas.float()[graph.step[parents]].to(self.device)
-        cond = gather_cond(embeddings, graph.prompt[parents].to(self.device))
-        with self.autocast():
-            v = self.adapter.velocity(x, sigma_from, cond)
-        children = edges.child[idx]
-        row = row.to(self.device)
-        sigma_to = graph.sigmas.float()[graph.step[children]].to(self.device)
-        return self._rescore(x, v, sigma_from, sigma_to, row, graph, children), (x, sigma_from, cond, row, sigma_to)
-
-    @torch.no_grad()
-    def recompute_old_log_probs(self, graph, embeddings, edges: Edges, batches: list[torch.Tensor]) -> None:
-        """Score the behaviour log-probs with the training forward's layout (--recompute_old_log_prob)."""
+    def layout(self, graph: RolloutGraph, edges: Edges, batches: list[torch.Tensor]) -> list[dict]:
+        """What each micro-batch's forward and loss need on the device - latent rows, sigmas, prompts, each edge's
+        parent row, std scales, old log-probs, advantages, weights - laid out on the host and moved in one copy per
+        dtype, so that the micro-batch loop itself never waits for a host-to-device copy."""
+        sigmas, std_scale = graph.sigmas.float(), graph.std_scale
+        tables = []
         for idx in batches:
-            step, _ = self.micro_batch_forward(graph, embeddings, edges, idx)
-            edges.old_log_prob[idx] = step.log_prob.float().cpu()
+            if idx.numel() == 0:  # padding: one forward of any stored latent, weight 0
+                tables.append({"x_rows": graph.latent_row[edges.parent[:1] if edges.parent.numel() else
+                                                          graph.leaves[:1]]})
+                continue
+            parents, row = torch.unique(edges.parent[idx], return_inverse=True)
+            children = edges.child[idx]
+            tables.append({"x_rows": graph.latent_row[parents], "sigma_from": sigmas[graph.step[parents]],
+                           "prompt": graph.prompt[parents], "row": row, "sigma_to": sigmas[graph.step[children]],
+                           "sample_rows": graph.latent_row[children], "std_scale": std_scale[children],
+                           "old": edges.old_log_prob[idx], "advantage": edges.advantage[idx],
+                           "weight": edges.weight[idx]})
+        rows = [t[k] for t in tables for k in ("x_rows", "sample_rows") if k in t]
+        assert not rows or bool((torch.cat(rows) >= 0).all()), "latent of a node that was not kept"
+        to_device_once(tables, self.device)
+        return tables
 
-    def run(self, graph: RolloutGraph, embeddings: dict, edges: Edges, iteration: int) -> dict:
+    def _plan(self, graph: RolloutGraph, edges: Edges, iteration: int):
+        """Host-side, before the loop: the micro-batches (edge indices, padded to the same count on every rank),
+        their device tables, and the optimizer steps' windows of micro-batches with their edge counts."""
         cfg = self.optim_cfg
         key = mix_key(self.seed, iteration, "mb", self.rank)
         batches = plan_micro_batches(edges.parent, cfg.train_micro_batch_size, key)
         num_micro = int(distributed.all_reduce_max(torch.tensor(len(batches))).item())
         batches += [torch.zeros(0, dtype=torch.long)] * (num_micro - len(batches))  # zero-weight padding
-        if cfg.recompute_old_log_prob:
-            self.recompute_old_log_probs(graph, embeddings, edges, [b for b in batches if b.numel()])
         accum = cfg.gradient_accumulation_steps or max(num_micro, 1)  # no edge at all: no optimizer step
-        stats, losses, norms, first_ratio = {}, [], [], None
-        skipped = nonfinite = steps = kl_sum = 0.0
-        if self.preemption is not None and optimizer_steps_per_iteration(num_micro, accum) > 1:
+        windows = [range(start, min(start + accum, num_micro)) for start in range(0, num_micro, accum)]
+        edge_counts = [float(sum(edges.weight[batches[i]].sum() for i in w)) for w in windows]
+        return batches, self.layout(graph, edges, batches), list(zip(windows, edge_counts))
+
+    def micro_batch_forward(self, graph: RolloutGraph, embeddings: dict, mb: dict) -> sde.StepResult:
+        """The micro-batch's edges re-scored under the current policy (inside `self.reference()`: the reference's)
+        - one forward per distinct parent; the rollout's own step function given the stored sample instead of
+        noise (one code path). Returns the StepResult: log-prob [E], mean, std [E]."""
+        x = graph.latents[mb["x_rows"]]
+        cond = gather_cond(embeddings, mb["prompt"])
+        with self.autocast():
+            v = self.adapter.velocity(x, mb["sigma_from"], cond)
+        row = mb["row"]
+        return sde.sde_step(x[row], v.float()[row], mb["sigma_from"][row], mb["sigma_to"], self.kernel,
+                            sample=graph.latents[mb["sample_rows"]], std_scale=mb["std_scale"])
+
+    @torch.no_grad()
+    def recompute_old_log_probs(self, graph, embeddings, edges: Edges, tables: list[dict],
+                                batches: list[torch.Tensor]) -> None:
+        """Score the behaviour log-probs with the training forward's layout (--recompute_old_log_prob)."""
+        for mb, idx in zip(tables, batches):
+            if idx.numel():
+                mb["old"] = self.micro_batch_forward(graph, embeddings, mb).log_prob.float()
+        live = [(idx, mb["old"]) for mb, idx in zip(tables, batches) if idx.numel()]
+        if live:  # the host copy, in one read
+            edges.old_log_prob[torch.cat([i for i, _ in live])] = torch.cat([o for _, o in live]).cpu()
+
+    def run(self, graph: RolloutGraph, embeddings: dict, edges: Edges, iteration: int) -> dict:
+        """Host syncs: none per micro-batch (a preemption check across ranks aside), one per optimizer step (the
+        gradient norm decides whether the step is applied), one at the end for the statistics."""
+        cfg = self.optim_cfg
+        batches, tables, windows = self._plan(graph, edges, iteration)
+        num_micro = len(batches)
+        if cfg.recompute_old_log_prob:
+            self.recompute_old_log_probs(graph, embeddings, edges, tables, batches)
+        stats, sums, losses, norms, first_ratio = {}, {}, [], [], None
+        skipped = steps = 0
+        if self.preemption is not None and len(windows) > 1:
             self.preemption.keep_weights(self.params, self.optimizer)
         self.model.train()
-        for start in range(0, num_micro, accum):
-            window = batches[start : start + accum]
-            num_edges = float(sum(edges.weight[b].sum() for b in window))
-            step_loss = 0.0
-            for j, idx in enumerate(window):
+        for window, num_edges in windows:
+            step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            for i in window:
                 if self.preemption is not None:
                     self.preemption.cut_point()
-                with gradient_sync(self.model, enabled=j == len(window) - 1):
-                    loss, mb = self._micro_batch_loss(graph, embeddings, edges, idx, max(num_edges, 1.0))
+                with gradient_sync(self.model, enabled=i == window[-1]):
+                    loss, mb = self._micro_batch_loss(graph, embeddings, tables[i], max(num_edges, 1.0))
                     loss.backward()
-                step_loss += float(loss.detach())
+                step_loss = step_loss + loss.detach().double()
                 if mb:
-                    stats = merge_stats(stats, mb["stats"])
-                    nonfinite += mb["nonfinite"]
-                    kl_sum += mb["kl_sum"]
+                    stats = merge_stats(stats, mb.pop("stats"))
+                    sums = {k: sums.get(k, 0.0) + t for k, t in mb.items()}
                     if first_ratio is None:
-                        first_ratio = (mb["stats"]["ratio_min"], mb["stats"]["ratio_max"])
+                        first_ratio = {"first_ratio_min": stats["ratio_min"], "first_ratio_max": stats["ratio_max"]}
             norm = clip_grad_norm(self.params, cfg.max_grad_norm)
             finite = bool(torch.isfinite(norm))
             if finite:
@@ -149,53 +184,51 @@ class PolicyUpdate:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
-            norms.append(float(norm))
+            norms.append(norm)
             steps += 1
         self.model.eval()
-        n = max(stats.get("num_edges", 0.0), 1.0)
-        first_ratio = first_ratio or (1.0, 1.0)
+        read = read_stats({**stats, **sums, **(first_ratio or {}), **{f"loss{i}": t for i, t in enumerate(losses)}})
+        norms = torch.stack(norms).tolist() if norms else []  # host tensors (clip_grad_norm read them back)
+        n = max(read.get("num_edges", 0.0), 1.0)
         return {
-            "loss": sum(losses) / max(len(losses), 1),
+            "loss": sum(read[f"loss{i}"] for i in range(len(losses))) / max(len(losses), 1),
             "grad_norm": sum(norms) / max(len(norms), 1),
             "optimizer_steps": steps,
             "skipped_steps": skipped,
             "micro_batches": num_micro,
-            "nonfinite_edges": nonfinite,
-            "clip_fraction": stats.get("clipped", 0.0) / n,
-            "approx_kl": stats.get("approx_kl_sum", 0.0) / n,
-            "kl": kl_sum / n,
-            "ratio_min": stats.get("ratio_min", 1.0),
-            "ratio_max": stats.get("ratio_max", 1.0),
-            "first_ratio_min": first_ratio[0],
-            "first_ratio_max": first_ratio[1],
+            "nonfinite_edges": read.get("nonfinite", 0.0),
+            "clip_fraction": read.get("clipped", 0.0) / n,
+            "approx_kl": read.get("approx_kl_sum", 0.0) / n,
+            "kl": read.get("kl_sum", 0.0) / n,
+            "ratio_min": read.get("ratio_min", 1.0),
+            "ratio_max": read.get("ratio_max", 1.0),
+            "first_ratio_min": read.get("first_ratio_min", 1.0),
+            "first_ratio_max": read.get("first_ratio_max", 1.0),
         }
 
-    def _micro_batch_loss(self, graph, embeddings, edges: Edges, idx: torch.Tensor, normaliser: float):
-        if idx.numel() == 0:  # padding: a zero-weight forward keeps the collectives of every rank in step
-            dummy = graph.node_latents(edges.parent[:1] if edges.parent.numel() else graph.leaves[:1]).to(self.device)
+    def _micro_batch_loss(self, graph, embeddings, mb: dict, normaliser: float):
+        if "old" not in mb:  # padding: a zero-weight forward keeps the collectives of every rank in step
             cond = gather_cond(embeddings, torch.zeros(1, dtype=torch.long, device=self.device))
             with self.autocast():
-                v = self.adapter.velocity(dummy, torch.ones(1, device=self.device), cond)
+                v = self.adapter.velocity(graph.latents[mb["x_rows"]], torch.ones(1, device=self.device), cond)
             return 0.0 * v.float().sum(), None
-        step, (x, sigma_from, cond, row, sigma_to) = self.micro_batch_forward(graph, embeddings, edges, idx)
-        old = edges.old_log_prob[idx].to(self.device)
-        adv = edges.advantage[idx].to(self.device)
-        weight = edges.weight[idx].to(self.device)
+        step = self.micro_batch_forward(graph, embeddings, mb)
+        old, adv, weight = mb["old"], mb["advantage"], mb["weight"]
         log_prob, ok = guard_non_finite(step.log_prob, old)
         loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.loss_cfg.clip_range)
-        kl_sum = 0.0
+        out = {}
         if self.loss_cfg.kl_coef > 0 and self.reference is not None:
-            with torch.no_grad(), self.reference(), self.autocast():
-                v_ref = self.adapter.velocity(x, sigma_from, cond)
-            reference = self._rescore(x, v_ref, sigma_from, sigma_to, row, graph, edges.child[idx])
+            with torch.no_grad(), self.reference():
+                reference = self.micro_batch_forward(graph, embeddings, mb)
             kl = kl_penalty(step.mean, reference.mean, step.std)
             loss_e = loss_e + self.loss_cfg.kl_coef * kl
-            kl_sum = float((kl.detach() * weight).sum())
+            out["kl_sum"] = (kl.detach() * weight).sum().double()
         finite = ok & torch.isfinite(loss_e)
         live = finite & (weight > 0)
         loss = torch.where(live, loss_e * weight, torch.zeros_like(loss_e)).sum() / normaliser
-        stats = policy_stats(ratio[live].detach(), log_prob[live].detach(), old[live], self.loss_cfg.clip_range)
-        return loss, {"stats": stats, "nonfinite": float((~finite & (weight > 0)).sum()), "kl_sum": kl_sum}
+        out["stats"] = policy_stats(ratio.detach(), log_prob.detach(), old, self.loss_cfg.clip_range, live)
+        out["nonfinite"] = (~finite & (weight > 0)).sum().double()
+        return loss, out
 
 
 class DivergedError(ValueError):

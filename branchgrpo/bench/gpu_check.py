@@ -8,13 +8,18 @@ weights in bf16 - no download - and measures, through the training code itself (
 3. the bf16 first-ratio deviation: the first micro-batch's ratio exp(log pi_theta - log pi_old) should be exactly 1
    (same weights), but the rollout's batched bf16 forwards and the update's differ in layout and rounding;
    `max |ratio - 1|` without and with --recompute_old_log_prob (which re-scores pi_old with the training forward);
-4. peak memory of the update against the memory planner's prediction for the same configuration.
-`--compile` does not exist in this branch: eager only, recorded as such. Writes gpu_check.json and gpu_check.md.
+4. peak memory of the update against the memory planner's prediction for the same configuration;
+5. eager vs `--compile` (unless --skip_compile): a fresh model of the same weights prepared as the trainer does
+   (activation checkpointing -> torch.compile of each block -> FSDP2), the same rollout and update timed after their
+   first calls (whose extra wall is the one-off compile time), the compiled first-ratio deviation, max |log-prob
+   compiled - eager| (same noise keys) and the graphs dynamo compiled (branchgrpo/bench/compiled.py has the CPU
+   version, interleaved). Writes gpu_check.json and gpu_check.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -23,9 +28,10 @@ from types import SimpleNamespace
 import torch
 
 from branchgrpo import distributed, plans
-from branchgrpo.bench.measure import PeakMemory, machine_info, sync
+from branchgrpo.bench.compiled import first_ratio_deviation
+from branchgrpo.bench.measure import PeakMemory, machine_info, sync, timed
 from branchgrpo.bench.report import md_table
-from branchgrpo.bench.throughput import KERNEL, make_rollout, mfu
+from branchgrpo.bench.throughput import make_rollout, make_update, mfu
 
 SPLITS = (0, 3, 6, 9)
 
@@ -44,6 +50,8 @@ def parse_args(argv):
     p.add_argument("--lora_rank", type=int, default=64, help="train LoRA of this rank (0: full fine-tune)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100/H200)")
     p.add_argument("--text_tokens", type=int, default=None, help="T5 tokens (default 512; --tiny: 16)")
+    p.add_argument("--skip_compile", action="store_true", help="eager only (the compile comparison builds the "
+                   "model again and compiles its forward and backward: about 2 minutes for --tiny on one CPU core)")
     args = p.parse_args(argv)
     for name in ("h", "w"):
         value = getattr(args, name) or (64 if args.tiny else 720)
@@ -77,29 +85,18 @@ def build(args, device):
 def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: bool, lr: float = 0.0) -> dict:
     """The real PolicyUpdate over every trainable edge (learning rate 0 by default: weights unchanged, so repeats
     train the same weights): time, first-ratio deviation, peak memory, the update's own metrics."""
-    from branchgrpo.config.sections import LossConfig, OptimConfig
-    from branchgrpo.seeding import keyed_normal, mix_key
-    from branchgrpo.update import PolicyUpdate, select_edges
-
-    params = [p for p in adapter.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    advantages = keyed_normal((graph.num_nodes,), mix_key(0, "gpu-check-advantages")).double()
-    edges = select_edges(graph, graph.stochastic, advantages, LossConfig().adv_clip_max)
-    optim_cfg = OptimConfig(train_micro_batch_size=micro, gradient_accumulation_steps=0, max_grad_norm=1.0,
-                            recompute_old_log_prob=recompute)
-    updater = PolicyUpdate(adapter, adapter.transformer, optimizer, scheduler, optim_cfg,
-                           LossConfig(clip_range=1e-3, kl_coef=0.0), 0, KERNEL, device, autocast, None, 0)
+    update, edges, _ = make_update(SimpleNamespace(adapter=adapter, cond=cond), graph, micro, device, autocast,
+                                   recompute=recompute, lr=lr)
     with PeakMemory(device) as memory:
         sync(device)
         start = time.perf_counter()
-        out = updater.run(graph, cond, edges, 0)
+        out = update()
         sync(device)
         seconds = time.perf_counter() - start
     adapter.transformer.eval()
     return {"seconds": seconds, "edges": int(edges.child.numel()),
             "training_forwards": int(torch.unique(edges.parent).numel()),
-            "first_ratio_deviation": max(out["first_ratio_max"] - 1.0, 1.0 - out["first_ratio_min"]),
+            "first_ratio_deviation": first_ratio_deviation(out),
             "peak_memory_gb": memory.peak_mb / 1024 if memory.peak_mb else None, "memory_kind": memory.kind,
             "loss": out.get("loss"), "grad_norm": out.get("grad_norm")}
 
@@ -122,6 +119,52 @@ def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
             "predicted_without_margin_gb": (total - parts["margin"]) / memory.GB}
 
 
+def measure_rollout(adapter, cond, plan, args, device, autocast) -> tuple[float, float, object]:
+    """(first call's seconds, a second call's seconds, the second call's graph) of a 16-leaf tree rollout."""
+    rollout = make_rollout(SimpleNamespace(adapter=adapter, cond=cond), plan, 1, args.steps, 32, device, autocast)
+    with torch.no_grad():
+        first_s, _ = timed(rollout, device)  # warm-up (kernels, allocator; compiling, if compiled)
+        seconds, graph = timed(rollout, device)
+    return first_s, seconds, graph
+
+
+def prepare(adapter, info, compiled: bool) -> int:
+    """As the trainer's prepare_model: activation checkpointing -> compile (when asked) -> FSDP2 (several ranks)."""
+    from branchgrpo.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, checkpointed_blocks
+
+    blocks = adapter.blocks()
+    apply_activation_checkpointing(adapter.transformer, blocks)
+    units = checkpointed_blocks(adapter.transformer, blocks)
+    if compiled:
+        apply_compile(units)
+    if info.world_size > 1:
+        apply_fsdp(adapter.transformer, units, torch.bfloat16)
+    return len(blocks)
+
+
+def compiled_check(args, info, device, autocast, plan, eager_rollout_s: float, eager_graph, eager_update: dict):
+    """Section 5: the same weights again (the eager model is freed first: two full FLUX copies need not fit),
+    compiled, measured like the eager one."""
+    from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
+
+    adapter, cond, _ = build(args, device)
+    prepare(adapter, info, compiled=True)
+    before = compiled_graphs()
+    first_s, rollout_s, graph = measure_rollout(adapter, cond, plan, args, device, autocast)
+    rollout_graphs = compiled_graphs() - before
+    first_update = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
+    update = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
+    sde = eager_graph.stochastic
+    return {"rollout_s": rollout_s, "rollout_speedup": eager_rollout_s / rollout_s,
+            "update_s": update["seconds"], "update_speedup": eager_update["seconds"] / update["seconds"],
+            "compile_s": {"rollout": first_s - rollout_s, "update": first_update["seconds"] - update["seconds"]},
+            "first_ratio_deviation": first_update["first_ratio_deviation"],
+            "logprob_max_abs_diff": float((graph.log_prob[sde] - eager_graph.log_prob[sde]).abs().max()),
+            "graphs": {"rollout": rollout_graphs, "total": compiled_graphs(),
+                       "recompile_limit_hits": recompile_limit_hits()},
+            "update_peak_memory_gb": update["peak_memory_gb"]}
+
+
 def run(args) -> dict:
     info = distributed.init_distributed("cpu" if args.tiny else "auto")
     device = info.device
@@ -130,29 +173,24 @@ def run(args) -> dict:
     plan = plans.tree_plan(args.steps, SPLITS, 2)
     num_params = sum(p.numel() for p in adapter.transformer.parameters())
     tokens = adapter.latent_shape[0] + args.text_tokens
-    rollout = make_rollout(SimpleNamespace(adapter=adapter, cond=cond), plan, 1, args.steps, 32, device, autocast)
-    with torch.no_grad():
-        rollout()  # warm-up (kernels, allocator)
-        sync(device)
-        start = time.perf_counter()
-        graph = rollout()
-        sync(device)
-        rollout_s = time.perf_counter() - start
-    from branchgrpo.parallel import apply_activation_checkpointing, apply_fsdp, checkpointed_blocks
-
-    blocks = adapter.blocks()
-    apply_activation_checkpointing(adapter.transformer, blocks)
-    if info.world_size > 1:
-        apply_fsdp(adapter.transformer, checkpointed_blocks(adapter.transformer, blocks), torch.bfloat16)
+    _, rollout_s, graph = measure_rollout(adapter, cond, plan, args, device, autocast)
+    num_blocks = prepare(adapter, info, compiled=False)
     plain = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
     recomputed = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=True)
+    compiled = "skipped (--skip_compile)"
+    if not args.skip_compile:
+        del adapter, cond
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        compiled = compiled_check(args, info, device, autocast, plan, rollout_s, graph, plain)
     fwd_per_s = graph.num_forward_passes / rollout_s
     train_fwd_per_s = plain["training_forwards"] / plain["seconds"]  # sample forwards (+ backward) per second
     peak = None if device.type == "cpu" else args.peak_tflops
     return {
         "machine": machine_info(device), "world_size": info.world_size, "tiny": args.tiny,
         "config": "tiny" if args.tiny else "flux1-dev (shipped config, random bf16 weights)",
-        "blocks": len(blocks), "transformer_parameters": num_params, "size": f"{args.h}x{args.w}",
+        "blocks": num_blocks, "transformer_parameters": num_params, "size": f"{args.h}x{args.w}",
         "tokens_per_sample": tokens, "steps": args.steps, "lora_rank": args.lora_rank,
         "rollout": {"leaves": int(plan.is_leaf.sum()), "forward_passes": graph.num_forward_passes,
                     "seconds": rollout_s, "forward_passes_per_s": fwd_per_s,
@@ -165,7 +203,7 @@ def run(args) -> dict:
                    **predicted_memory_gb(args, {"nodes": plan.num_nodes,
                                                 "train_forward_passes": plain["training_forwards"]},
                                          info.world_size, config)},
-        "compile": "pending: this branch has no --compile flag; eager only", "is_main": info.is_main,
+        "compile": compiled, "is_main": info.is_main,
     }
 
 
@@ -175,11 +213,19 @@ def markdown(r: dict) -> str:
              f"{ro['forward_passes_per_s']:.2f} fwd/s", ro["mfu"]],
             ["update (act. ckpt" + (", FSDP2)" if u["fsdp2"] else ")"), f"{u['edges']} edges, "
              f"{u['training_forwards']} forwards", f"{u['seconds']:.3f}", f"micro-batch {u['micro_batch']}", u["mfu"]]]
+    c = r["compile"]
+    compiled = [f"- --compile: {c}"]
+    if isinstance(c, dict):
+        rows += [[f"{phase} --compile", "the same", f"{c[phase + '_s']:.3f}", f"{c[phase + '_speedup']:.2f}x eager",
+                  f"compile {c['compile_s'][phase]:.1f} s"] for phase in ("rollout", "update")]
+        compiled = [f"- --compile: first-ratio deviation {c['first_ratio_deviation']:.3g}; max |log-prob compiled - "
+                    f"eager| {c['logprob_max_abs_diff']:.3g}; graphs: rollout {c['graphs']['rollout']}, total "
+                    f"{c['graphs']['total']}, over the recompile limit {c['graphs']['recompile_limit_hits']}"]
     return "\n".join([
         f"# GPU check: {r['config']}, {r['size']}, {r['world_size']} process(es), {r['machine'].get('device', '')}",
         "", f"{r['transformer_parameters'] / 1e9:.4f}B parameters, {r['blocks']} blocks, {r['tokens_per_sample']} "
-        f"tokens per sample, T = {r['steps']}, LoRA rank {r['lora_rank']}; eager ({r['compile']}).", "",
-        md_table(["phase", "work", "seconds", "rate", "MFU"], rows), "",
+        f"tokens per sample, T = {r['steps']}, LoRA rank {r['lora_rank']}.", "",
+        md_table(["phase", "work", "seconds", "rate", "MFU"], rows), "", *compiled,
         f"- bf16 first-ratio deviation max |ratio - 1|: {r['bf16_first_ratio_deviation']:.3g}; with "
         f"--recompute_old_log_prob: {r['bf16_first_ratio_deviation_recompute_old_log_prob']:.3g}",
         f"- update peak memory ({m['kind']}): {m['measured_update_peak_gb']} GB; planner: "

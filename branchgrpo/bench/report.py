@@ -62,6 +62,20 @@ def bench_markdown(r: dict) -> str:
                        t["within_tolerance"], f"{t['tree_backbone_share']:.2f} / {t['sequential_backbone_share']:.2f}",
                        f"{100 * t['deviation_backbone_only']:+.1f}%")
                       for t in r["tree_vs_sequential"]]), ""]
+    if "host_syncs" in r:
+        h = r["host_syncs"]
+        where = lambda d: "; ".join(f"{k}: {n}" for k, n in d.items()) or "-"  # noqa: E731
+        out += [f"Host syncs (branchgrpo.bench.syncs; conservative on a CPU): one rollout of {h['num_prompts']} "
+                f"trees ({h['rollout']['depths']} depths), one update in micro-batches of "
+                f"{h['micro_batch_parents']} parents ({h['update']['micro_batches']} micro-batches, 1 optimizer step); "
+                "'in the loop' leaves out host-side layout functions and the optimizer's step counters:", "",
+                md_table(["phase", "all own", "in the loop", "per depth / micro-batch", "inside the backbone",
+                          "own, by where (kind)"],
+                         [("rollout", h["rollout"]["own"], h["rollout"]["in_loop"], h["rollout"]["in_loop_per_depth"],
+                           h["rollout"]["backbone"], where(h["rollout"]["own_by_where"])),
+                          ("update", h["update"]["own"], h["update"]["in_loop"],
+                           h["update"]["in_loop_per_micro_batch"], h["update"]["backbone"],
+                           where(h["update"]["own_by_where"]))]), ""]
     if r["training"]:
         out += ["Training (the real PolicyUpdate over every trainable edge of the tree; micro-batch = distinct "
                 "parent latents per forward):", "",

@@ -138,32 +138,36 @@ def tree_vs_sequential(backbone, args, device, autocast, num_prompts: int) -> di
             "times_s": {k: v["times_s"] for k, v in result.items()}}
 
 
-def training_throughput(backbone, graph, args, device, autocast, checkpointing: bool) -> list[dict]:
-    """Edges per second of the real PolicyUpdate over every trainable edge of a rollout graph, for each
-    micro-batch size (distinct parent latents per forward; sibling edges share their parent's forward).
-    The learning rate is 0, so every repeat trains the same weights (AdamW still does all its work)."""
+def make_update(backbone, graph, micro: int, device, autocast, module=None, recompute: bool = False,
+                lr: float = 0.0):
+    """The trainer's update (its defaults: one optimizer step per update, clipping 1.0, clip range 1e-3, no KL) of
+    `module` (default: the backbone's transformer) over every trainable edge of `graph`, at learning rate `lr` (0:
+    every repeat trains the same weights (AdamW still does all its work): returns (a closure running it, the
+    edges, the number of micro-batches)."""
     from branchgrpo.config.sections import LossConfig, OptimConfig
     from branchgrpo.update import PolicyUpdate, plan_micro_batches, select_edges
 
-    adapter = backbone.adapter
-    model = adapter.transformer
+    model = module if module is not None else backbone.adapter.transformer
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     advantages = keyed_normal((graph.num_nodes,), mix_key(0, "bench-advantages")).double()
     edges = select_edges(graph, graph.stochastic, advantages, LossConfig().adv_clip_max)
+    optim_cfg = OptimConfig(train_micro_batch_size=micro, gradient_accumulation_steps=0, max_grad_norm=1.0,
+                            recompute_old_log_prob=recompute)
+    updater = PolicyUpdate(backbone.adapter, model, optimizer, scheduler, optim_cfg,
+                           LossConfig(clip_range=1e-3, kl_coef=0.0), 0, KERNEL, device, autocast, None, 0)
+    return (lambda: updater.run(graph, backbone.cond, edges, 0)), edges, len(plan_micro_batches(edges.parent, micro, 0))
+
+
+def training_throughput(backbone, graph, args, device, autocast, checkpointing: bool) -> list[dict]:
+    """Edges per second of the real PolicyUpdate over every trainable edge of a rollout graph, for each
+    micro-batch size (distinct parent latents per forward; sibling edges share their parent's forward)."""
     rows = []
     for micro in args.micro_batch_sizes:
-        # the trainer's defaults (one optimizer step per update, clipping 1.0, clip range 1e-3, no KL)
-        optim_cfg = OptimConfig(train_micro_batch_size=micro, gradient_accumulation_steps=0, max_grad_norm=1.0,
-                                recompute_old_log_prob=False)
-        loss_cfg = LossConfig(clip_range=1e-3, kl_coef=0.0)
-        updater = PolicyUpdate(adapter, model, optimizer, scheduler, optim_cfg, loss_cfg, 0, KERNEL, device, autocast,
-                               None, 0)
-        num_micro = len(plan_micro_batches(edges.parent, micro, 0))
+        update, edges, num_micro = make_update(backbone, graph, micro, device, autocast)
         with PeakMemory(device) as memory:
-            result = interleaved_medians({"update": lambda: updater.run(graph, backbone.cond, edges, 0)}, device,
-                                         args.train_repeats, args.warmup)["update"]
+            result = interleaved_medians({"update": update}, device, args.train_repeats, args.warmup)["update"]
         median = result["median_s"]
         forwards = int(torch.unique(edges.parent).numel())
         rows.append({"micro_batch_parents": micro, "activation_checkpointing": checkpointing,
@@ -171,8 +175,24 @@ def training_throughput(backbone, graph, args, device, autocast, checkpointing: 
                      "median_s": median, "edges_per_s": edges.child.numel() / median,
                      "training_forwards_per_s": forwards / median, "peak_memory_mb": memory.peak_mb,
                      "memory_kind": memory.kind, "times_s": result["times_s"]})
-    model.eval()
+    backbone.adapter.transformer.eval()
     return rows
+
+
+def host_syncs(backbone, args, device, autocast, num_prompts: int) -> dict:
+    """Host syncs of a rollout of `num_prompts` 16-leaf trees and of the update over its edges (micro-batches of
+    the largest --micro_batch_sizes), own and inside the backbone (branchgrpo.bench.syncs)."""
+    from branchgrpo.bench.syncs import rollout_and_update_syncs
+
+    plan = plans.tree_plan(args.steps, args.split_points, args.branch_factor)
+    rollout = make_rollout(backbone, plan, num_prompts, args.steps, args.rollout_batch_size, device, autocast)
+    graph = rollout()
+    micro = max(args.micro_batch_sizes)
+    update, _, num_micro = make_update(backbone, graph, micro, device, autocast)
+    update()  # warm-up: AdamW creates its state on the first step
+    result = rollout_and_update_syncs(backbone.adapter, rollout, update, int(graph.depth.max()), num_micro, 1)
+    backbone.adapter.transformer.eval()
+    return {"num_prompts": num_prompts, "micro_batch_parents": micro, **result}
 
 
 def mfu(num_params: int, tokens: int, sample_forwards_per_s: float, peak_tflops: float | None,

@@ -143,6 +143,7 @@ def run(args) -> dict:
     print(f"depth batching: {depth['speedup']:.2f}x", flush=True)
     result["tree_vs_sequential"] = [tp.tree_vs_sequential(backbone, args, device, autocast, n) for n in tree_prompts]
     print("tree vs sequential measured", flush=True)
+    result["host_syncs"] = tp.host_syncs(backbone, args, device, autocast, max(tree_prompts))
     result["training"] = []
     if not args.skip_training:
         from branchgrpo.parallel import apply_activation_checkpointing

@@ -266,6 +266,7 @@ class ParallelConfig(Section):
                          ("auto", "none", "ddp", "fsdp"))
     gradient_checkpointing: bool = flag(False, "activation checkpointing of the backbone's blocks")
     selective_checkpointing: float = flag(1.0, "fraction of blocks checkpointed (from the first)")
+    compile: bool = flag(False, "torch.compile each block (after checkpointing, before FSDP2; batch size dynamic)")
     mixed_precision: str = flag("auto", "auto: bf16 on CUDA, fp32 on CPU", ("auto", "bf16", "fp32"))
     master_weight_type: str = flag("fp32", "dtype of the trained weights and optimizer state", ("fp32", "bf16"))
     allow_tf32: bool = flag(True, "TF32 matmuls on CUDA")
@@ -276,8 +277,8 @@ class ParallelConfig(Section):
                                        "with an error; a rank without progress for a quarter of it logs where it "
                                        "waits and which rank is behind")
 
-    # reduce_dtype: changes no saved state (checkpoints of runs before the flag existed resume too)
-    RESUMABLE = frozenset({"device", "collective_timeout_s", "reduce_dtype"})
+    # reduce_dtype, compile: change no saved state (checkpoints of runs before the flags existed resume too)
+    RESUMABLE = frozenset({"device", "collective_timeout_s", "reduce_dtype", "compile"})
 
     @property
     def master_dtype(self) -> torch.dtype:
