@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch._functorch.config
@@ -29,11 +27,16 @@ import torch._inductor.config
 
 from branchgrpo import plans
 from branchgrpo.bench.measure import interleaved_medians, machine_info, timed
-from branchgrpo.bench.report import md_table
+from branchgrpo.bench.report import md_table, write_result
 from branchgrpo.bench.throughput import make_rollout, no_autocast
 from branchgrpo.bench.throughput import make_update as tp_make_update
 from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
-from branchgrpo.parallel import apply_activation_checkpointing, apply_compile, checkpointed_blocks, using_module
+from branchgrpo.parallel import (
+    apply_activation_checkpointing,
+    apply_compile,
+    checkpointed_blocks,
+    using_module,
+)
 
 TARGET = 1.5
 SPLITS = (0, 3, 6, 9)
@@ -205,13 +208,7 @@ def main(argv=None) -> int:
 def _main(argv) -> None:
     args = parse_args(argv)
     result = run(args)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
-    text = markdown(result)
-    output.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    write_result(args.output, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -92,3 +93,14 @@ def bench_markdown(r: dict) -> str:
                 md_table(["phase", "MFU"], [(k, v) for k, v in mfu.items() if k not in ("peak_tflops", "formula")]),
                 ""]
     return "\n".join(out)
+
+
+def write_result(output: str, result: dict, text: str) -> None:
+    """`result` as JSON at `output` and the markdown `text` next to it (.md), both printed about."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+

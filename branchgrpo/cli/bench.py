@@ -24,10 +24,8 @@ branchgrpo/bench/ (throughput.py, measure.py, report.py), the backbones in branc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -107,7 +105,7 @@ def run(args) -> dict:
     from branchgrpo.bench import throughput as tp
     from branchgrpo.bench.backbones import load_backbone
     from branchgrpo.bench.measure import machine_info
-    from branchgrpo.bench.report import bench_markdown
+    from branchgrpo.bench.report import bench_markdown, write_result
 
     model_cfg = model_config(args)  # before anything is loaded
     if args.num_threads < 0:
@@ -156,13 +154,7 @@ def run(args) -> dict:
             print(f"training measured (checkpointing {checkpointing})", flush=True)
     result["mfu"] = _mfu(result, backbone, args.peak_tflops)
     result["machine"]["load_average_end"] = machine_info(device).get("load_average_1_5_15")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
-    text = bench_markdown(result)
-    output.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    write_result(args.output, result, bench_markdown(result))
     return result
 
 
