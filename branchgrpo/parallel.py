@@ -80,22 +80,18 @@ def prepare_model(adapter: FlowAdapter, model_cfg, parallel_cfg, default_paralle
         log.info("--parallel %s with a single process: running without a wrapper", mode)
         mode = "none"
     blocks = adapter.blocks()
-    if parallel_cfg.gradient_checkpointing:
-        if not blocks:
-            raise ValueError(f"--gradient_checkpointing: the {adapter.name} backbone declares no blocks")
-        n = apply_activation_checkpointing(module, blocks, parallel_cfg.selective_checkpointing)
-        log.info("activation checkpointing on %d of %d blocks", n, len(blocks))
-    if parallel_cfg.compile:
-        if not blocks:
-            raise ValueError(f"--compile: the {adapter.name} backbone declares no blocks")
-        apply_compile(checkpointed_blocks(module, blocks))
-        if frozen_copy is not None:  # the KL reference runs the same blocks: compiled alike (they share graphs)
-            apply_compile([u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}])
-        log.info("torch.compile on %d blocks (dynamic batch dimension)", len(blocks))
+    for flag, wanted in (("gradient_checkpointing", parallel_cfg.gradient_checkpointing),
+                         ("compile", parallel_cfg.compile)):
+        if wanted and not blocks:
+            raise ValueError(f"--{flag}: the {adapter.name} backbone declares no blocks")
+    units = checkpoint_and_compile(module, blocks, parallel_cfg.selective_checkpointing
+                                   if parallel_cfg.gradient_checkpointing else None, parallel_cfg.compile)
+    if parallel_cfg.compile and frozen_copy is not None:  # the KL reference runs the same blocks: compiled alike
+        apply_compile([u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}])
     precision = parallel_cfg.compute_dtype(info.device)
     model = module
     if mode == "fsdp":
-        apply_fsdp(module, checkpointed_blocks(module, blocks), param_dtype=precision,
+        apply_fsdp(module, units, param_dtype=precision,
                    reduce_dtype=parallel_cfg.gradient_reduce_dtype, cpu_offload=parallel_cfg.use_cpu_offload)
         if frozen_copy is not None:
             apply_fsdp(frozen_copy, [u for u in frozen_copy.modules() if type(u) in {type(b) for b in blocks}],
@@ -118,8 +114,10 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], fr
     """Wrap the first `fraction` of `blocks` in non-reentrant checkpoint wrappers (in their parent modules)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
-        apply_activation_checkpointing as _apply,
         checkpoint_wrapper,
+    )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as _apply,
     )
 
     chosen = {id(b) for b in blocks[: round(fraction * len(blocks))]}
@@ -131,6 +129,21 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module], fr
         check_fn=lambda m: id(m) in chosen,
     )
     return len(chosen)
+
+
+def checkpoint_and_compile(model: nn.Module, blocks: list[nn.Module], checkpoint_fraction: float | None,
+                           compile: bool) -> list[nn.Module]:
+    """The fixed order before sharding: activation checkpointing of the first `checkpoint_fraction` of `blocks`
+    (None: none), then torch.compile of each unit (so a wrapper's recomputation is compiled with its block). Returns
+    the units FSDP2 shards next: a checkpointed block's wrapper, else the block."""
+    if checkpoint_fraction is not None:
+        n = apply_activation_checkpointing(model, blocks, checkpoint_fraction)
+        log.info("activation checkpointing on %d of %d blocks", n, len(blocks))
+    units = checkpointed_blocks(model, blocks)
+    if compile:
+        apply_compile(units)
+        log.info("torch.compile on %d blocks (dynamic batch dimension)", len(units))
+    return units
 
 
 def apply_compile(units: list[nn.Module], dynamic: bool | None = True) -> int:
@@ -151,7 +164,11 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dty
     """FSDP2: each block is its own unit (all-gathered just before use, resharded after), then the root.
 
     `blocks` are looked up again after activation checkpointing, which may have wrapped them."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     # diffusers blocks return views of their inputs; FSDP2 warns once per block and call. Harmless here: nothing
     # modifies a block's output in place (the warning's only risk), so keep the logs readable.
@@ -170,7 +187,9 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dty
 
 def checkpointed_blocks(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
     """The sharding units after checkpointing: a wrapped block's wrapper, else the block itself."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+    )
 
     wrapped = {id(m._checkpoint_wrapped_module): m for m in model.modules() if isinstance(m, CheckpointWrapper)}
     return [wrapped.get(id(b), b) for b in blocks]
@@ -204,7 +223,10 @@ def gradient_sync(model: nn.Module, enabled: bool):
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict gathered to CPU on rank 0 (other ranks get {}); plain keys, whatever the wrapper."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=opts)

@@ -31,12 +31,7 @@ from branchgrpo.bench.report import md_table, write_result
 from branchgrpo.bench.throughput import make_rollout, no_autocast
 from branchgrpo.bench.throughput import make_update as tp_make_update
 from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
-from branchgrpo.parallel import (
-    apply_activation_checkpointing,
-    apply_compile,
-    checkpointed_blocks,
-    using_module,
-)
+from branchgrpo.parallel import checkpoint_and_compile, using_module
 
 TARGET = 1.5
 SPLITS = (0, 3, 6, 9)
@@ -46,11 +41,7 @@ def prepared_copy(adapter, checkpointing: bool, compiled: bool) -> torch.nn.Modu
     """A deep copy of the adapter's transformer prepared as `prepare_model` does: checkpointing, then compile."""
     module = copy.deepcopy(adapter.transformer)
     with using_module(adapter, module):
-        blocks = adapter.blocks()
-    if checkpointing:
-        apply_activation_checkpointing(module, blocks)
-    if compiled:
-        apply_compile(checkpointed_blocks(module, blocks))
+        checkpoint_and_compile(module, adapter.blocks(), 1.0 if checkpointing else None, compiled)
     return module
 
 

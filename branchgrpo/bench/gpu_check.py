@@ -68,7 +68,11 @@ def parse_args(argv):
 
 def build(args, device):
     """The FLUX adapter of the shipped (or tiny) config with random weights in bf16, and random conditioning."""
-    from branchgrpo.bench.backbones import _flux_vae_stub_config, _random_flux_cond, random_flux_transformer
+    from branchgrpo.bench.backbones import (
+        _flux_vae_stub_config,
+        _random_flux_cond,
+        random_flux_transformer,
+    )
     from branchgrpo.models.flux import FluxAdapter
 
     overrides = {k: getattr(args, k) for k in ("num_layers", "num_single_layers") if getattr(args, k) is not None}
@@ -130,13 +134,10 @@ def measure_rollout(adapter, cond, plan, args, device, autocast) -> tuple[float,
 
 def prepare(adapter, info, compiled: bool) -> int:
     """As the trainer's prepare_model: activation checkpointing -> compile (when asked) -> FSDP2 (several ranks)."""
-    from branchgrpo.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, checkpointed_blocks
+    from branchgrpo.parallel import apply_fsdp, checkpoint_and_compile
 
     blocks = adapter.blocks()
-    apply_activation_checkpointing(adapter.transformer, blocks)
-    units = checkpointed_blocks(adapter.transformer, blocks)
-    if compiled:
-        apply_compile(units)
+    units = checkpoint_and_compile(adapter.transformer, blocks, 1.0, compiled)
     if info.world_size > 1:
         apply_fsdp(adapter.transformer, units, torch.bfloat16)
     return len(blocks)
