@@ -50,7 +50,7 @@ from branchgrpo.parallel import configure_torch, full_state_dict, prepare_model,
 from branchgrpo.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
 from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.update import PolicyUpdate, optimizer_steps_per_iteration, select_edges
+from branchgrpo.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, select_edges
 from branchgrpo.watchdog import Watchdog, mark
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class Trainer:
         self.clock = Stopwatch()
         self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
         self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main)
+        self.drift = RatioDrift(cfg.loss.clip_range, cfg.optim.recompute_old_log_prob, self.info.is_main)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
                        "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard,
@@ -333,6 +334,7 @@ class Trainer:
         if counts["live_edges"] == 0:
             entry.update(dict.fromkeys(UPDATE_FIGURES))
         self._watch_rewards(it, counts, list(scores))
+        self.drift.observe(it, entry["first_ratio_min"], entry["first_ratio_max"])
         return json_safe(entry)
 
     def _watch_rewards(self, it: int, counts: dict, names: list[str]) -> None:

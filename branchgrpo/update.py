@@ -19,6 +19,7 @@ Batch semantics (logged at start-up):
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +39,8 @@ from branchgrpo.losses import (
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.parallel import clip_grad_norm, gradient_sync
 from branchgrpo.seeding import keyed_permutation, mix_key
+
+log = logging.getLogger(__name__)
 from branchgrpo.transfer import to_device_once
 
 
@@ -136,13 +139,15 @@ class PolicyUpdate:
         return sde.sde_step(x[row], v.float()[row], mb["sigma_from"][row], mb["sigma_to"], self.kernel,
                             sample=graph.latents[mb["sample_rows"]], std_scale=mb["std_scale"])
 
-    @torch.no_grad()
     def recompute_old_log_probs(self, graph, embeddings, edges: Edges, tables: list[dict],
                                 batches: list[torch.Tensor]) -> None:
-        """Score the behaviour log-probs with the training forward's layout (--recompute_old_log_prob)."""
-        for mb, idx in zip(tables, batches):
-            if idx.numel():
-                mb["old"] = self.micro_batch_forward(graph, embeddings, mb).log_prob.float()
+        """Score the behaviour log-probs with the training forward itself (--recompute_old_log_prob): its layout,
+        train mode and autograd on - compiled blocks have separate inference and training graphs, which round
+        differently in bf16 - but no backward (each forward's graph is dropped) and no gradient all-reduce."""
+        with torch.enable_grad(), gradient_sync(self.model, enabled=False):
+            for mb, idx in zip(tables, batches):
+                if idx.numel():
+                    mb["old"] = self.micro_batch_forward(graph, embeddings, mb).log_prob.detach().float()
         live = [(idx, mb["old"]) for mb, idx in zip(tables, batches) if idx.numel()]
         if live:  # the host copy, in one read
             edges.old_log_prob[torch.cat([i for i, _ in live])] = torch.cat([o for _, o in live]).cpu()
@@ -153,13 +158,13 @@ class PolicyUpdate:
         cfg = self.optim_cfg
         batches, tables, windows = self._plan(graph, edges, iteration)
         num_micro = len(batches)
+        self.model.train()
         if cfg.recompute_old_log_prob:
             self.recompute_old_log_probs(graph, embeddings, edges, tables, batches)
         stats, sums, losses, norms, first_ratio = {}, {}, [], [], None
         skipped = steps = 0
         if self.preemption is not None and len(windows) > 1:
             self.preemption.keep_weights(self.params, self.optimizer)
-        self.model.train()
         for window, num_edges in windows:
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for i in window:
@@ -278,6 +283,32 @@ class SkippedSteps:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.first, self.last_applied = int(state["count"]), state["first"], state["last_applied"]
+
+
+class RatioDrift:
+    """The first micro-batch of an iteration trains the weights that rolled out, so its ratio exp(log pi - log
+    pi_old) is 1 up to rounding. Rounding of a tenth of --clip_range or more (kernels that differ between the batched
+    rollout and the training forward: bf16 on GPUs, --compile's inference and training graphs in bf16) makes the
+    clip act on rounding instead of policy change: warned once per run, with the figures and the remedy."""
+
+    FRACTION = 0.1
+
+    def __init__(self, clip_range: float, recompute: bool, enabled: bool = True):
+        self.clip_range, self.recompute, self.warned = clip_range, recompute, not enabled  # rank 0 alone warns
+
+    def observe(self, iteration: int, first_ratio_min: float | None, first_ratio_max: float | None) -> None:
+        if self.warned or first_ratio_min is None or first_ratio_max is None:
+            return
+        deviation = max(1 - first_ratio_min, first_ratio_max - 1)
+        if not deviation >= self.FRACTION * self.clip_range:  # NaN included (non-finite edges are counted apart)
+            return
+        self.warned = True
+        remedy = ("even with --recompute_old_log_prob: the training forward does not repeat its own results"
+                  if self.recompute else "--recompute_old_log_prob re-scores pi_old with the training forward (one "
+                  "more forward per micro-batch, no backward), which makes it 1")
+        log.warning("iteration %d: the first micro-batch's ratio at theta_old is off 1 by %.3g, %.0f%% of "
+                    "--clip_range %g (rollout and training forwards round differently); %s", iteration, deviation,
+                    100 * deviation / self.clip_range, self.clip_range, remedy)
 
 
 def optimizer_steps_per_iteration(num_micro: int, accumulation: int) -> int:

@@ -82,6 +82,38 @@ def test_training_with_compile_through_the_cli_saves_the_eager_run_keys(tmp_path
     assert comp_m[0]["reward_mean"] == pytest.approx(eager_m[0]["reward_mean"], abs=1e-4)
 
 
+def test_rescoring_runs_the_training_forward_graph():
+    """Compiled blocks keep separate graphs for no-grad and grad calls (and guard on train/eval mode); in bf16 they
+    round differently: measured on the toy, the first ratio at theta_old is off 1 by 1.4-1.8e-3 compiled, 0 eager
+    (docs/benchmarks.md section 5). --recompute_old_log_prob must therefore re-score pi_old in the training
+    forward's state - autograd on, train mode - or it re-scores with the rollout's graph and changes nothing.
+    Checked on the eager toy (compiling in bf16 costs ~45 s); python -m branchgrpo.bench.compiled --dtype bf16
+    measures the compiled deviations."""
+    from branchgrpo.bench.gpu_check import update_once
+
+    adapter = load_toy()
+    adapter.transformer.requires_grad_(True)
+    cond = build_prompt_encoder(None, "cpu")(["a bold seven", "a thin two"])
+    rollout = make_rollout(SimpleNamespace(adapter=adapter, cond=cond), PLAN, 2, 6, 64, torch.device("cpu"),
+                           no_autocast)
+    with torch.no_grad():
+        graph = rollout()
+    states, velocity = [], adapter.velocity
+
+    def recording(*args):
+        states.append((torch.is_grad_enabled(), adapter.transformer.training))
+        return velocity(*args)
+
+    adapter.velocity = recording
+    for recompute in (False, True):
+        states.clear()
+        out = update_once(adapter, cond, graph, 2, torch.device("cpu"), no_autocast, recompute=recompute)
+        assert out["first_ratio_deviation"] == 0
+        calls = len(states)
+        assert set(states) == {(True, True)}, states
+    assert calls == 2 * (calls // 2) and calls > 0  # with re-scoring: each micro-batch's forward twice
+
+
 def test_without_compile_nothing_is_compiled_and_the_keys_stay():
     adapter, prep = prepared(False, gradient_checkpointing=True)
     assert not compiled_units(prep.bare)

@@ -46,7 +46,9 @@ def single(emb, tmp_path_factory):
 
 
 def two_processes(emb, out, mode):
-    proc = torchrun(fast_args(emb, out, parallel=mode, **dict(COMMON, train_batch_size=1)))
+    # --recompute_old_log_prob: its re-scoring forwards run with autograd on and no backward, which DDP and FSDP2 must
+    # take without a gradient all-reduce or a stuck hook; in fp32 it changes no number (the runs must match `single`)
+    proc = torchrun(fast_args(emb, out, parallel=mode, recompute_old_log_prob=True, **dict(COMMON, train_batch_size=1)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

@@ -63,3 +63,24 @@ def test_non_finite_edges_get_no_gradient_and_poison_nothing():
     assert torch.isfinite(loss_e).all() and torch.equal(ratio[~ok], torch.ones(2))
     torch.where(ok, loss_e, torch.zeros_like(loss_e)).sum().backward()
     assert torch.isfinite(log_prob.grad).all() and log_prob.grad[1:].eq(0).all() and log_prob.grad[0] != 0
+
+
+def test_ratio_drift_warns_once_from_a_tenth_of_the_clip_range(caplog):
+    import logging
+
+    from branchgrpo.update import RatioDrift
+
+    with caplog.at_level(logging.WARNING, logger="branchgrpo.update"):
+        quiet = RatioDrift(1e-3, recompute=False)
+        quiet.observe(0, 1 - 5e-5, 1 + 9e-5)  # under a tenth of the clip range: rounding the clip can absorb
+        quiet.observe(1, None, None)  # an iteration without a live edge
+        quiet.observe(2, float("nan"), float("nan"))  # never reported as a number
+        assert not caplog.records
+        drift = RatioDrift(1e-3, recompute=False)
+        drift.observe(2, 1 - 2e-4, 1 + 1.5e-3)
+        drift.observe(3, 0.9, 1.1)  # once per run
+        RatioDrift(1e-3, recompute=True).observe(0, 1 - 3e-4, 1.0)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "iteration 2" in first and "0.0015" in first and "150% of --clip_range 0.001" in first, first
+    assert "--recompute_old_log_prob re-scores" in first
+    assert "30%" in second and "even with --recompute_old_log_prob" in second, second

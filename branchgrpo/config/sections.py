@@ -230,8 +230,9 @@ class OptimConfig(Section):
     train_micro_batch_size: int = flag(8, "distinct parent latents per training forward; sibling edges share it")
     gradient_accumulation_steps: int = flag(0, "micro-batches per optimizer step; 0 = one step per iteration")
     recompute_old_log_prob: bool = flag(False, "re-score the behaviour log-probs with the training forward before "
-                                        "the update (costs one no-grad forward per trained edge; makes the first "
-                                        "ratio 1 where rollout and training kernels differ, e.g. bf16 on GPU)")
+                                        "the update (one more forward per micro-batch, no backward; makes the "
+                                        "first ratio 1 where rollout and training kernels differ: bf16 on GPU, "
+                                        "--compile in bf16)")
     use_ema: bool = flag(False, "keep an EMA of the trained weights on the CPU (evaluated and exported beside them)")
     ema_device: str = flag("cpu", "where the EMA lives: cpu (fp32 host copy of this rank's shards) | device (fp32 "
                            "tensors beside this rank's shards on the GPU: no host copy per update)", ("cpu", "device"))
