@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from branchgrpo.cli.bench import main as bench_main
+from branchgrpo.bench.measure import gemm_attention_share
 from branchgrpo.bench.throughput import mfu
 
 pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier
@@ -54,6 +55,24 @@ def test_training_rows_and_outputs(toy_bench):
     assert r["mfu"]["rollout_depth_batched"] > 0 and r["mfu"]["training_micro32_ckpt1"] > 0
     md = out.with_suffix(".md").read_text()
     assert "Depth batching" in md and "within 15%" in md and "edges / s" in md
+
+
+def test_gemm_attention_share_separates_matrix_and_attention_work_from_the_rest():
+    cpu = torch.device("cpu")
+    a, q = torch.randn(256, 256), torch.randn(4, 4, 256, 64)
+
+    def matrix():
+        return [a @ a for _ in range(10)] + [torch.nn.functional.scaled_dot_product_attention(q, q, q)]
+
+    def elementwise():
+        return [a.exp().sin() for _ in range(20)]
+
+    (gemm, out), (rest, _) = gemm_attention_share(matrix, cpu), gemm_attention_share(elementwise, cpu)
+    both, _ = gemm_attention_share(lambda: (matrix(), elementwise()), cpu)
+    assert len(out) == 11  # fn's output comes back
+    assert gemm["share"] > 0.5 and gemm["bound"] < 2, gemm
+    assert rest["share"] == 0 and rest["bound"] is None, rest
+    assert rest["share"] < both["share"] < gemm["share"] and both["bound"] > gemm["bound"], (gemm, both)
 
 
 def test_mfu_formula():

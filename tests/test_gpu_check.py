@@ -27,6 +27,9 @@ def test_gpu_check_tiny_writes_its_report(tmp_path):
     assert r["bf16_first_ratio_deviation_recompute_old_log_prob"] <= r["bf16_first_ratio_deviation"] + 1e-6
     assert r["memory"]["predicted_total_gb"] > r["memory"]["predicted_without_margin_gb"] > 0
     assert "skipped" in r["compile"]
+    for phase in ("rollout", "update"):  # the bound on --compile's speed-up: GEMM + attention are part of the wall
+        share = r["gemm_attention"][phase]
+        assert 0 < share["share"] < 1 and share["bound"] == 1 / share["share"], share
     assert "first-ratio deviation" in (tmp_path / "gpu_check.md").read_text()
 
 

@@ -13,7 +13,10 @@ weights in bf16 - no download - and measures, through the training code itself (
    (activation checkpointing -> torch.compile of each block -> FSDP2), the same rollout and update timed after their
    first calls (whose extra wall is the one-off compile time), the compiled first-ratio deviation, max |log-prob
    compiled - eager| (same noise keys) and the graphs dynamo compiled (branchgrpo/bench/compiled.py has the CPU
-   version, interleaved). Writes gpu_check.json and gpu_check.md.
+   version, interleaved);
+6. the most compiling can bring: 1 / the share of matrix multiplies and attention in an eager rollout and update,
+   profiled (one more rollout; the update is 3.'s --recompute_old_log_prob run, which is not timed).
+Writes gpu_check.json and gpu_check.md.
 """
 
 from __future__ import annotations
@@ -28,8 +31,14 @@ from types import SimpleNamespace
 import torch
 
 from branchgrpo import distributed, plans
-from branchgrpo.bench.compiled import first_ratio_deviation
-from branchgrpo.bench.measure import PeakMemory, machine_info, sync, timed
+from branchgrpo.bench.compiled import bound_text, first_ratio_deviation, headroom
+from branchgrpo.bench.measure import (
+    PeakMemory,
+    gemm_attention_share,
+    machine_info,
+    sync,
+    timed,
+)
 from branchgrpo.bench.report import md_table
 from branchgrpo.bench.throughput import make_rollout, make_update, mfu
 
@@ -43,7 +52,8 @@ def parse_args(argv):
     p.add_argument("--output_dir", default="outputs/gpu_check")
     p.add_argument("--h", type=int, default=None, help="image height (default 720; --tiny: 64)")
     p.add_argument("--w", type=int, default=None, help="image width (default 720; --tiny: 64)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps of the tree (>= 11: splits at 0,3,6,9)")
+    p.add_argument("--steps", type=int, default=14, help="sampling steps of the tree (>= 11: splits at 0,3,6,9; "
+                   "14: 107 forward passes, sized for the whole check in < 8 min on one H100, docs/benchmarks.md)")
     p.add_argument("--num_layers", type=int, default=None, help="cut the double blocks (FLUX.1-dev: 19)")
     p.add_argument("--num_single_layers", type=int, default=None, help="cut the single blocks (FLUX.1-dev: 38)")
     p.add_argument("--micro_batch", type=int, default=4, help="parents per training forward")
@@ -51,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100/H200)")
     p.add_argument("--text_tokens", type=int, default=None, help="T5 tokens (default 512; --tiny: 16)")
     p.add_argument("--skip_compile", action="store_true", help="eager only (the compile comparison builds the "
-                   "model again and compiles its forward and backward: about 2 minutes for --tiny on one CPU core)")
+                   "model again and compiles its forward and backward: about 3 minutes for --tiny on one CPU core)")
     args = p.parse_args(argv)
     for name in ("h", "w"):
         value = getattr(args, name) or (64 if args.tiny else 720)
@@ -123,9 +133,13 @@ def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
             "predicted_without_margin_gb": (total - parts["margin"]) / memory.GB}
 
 
+def tree_rollout(adapter, cond, plan, args, device, autocast):
+    return make_rollout(SimpleNamespace(adapter=adapter, cond=cond), plan, 1, args.steps, 32, device, autocast)
+
+
 def measure_rollout(adapter, cond, plan, args, device, autocast) -> tuple[float, float, object]:
     """(first call's seconds, a second call's seconds, the second call's graph) of a 16-leaf tree rollout."""
-    rollout = make_rollout(SimpleNamespace(adapter=adapter, cond=cond), plan, 1, args.steps, 32, device, autocast)
+    rollout = tree_rollout(adapter, cond, plan, args, device, autocast)
     with torch.no_grad():
         first_s, _ = timed(rollout, device)  # warm-up (kernels, allocator; compiling, if compiled)
         seconds, graph = timed(rollout, device)
@@ -143,7 +157,8 @@ def prepare(adapter, info, compiled: bool) -> int:
     return len(blocks)
 
 
-def compiled_check(args, info, device, autocast, plan, eager_rollout_s: float, eager_graph, eager_update: dict):
+def compiled_check(args, info, device, autocast, plan, eager_rollout_s: float, eager_graph, eager_update: dict,
+                   shares: dict):
     """Section 5: the same weights again (the eager model is freed first: two full FLUX copies need not fit),
     compiled, measured like the eager one."""
     from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
@@ -156,8 +171,10 @@ def compiled_check(args, info, device, autocast, plan, eager_rollout_s: float, e
     first_update = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
     update = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
     sde = eager_graph.stochastic
-    return {"rollout_s": rollout_s, "rollout_speedup": eager_rollout_s / rollout_s,
-            "update_s": update["seconds"], "update_speedup": eager_update["seconds"] / update["seconds"],
+    speed = {"rollout": eager_rollout_s / rollout_s, "update": eager_update["seconds"] / update["seconds"]}
+    return {"rollout_s": rollout_s, "rollout_speedup": speed["rollout"],
+            "update_s": update["seconds"], "update_speedup": speed["update"],
+            "gemm_attention": headroom(shares, speed),
             "compile_s": {"rollout": first_s - rollout_s, "update": first_update["seconds"] - update["seconds"]},
             "first_ratio_deviation": first_update["first_ratio_deviation"],
             "logprob_max_abs_diff": float((graph.log_prob[sde] - eager_graph.log_prob[sde]).abs().max()),
@@ -177,14 +194,20 @@ def run(args) -> dict:
     _, rollout_s, graph = measure_rollout(adapter, cond, plan, args, device, autocast)
     num_blocks = prepare(adapter, info, compiled=False)
     plain = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
-    recomputed = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=True)
+    # the --recompute_old_log_prob run is not timed: profiled, it gives the update's share of matrix multiplies and
+    # attention (its extra no-grad forwards included), for the bound on what compiling can bring
+    update_share, recomputed = gemm_attention_share(
+        lambda: update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=True), device)
+    with torch.no_grad():
+        rollout_share, _ = gemm_attention_share(tree_rollout(adapter, cond, plan, args, device, autocast), device)
+    shares = {"rollout": rollout_share, "update": update_share}
     compiled = "skipped (--skip_compile)"
     if not args.skip_compile:
         del adapter, cond
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        compiled = compiled_check(args, info, device, autocast, plan, rollout_s, graph, plain)
+        compiled = compiled_check(args, info, device, autocast, plan, rollout_s, graph, plain, shares)
     fwd_per_s = graph.num_forward_passes / rollout_s
     train_fwd_per_s = plain["training_forwards"] / plain["seconds"]  # sample forwards (+ backward) per second
     peak = None if device.type == "cpu" else args.peak_tflops
@@ -204,7 +227,7 @@ def run(args) -> dict:
                    **predicted_memory_gb(args, {"nodes": plan.num_nodes,
                                                 "train_forward_passes": plain["training_forwards"]},
                                          info.world_size, config)},
-        "compile": compiled, "is_main": info.is_main,
+        "gemm_attention": shares, "compile": compiled, "is_main": info.is_main,
     }
 
 
@@ -227,6 +250,9 @@ def markdown(r: dict) -> str:
         "", f"{r['transformer_parameters'] / 1e9:.4f}B parameters, {r['blocks']} blocks, {r['tokens_per_sample']} "
         f"tokens per sample, T = {r['steps']}, LoRA rank {r['lora_rank']}.", "",
         md_table(["phase", "work", "seconds", "rate", "MFU"], rows), "", *compiled,
+        "- what compiling can bring if matrix multiplies and attention keep their kernels (1 / their share of a "
+        "profiled eager run; the update's is the --recompute_old_log_prob run's): rollout "
+        f"{bound_text(r['gemm_attention']['rollout'])}, update {bound_text(r['gemm_attention']['update'])}",
         f"- bf16 first-ratio deviation max |ratio - 1|: {r['bf16_first_ratio_deviation']:.3g}; with "
         f"--recompute_old_log_prob: {r['bf16_first_ratio_deviation_recompute_old_log_prob']:.3g}",
         f"- update peak memory ({m['kind']}): {m['measured_update_peak_gb']} GB; planner: "

@@ -121,3 +121,28 @@ def allocation_peak_bytes(fn: Callable[[], object]) -> int:
         running += size
         peak = max(peak, running)
     return peak
+
+
+# matrix multiplies and attention: operators a compiler hands to the same library kernels (BLAS / cuBLAS, the fused
+# attention kernels) in their default modes, prefixes of the profiler's operator names
+GEMM_AND_ATTENTION = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+                      "aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
+                      "aten::_cudnn_attention")
+
+
+def gemm_attention_share(fn: Callable[[], object], device: torch.device) -> tuple[dict, object]:
+    """(share, fn's output): the share of one run of `fn`'s wall time spent in matrix multiplies and attention (the
+    self time of those operators; their kernels' time on a GPU), profiled once. Compiling fuses and removes the rest -
+    elementwise work, normalisation, copies, dispatch - and in its default modes hands these to the same library
+    kernels, so while they stay the same 1 / share bounds the speed-up compiling can bring: the speed-up if all else
+    became free ("bound"; None when there is no such operator). The profiler lengthens the wall, so the share comes
+    out low and the bound high; inductor may still pick other kernels (bf16 linears on CPU), so it is an estimate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        wall_s, out = timed(fn, device)
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy_s = sum(getattr(e, field) for e in prof.key_averages() if e.key.startswith(GEMM_AND_ATTENTION)) / 1e6
+    share = busy_s / wall_s
+    return {"share": share, "bound": 1.0 / share if share > 0 else None, "profiled_wall_s": wall_s}, out
