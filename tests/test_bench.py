@@ -75,6 +75,24 @@ def test_gemm_attention_share_separates_matrix_and_attention_work_from_the_rest(
     assert rest["share"] < both["share"] < gemm["share"] and both["bound"] > gemm["bound"], (gemm, both)
 
 
+def test_gemm_attention_share_inside_units_bounds_compiling_just_them():
+    cpu, a = torch.device("cpu"), torch.randn(512, 256)
+    units = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU()) for _ in range(2))
+
+    def step():
+        x = a.exp().sin().cos()  # outside the units: compiling them leaves it as it is
+        for unit in units:
+            x = unit(x)
+        return x
+
+    with torch.no_grad():
+        share, out = gemm_attention_share(step, cpu, units=list(units))
+    assert out.shape == (512, 256) and all("forward" not in u.__dict__ for u in units)  # the ranges are gone
+    assert 0 < share["units_share"] < 1 and 0 < share["units_gemm_share"] < 1, share
+    # the time outside the units cannot be saved by compiling them: their bound is below the all-free one
+    assert 1 < share["units_bound"] < share["bound"], share
+
+
 def test_mfu_formula():
     # 2 N tokens FLOPs per forward: 1e9 params x 100 tokens x 10 forwards/s = 2e12 FLOP/s = 2 x a 1 TFLOP/s peak
     assert mfu(10**9, 100, 10.0, 1.0) == pytest.approx(2.0)

@@ -15,7 +15,8 @@ and for the update (its backward graphs); (d) max |log-prob compiled - eager| of
 tree's depths: 1, 2, 4, ... nodes per prompt share one graph); (g) the speedups against the 1.5x target; (h) the
 share of the eager run's wall in matrix multiplies and attention, which compiling leaves to the same kernels, so 1 /
 share bounds its speed-up while they stay so (measure.gemm_attention_share), and how much of the rest compiling
-removed. Writes JSON and markdown.
+removed; for the rollout also the bound for compiling the blocks alone (the time inside them that is not GEMM +
+attention made free). Writes JSON and markdown.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ def bound_text(share: dict) -> str:
     return f"{bound} (GEMM + attention {share['share']:.0%} of eager)"
 
 
+def blocks_line(share: dict) -> list[str]:
+    """The rollout's bound for compiling its blocks alone (CPU runs), as a markdown line."""
+    if "units_bound" not in share:
+        return []
+    return [f"- compiling the blocks alone can bring the rollout at most {share['units_bound']:.2f}x: "
+            f"{share['units_share']:.0%} of its profiled wall is inside the blocks, {share['units_gemm_share']:.0%} "
+            "of that in GEMM + attention (the rest inside them made free, all else unchanged)"]
+
+
 def first_ratio_deviation(out: dict) -> float:
     return float(max(out["first_ratio_max"] - 1.0, 1.0 - out["first_ratio_min"]))
 
@@ -103,7 +113,9 @@ def compare(backbone, plan, num_prompts: int, steps: int, micro: int, device, au
         one_prompt()  # batch sizes 1, 2, 4, 8, 16 instead of N, 2N, ...: no new graph expected beyond batch 1
         graphs_after_one_prompt = compiled_graphs() - graphs_before
         rollout = interleaved_medians(rollouts, device, repeats, warmup)
-        rollout_share, _ = gemm_attention_share(rollouts["eager"], device)
+        with using_module(adapter, eager):
+            eager_blocks = adapter.blocks()
+        rollout_share, _ = gemm_attention_share(rollouts["eager"], device, units=eager_blocks)
     sde_edges = graph_e.stochastic
     logprob_diff = float((graph_c.log_prob[sde_edges] - graph_e.log_prob[sde_edges]).abs().max())
     latent_diff = float((graph_c.latents - graph_e.latents).abs().max())
@@ -166,6 +178,7 @@ def markdown(r: dict) -> str:
         "- bound: 1 / the share of one profiled eager run's wall in matrix multiplies and attention, which compiling "
         "leaves to the same kernels - the speed-up if all else became free; rest removed: the fraction of that "
         "other time the compiled run saved",
+        *blocks_line(c["gemm_attention"]["rollout"]),
         f"- graphs compiled: rollout {g['rollout']} ({g['rollout_after_1_prompt']} after a 1-prompt rollout too), "
         f"update +{g['update']}, total {g['total']}; frames over the recompile limit: {g['recompile_limit_hits']}",
         ""])

@@ -6,6 +6,7 @@ change in machine load - these CPUs are shared - hits both variants alike instea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -130,19 +131,73 @@ GEMM_AND_ATTENTION = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "
                       "aten::_cudnn_attention")
 
 
-def gemm_attention_share(fn: Callable[[], object], device: torch.device) -> tuple[dict, object]:
+UNIT_RANGE = "branchgrpo::unit"
+
+
+@contextlib.contextmanager
+def ranged(units: list[torch.nn.Module]):
+    """Each unit's forward inside a profiler range named UNIT_RANGE (an instance attribute over the class's forward,
+    removed on exit)."""
+    from torch.profiler import record_function
+
+    def wrap(forward):
+        def forward_in_range(*args, **kwargs):
+            with record_function(UNIT_RANGE):
+                return forward(*args, **kwargs)
+        return forward_in_range
+
+    own = [unit.__dict__.get("forward") for unit in units]  # a forward set on the instance, put back after
+    for unit in units:
+        unit.forward = wrap(unit.forward)
+    try:
+        yield
+    finally:
+        for unit, forward in zip(units, own):
+            if forward is None:
+                del unit.forward
+            else:
+                unit.forward = forward
+
+
+def _in_units(events) -> tuple[float, float]:
+    """CPU seconds inside the unit ranges (outermost ones), and the self time of GEMM + attention inside them."""
+    inside = gemm = 0.0
+    for e in events:
+        chain, parent = [], e.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if e.name == UNIT_RANGE and UNIT_RANGE not in chain:
+            inside += e.cpu_time_total
+        elif e.name.startswith(GEMM_AND_ATTENTION) and UNIT_RANGE in chain:
+            gemm += e.self_cpu_time_total
+    return inside / 1e6, gemm / 1e6
+
+
+def gemm_attention_share(fn: Callable[[], object], device: torch.device,
+                         units: list[torch.nn.Module] | None = None) -> tuple[dict, object]:
     """(share, fn's output): the share of one run of `fn`'s wall time spent in matrix multiplies and attention (the
     self time of those operators; their kernels' time on a GPU), profiled once. Compiling fuses and removes the rest -
     elementwise work, normalisation, copies, dispatch - and in its default modes hands these to the same library
     kernels, so while they stay the same 1 / share bounds the speed-up compiling can bring: the speed-up if all else
     became free ("bound"; None when there is no such operator). The profiler lengthens the wall, so the share comes
-    out low and the bound high; inductor may still pick other kernels (bf16 linears on CPU), so it is an estimate."""
+    out low and the bound high; inductor may still pick other kernels (bf16 linears on CPU), so it is an estimate.
+
+    With `units` (the modules that get compiled; a forward-only `fn` on CPU), also what compiling just those can
+    bring: "units_share" of the wall inside them, "units_gemm_share" of it in GEMM + attention, and "units_bound" =
+    1 / (1 - what else runs inside them) - the speed-up if that became free and the rest stayed as it is."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with ranged(units or []), \
+            profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         wall_s, out = timed(fn, device)
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
     busy_s = sum(getattr(e, field) for e in prof.key_averages() if e.key.startswith(GEMM_AND_ATTENTION)) / 1e6
     share = busy_s / wall_s
-    return {"share": share, "bound": 1.0 / share if share > 0 else None, "profiled_wall_s": wall_s}, out
+    result = {"share": share, "bound": 1.0 / share if share > 0 else None, "profiled_wall_s": wall_s}
+    if units and not cuda:
+        inside_s, gemm_s = _in_units(prof.events())
+        result.update(units_share=inside_s / wall_s, units_gemm_share=gemm_s / max(inside_s, 1e-12),
+                      units_bound=wall_s / (wall_s - (inside_s - gemm_s)))
+    return result, out
