@@ -50,7 +50,7 @@ from branchgrpo.parallel import configure_torch, full_state_dict, prepare_model,
 from branchgrpo.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
 from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, select_edges
+from branchgrpo.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
 from branchgrpo.watchdog import Watchdog, mark
 
 log = logging.getLogger(__name__)
@@ -479,7 +479,7 @@ class Trainer:
                 values = [e[key] for e in entries]
                 summary[f"mean_{key}"] = sum(values) / len(values) if values else None
             summary["peak_memory_mb"] = max((e["peak_memory_mb"] for e in entries), default=None)
-            summary["first_ratio_max_abs_dev"] = max((max(abs(e["first_ratio_min"] - 1), abs(e["first_ratio_max"] - 1))
+            summary["first_ratio_max_abs_dev"] = max((ratio_deviation(e["first_ratio_min"], e["first_ratio_max"])
                                                       for e in entries if e["first_ratio_min"] is not None),
                                                      default=0.0)
             (self.output_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))

@@ -39,9 +39,9 @@ from branchgrpo.losses import (
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.parallel import clip_grad_norm, gradient_sync
 from branchgrpo.seeding import keyed_permutation, mix_key
+from branchgrpo.transfer import to_device_once
 
 log = logging.getLogger(__name__)
-from branchgrpo.transfer import to_device_once
 
 
 @dataclass
@@ -285,6 +285,11 @@ class SkippedSteps:
         self.count, self.first, self.last_applied = int(state["count"]), state["first"], state["last_applied"]
 
 
+def ratio_deviation(ratio_min: float, ratio_max: float) -> float:
+    """max |ratio - 1| over ratios in [ratio_min, ratio_max]."""
+    return max(abs(ratio_min - 1), abs(ratio_max - 1))
+
+
 class RatioDrift:
     """The first micro-batch of an iteration trains the weights that rolled out, so its ratio exp(log pi - log
     pi_old) is 1 up to rounding. Rounding of a tenth of --clip_range or more (kernels that differ between the batched
@@ -299,7 +304,7 @@ class RatioDrift:
     def observe(self, iteration: int, first_ratio_min: float | None, first_ratio_max: float | None) -> None:
         if self.warned or first_ratio_min is None or first_ratio_max is None:
             return
-        deviation = max(1 - first_ratio_min, first_ratio_max - 1)
+        deviation = ratio_deviation(first_ratio_min, first_ratio_max)
         if not deviation >= self.FRACTION * self.clip_range:  # NaN included (non-finite edges are counted apart)
             return
         self.warned = True

@@ -41,6 +41,7 @@ from branchgrpo.bench.throughput import make_rollout, no_autocast
 from branchgrpo.bench.throughput import make_update as tp_make_update
 from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
 from branchgrpo.parallel import checkpoint_and_compile, using_module
+from branchgrpo.update import ratio_deviation
 
 TARGET = 1.5
 SPLITS = (0, 3, 6, 9)
@@ -94,7 +95,7 @@ def blocks_line(share: dict) -> list[str]:
 
 
 def first_ratio_deviation(out: dict) -> float:
-    return float(max(out["first_ratio_max"] - 1.0, 1.0 - out["first_ratio_min"]))
+    return float(ratio_deviation(out["first_ratio_min"], out["first_ratio_max"]))
 
 
 def compare(backbone, plan, num_prompts: int, steps: int, micro: int, device, autocast, repeats: int, warmup: int,
