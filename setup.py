@@ -6,7 +6,7 @@ here = Path(__file__).parent
 requirements = [  # requirements.txt without comments (whole-line or trailing) and without the test tools
     spec
     for spec in (line.split("#", 1)[0].strip() for line in (here / "requirements.txt").read_text().splitlines())
-    if spec and not spec.startswith("pytest")
+    if spec and not spec.startswith(("pytest", "import-linter"))
 ]
 
 setup(
@@ -22,4 +22,9 @@ setup(
     package_data={"branchgrpo": ["toy/assets/*", "assets/*", "models/configs/*.json"]},
     install_requires=requirements,
     extras_require={"wandb": ["wandb"]},
+    # the same commands as `python -m branchgrpo.cli.<name>` (and `python -m branchgrpo.plan` / `.make_tiny`)
+    entry_points={"console_scripts": [
+        f"branchgrpo-{name.replace('_', '-')}=branchgrpo.cli.{name}:main"
+        for name in ("train", "preprocess", "eval", "plan", "make_tiny", "compare", "diversity", "pretrain_toy")
+    ]},
 )

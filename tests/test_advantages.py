@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from branchgrpo import advantages as adv
-from branchgrpo import plans
-from branchgrpo.graph import skeleton_graph
+from branchgrpo.core import advantages as adv
+from branchgrpo.core import plans
+from branchgrpo.core.graph import skeleton_graph
 
 
 def small_tree():

@@ -10,8 +10,8 @@ import torch
 from branchgrpo import algorithms
 from branchgrpo.algorithms import Algorithm, GroupFlags, register_algorithm
 from branchgrpo.config import config_from_flags, flag, parse_train_config, require
-from branchgrpo.graph import RolloutGraph
-from branchgrpo.plans import group_plan
+from branchgrpo.core.graph import RolloutGraph
+from branchgrpo.core.plans import group_plan
 from trainer_utils import fast_args, make_toy_embeddings, metrics
 
 

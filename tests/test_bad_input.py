@@ -1,7 +1,7 @@
 """Bad input gets one clear line naming the flag or file, exit code 2, before anything expensive (issue 11).
 
 Each test feeds one kind of bad input to the mechanism that owns the check - a config section's `validate`, the
-reward registry, the embedding store, a backbone's loader, the shared CLI boundary (`branchgrpo.cli.run_cli`), the
+reward registry, the embedding store, a backbone's loader, the shared CLI boundary (`branchgrpo.runtime.entry.run_cli`), the
 launchers' `bg_launch` - and asserts the message (what it names, that it is one line) and, at the command line, the
 exit code and the absence of a traceback."""
 
@@ -186,7 +186,7 @@ def _missing_prompts(tmp_path):
     lambda tmp: (["branchgrpo.cli.diversity", "--a", str(tmp / "absent"), "--b", str(tmp)],
                  "absent' is neither a folder nor a .pt feature file"),
     lambda tmp: (["branchgrpo.cli.compare", "--methods", "nope", "--output_dir", str(tmp / "c")], "--methods: unknown"),
-    lambda tmp: (["branchgrpo.cli.bench", "--model", "toy", "--num_threads", "-1"], "--num_threads: need >= 0"),
+    lambda tmp: (["branchgrpo.bench.__main__", "--model", "toy", "--num_threads", "-1"], "--num_threads: need >= 0"),
     lambda tmp: (["branchgrpo.cli.eval", "--model", "toy", "--prompts", str(tmp / "none.txt"), "--output_dir",
                   str(tmp / "e")], "--prompts: prompt file"),
 ])
@@ -220,7 +220,7 @@ def test_the_alias_modules_exit_with_code_2(tmp_path):
 
 
 def test_state_dict_summary_counts_and_gives_three_examples():
-    from branchgrpo.state_dicts import state_dict_mismatch
+    from branchgrpo.core.state_dicts import state_dict_mismatch
 
     expected = {f"blocks.{i}.weight": (4, 4) for i in range(6)}
     found = {"blocks.0.weight": (4, 4), "blocks.1.weight": (2, 4), "extra": (1,)}
@@ -249,7 +249,7 @@ def test_tiny_hps_file_loaded_as_vit_h_14_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_imagereward_with_another_med_config_is_one_line(tmp_path):
-    from branchgrpo.make_tiny import make_tiny
+    from branchgrpo.cli.make_tiny import make_tiny
     from branchgrpo.rewards.base import build_reward
 
     make_tiny("imagereward", str(tmp_path), seed=0)
@@ -344,7 +344,7 @@ def test_flux_sizes_and_channels_are_checked_against_the_configs(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_backbones(tmp_path_factory):
-    from branchgrpo.make_tiny import make_tiny
+    from branchgrpo.cli.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny_backbones")
     make_tiny("flux", str(root / "flux"))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from branchgrpo.cli.bench import main as bench_main
+from branchgrpo.bench.__main__ import main as bench_main
 from branchgrpo.bench.measure import gemm_attention_share
 from branchgrpo.bench.throughput import mfu
 

@@ -10,10 +10,10 @@ import contextlib
 import pytest
 import torch
 
-from branchgrpo import plans
+from branchgrpo.core import plans
 from branchgrpo.bench.gpu_check import SPLITS, update_once
 from branchgrpo.bench.throughput import make_rollout
-from branchgrpo.parallel import apply_activation_checkpointing
+from branchgrpo.runtime.parallel import apply_activation_checkpointing
 
 STEPS = 11
 MICRO = 32  # parents per training forward: 2 micro-batches for the tree's 43 parents

@@ -11,7 +11,7 @@ import pytest
 
 from branchgrpo.bench.compare import methods as compare_rows
 from branchgrpo.cli.compare import main as compare_main
-from branchgrpo.plan import main as plan_main
+from branchgrpo.cli.plan import main as plan_main
 from trainer_utils import REPO
 
 pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier

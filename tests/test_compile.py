@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from branchgrpo import plans
+from branchgrpo.core import plans
 from branchgrpo.bench.throughput import make_rollout, no_autocast
-from branchgrpo.compile_stats import compiled_graphs
+from branchgrpo.runtime.compile_stats import compiled_graphs
 from branchgrpo.config.sections import ModelConfig, ParallelConfig
-from branchgrpo.distributed import DistInfo
+from branchgrpo.core.distributed import DistInfo
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.toy import build_prompt_encoder, load_toy
-from branchgrpo.parallel import prepare_model, using_module
+from branchgrpo.runtime.parallel import prepare_model, using_module
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -151,7 +151,7 @@ def test_flags_without_effect_are_reported(tmp_path, caplog):
 
 def test_mixgrpo_window_never_reaches_the_last_two_steps():
     """MixGRPO's max_timesteps = N - 2: by default the window's last position ends at step T - 3."""
-    from branchgrpo.graph import skeleton_graph
+    from branchgrpo.core.graph import skeleton_graph
     import torch
 
     algo = algorithm_from_flags(algo="mixgrpo", sampling_steps=20, mix_sde_window_size=4, mix_window_interval=1)

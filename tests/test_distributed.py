@@ -90,7 +90,7 @@ def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, 
     script = tmp_path / "train_then_hang.py"
     script.write_text(textwrap.dedent(f"""
         import pathlib, sys, time
-        import branchgrpo.trainer as t
+        import branchgrpo.runtime.trainer as t
         from branchgrpo.cli.train import main
         orig, calls = t.Trainer._export, []
         def export(self, folder):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from branchgrpo.eval import diversity as dv
-from branchgrpo.eval.features import ClipFeatures, InceptionFeatures, PixelFeatures, resize_center_crop
+from branchgrpo.core import diversity as dv
+from branchgrpo.rewards.features import ClipFeatures, InceptionFeatures, PixelFeatures, resize_center_crop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,7 +227,7 @@ def _write_pngs(folder, brightness, count, seed):
 
 @pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
-    from branchgrpo.eval.diversity_cli import main, run
+    from branchgrpo.cli.diversity import main, run
 
     _write_pngs(tmp_path / "dark", 0.4, 16, seed=0)
     _write_pngs(tmp_path / "bright", 0.6, 16, seed=1)
@@ -244,7 +244,7 @@ def test_cli_end_to_end(tmp_path):
     feats = torch.load(tmp_path / "feats" / "a.pt")
     torch.save(feats[torch.randperm(16, generator=torch.Generator().manual_seed(0))], tmp_path / "a_shuffled.pt")
     out2 = tmp_path / "same.json"
-    command = [sys.executable, "-m", "branchgrpo.eval.diversity_cli", "--a", str(tmp_path / "feats" / "a.pt"),
+    command = [sys.executable, "-m", "branchgrpo.cli.diversity", "--a", str(tmp_path / "feats" / "a.pt"),
                "--b", str(tmp_path / "a_shuffled.pt"), "--permutations", "100", "--kid_subsets", "5",
                "--output", str(out2)]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -6,12 +6,12 @@ survives a kill/resume bitwise."""
 import pytest
 import torch
 
-from branchgrpo import advantages as adv
-from branchgrpo import sde
+from branchgrpo.core import advantages as adv
+from branchgrpo.core import sde
 from branchgrpo.algorithms import dynamic as dyn
 from branchgrpo.config import config_from_flags, parse_flags
-from branchgrpo.graph import plan_counts
-from branchgrpo.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.graph import plan_counts
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics, train, without_timings
 
 SHAPE = (2, 3)

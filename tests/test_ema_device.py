@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from branchgrpo.ema import EMA
+from branchgrpo.runtime.ema import EMA
 
 
 def test_device_ema_equals_host_ema_and_resumes_across_settings():

@@ -91,7 +91,7 @@ def tiny_flux(tmp_path_factory):
     from types import SimpleNamespace
 
     from branchgrpo.data.preprocess import run_preprocess
-    from branchgrpo.make_tiny import make_tiny
+    from branchgrpo.cli.make_tiny import make_tiny
     from branchgrpo.models.flux import build_prompt_encoder
 
     root = tmp_path_factory.mktemp("eval_flux")

@@ -18,7 +18,7 @@ from PIL import Image
 from branchgrpo.cli.eval import main as eval_main
 from branchgrpo.config.sections import ModelConfig
 from branchgrpo.eval.checkpoints import load_eval_model
-from branchgrpo.make_tiny import make_tiny
+from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.models import get_backbone
 
 pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: not in the fast tier

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from branchgrpo import sde
+from branchgrpo.core import sde
 from branchgrpo.models.flux import (
     FluxAdapter,
     build_prompt_encoder,
@@ -106,9 +106,9 @@ def test_ode_sampler_matches_flux_pipeline(pipe, cond, adapter, shift_mode):
 def test_training_rollout_code_matches_flux_pipeline(pipe, cond, adapter):
     """The same parity through the code the trainer and the evaluation CLI run: `run_rollout` on a one-chain ODE plan
     (float32 sigmas, keyed initial noise, depth batching, the deterministic last step), not a test-side loop."""
-    from branchgrpo import plans
+    from branchgrpo.core import plans
     from branchgrpo.models.base import gather_cond
-    from branchgrpo.rollout import NoiseKeys, run_rollout
+    from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
     sigmas = sde.make_sigmas(STEPS, shift=3.0)
 

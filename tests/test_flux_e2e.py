@@ -25,7 +25,7 @@ def run(cmd, env=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from branchgrpo.make_tiny import make_tiny
+    from branchgrpo.cli.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("flux_e2e")
     make_tiny("flux", str(root / "flux"))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from branchgrpo.make_tiny import make_tiny  # noqa: E402
+from branchgrpo.cli.make_tiny import make_tiny  # noqa: E402
 from branchgrpo.rewards import available_rewards, build_reward  # noqa: E402
 from branchgrpo.testing.imagereward_tiny import TINY, tiny_vocab  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from branchgrpo.losses import clipped_surrogate, merge_stats, policy_stats
+from branchgrpo.core.losses import clipped_surrogate, merge_stats, policy_stats
 
 
 def test_ratio_one_gives_minus_advantage():
@@ -45,7 +45,7 @@ def test_policy_stats_and_merge():
 def test_non_finite_edges_get_no_gradient_and_poison_nothing():
     """An overflowing ratio (new log-prob far above the old one) with a negative advantage makes the plain loss inf;
     masking that loss afterwards still leaves NaN in the backward (0 x inf). Guarding the log-prob first does not."""
-    from branchgrpo.losses import guard_non_finite
+    from branchgrpo.core.losses import guard_non_finite
 
     old = torch.tensor([0.0, -1e4, 0.0])
     adv = torch.tensor([1.0, -1.0, 0.5])
@@ -68,9 +68,9 @@ def test_non_finite_edges_get_no_gradient_and_poison_nothing():
 def test_ratio_drift_warns_once_from_a_tenth_of_the_clip_range(caplog):
     import logging
 
-    from branchgrpo.update import RatioDrift
+    from branchgrpo.runtime.update import RatioDrift
 
-    with caplog.at_level(logging.WARNING, logger="branchgrpo.update"):
+    with caplog.at_level(logging.WARNING, logger="branchgrpo.runtime.update"):
         quiet = RatioDrift(1e-3, recompute=False)
         quiet.observe(0, 1 - 5e-5, 1 + 9e-5)  # under a tenth of the clip range: rounding the clip can absorb
         quiet.observe(1, None, None)  # an iteration without a live edge

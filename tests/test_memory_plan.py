@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from branchgrpo import memory
+from branchgrpo.planner import memory
 from branchgrpo.bench.measure import allocation_peak_bytes
 from branchgrpo.cli import plan
-from branchgrpo.cli.plan_memory import memory_model
-from branchgrpo.memory_trace import lora_parameters, trace_activations
+from branchgrpo.planner.gpu_memory import memory_model
+from branchgrpo.planner.trace import lora_parameters, trace_activations
 from branchgrpo.config import config_from_flags
-from branchgrpo.parallel import apply_activation_checkpointing
+from branchgrpo.runtime.parallel import apply_activation_checkpointing
 
 
 def _plan_json(capsys, *flags) -> dict:

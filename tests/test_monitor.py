@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from branchgrpo.config.sections import EvalConfig
-from branchgrpo.eval.monitor import (
+from branchgrpo.runtime.monitor import (
     HackingMonitor,
     high_frequency_share,
     mean_pairwise_distance,
@@ -215,7 +215,7 @@ def test_bad_monitor_flags_are_refused_naming_the_flag(flags, message):
 
 
 def test_the_reward_curve_gets_the_monitor_panels(tmp_path):
-    from branchgrpo.outputs import plot_rewards
+    from branchgrpo.runtime.outputs import plot_rewards
 
     entries = [{"step": s, "reward_mean": 0.1 * s} for s in range(4)]
     evals = [{"step": 0, "eval_reward": 0.0, "monitor_hf_ratio": 1.0, "monitor_diversity_ratio": 1.0,
@@ -295,7 +295,7 @@ def test_a_checkerboard_reward_trips_the_monitor_and_the_default_reward_does_not
 def test_a_single_evaluation_sample_reports_no_kid_instead_of_failing():
     """KID and MMD^2 need two samples a side; with one held-out sample they are null and the evaluation goes on."""
     from branchgrpo.config.sections import EvalConfig
-    from branchgrpo.eval.monitor import HackingMonitor
+    from branchgrpo.runtime.monitor import HackingMonitor
 
     monitor = HackingMonitor(EvalConfig())
     base, trained = torch.zeros(1, 3, 8, 8), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -151,7 +151,7 @@ def assert_same_run(a: Path, b: Path, step: int = 2) -> None:
 
 
 def saved_step(out: Path, world_size: int) -> int:
-    from branchgrpo.checkpoint import CheckpointManager
+    from branchgrpo.runtime.checkpoint import CheckpointManager
 
     path = CheckpointManager(out, 0, world_size).resolve("latest")  # verified: complete and loadable
     return int(path.name.split("-")[1])
@@ -161,7 +161,7 @@ def unbroken(emb, out: Path, world_size: int, steps: int) -> Path:
     args = run_args(emb, out, max_train_steps=steps)
     if world_size == 1:
         from branchgrpo.config import parse_train_config
-        from branchgrpo.trainer import Trainer
+        from branchgrpo.runtime.trainer import Trainer
 
         Trainer(parse_train_config(args)).train()
         return out
@@ -225,7 +225,7 @@ def test_one_process_sigterm_to_the_launcher_then_sigint_twice(emb, tmp_path):
     assert "SIGINT again: ignored" in (logs / "2.log").read_text()
 
     from branchgrpo.config import parse_train_config
-    from branchgrpo.trainer import Trainer
+    from branchgrpo.runtime.trainer import Trainer
 
     Trainer(parse_train_config(args)).train()
     assert_same_run(unbroken(emb, tmp_path / "unbroken", 1, 3), out, 3)
@@ -301,8 +301,8 @@ def test_cuts_after_an_optimizer_step_and_inside_an_evaluation_resume_exactly(em
     iteration 1 - the cut must put back the weights and optimizer state kept in host memory, not save a partial
     update. Then SIGTERM at the start of the evaluation at step 2: saved as pending, run first on resume. Deadline
     0: cut at the next cut point. The twice-stopped run equals the unbroken one bitwise."""
-    import branchgrpo.trainer as trainer
-    import branchgrpo.update as update
+    import branchgrpo.runtime.trainer as trainer
+    import branchgrpo.runtime.update as update
 
     flags = dict(max_train_steps=3, validation_steps=2, checkpointing_steps=0, train_micro_batch_size=2,
                  gradient_accumulation_steps=1, preempt_save_deadline_s=0)
@@ -350,7 +350,7 @@ def test_cuts_after_an_optimizer_step_and_inside_an_evaluation_resume_exactly(em
 # The mechanisms, without training (fast tier)
 # ---------------------------------------------------------------------------------------------------------------
 def test_signals_stop_at_once_before_training_and_are_deferred_then_repeats_ignored(own_signal_handlers):
-    from branchgrpo.preemption import Preempted, Preemption
+    from branchgrpo.runtime.preemption import Preempted, Preemption
 
     early = Preemption(deadline_s=0.3, world_size=1, rank=0)
     early.install()
@@ -378,7 +378,7 @@ def test_signals_stop_at_once_before_training_and_are_deferred_then_repeats_igno
 
 
 def test_the_boundary_puts_back_small_states_weights_and_optimizer_state():
-    from branchgrpo.preemption import Preemption
+    from branchgrpo.runtime.preemption import Preemption
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -417,7 +417,7 @@ def test_dcp_metadata_is_read_without_running_code(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from branchgrpo.checkpoint import read_dcp_metadata
+    from branchgrpo.runtime.checkpoint import read_dcp_metadata
 
     dcp.save({"w": torch.ones(3), "lr": 0.5, "betas": (0.9, 0.99)}, checkpoint_id=str(tmp_path / "state"),
              no_dist=True)
@@ -443,7 +443,7 @@ def test_dcp_metadata_is_read_without_running_code(tmp_path):
 
 
 def test_the_latest_pointer_names_a_checkpoint_of_its_folder_or_nothing(tmp_path):
-    from branchgrpo.checkpoint import CheckpointManager
+    from branchgrpo.runtime.checkpoint import CheckpointManager
 
     manager = CheckpointManager(tmp_path, 0, 1)
     assert manager.resolve("latest") is None  # no checkpoint yet: a requeued job starts over
@@ -455,7 +455,7 @@ def test_the_latest_pointer_names_a_checkpoint_of_its_folder_or_nothing(tmp_path
 
 
 def test_a_torn_last_line_is_dropped_and_a_damaged_line_named(tmp_path, caplog):
-    from branchgrpo.outputs import MetricsLog, read_jsonl
+    from branchgrpo.runtime.outputs import MetricsLog, read_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-append
@@ -469,7 +469,7 @@ def test_a_torn_last_line_is_dropped_and_a_damaged_line_named(tmp_path, caplog):
 
 
 def test_unreadable_config_and_index_files_are_named(tmp_path):
-    from branchgrpo.config.fields import load_yaml
+    from branchgrpo.core.flags import load_yaml
     from branchgrpo.data.embeddings import EmbeddingStore, write_index, write_shard
 
     binary = tmp_path / "config.yaml"

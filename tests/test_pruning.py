@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from branchgrpo import advantages as adv
-from branchgrpo import plans
+from branchgrpo.core import advantages as adv
+from branchgrpo.core import plans
 from branchgrpo.config import algorithm_from_flags
-from branchgrpo.graph import SDE, skeleton_graph
-from branchgrpo.pruning import (
+from branchgrpo.core.graph import SDE, skeleton_graph
+from branchgrpo.core.pruning import (
     DepthPruningSchedule,
     WindowSchedule,
     depth_pruning_mask,
@@ -131,7 +131,7 @@ def test_pruning_step_ratio_gates_width_pruning():
 def test_width_pruning_ranks_by_fused_values_not_by_clipped_advantages():
     """With --adv_clip_max below the depth's z-scores every clipped advantage ties, and the first child used to win:
     the selections rank by the unclipped advantages, and only the loss sees clipped ones."""
-    from branchgrpo.update import select_edges
+    from branchgrpo.runtime.update import select_edges
 
     algo = algorithm_from_flags(sampling_steps=4, tree_split_points="0,1", width_pruning_mode=1, adv_clip_max=0.1)
     graph = skeleton_graph(algo.plan(0))

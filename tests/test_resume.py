@@ -86,7 +86,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(emb, straight, tmp_path):
     args = fast_args(emb, out, checkpointing_steps=2, **STATEFUL)
     # slow each iteration down a little so the signal lands mid-run
     proc = _run_script(f"""
-        import time, branchgrpo.trainer as t
+        import time, branchgrpo.runtime.trainer as t
         from trainer_utils import train
         orig = t.Trainer.iteration
         t.Trainer.iteration = lambda self, it: (time.sleep(0.5), orig(self, it))[1]
@@ -106,7 +106,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(emb, 
     args = fast_args(emb, out, checkpointing_steps=1, max_train_steps=3)
     marker = tmp_path / "in_second_save"
     proc = _run_script(f"""
-        import pathlib, time, branchgrpo.trainer as t
+        import pathlib, time, branchgrpo.runtime.trainer as t
         from trainer_utils import train
         orig, calls = t.Trainer._export, []
         def export(self, folder):
@@ -242,7 +242,7 @@ def test_a_kill_while_replacing_a_checkpoint_of_the_same_step_keeps_latest_loada
     """Re-saving a step that has a checkpoint (a run resumed from an earlier one) swaps the old folder aside before
     the new one takes its name; a kill between the two renames must leave `latest` resolvable, and the next save
     puts the folder back."""
-    from branchgrpo.checkpoint import REPLACED, CheckpointManager
+    from branchgrpo.runtime.checkpoint import REPLACED, CheckpointManager
 
     out = tmp_path / "swap"
     shutil.copytree(straight / "checkpoints", out / "checkpoints")
@@ -409,7 +409,7 @@ def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(
     """Non-finite gradient norms from iteration 1 on (rewards stay finite, so the non-finite reward guard does not
     trip): after --max_skipped_steps of them in a row the run writes a checkpoint - whose weights are those after
     iteration 0, the last applied step - and stops with one line, exit 2, instead of running to the end with 0."""
-    import branchgrpo.update as update
+    import branchgrpo.runtime.update as update
     from branchgrpo.cli.train import main
 
     real, calls = update.clip_grad_norm, []

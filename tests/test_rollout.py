@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from branchgrpo import plans, sde
-from branchgrpo.graph import SDE, plan_counts
-from branchgrpo.rollout import NoiseKeys, run_rollout
+from branchgrpo.core import plans, sde
+from branchgrpo.core.graph import SDE, plan_counts
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
 KERNEL = sde.Kernel("dance", 0.3)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from branchgrpo import sde
+from branchgrpo.core import sde
 
 KERNELS = [sde.Kernel("dance", 0.3), sde.Kernel("flow", 0.7)]
 

@@ -14,8 +14,8 @@ from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.models.toy import ToyAdapter, build_prompt_encoder, load_toy
 from branchgrpo.toy import data
 from branchgrpo.toy.network import ToyBlock
-from branchgrpo.toy.pretrain import CaptionSampler, attribute_labels, sample_images
-from branchgrpo.toy.reward import ToyReward
+from branchgrpo.runtime.pretrain_toy import CaptionSampler, attribute_labels, sample_images
+from branchgrpo.rewards.toy import ToyReward
 
 
 @pytest.fixture(scope="module")

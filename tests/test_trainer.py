@@ -56,7 +56,7 @@ def test_every_algorithm_changes_every_parameter(variant, emb, initial, tmp_path
 
 def test_lora_trains_only_the_adapters(emb, initial, tmp_path):
     from branchgrpo.config import parse_train_config
-    from branchgrpo.trainer import Trainer
+    from branchgrpo.runtime.trainer import Trainer
 
     out = tmp_path / "lora"
     trainer = Trainer(parse_train_config(fast_args(emb, out, use_lora=True, lora_rank=4, lora_alpha=8,
@@ -230,7 +230,7 @@ class _Loading(Exception):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    import branchgrpo.trainer as trainer
+    import branchgrpo.runtime.trainer as trainer
 
     def refuse(*args, **kwargs):
         raise _Loading

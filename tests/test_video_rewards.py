@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from branchgrpo.make_tiny import make_tiny
+from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.rewards import available_rewards, build_reward
 from branchgrpo.testing.clip_tiny import TINY_HPS_ARCH
 from branchgrpo.rewards.videoalign import frame_size, sample_frame_indices

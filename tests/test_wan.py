@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from branchgrpo import sde
+from branchgrpo.core import sde
 from branchgrpo.models.wan import (
     DEFAULT_NEGATIVE_PROMPT,
     build_prompt_encoder,
     check_video_size,
     load_wan,
 )
-from branchgrpo.make_tiny import make_tiny
+from branchgrpo.cli.make_tiny import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # 3 latent frames of 4 x 6; non-square so that axis mix-ups show

@@ -27,7 +27,7 @@ def run(cmd, env, timeout=400):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from branchgrpo.make_tiny import make_tiny
+    from branchgrpo.cli.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("wan_e2e")
     make_tiny("wan", str(root / "wan"))

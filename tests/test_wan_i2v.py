@@ -26,16 +26,16 @@ import pytest
 import torch
 from PIL import Image
 
-from branchgrpo import plans, sde
+from branchgrpo.core import plans, sde
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.preprocess import read_prompts, run_preprocess
-from branchgrpo.make_tiny import make_tiny
+from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.models import get_backbone
 from branchgrpo.models.base import velocity_fn
 from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, load_wan
 from branchgrpo.models.wan_i2v import WanI2VAdapter, load_image
 from branchgrpo.rewards.base import RewardSet, build_reward, decode_and_score
-from branchgrpo.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_PROMPTS = REPO / "assets" / "i2v_prompts.jsonl"

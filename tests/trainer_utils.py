@@ -50,7 +50,7 @@ def fast_args(emb: tuple[Path, Path], out: Path, **overrides) -> list[str]:
 
 def train(args: list[str]) -> dict:
     from branchgrpo.config import parse_train_config
-    from branchgrpo.trainer import Trainer
+    from branchgrpo.runtime.trainer import Trainer
 
     return Trainer(parse_train_config(args)).train()
 

@@ -1,5 +1,5 @@
 """What an algorithm unit is: a rollout plan, an advantage estimator, an edge selector and schedule state, over
-the one rollout data type (branchgrpo.graph), plus the typed config section that owns its flags.
+the one rollout data type (branchgrpo.core.graph), plus the typed config section that owns its flags.
 
 A unit is a subclass of `Algorithm` registered with `@register_algorithm` (branchgrpo.algorithms). The trainer
 calls, every iteration,
@@ -21,10 +21,10 @@ from typing import ClassVar
 
 import torch
 
-from branchgrpo import advantages as adv
-from branchgrpo import sde
-from branchgrpo.config.fields import flag, require
-from branchgrpo.graph import GraphPlan, RolloutGraph, plan_counts, skeleton_graph
+from branchgrpo.core import advantages as adv
+from branchgrpo.core import sde
+from branchgrpo.core.flags import flag, require
+from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts, skeleton_graph
 
 
 class AlgorithmConfig:
@@ -89,7 +89,7 @@ class WindowFlags(AlgorithmConfig):
                 f"{T - 2} (the last step is deterministic)")
 
     def window_schedule(self, num_steps: int):
-        from branchgrpo.pruning import WindowSchedule
+        from branchgrpo.core.pruning import WindowSchedule
 
         return WindowSchedule(size=self.mix_sde_window_size, interval=self.mix_window_interval,
                               stride=self.mix_window_stride, start=self.mix_window_start,
@@ -159,7 +159,7 @@ class Algorithm(abc.ABC):
 
     def rollout(self, iteration: int, run, prompt_ids: list[int], score=None) -> RolloutGraph:
         """The iteration's rollout graph: `run(plan_or_per_prompt_plans, branch_innovation=..., expand=...)` runs
-        branchgrpo.rollout.run_rollout on the batch; `prompt_ids` are the prompts' dataset rows; `score(latents,
+        branchgrpo.core.rollout.run_rollout on the batch; `prompt_ids` are the prompts' dataset rows; `score(latents,
         prompt index)` rewards decoded latents (for units that look at intermediate rewards)."""
         return run(self.plan(iteration), branch_innovation=self.branch_innovation)
 
@@ -169,7 +169,7 @@ class Algorithm(abc.ABC):
 
     # --- counts and state ------------------------------------------------------------------------------------
     def counts(self, iteration: int = 0) -> dict:
-        """The honest per-prompt cost of iteration `iteration` (branchgrpo.graph.plan_counts). Selections that
+        """The honest per-prompt cost of iteration `iteration` (branchgrpo.core.graph.plan_counts). Selections that
         rank by reward keep a fixed number of edges whatever the values, so a stand-in ranking gives the counts."""
         plan = self.plan(iteration)
         graph = skeleton_graph(plan)

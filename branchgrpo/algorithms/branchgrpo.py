@@ -15,15 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import advantages as adv
-from branchgrpo import distributed
+from branchgrpo.core import advantages as adv
+from branchgrpo.core import distributed
 from branchgrpo.algorithms import dynamic as dyn
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, WindowFlags, window_flag_names
-from branchgrpo.config.fields import flag, parse_int_list, require
-from branchgrpo.graph import GraphPlan, RolloutGraph, plan_counts
-from branchgrpo.plans import tree_plan
-from branchgrpo.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
+from branchgrpo.core.flags import flag, parse_int_list, require
+from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts
+from branchgrpo.core.plans import tree_plan
+from branchgrpo.core.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
 
 log = logging.getLogger(__name__)
 _REPORTED: set[tuple] = set()  # split-point settings already reported (_report_split_points)

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import advantages as adv
+from branchgrpo.core import advantages as adv
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, GroupFlags
-from branchgrpo.config.fields import flag, require
-from branchgrpo.graph import GraphPlan, RolloutGraph
-from branchgrpo.plans import group_plan
-from branchgrpo.pruning import timestep_fraction_mask
+from branchgrpo.core.flags import flag, require
+from branchgrpo.core.graph import GraphPlan, RolloutGraph
+from branchgrpo.core.plans import group_plan
+from branchgrpo.core.pruning import timestep_fraction_mask
 
 _DANCE = ["--algo", "dancegrpo", "--num_generations", "16", "--sde_kernel", "dance", "--eta", "0.3"]
 

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from branchgrpo.graph import GraphPlan, RolloutGraph, plan_counts
-from branchgrpo.plans import tree_plan
+from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts
+from branchgrpo.core.plans import tree_plan
 
 
 # --- statistics --------------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def guided_plan(num_steps: int, points: list[int], full: int, reduced: int, top_
                 split_noise_scale: float = 1.0, sde_steps=None) -> GraphPlan:
     """A plan with guided expansion's node counts (which nodes are expanded depends on the rewards, how many does
     not): the first ceil(top_fraction n) nodes of each split get `full` children. For counts and budgets."""
-    from branchgrpo.graph import ODE, SDE, PlanBuilder
+    from branchgrpo.core.graph import ODE, SDE, PlanBuilder
 
     splits, sde = set(points), None if sde_steps is None else set(sde_steps) | set(points)
     b = PlanBuilder(num_steps)

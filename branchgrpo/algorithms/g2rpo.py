@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import advantages as adv
+from branchgrpo.core import advantages as adv
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, GroupFlags
-from branchgrpo.config.fields import flag, parse_int_list, require
-from branchgrpo.graph import GraphPlan, RolloutGraph
-from branchgrpo.plans import comb_plan
+from branchgrpo.core.flags import flag, parse_int_list, require
+from branchgrpo.core.graph import GraphPlan, RolloutGraph
+from branchgrpo.core.plans import comb_plan
 
 
 @dataclass

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import advantages as adv
+from branchgrpo.core import advantages as adv
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, GroupFlags, WindowFlags
-from branchgrpo.graph import GraphPlan, RolloutGraph
-from branchgrpo.plans import group_plan
+from branchgrpo.core.graph import GraphPlan, RolloutGraph
+from branchgrpo.core.plans import group_plan
 
 
 @dataclass

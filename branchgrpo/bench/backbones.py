@@ -146,3 +146,23 @@ def load_backbone(model_cfg, device: torch.device, *, random_shape: str | None =
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def bench_device(name: str) -> torch.device:
+    """--device: auto (CUDA when available), else as named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_config(args):
+    """The model section (sizes not given: the backbone's defaults); flags that do not apply are refused."""
+    from branchgrpo.config.sections import ModelConfig
+
+    model_cfg = ModelConfig(model=args.model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+                            h=args.h, w=args.w, num_frames=args.num_frames, guidance_scale=args.guidance_scale)
+    spec = model_cfg.spec
+    for name in spec.inapplicable_flags(model_cfg):
+        raise ValueError(f"--{name}: does not apply to --model {spec.name}")
+    spec.check_flags(model_cfg)
+    return model_cfg

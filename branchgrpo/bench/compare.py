@@ -1,6 +1,6 @@
 """Method comparison harness, the library part: every row of the paper's Table 1 (plus G2RPO) as trainer flags, and
-how each row is run (in this process or one torchrun job per method). The command line is branchgrpo.cli.compare
-(`python -m branchgrpo.bench.compare` is an alias of it); see its docstring for what is compared and how."""
+how each row is run (in this process or one torchrun job per method). The command line is branchgrpo.cli.compare;
+see its docstring for what is compared and how."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def run_method(name: str, args: list[str], launcher: str, nproc: int, num_thread
         import torch
 
         from branchgrpo.config import parse_train_config
-        from branchgrpo.trainer import Trainer
+        from branchgrpo.runtime.trainer import Trainer
 
         if num_threads > 0:
             torch.set_num_threads(num_threads)
@@ -114,8 +114,3 @@ def run_method(name: str, args: list[str], launcher: str, nproc: int, num_thread
         if proc.returncode != 0:
             raise RuntimeError(f"{name}: training failed (exit {proc.returncode}); see its output above")
 
-
-if __name__ == "__main__":  # `python -m branchgrpo.bench.compare`: an alias of branchgrpo.cli.compare
-    from branchgrpo.cli.compare import main
-
-    main()

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from branchgrpo.bench.report import md_table, write_csv
-from branchgrpo.outputs import read_jsonl
+from branchgrpo.runtime.outputs import read_jsonl
 
 TIME_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s")
 TABLE_COLUMNS = (
@@ -44,7 +44,7 @@ def _difference(after: float | None, before: float | None) -> float | None:
 def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
     """Mean over iterations of the per-leaf rollout forwards and trained edges that `branchgrpo.plan` counts for the
     run's own flags (config.json), without running a model."""
-    from branchgrpo.cli.plan import count
+    from branchgrpo.planner.counts import count
     from branchgrpo.config import config_from_flags
 
     cfg = config_from_flags(json.loads((run_dir / "config.json").read_text()), validate="none")

@@ -29,7 +29,7 @@ import torch
 import torch._functorch.config
 import torch._inductor.config
 
-from branchgrpo import plans
+from branchgrpo.core import plans
 from branchgrpo.bench.measure import (
     gemm_attention_share,
     interleaved_medians,
@@ -39,9 +39,9 @@ from branchgrpo.bench.measure import (
 from branchgrpo.bench.report import md_table, write_result
 from branchgrpo.bench.throughput import make_rollout, no_autocast
 from branchgrpo.bench.throughput import make_update as tp_make_update
-from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
-from branchgrpo.parallel import checkpoint_and_compile, using_module
-from branchgrpo.update import ratio_deviation
+from branchgrpo.runtime.compile_stats import compiled_graphs, recompile_limit_hits
+from branchgrpo.runtime.parallel import checkpoint_and_compile, using_module
+from branchgrpo.runtime.update import ratio_deviation
 
 TARGET = 1.5
 SPLITS = (0, 3, 6, 9)
@@ -215,13 +215,12 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    from branchgrpo.bench.backbones import load_backbone
-    from branchgrpo.cli.bench import _device, model_config
+    from branchgrpo.bench.backbones import bench_device, load_backbone, model_config
 
     model_cfg = model_config(args)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    device = _device(args.device)
+    device = bench_device(args.device)
     if device.type == "cpu":  # as the trainer on CPU (--deterministic auto)
         torch.use_deterministic_algorithms(True, warn_only=True)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
@@ -243,7 +242,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from branchgrpo.cli import run_cli
+    from branchgrpo.runtime.entry import run_cli
 
     return run_cli(_main, argv)
 

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from branchgrpo import distributed, plans
+from branchgrpo.core import distributed, plans
 from branchgrpo.bench.compiled import bound_text, first_ratio_deviation, headroom
 from branchgrpo.bench.measure import (
     PeakMemory,
@@ -117,8 +117,8 @@ def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: b
 
 def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
     """The memory planner's prediction for this check's configuration (no reward model is loaded here)."""
-    from branchgrpo import memory
-    from branchgrpo.cli.plan_memory import memory_model
+    from branchgrpo.planner import memory
+    from branchgrpo.planner.gpu_memory import memory_model
     from branchgrpo.config import config_from_flags
 
     flags = {"model": "flux", "h": args.h, "w": args.w, "gradient_checkpointing": True, "train_batch_size": 1,
@@ -148,7 +148,7 @@ def measure_rollout(adapter, cond, plan, args, device, autocast) -> tuple[float,
 
 def prepare(adapter, info, compiled: bool) -> int:
     """As the trainer's prepare_model: activation checkpointing -> compile (when asked) -> FSDP2 (several ranks)."""
-    from branchgrpo.parallel import apply_fsdp, checkpoint_and_compile
+    from branchgrpo.runtime.parallel import apply_fsdp, checkpoint_and_compile
 
     blocks = adapter.blocks()
     units = checkpoint_and_compile(adapter.transformer, blocks, 1.0, compiled)
@@ -161,7 +161,7 @@ def compiled_check(args, info, device, autocast, plan, eager_rollout_s: float, e
                    shares: dict):
     """Section 5: the same weights again (the eager model is freed first: two full FLUX copies need not fit),
     compiled, measured like the eager one."""
-    from branchgrpo.compile_stats import compiled_graphs, recompile_limit_hits
+    from branchgrpo.runtime.compile_stats import compiled_graphs, recompile_limit_hits
 
     adapter, cond, _ = build(args, device)
     prepare(adapter, info, compiled=True)
@@ -260,7 +260,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from branchgrpo.cli import run_cli
+    from branchgrpo.runtime.entry import run_cli
 
     return run_cli(_main, argv)
 

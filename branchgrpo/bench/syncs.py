@@ -5,7 +5,7 @@ aten._local_scalar_dense), results whose shape depends on the data (nonzero, boo
 masked_select, repeat_interleave without an output size) and copies between two devices. The count is
 conservative on the CPU, where host and device are one: a value read from a host-only tensor counts too, while a
 host-to-device copy cannot be seen (the rollout and the update move their index tensors in one copy before their
-loops, branchgrpo.transfer) and neither can `.tolist()`. Calls inside the backbone can be counted apart
+loops, branchgrpo.core.transfer) and neither can `.tolist()`. Calls inside the backbone can be counted apart
 (`count_backbone_apart`), so the rollout's and the update's own syncs show. Each count is attributed to the
 innermost branchgrpo function on the stack; `HOST_SIDE` names the functions that lay out host bookkeeping before a
 loop (on a GPU their tensors never leave the host), and counts inside torch.optim are the optimizers' host-side

@@ -1,4 +1,4 @@
-"""The measurements of `python -m branchgrpo.bench` (see branchgrpo/cli/bench.py for the command line).
+"""The measurements of `python -m branchgrpo.bench` (see branchgrpo/bench/__main__.py for the command line).
 
 All timings go through the training code itself - `run_rollout` for rollouts, `PolicyUpdate.run` for the update -
 so what is measured is what a training iteration costs, not a re-implementation of it.
@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from branchgrpo import plans, sde
+from branchgrpo.core import plans, sde
 from branchgrpo.bench.measure import PeakMemory, interleaved_medians, sync, timed
 from branchgrpo.models.base import gather_cond
-from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.seeding import keyed_normal, mix_key
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.seeding import keyed_normal, mix_key
 
 KERNEL = sde.Kernel("dance", 0.3)  # the BranchGRPO / DanceGRPO kernel; its value does not change the cost
 
@@ -145,7 +145,7 @@ def make_update(backbone, graph, micro: int, device, autocast, module=None, reco
     every repeat trains the same weights (AdamW still does all its work): returns (a closure running it, the
     edges, the number of micro-batches)."""
     from branchgrpo.config.sections import LossConfig, OptimConfig
-    from branchgrpo.update import PolicyUpdate, plan_micro_batches, select_edges
+    from branchgrpo.runtime.update import PolicyUpdate, plan_micro_batches, select_edges
 
     model = module if module is not None else backbone.adapter.transformer
     params = [p for p in model.parameters() if p.requires_grad]

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from branchgrpo.bench.compare import BASELINE, COMMON, builtin_embeddings, method_args, method_flags, methods, run_method
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 
 
 def _load() -> list[float] | None:

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> dict:
     """The comparison of `--a` and `--b` (what `main` prints and writes); input errors raise."""
-    from branchgrpo.eval.diversity import compare_feature_sets
-    from branchgrpo.eval.features import build_extractor, extract_list
+    from branchgrpo.core.diversity import compare_feature_sets
+    from branchgrpo.rewards.features import build_extractor, extract_list
 
     args = build_parser().parse_args(argv)
     kind_a, items_a = load_set(args.a)

@@ -12,7 +12,7 @@
 Writes to --output_dir: results.md (table), results.csv, results.json (mean, std and two 95% CIs per reward,
 per-prompt means, per-sample scores), scores.csv and grid.png (videos: first, middle and last frame of each sample);
 with --save_images DIR one PNG per sample (a video's middle frame; the input of `python -m
-branchgrpo.eval.diversity_cli`) and, for videos, one MP4 per sample. See docs/evaluation.md.
+branchgrpo.cli.diversity`) and, for videos, one MP4 per sample. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.models import backbones, get_backbone
 from branchgrpo.rewards.base import parse_reward_options
 
@@ -194,11 +194,11 @@ def _video_metrics(args, spec, device):
 
 
 def run(args) -> dict:
-    from branchgrpo import sde
+    from branchgrpo.core import sde
     from branchgrpo.eval.checkpoints import load_eval_model
     from branchgrpo.eval.generate import SampleSettings, encode_prompts, generate_and_score
     from branchgrpo.eval.report import summarize, write_results
-    from branchgrpo.outputs import save_grid
+    from branchgrpo.runtime.outputs import save_grid
 
     spec = get_backbone(args.model)
     model_cfg = model_config(args)

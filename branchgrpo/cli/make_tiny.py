@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.models import backbones
 from branchgrpo.testing import TINY_REWARDS, call_writer
 
@@ -27,7 +27,7 @@ def kinds() -> list[str]:
 def make_tiny(kind: str, out_dir: str, seed: int = 0) -> None:
     specs = backbones()
     if kind in specs and specs[kind].tiny is not None:
-        specs[kind].make_tiny(out_dir, seed=seed)
+        call_writer(specs[kind].tiny, out_dir, seed)
     elif kind in TINY_REWARDS:
         call_writer(TINY_REWARDS[kind], out_dir, seed)
     else:
@@ -48,6 +48,7 @@ def _main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     make_tiny(args.kind, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.kind} checkpoint to {args.out_dir}")
+
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Prints, per prompt: leaves, transformer forward passes in the rollout (total and
 counted honestly (forward passes, not nodes). `--iteration N` evaluates sliding windows at training iteration N.
 With `--gpus N` and/or `--gpu_memory_gb G` it also predicts the memory per GPU of the training flags given (parameters,
 gradients, optimizer, EMA, activations of a micro-batch, rollout latents, reward models, margin), whether it fits
-and the largest --train_micro_batch_size that does (branchgrpo/cli/plan_memory.py, branchgrpo/memory.py).
+and the largest --train_micro_batch_size that does (branchgrpo/planner/gpu_memory.py, branchgrpo/planner/memory.py).
 Width pruning keeps a fixed number of edges per tree whatever the rewards, so the count uses a stand-in ranking.
 """
 
@@ -14,33 +14,25 @@ from __future__ import annotations
 import json
 import sys
 
-from branchgrpo.cli import add_debug_flag, run_cli
-from branchgrpo.cli.plan_memory import add_memory_flags, check_memory_flags, format_memory, plan_memory, wants_memory
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.planner.counts import count, format_counts
+from branchgrpo.planner.gpu_memory import check_memory_flags, format_memory, plan_memory
 
 
-def count(cfg, iteration: int = 0) -> dict:
-    """The counts of a TrainConfig's algorithm at `iteration` (a fresh unit: no schedule state is touched)."""
-    out = {"algo": cfg.run.algo, "iteration": iteration, "sampling_steps": cfg.sampling.sampling_steps}
-    out.update(cfg.build_algorithm().counts(iteration))
-    out["sequential_forward_passes_per_leaf"] = cfg.sampling.sampling_steps
-    return out
+def add_memory_flags(parser) -> None:
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs (processes) of the run: prints the memory plan")
+    parser.add_argument("--gpu_memory_gb", type=float, default=None,
+                        help="memory per GPU in GiB (default 80; giving it prints the memory plan)")
+    parser.add_argument("--transformer_config", default=None,
+                        help="a shipped transformer config (e.g. flux1-dev, wan2.1-t2v-14b) or a config.json path "
+                             "(default: the checkpoint's, else the backbone's first shipped one)")
+    parser.add_argument("--reward_memory_gb", type=float, default=None,
+                        help="reward models resident per GPU, GiB (default: 4 for flux/wan - HPS-v2.1's ViT-H-14 in "
+                             "fp32 - and 0 for the toy)")
 
 
-def format_counts(c: dict) -> str:
-    rows = [
-        ("leaves (rewarded samples)", c["leaves"]),
-        ("rollout forward passes", f"{c['forward_passes']}  ({c['forward_passes_per_leaf']:.4g} per leaf; "
-                                   f"a sequential rollout needs {c['sequential_forward_passes_per_leaf']})"),
-        ("nodes / edges", f"{c['nodes']} / {c['edges']}"),
-        ("trainable edges (SDE)", f"{c['trainable_edges']}  ({c['trainable_edges_per_leaf']:.4g} per leaf)"),
-        ("trained edges", f"{c['trained_edges']}  ({c['trained_edges_per_leaf']:.4g} per leaf)"),
-        ("training forward passes", f"{c['train_forward_passes']}  ({c['train_forward_passes_per_leaf']:.4g} per leaf;"
-                                    " siblings share one)"),
-    ]
-    rows += [(f"--{name}", text) for name, text in c.get("policies", {}).items()]  # dynamic branching's budgets
-    width = max(len(k) for k, _ in rows)
-    head = f"{c['algo']}, T = {c['sampling_steps']}, iteration {c['iteration']}, per prompt:"
-    return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+def wants_memory(extras) -> bool:
+    return extras.gpus is not None or extras.gpu_memory_gb is not None
 
 
 def main(argv=None) -> int:
@@ -68,6 +60,7 @@ def _main(argv: list[str]) -> None:
     cfg.parallel.validate()
     planned = plan_memory(cfg, counts, extras)
     print(json.dumps({**counts, **planned}) if extras.json else format_counts(counts) + "\n" + format_memory(planned))
+
 
 
 if __name__ == "__main__":

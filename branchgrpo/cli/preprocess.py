@@ -16,8 +16,8 @@ import argparse
 import logging
 import sys
 
-from branchgrpo import distributed
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.core import distributed
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.data.preprocess import BAD_LINES, read_prompts, run_preprocess
 from branchgrpo.models import backbones, get_backbone
 from branchgrpo.models.spec import MODEL_FLAGS

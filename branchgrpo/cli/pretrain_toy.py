@@ -1,4 +1,4 @@
-"""Pretrain the toy from real digits and write the checkpoint it ships with (see branchgrpo.toy.pretrain):
+"""Pretrain the toy from real digits and write the checkpoint it ships with (see branchgrpo.runtime.pretrain_toy):
 
     python -m branchgrpo.cli.pretrain_toy --out branchgrpo/toy/assets --seed 0
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.models.toy import ToyAdapter
 from branchgrpo.toy import data
-from branchgrpo.toy.pretrain import attribute_labels, evaluate, fit_reward, speed, train_flow
-from branchgrpo.toy.reward import CLASSIFIER_WEIGHTS, REWARD_CONFIG, ToyReward
+from branchgrpo.runtime.pretrain_toy import attribute_labels, evaluate, fit_reward, speed, train_flow
+from branchgrpo.rewards.toy import CLASSIFIER_WEIGHTS, REWARD_CONFIG, ToyReward
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ import logging
 import os
 import sys
 
-from branchgrpo import distributed
-from branchgrpo.cli import add_debug_flag, run_cli
+from branchgrpo.core import distributed
+from branchgrpo.runtime.entry import add_debug_flag, run_cli
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def _train(argv: list[str]) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     values, _ = parse_flags(argv, extra_args=add_debug_flag)
     cfg = config_from_flags(values)  # every check that needs no model, before anything is loaded
-    from branchgrpo.trainer import Trainer
+    from branchgrpo.runtime.trainer import Trainer
 
     clean = False
     try:

@@ -2,7 +2,7 @@
 flags kept for compatibility (official.py) and the assembled run config with its parser (train.py). Algorithm units
 own their sections (branchgrpo.algorithms); backbone specs say which model flags apply (branchgrpo.models)."""
 
-from branchgrpo.config.fields import flag, parse_int_list, require  # noqa: F401
+from branchgrpo.core.flags import flag, parse_int_list, require  # noqa: F401
 from branchgrpo.config.train import (  # noqa: F401
     TrainConfig,
     algorithm_from_flags,

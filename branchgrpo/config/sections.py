@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from branchgrpo.config.fields import either, flag, require
+from branchgrpo.core.flags import either, flag, require
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class SamplingConfig(Section):
         return 0.3 if self.kernel_kind(default_kernel) == "dance" else 0.7
 
     def kernel(self, default_kernel: str):
-        from branchgrpo import sde
+        from branchgrpo.core import sde
 
         return sde.Kernel(self.kernel_kind(default_kernel), self.eta_value(default_kernel))
 
@@ -344,7 +344,7 @@ class EvalConfig(Section):
     eval_sampler: str = flag("ode", "evaluation sampler: ode (deterministic) or sde (the training kernel)",
                              ("ode", "sde"))
     eval_seed: int = flag(1234, "seed of the evaluation noise (the same at every evaluation)")
-    # the reward-hacking monitor (branchgrpo.eval.monitor): every evaluation against the step-0 samples
+    # the reward-hacking monitor (branchgrpo.runtime.monitor): every evaluation against the step-0 samples
     hacking_guard: str = flag("warn", "reward-hacking monitor at every evaluation, against the base model's (step 0) "
                               "samples: off, warn (a warning when a threshold is crossed), stop (also checkpoint and "
                               "stop)", ("off", "warn", "stop"))

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from branchgrpo.config.fields import (
+from branchgrpo.core.flags import (
     add_flag,
     check_value_type,
     either,

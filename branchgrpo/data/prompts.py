@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from branchgrpo.data.embeddings import EmbeddingStore
-from branchgrpo.seeding import keyed_permutation, mix_key
+from branchgrpo.core.seeding import keyed_permutation, mix_key
 
 
 @dataclass

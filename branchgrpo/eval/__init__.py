@@ -1,16 +1,4 @@
-"""Evaluation: distribution distances between sample sets (KID, MMD^2, permutation tests) and the image feature
-extractors they run on. `diversity` is pure numpy; `features` imports open_clip / torchvision only when an
-extractor is built."""
-
-from branchgrpo.eval.diversity import (  # noqa: F401
-    KIDResult,
-    PermutationResult,
-    compare_feature_sets,
-    kid,
-    median_bandwidth,
-    mmd2_rbf,
-    mmd2_unbiased,
-    permutation_test,
-    polynomial_kernel,
-    rbf_kernel,
-)
+"""Evaluation of trained checkpoints, above the runtime: loading a checkpoint's weights for sampling (checkpoints),
+generation and scoring of a prompt set (generate), reports with confidence intervals (report) and the video
+metrics (video_metrics). The statistics they share with the training-time monitor are in branchgrpo.core.diversity,
+the image feature extractors in branchgrpo.rewards.features."""

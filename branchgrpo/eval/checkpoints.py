@@ -1,6 +1,6 @@
 """Load a backbone for evaluation: the base model, or the weights of one of our training checkpoints.
 
-A training checkpoint (`<output_dir>/checkpoints/checkpoint-N/`, see branchgrpo/checkpoint.py) holds the weights
+A training checkpoint (`<output_dir>/checkpoints/checkpoint-N/`, see branchgrpo/runtime/checkpoint.py) holds the weights
 users load in `model/` (and the EMA in `ema/`), in one of four layouts, detected here by their files:
 
     toy_full         transformer.safetensors + transformer.json (+ the text encoder files): the toy's export

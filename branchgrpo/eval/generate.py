@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from branchgrpo import plans, sde
+from branchgrpo.core import plans, sde
 from branchgrpo.data.embeddings import with_extras
 from branchgrpo.models.base import velocity_fn
 from branchgrpo.rewards.base import RewardSet, decode_and_score, parse_reward_spec
-from branchgrpo.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
 
 @dataclass
@@ -140,7 +140,7 @@ def save_pngs(images: torch.Tensor, sample_ids, samples_per_prompt: int, folder:
     """One PNG per sample (what the diversity CLI reads)."""
     from PIL import Image
 
-    from branchgrpo.outputs import to_uint8
+    from branchgrpo.runtime.outputs import to_uint8
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -153,7 +153,7 @@ def save_pngs(images: torch.Tensor, sample_ids, samples_per_prompt: int, folder:
 
 def save_mp4s(videos: torch.Tensor, sample_ids, samples_per_prompt: int, folder: Path, fps: int) -> list[str]:
     """One MP4 per sample (GIF where no ffmpeg is available), named like its PNG."""
-    from branchgrpo.outputs import save_videos
+    from branchgrpo.runtime.outputs import save_videos
 
     names = []
     for video, sample in zip(videos, sample_ids):

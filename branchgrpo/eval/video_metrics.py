@@ -189,7 +189,7 @@ class RaftFlow:
     def __init__(self, weights: str, device: torch.device, num_flow_updates: int = 20):
         from torchvision.models.optical_flow import raft_large, raft_small
 
-        from branchgrpo.eval.features import load_state_dict_file
+        from branchgrpo.rewards.features import load_state_dict_file
 
         state = load_state_dict_file(weights, "--raft_weights")
         for build in (raft_large, raft_small):
@@ -199,7 +199,7 @@ class RaftFlow:
         else:
             raise ValueError(f"--raft_weights: '{weights}' is neither torchvision's raft_large nor raft_small state "
                              "dict (expected e.g. raft_large_C_T_SKHT_V2-ff5fadd5.pth)")
-        from branchgrpo.state_dicts import load_strict
+        from branchgrpo.core.state_dicts import load_strict
 
         load_strict(model, state, f"--raft_weights: '{weights}'", f"torchvision's {build.__name__}")
         self.model, self.device, self.num_flow_updates = model.to(device).eval(), device, num_flow_updates
@@ -276,7 +276,7 @@ class ClipImageFeatures:
             self.open_clip = None
             self.description = f"CLIP image embeddings (transformers: {path})"
         elif Path(path).is_file():
-            from branchgrpo.eval.features import ClipFeatures
+            from branchgrpo.rewards.features import ClipFeatures
 
             self.open_clip = ClipFeatures(arch, path, device=device, batch_size=batch_size)
             self.description = f"CLIP image embeddings (open_clip {arch}: {path})"
@@ -300,7 +300,7 @@ class ClipImageFeatures:
 
 def load_aesthetic_head(path: str) -> torch.nn.Linear:
     """LAION's `sa_0_4_vit_l_14_linear.pth`: a Linear(768, 1) state dict on normalised CLIP ViT-L/14 embeddings."""
-    from branchgrpo.eval.features import load_state_dict_file
+    from branchgrpo.rewards.features import load_state_dict_file
 
     state = load_state_dict_file(path, "--aesthetic_head")
     weight = state.get("weight")

@@ -17,7 +17,7 @@ from torch import nn
 
 from branchgrpo.models.lora import merge_lora_state_dict
 from branchgrpo.models.spec import BackboneSpec, EvalModel
-from branchgrpo.state_dicts import shapes_of, state_dict_mismatch
+from branchgrpo.core.state_dicts import shapes_of, state_dict_mismatch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what `<Pipeline>.save_lora_weights` writes (export_lora)
 CONFIG_FILE = "config.json"

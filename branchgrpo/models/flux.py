@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from branchgrpo import sde
+from branchgrpo.core import sde
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.diffusers_backbone import (
@@ -40,7 +40,7 @@ from branchgrpo.models.diffusers_backbone import (
     read_config,
 )
 from branchgrpo.models.spec import PlannerModel, check_sizes, hub_id_hint
-from branchgrpo.state_dicts import count_blocks
+from branchgrpo.core.state_dicts import count_blocks
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
                "tokenizer_2/")

@@ -189,13 +189,6 @@ class BackboneSpec:
         (the toy's); None: the user provides prompts."""
         return None
 
-    def make_tiny(self, out_dir: str, seed: int = 0) -> None:
-        if self.tiny is None:
-            raise ValueError(f"make_tiny: the {self.name} backbone has no tiny checkpoint")
-        from branchgrpo.testing import call_writer
-
-        call_writer(self.tiny, out_dir, seed)
-
 
 def check_sizes(model_cfg, multiple: int, why: str, names=("h", "w")) -> None:
     """Image sides given must be positive multiples of `multiple` (VAE factor x patch size)."""

@@ -24,7 +24,7 @@ from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.lora import merge_saved_adapter
 from branchgrpo.models.spec import BackboneSpec, EvalModel, PlannerModel
-from branchgrpo.state_dicts import load_strict
+from branchgrpo.core.state_dicts import load_strict
 from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
 from branchgrpo.toy.network import (
     FlowConfig,

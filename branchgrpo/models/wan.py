@@ -51,7 +51,7 @@ from branchgrpo.models.diffusers_backbone import (
     read_config,
 )
 from branchgrpo.models.spec import REPO_ASSETS, PlannerModel, check_sizes, hub_id_hint
-from branchgrpo.state_dicts import count_blocks
+from branchgrpo.core.state_dicts import count_blocks
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
 # Self- (attn1) and cross-attention (attn2) projections of every block.

@@ -16,7 +16,7 @@ from branchgrpo.rewards.base import (  # noqa: F401
 
 # Modules that register built-in rewards (imported on first use by branchgrpo.rewards.base).
 BUILTIN_REWARD_MODULES = (
-    "branchgrpo.toy.reward",
+    "branchgrpo.rewards.toy",
     "branchgrpo.rewards.hps",
     "branchgrpo.rewards.pickscore",
     "branchgrpo.rewards.clipscore",

@@ -7,7 +7,7 @@ the text embeddings. It returns float32 [B] on the CPU:
 
 - with `clip_checkpoint` (any local open_clip checkpoint, e.g. HPS_v2.1_compressed.pt with arch ViT-H-14): the mean
   over frames of the cosine between each frame's CLIP image embedding and the conditioning image's
-  (branchgrpo.eval.features.ClipFeatures), in [-1, 1] - faithful in content, tolerant of motion;
+  (branchgrpo.rewards.features.ClipFeatures), in [-1, 1] - faithful in content, tolerant of motion;
 - without one (the default, needs no download): 1 - mean |frame - image| over frames and pixels (both in [0, 1]),
   in [0, 1] - faithful pixel by pixel, so it also penalises camera motion.
 
@@ -87,7 +87,7 @@ def build_first_frame_consistency(device: torch.device | str = "cpu", model_dir:
     `model_dir` is not used: the pixel score needs no file, and the CLIP one reads the file `clip_checkpoint` names."""
     if clip_checkpoint is None:
         return FirstFrameConsistency(None, num_frames)
-    from branchgrpo.eval.features import ClipFeatures
+    from branchgrpo.rewards.features import ClipFeatures
 
     return FirstFrameConsistency(ClipFeatures(clip_arch, clip_checkpoint, model_config_dir, normalize=True,
                                               device=device, batch_size=batch_size), num_frames)

@@ -25,7 +25,7 @@ import torch
 
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess, image_size_of
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
-from branchgrpo.state_dicts import count_blocks, shapes_of, state_dict_mismatch
+from branchgrpo.core.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 HPS_FILE = "HPS_v2.1_compressed.pt"  # under --reward_model_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -47,7 +47,7 @@ from torch import nn
 
 from branchgrpo.rewards._image import clip_preprocess, to_rgb
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
-from branchgrpo.state_dicts import count_blocks, mismatch_summary
+from branchgrpo.core.state_dicts import count_blocks, mismatch_summary
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072

@@ -7,7 +7,7 @@ Both take videos [B, 3, F, H, W] in [0, 1] and their prompts and return float32 
   frames only (an 81-frame Wan video is 81 image-reward calls per sample otherwise).
 - "temporal_consistency": the mean similarity of consecutive frames. With `clip_checkpoint` (any local open_clip
   checkpoint, e.g. HPS_v2.1_compressed.pt with arch ViT-H-14): mean cosine of consecutive frames' normalised image
-  embeddings (branchgrpo.eval.features.ClipFeatures), in [-1, 1]. Without one (the default, needs no download): the
+  embeddings (branchgrpo.rewards.features.ClipFeatures), in [-1, 1]. Without one (the default, needs no download): the
   pixel-space score 1 - mean |x_{t+1} - x_t| over frames and pixels, in [0, 1]. Both are maximal for a frozen video,
   so use this reward as a regulariser next to a reward that values motion (VideoAlign MQ penalises static videos),
   never alone.
@@ -101,7 +101,7 @@ def build_temporal_consistency(device: torch.device | str = "cpu", model_dir: st
     the pixel score needs no file, and the CLIP one reads the file `clip_checkpoint` names."""
     if clip_checkpoint is None:
         return TemporalConsistency(None)
-    from branchgrpo.eval.features import ClipFeatures
+    from branchgrpo.rewards.features import ClipFeatures
 
     return TemporalConsistency(ClipFeatures(clip_arch, clip_checkpoint, model_config_dir, normalize=True,
                                             device=device, batch_size=batch_size))

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
-from branchgrpo.state_dicts import count_blocks, shapes_of, state_dict_mismatch
+from branchgrpo.core.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 DIMENSIONS = ("VQ", "MQ", "TA")
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")

@@ -21,9 +21,9 @@ if _ACTIVE:
     import time
     from pathlib import Path
 
-    import branchgrpo.checkpoint as _checkpoint
+    import branchgrpo.runtime.checkpoint as _checkpoint
     import branchgrpo.rewards.base as _rewards
-    import branchgrpo.trainer as _trainer
+    import branchgrpo.runtime.trainer as _trainer
 
     _rank = os.environ.get("RANK", "0")
     _now = {"iteration": -1}

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from branchgrpo import distributed
+from branchgrpo.core import distributed
 
 # DCP says so on every single-process save/load; single-process is intended here
 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")

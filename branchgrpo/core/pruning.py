@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from branchgrpo.graph import RolloutGraph
-from branchgrpo.seeding import keyed_permutation, mix_key
+from branchgrpo.core.graph import RolloutGraph
+from branchgrpo.core.seeding import keyed_permutation, mix_key
 
 # ----------------------------------------------------------------------------------------------------------------
 # Masks (True = the edge into this node is kept)

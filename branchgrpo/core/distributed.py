@@ -1,22 +1,58 @@
 """Process-group setup for 1..N processes launched by torchrun (or plain python: a world of one).
 
 gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones. Parallel wrappers (DDP, FSDP2) and activation
-checkpointing live in `parallel.py`.
+checkpointing live in `branchgrpo.runtime.parallel`.
 
 Collectives give up after `--collective_timeout_s` (the process group's timeout); the wrappers below record which
-collective a rank waits in, for the stall watchdog (branchgrpo.watchdog) to name it.
+collective a rank waits in, and `mark` records the main thread's progress, in `PROGRESS`: the stall watchdog
+(branchgrpo.runtime.watchdog) reads it to say where a rank waits.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from branchgrpo.watchdog import in_collective
+
+class _Progress:
+    """What the main thread last did (plain attributes: the watchdog thread only reads them)."""
+
+    def __init__(self):
+        self.what, self.iteration, self.count = "start-up", None, 0
+        self.since = time.monotonic()
+        self.collective: str | None = None  # the collective this rank is in now (None: not in one)
+        self.last_collective: str | None = None
+
+
+PROGRESS = _Progress()
+
+
+def mark(what: str, iteration: int | None = None) -> None:
+    """The main thread made progress (cheap: a few attribute writes)."""
+    PROGRESS.what, PROGRESS.count, PROGRESS.since = what, PROGRESS.count + 1, time.monotonic()
+    if iteration is not None:
+        PROGRESS.iteration = iteration
+
+
+@contextmanager
+def in_collective(name: str):
+    """Record the collective (and the function that called the wrapper) while this rank waits in it."""
+    code = sys._getframe(3).f_code  # in_collective <- contextlib <- the wrapper in distributed.py <- its caller
+    caller = getattr(code, "co_qualname", code.co_name)
+    label = f"{name} (from {caller})"
+    PROGRESS.collective = PROGRESS.last_collective = label
+    try:
+        yield
+    finally:
+        PROGRESS.collective = None
+        mark(f"after {label}")
 
 
 @dataclass(frozen=True)

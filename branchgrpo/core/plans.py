@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from branchgrpo.graph import ODE, SDE, GraphPlan, PlanBuilder
+from branchgrpo.core.graph import ODE, SDE, GraphPlan, PlanBuilder
 
 
 def _last_step_kind(step: int, num_steps: int, sde_steps: Iterable[int] | None) -> int:

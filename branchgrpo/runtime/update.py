@@ -13,7 +13,7 @@ Batch semantics (logged at start-up):
   the all-reduce - skips that optimizer step on every rank, and both are counted in the metrics.
 - A diverged run does not carry on: `SkippedSteps` counts skipped optimizer steps in a row (across iterations), and at
   `--max_skipped_steps` the trainer stops with a checkpoint and `DivergedError` (exit 2).
-- Preemption (branchgrpo.preemption): a cut point before every micro-batch; an iteration with several optimizer steps
+- Preemption (branchgrpo.runtime.preemption): a cut point before every micro-batch; an iteration with several optimizer steps
   first copies the trainable state to host memory, so that a cut after a step can still save the boundary.
 """
 
@@ -26,9 +26,9 @@ from typing import Callable
 
 import torch
 
-from branchgrpo import distributed, sde
-from branchgrpo.graph import RolloutGraph
-from branchgrpo.losses import (
+from branchgrpo.core import distributed, sde
+from branchgrpo.core.graph import RolloutGraph
+from branchgrpo.core.losses import (
     clipped_surrogate,
     guard_non_finite,
     kl_penalty,
@@ -37,9 +37,9 @@ from branchgrpo.losses import (
     read_stats,
 )
 from branchgrpo.models.base import FlowAdapter, gather_cond
-from branchgrpo.parallel import clip_grad_norm, gradient_sync
-from branchgrpo.seeding import keyed_permutation, mix_key
-from branchgrpo.transfer import to_device_once
+from branchgrpo.runtime.parallel import clip_grad_norm, gradient_sync
+from branchgrpo.core.seeding import keyed_permutation, mix_key
+from branchgrpo.core.transfer import to_device_once
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class PolicyUpdate:
         self.reference = reference  # context manager factory: inside it adapter.velocity is the reference policy
         self.rank = rank
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.preemption = preemption  # branchgrpo.preemption.Preemption, or None
+        self.preemption = preemption  # branchgrpo.runtime.preemption.Preemption, or None
         self.skipped = SkippedSteps(optim_cfg.max_skipped_steps)
 
     def layout(self, graph: RolloutGraph, edges: Edges, batches: list[torch.Tensor]) -> list[dict]:

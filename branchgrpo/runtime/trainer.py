@@ -21,20 +21,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from branchgrpo import distributed, sde
-from branchgrpo.checkpoint import CheckpointManager, GlobalRNG
+from branchgrpo.core import distributed, sde
+from branchgrpo.runtime.checkpoint import CheckpointManager, GlobalRNG
 from branchgrpo.config import TrainConfig, changed_flags, check_resume_config
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
-from branchgrpo.ema import EMA
-from branchgrpo.eval.heldout import Evaluator
-from branchgrpo.eval.monitor import HackingMonitor
-from branchgrpo.graph import RolloutGraph
+from branchgrpo.runtime.ema import EMA
+from branchgrpo.runtime.heldout import Evaluator
+from branchgrpo.runtime.monitor import HackingMonitor
+from branchgrpo.core.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
-from branchgrpo.nonfinite import NonFiniteGuard
-from branchgrpo.optim import build_lr_scheduler, build_optimizer
-from branchgrpo.outputs import (
+from branchgrpo.runtime.nonfinite import NonFiniteGuard
+from branchgrpo.runtime.optim import build_lr_scheduler, build_optimizer
+from branchgrpo.runtime.outputs import (
     EvalLog,
     MetricsLog,
     Stopwatch,
@@ -46,12 +46,12 @@ from branchgrpo.outputs import (
     start_without_checkpoint,
     write_atomically,
 )
-from branchgrpo.parallel import configure_torch, full_state_dict, prepare_model, using_module
-from branchgrpo.preemption import Preempted, Preemption
+from branchgrpo.runtime.parallel import configure_torch, full_state_dict, prepare_model, using_module
+from branchgrpo.runtime.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
-from branchgrpo.rollout import NoiseKeys, run_rollout
-from branchgrpo.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
-from branchgrpo.watchdog import Watchdog, mark
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.runtime.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
+from branchgrpo.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.info = distributed.init_distributed(cfg.parallel.device, cfg.parallel.collective_timeout_s)
-        # stop signals from here on (branchgrpo.preemption)
+        # stop signals from here on (branchgrpo.runtime.preemption)
         self.preempt = Preemption(cfg.checkpoint.preempt_save_deadline_s, self.info.world_size, self.info.rank)
         self.preempt.install()
         self.device = self.info.device
@@ -157,7 +157,7 @@ class Trainer:
     def train(self) -> dict:
         self.clock.start()
         self.preempt.arm()
-        mark("training", self.step)
+        distributed.mark("training", self.step)
         self.watchdog = Watchdog.for_run(self.info, self.cfg.parallel.collective_timeout_s)  # several ranks: stalls
         try:
             return self._train()
@@ -212,7 +212,7 @@ class Trainer:
     def iteration(self, it: int) -> dict:
         """One round of the paper's Algorithm: rollout, rewards, advantages, selection, update."""
         t0 = time.time()
-        mark("iteration start", it)
+        distributed.mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch, it)
@@ -423,7 +423,7 @@ class Trainer:
     # Checkpoints
     # ---------------------------------------------------------------------------------------------------------
     def save(self, prune: bool = True) -> Path:
-        mark("checkpoint")
+        distributed.mark("checkpoint")
         return self.checkpoints.save(self.step, self.prepared.model, self.optimizer, self.states, self.rank_states,
                                      self.cfg.flags, self._export, prune=prune)
 

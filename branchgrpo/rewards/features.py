@@ -148,7 +148,7 @@ class InceptionFeatures(_BatchedExtractor):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
-        from branchgrpo.state_dicts import load_strict
+        from branchgrpo.core.state_dicts import load_strict
 
         state = load_state_dict_file(weights, "--inception_weights")
         model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)

@@ -1,7 +1,7 @@
 """Non-finite rewards: a run whose reward models keep returning NaN or inf stops, with a checkpoint and a message,
 instead of training on nothing and logging numbers that mean nothing.
 
-A leaf whose reward is not finite takes no part in advantages, means or the loss (branchgrpo.advantages); a few of
+A leaf whose reward is not finite takes no part in advantages, means or the loss (branchgrpo.core.advantages); a few of
 them are reported (metrics `nonfinite_rewards`, a warning naming the reward). When more than
 `--max_nonfinite_fraction` of an iteration's scored leaves are non-finite for `--max_nonfinite_iterations`
 iterations in a row, the guard trips. Its count is checkpointed state, so a resumed run continues it.

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from branchgrpo.graph import RolloutGraph
+from branchgrpo.core.graph import RolloutGraph
 
 
 def standardize(values: torch.Tensor, keys: torch.Tensor, min_std: float = 1e-6, eps: float = 1e-8) -> torch.Tensor:

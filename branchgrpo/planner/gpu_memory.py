@@ -1,34 +1,18 @@
 """The memory half of `python -m branchgrpo.plan`: per-GPU memory of a configuration, before renting GPUs.
 
 `plan_memory` builds the backbone's transformer from a shipped config on the meta device (its spec's
-`planner_model`), traces what one training forward saves (branchgrpo/memory_trace.py), and hands the counts to the
-arithmetic of branchgrpo/memory.py. GPU runs are assumed: bf16 autocast unless `--mixed_precision fp32`.
+`planner_model`), traces what one training forward saves (branchgrpo/planner/trace.py), and hands the counts to the
+arithmetic of branchgrpo/planner/memory.py. GPU runs are assumed: bf16 autocast unless `--mixed_precision fp32`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from branchgrpo import memory
-from branchgrpo.memory_trace import lora_parameters, trace_activations
+from branchgrpo.planner import memory
+from branchgrpo.planner.trace import lora_parameters, trace_activations
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2}
-
-
-def add_memory_flags(parser) -> None:
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs (processes) of the run: prints the memory plan")
-    parser.add_argument("--gpu_memory_gb", type=float, default=None,
-                        help="memory per GPU in GiB (default 80; giving it prints the memory plan)")
-    parser.add_argument("--transformer_config", default=None,
-                        help="a shipped transformer config (e.g. flux1-dev, wan2.1-t2v-14b) or a config.json path "
-                             "(default: the checkpoint's, else the backbone's first shipped one)")
-    parser.add_argument("--reward_memory_gb", type=float, default=None,
-                        help="reward models resident per GPU, GiB (default: 4 for flux/wan - HPS-v2.1's ViT-H-14 in "
-                             "fp32 - and 0 for the toy)")
-
-
-def wants_memory(extras) -> bool:
-    return extras.gpus is not None or extras.gpu_memory_gb is not None
 
 
 def check_memory_flags(extras) -> tuple[int, float]:

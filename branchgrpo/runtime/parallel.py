@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from branchgrpo.distributed import DistInfo
+from branchgrpo.core.distributed import DistInfo
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.lora import lora_disabled
 
@@ -37,7 +37,7 @@ class Prepared:
         """Log how many graphs torch.compile has built when that number changed (a new batch size class, or a
         recompile): a count that keeps growing over iterations means a recompile per step."""
         if self.compiled:
-            from branchgrpo.compile_stats import log_new_graphs
+            from branchgrpo.runtime.compile_stats import log_new_graphs
 
             log_new_graphs(log)
 
@@ -153,7 +153,7 @@ def apply_compile(units: list[nn.Module], dynamic: bool | None = True) -> int:
 
     dynamic=True marks the batch dimension symbolic from the first call, so a tree's depths (1, 2, 4, ... nodes per
     prompt) share one graph instead of compiling one per batch size; identical blocks share their graphs (dynamo
-    inlines module calls and passes the parameters as inputs). See branchgrpo/compile_stats.py for the counts."""
+    inlines module calls and passes the parameters as inputs). See branchgrpo/runtime/compile_stats.py for the counts."""
     for unit in units:
         unit.compile(dynamic=dynamic)
     return len(units)

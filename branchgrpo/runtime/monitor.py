@@ -4,7 +4,7 @@ the same prompts and seeds (the evaluation at step 0), for images and videos ali
 The failures reported for this family of methods - grids and checkerboards, over-saturation, diversity collapsing
 while the reward still rises - each move one of these numbers:
 
-- KID and MMD^2 (branchgrpo.eval.diversity) between the evaluation's features and the base's, with the permutation
+- KID and MMD^2 (branchgrpo.core.diversity) between the evaluation's features and the base's, with the permutation
   p-value of the RBF MMD^2. The two sets share their noise (sample i of both comes from the same seed), which makes
   them positively correlated: the pooled permutation test is then conservative (a small p-value still means the
   distributions differ). Training is meant to move the distribution, so these are shown, and only checked against a
@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from branchgrpo import distributed
+from branchgrpo.core import distributed
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class HackingMonitor:
 
     def _features(self, stills: torch.Tensor) -> np.ndarray:
         if self.extractor is None:
-            from branchgrpo.eval.features import build_extractor
+            from branchgrpo.rewards.features import build_extractor
 
             c = self.cfg
             self.extractor = build_extractor(
@@ -202,7 +202,7 @@ class HackingMonitor:
         return record
 
     def _compare(self, x: np.ndarray, ids: np.ndarray, hf_share: float, diversity: float | None) -> dict:
-        from branchgrpo.eval.diversity import kid, permutation_test
+        from branchgrpo.core.diversity import kid, permutation_test
 
         ref = self.reference
         assert list(ids) == list(ref["sample_ids"]), "the evaluation's prompts and seeds changed since step 0"

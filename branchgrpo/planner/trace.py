@@ -13,7 +13,7 @@ without a hand-written per-architecture formula. Two corrections make the meta r
 - dtype: autocast does not run on meta, so the trace runs with the parameters in the compute dtype (as FSDP2's
   mixed precision all-gathers them); the tensors it saves are then in that dtype, as under bf16 autocast.
 
-The pure arithmetic that turns these bytes into a per-GPU budget is in branchgrpo/memory.py.
+The pure arithmetic that turns these bytes into a per-GPU budget is in branchgrpo/planner/memory.py.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from branchgrpo import distributed
-from branchgrpo.watchdog import mark
+from branchgrpo.core import distributed
+from branchgrpo.core.distributed import mark
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -194,4 +194,4 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _say(rank: int, text: str) -> None:
     """One line on stderr from a signal handler (os.write: no lock that the interrupted code might hold)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(2, f"{stamp} [rank {rank}] WARNING branchgrpo.preemption: {text}\n".encode())
+    os.write(2, f"{stamp} [rank {rank}] WARNING branchgrpo.runtime.preemption: {text}\n".encode())

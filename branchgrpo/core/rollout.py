@@ -17,10 +17,10 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from branchgrpo import sde
-from branchgrpo.graph import SDE, GraphPlan, RolloutGraph, expand_plans, sub_plan
-from branchgrpo.seeding import keyed_generator, keyed_normal, mix_key
-from branchgrpo.transfer import to_device_once
+from branchgrpo.core import sde
+from branchgrpo.core.graph import SDE, GraphPlan, RolloutGraph, expand_plans, sub_plan
+from branchgrpo.core.seeding import keyed_generator, keyed_normal, mix_key
+from branchgrpo.core.transfer import to_device_once
 
 # velocity_fn(latents [B, ...] fp32, sigmas [B] fp32, prompt index [B] long) -> velocity [B, ...] fp32
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from branchgrpo import distributed, sde
+from branchgrpo.core import distributed, sde
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import eval_prompts
-from branchgrpo.plans import group_plan
+from branchgrpo.core.plans import group_plan
 from branchgrpo.rewards.base import RewardSet, decode_and_score
-from branchgrpo.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
 
 @dataclass

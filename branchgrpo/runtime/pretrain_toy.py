@@ -26,11 +26,11 @@ import time
 import torch
 from torch import nn
 
-from branchgrpo import sde
+from branchgrpo.core import sde
 from branchgrpo.models.toy import ToyAdapter
 from branchgrpo.toy import data
 from branchgrpo.toy.network import FlowConfig, TextEncoderConfig, ToyFlowTransformer, ToyTextEncoder
-from branchgrpo.toy.reward import ToyReward
+from branchgrpo.rewards.toy import ToyReward
 
 AXES = tuple(data.ATTRIBUTE_AXES)
 
@@ -253,8 +253,3 @@ def speed(adapter: ToyAdapter, batch_size: int = 256, repeats: int = 10) -> dict
     adapter.transformer.zero_grad(set_to_none=True)
     return {"forward_ms": forward_ms, "forward_backward_ms": backward_ms}
 
-
-if __name__ == "__main__":  # `python -m branchgrpo.toy.pretrain`: an alias of branchgrpo.cli.pretrain_toy
-    from branchgrpo.cli.pretrain_toy import main
-
-    main()

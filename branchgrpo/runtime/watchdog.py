@@ -1,7 +1,7 @@
 """Stall watchdog: a rank that makes no progress for a while says where it waits and which rank is behind.
 
 From the start of training, the trainer marks progress at every cut point (rollout forward, reward chunk,
-micro-batch, ...) and the collectives of `branchgrpo.distributed` record which one a rank is in (and who called it).
+micro-batch, ...) and the collectives of `branchgrpo.core.distributed` record which one a rank is in (and who called it).
 With several processes, a daemon thread per rank publishes its last progress to the process group's store every few
 seconds, and when its own rank has made no progress for `stall_s` (a quarter of --collective_timeout_s) it logs one
 line such as
@@ -16,49 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
-from contextlib import contextmanager
+
+from branchgrpo.core.distributed import PROGRESS
 
 log = logging.getLogger(__name__)
 
 KEY = "branchgrpo/progress/{rank}"
 LONG = ("checkpoint",)  # phases without progress marks that may take long (a stall there is one in a collective)
-
-
-class _Progress:
-    """What the main thread last did (plain attributes: the watchdog thread only reads them)."""
-
-    def __init__(self):
-        self.what, self.iteration, self.count = "start-up", None, 0
-        self.since = time.monotonic()
-        self.collective: str | None = None  # the collective this rank is in now (None: not in one)
-        self.last_collective: str | None = None
-
-
-PROGRESS = _Progress()
-
-
-def mark(what: str, iteration: int | None = None) -> None:
-    """The main thread made progress (cheap: a few attribute writes)."""
-    PROGRESS.what, PROGRESS.count, PROGRESS.since = what, PROGRESS.count + 1, time.monotonic()
-    if iteration is not None:
-        PROGRESS.iteration = iteration
-
-
-@contextmanager
-def in_collective(name: str):
-    """Record the collective (and the function that called the wrapper) while this rank waits in it."""
-    code = sys._getframe(3).f_code  # in_collective <- contextlib <- the wrapper in distributed.py <- its caller
-    caller = getattr(code, "co_qualname", code.co_name)
-    label = f"{name} (from {caller})"
-    PROGRESS.collective = PROGRESS.last_collective = label
-    try:
-        yield
-    finally:
-        PROGRESS.collective = None
-        mark(f"after {label}")
 
 
 class Watchdog:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from branchgrpo.sde import gaussian_kl_equal_std
+from branchgrpo.core.sde import gaussian_kl_equal_std
 
 
 def clipped_surrogate(

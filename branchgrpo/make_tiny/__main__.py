@@ -1,0 +1,5 @@
+import sys
+
+from branchgrpo.cli.make_tiny import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from branchgrpo.cli.plan import main
+
+sys.exit(main())
