@@ -16,8 +16,18 @@ from typing import Callable, Sequence
 
 #: the exceptions that mean "bad input" (their messages are written for users), not "bug"
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+#: exit code of an input error a user must fix
+EXIT_INPUT = 2
+#: exit code of a run a guard stopped on purpose, after saving a checkpoint (not an input error: see RunHalted)
+EXIT_HALTED = 3
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "BRANCHGRPO_DEBUG"
+
+
+class RunHalted(RuntimeError):
+    """A run stopped on purpose by one of its guards (non-finite rewards, skipped or diverged optimizer steps, the
+    reward-hacking monitor, a stalled rank) after saving what it could: printed as one `error:` line like an input
+    error, but with exit code EXIT_HALTED, so that a requeue script can tell it from a flag it must fix."""
 
 
 def add_debug_flag(parser) -> None:
@@ -36,14 +46,14 @@ def error_line(err: BaseException) -> str:
 
 
 def run_cli(body: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Run `body(argv)`; an input error becomes `error: <message>` on stderr and exit code 2. Returns the exit code:
-    `body`'s own if it returns an int, else 0."""
+    """Run `body(argv)`; an input error becomes `error: <message>` on stderr and exit code EXIT_INPUT, a halted run
+    the same line and EXIT_HALTED. Returns the exit code: `body`'s own if it returns an int, else 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = body(argv)
-    except USER_ERRORS as err:
+    except (RunHalted, *USER_ERRORS) as err:
         if debug_requested(argv):
             traceback.print_exc()
         print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_HALTED if isinstance(err, RunHalted) else EXIT_INPUT
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
