@@ -13,8 +13,11 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$REPO"
+source scripts/lib/common.sh
+bg_bool USE_ACTIVE_ENV 0
+bg_bool FORCE 0
 
-if [[ "${USE_ACTIVE_ENV:-0}" == "1" ]]; then
+if [[ "$USE_ACTIVE_ENV" == 1 ]]; then
   PY="$(command -v python || command -v python3)"
   STAMP_DIR="$REPO/.branchgrpo_env"
 else
@@ -28,7 +31,7 @@ fi
 
 want="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)-${TORCH_INDEX_URL:-}"
 stamp="$STAMP_DIR/.branchgrpo-setup"
-if [[ "${FORCE:-0}" != "1" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
+if [[ "$FORCE" != 1 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
    && "$PY" -c "import branchgrpo, torch, diffusers, transformers, open_clip" 2>/dev/null; then
   echo "[env_setup] environment up to date ($PY)"
   exit 0

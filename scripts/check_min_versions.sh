@@ -22,21 +22,22 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MIN_REQS="${MIN_REQS:-$REPO/requirements-min.txt}"
 VENV="${VENV:-${TMPDIR:-/tmp}/branchgrpo-minver-venv}"
-REUSE="${REUSE:-0}"
-KEEP="${KEEP:-$REUSE}"
+source "$REPO/scripts/lib/common.sh"
+bg_bool REUSE 0
+bg_bool KEEP "$REUSE"
 [[ -f "$MIN_REQS" ]] || { echo "[check_min_versions] no $MIN_REQS" >&2; exit 2; }
 case "$(cd "$(dirname "$VENV")" 2>/dev/null && pwd)/" in
   "$REPO"/*) echo "[check_min_versions] VENV must be outside the repository ($VENV)" >&2; exit 2 ;;
 esac
 
 start=$(date +%s)
-if [[ "$REUSE" != "1" || ! -x "$VENV/bin/python" ]]; then
+if [[ "$REUSE" != 1 || ! -x "$VENV/bin/python" ]]; then
   rm -rf "$VENV"
   echo "[check_min_versions] creating $VENV"
   "${PYTHON:-python3}" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-cleanup() { [[ "$KEEP" == "1" ]] || rm -rf "$VENV"; }
+cleanup() { [[ "$KEEP" == 1 ]] || rm -rf "$VENV"; }
 trap cleanup EXIT
 
 # The pins, with PIN's entries replacing the file's line for the same package (names compared normalised).
@@ -53,7 +54,7 @@ print("\n".join(overrides.values()))
 PY
 echo "[check_min_versions] installing: $(grep -v '^$' "$reqs" | tr '\n' ' ')"
 "$VENV/bin/python" -m pip install --quiet -r "$reqs"
-if [[ "$REUSE" == "1" ]]; then
+if [[ "$REUSE" == 1 ]]; then
   # A reused environment must hold what a fresh one would: remove what no pinned package (transitively) requires
   # any more, e.g. a dependency that only a newer release of a swapped package pulled in.
   orphans="$("$VENV/bin/python" - "$reqs" <<'PY'

@@ -182,7 +182,8 @@ def _missing_prompts(tmp_path):
 @pytest.mark.parametrize("case", [
     _missing_prompts,
     lambda tmp: (["branchgrpo.cli.plan", "--tree_split_points", "0,x"], "--tree_split_points: 'x' is not an integer"),
-    lambda tmp: (["branchgrpo.cli.make_tiny", "hps", str(REPO / "README.md")], "Not a directory"),
+    lambda tmp: (["branchgrpo.cli.make_tiny", "hps", str(REPO / "README.md")], "out_dir: " + str(REPO / "README.md") +
+                 " is a file, not a folder"),
     lambda tmp: (["branchgrpo.cli.diversity", "--a", str(tmp / "absent"), "--b", str(tmp)],
                  "absent' is neither a folder nor a .pt feature file"),
     lambda tmp: (["branchgrpo.cli.compare", "--methods", "nope", "--output_dir", str(tmp / "c")], "--methods: unknown"),

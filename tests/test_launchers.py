@@ -21,7 +21,7 @@ def shim(tmp_path_factory):
     root = tmp_path_factory.mktemp("launchers")
     script = root / "python"
     check = ("import json, sys; from branchgrpo.config import parse_train_config; "
-             "from branchgrpo.plan import count; cfg = parse_train_config(sys.argv[1:]); "
+             "from branchgrpo.planner.counts import count; cfg = parse_train_config(sys.argv[1:]); "
              "print('CONFIG ' + json.dumps({'cfg': cfg.flags, 'plan': count(cfg, 0)}))")
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')

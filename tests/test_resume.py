@@ -376,8 +376,9 @@ def test_a_tampered_checkpoint_runs_no_code_and_is_refused_in_one_line(target, e
 
 def test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_another_runs(emb, tmp_path, capsys):
     """A requeued job repeats its command, --resume_from_checkpoint latest included, even when the first attempt
-    was stopped before its first checkpoint: it starts over, replacing that attempt's files (same flags in its
-    config.json). Another run's files are refused in one line."""
+    was stopped before its first checkpoint: it starts over, replacing the files that attempt wrote before it
+    finished an iteration (same flags in its config.json). Results of trained iterations are never deleted, and
+    another run's files are refused, each in one line."""
     from branchgrpo.cli.train import main
     from branchgrpo.config import parse_train_config
 
@@ -385,8 +386,13 @@ def test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_a
     args = fast_args(emb, out, max_train_steps=1, resume_from_checkpoint="latest")
     out.mkdir()
     (out / "config.json").write_text(json.dumps(parse_train_config(args).flags))  # the earlier attempt's files
-    (out / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.1}\n{"step": 1, "rew')
     (out / "eval.jsonl").write_text('{"step": 0, "eval_reward": 0.5}\n')
+    (out / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.1}\n')  # a trained iteration: a result
+    assert main(args) == 2
+    line = _error_line(capsys)
+    assert "holds results (metrics.jsonl: 1 iteration(s))" in line and "nothing was deleted" in line, line
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0, "reward_mean": 0.1}\n'
+    (out / "metrics.jsonl").write_text('{"step": 0, "rew')  # killed while writing its first iteration's line
     assert main(args) == 0
     assert [e["step"] for e in metrics(out)] == [0]
     assert [json.loads(x)["step"] for x in (out / "eval.jsonl").read_text().splitlines()] == [0, 1]

@@ -252,8 +252,9 @@ def test_an_earlier_run_in_the_output_dir_is_refused_unless_resumed_or_overwritt
     (out / "notes.txt").write_text("mine")
     with pytest.raises(_Loading):
         main(fast_args(emb, out))
-    for name in ("metrics.jsonl", "eval.jsonl", "config.json"):
+    for name in ("metrics.jsonl", "eval.jsonl"):
         (out / name).write_text("{}\n")
+    (out / "config.json").write_text(json.dumps({"algo": "dancegrpo", "output_dir": str(out)}))
     (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (out / "samples").mkdir()
     assert main(fast_args(emb, out)) == 2
@@ -267,9 +268,14 @@ def test_an_earlier_run_in_the_output_dir_is_refused_unless_resumed_or_overwritt
     assert "--resume_from_checkpoint latest" in line and "has no checkpoint" in line and "another run" in line
     assert main(fast_args(emb, out, resume_from_checkpoint="latest", overwrite_output_dir=True)) == 2
     assert "choose one" in _error_line(capsys)
+    # replacing it deletes what runs of ours wrote, and only in a folder that holds nothing else: notes.txt stops it
+    assert main(fast_args(emb, out, overwrite_output_dir=True)) == 2
+    assert f"holds {out / 'notes.txt'}, which no run of ours wrote; nothing was deleted" in _error_line(capsys)
+    assert (out / "metrics.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").rename(tmp_path / "notes.txt")
     with pytest.raises(_Loading):
         main(fast_args(emb, out, overwrite_output_dir=True))
-    assert sorted(p.name for p in out.iterdir()) == ["embeddings", "notes.txt"]  # the run's files only
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings"]  # the run's files only
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_loading(emb, tmp_path, no_loading, capsys):

@@ -31,7 +31,9 @@ import torch
 
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.core.flags import parse_int_list
-from branchgrpo.bench.backbones import bench_device, model_config
+from branchgrpo.bench.backbones import model_config
+from branchgrpo.core.distributed import resolve_device
+from branchgrpo.runtime.outputs import writable_file
 from branchgrpo.models import backbones
 
 
@@ -92,12 +94,17 @@ def run(args) -> dict:
     model_cfg = model_config(args)  # before anything is loaded
     if args.num_threads < 0:
         raise ValueError(f"--num_threads: need >= 0 (0 = torch's default), got {args.num_threads}")
+    for name, low in (("steps", 2), ("num_prompts", 1), ("rollout_batch_size", 1), ("repeats", 1),
+                      ("train_repeats", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}")
+    writable_file(args.output, "--output")
     args.split_points = parse_int_list(args.tree_split_points, "--tree_split_points")
     args.micro_batch_sizes = parse_int_list(args.micro_batch_sizes, "--micro_batch_sizes")
     tree_prompts = parse_int_list(args.tree_prompts, "--tree_prompts")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    device = bench_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":  # what the trainer does on CPU (--deterministic auto), so the update costs the same
         torch.use_deterministic_algorithms(True, warn_only=True)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")

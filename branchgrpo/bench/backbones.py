@@ -148,13 +148,6 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def bench_device(name: str) -> torch.device:
-    """--device: auto (CUDA when available), else as named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def model_config(args):
     """The model section (sizes not given: the backbone's defaults); flags that do not apply are refused."""
     from branchgrpo.config.sections import ModelConfig

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from branchgrpo.core.files import read_json
+
 log = logging.getLogger("branchgrpo.compare")
 
 
@@ -76,7 +78,7 @@ STAMP = "harness_args.json"  # written into a run folder before its training sta
 
 def _finished(run_dir: Path, args: list[str]) -> bool:
     stamp = run_dir / STAMP
-    return (run_dir / "summary.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args
+    return (run_dir / "summary.json").is_file() and stamp.is_file() and read_json(stamp) == args
 
 
 def run_method(name: str, args: list[str], launcher: str, nproc: int, num_threads: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from branchgrpo.core.files import read_json
 from branchgrpo.bench.report import md_table, write_csv
 from branchgrpo.runtime.outputs import read_jsonl
 
@@ -47,7 +48,7 @@ def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
     from branchgrpo.planner.counts import count
     from branchgrpo.config import config_from_flags
 
-    cfg = config_from_flags(json.loads((run_dir / "config.json").read_text()), validate="none")
+    cfg = config_from_flags(read_json(run_dir / "config.json"), validate="none")
     counts = [count(cfg, it) for it in range(iterations)]
     return (_mean([c["forward_passes_per_leaf"] for c in counts]),
             _mean([c["trained_edges_per_leaf"] for c in counts]))
@@ -62,7 +63,7 @@ def collect(output_dir: Path, runs: dict[str, list[str]], methods: dict, flags: 
         if not (run_dir / "summary.json").is_file() or not entries:
             print(f"[compare] {name}: no finished run in {run_dir}; left out of the table")
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json")
         evals = _jsonl(run_dir / "eval.jsonl")
         timed = entries[1:] if len(entries) > 1 else entries
         leaves = summary["sizes"]["leaves"]  # per prompt, as the NFEs count them (G2RPO's anchor leaf included)

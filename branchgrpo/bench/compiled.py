@@ -187,7 +187,9 @@ def markdown(r: dict) -> str:
 
 def parse_args(argv):
     from branchgrpo.bench.backbones import STAND_INS
+    from branchgrpo.core.distributed import resolve_device
     from branchgrpo.models import backbones
+    from branchgrpo.runtime.outputs import writable_file
 
     p = argparse.ArgumentParser(prog="python -m branchgrpo.bench.compiled", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,18 +211,23 @@ def parse_args(argv):
                    help="auto: bf16 weights + autocast on CUDA (the GPU path), fp32 on CPU (CPU training's default)")
     p.add_argument("--output", default="outputs/bench/compile.json")
     args = p.parse_args(argv)
-    if args.num_prompts < 1 or args.repeats < 1 or args.micro_batch < 1 or args.steps < 11:
-        raise ValueError("--num_prompts, --repeats, --micro_batch: need >= 1; --steps: need >= 11")
+    for name, low in (("num_prompts", 1), ("repeats", 1), ("micro_batch", 1), ("steps", 11), ("warmup", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}" +
+                             (" (the tree splits at steps 0, 3, 6, 9)" if name == "steps" else ""))
+    resolve_device(args.device)
+    writable_file(args.output, "--output")
     return args
 
 
 def run(args) -> dict:
-    from branchgrpo.bench.backbones import bench_device, load_backbone, model_config
+    from branchgrpo.bench.backbones import load_backbone, model_config
+    from branchgrpo.core.distributed import resolve_device
 
     model_cfg = model_config(args)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    device = bench_device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":  # as the trainer on CPU (--deterministic auto)
         torch.use_deterministic_algorithms(True, warn_only=True)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")

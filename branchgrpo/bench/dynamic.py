@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from branchgrpo.bench.compare import builtin_embeddings, run_method
+from branchgrpo.core.flags import parse_int_list
 
 BASELINE = "branchgrpo"
 # row -> flags added to the baseline's. The combinations: guided + allocation (chosen before measuring: the two that
@@ -166,7 +167,15 @@ def plot(curves: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from branchgrpo.runtime.entry import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> None:
+    from branchgrpo.runtime.outputs import writable_folder
+
     p = argparse.ArgumentParser(prog="python -m branchgrpo.bench.dynamic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy")
@@ -183,10 +192,12 @@ def main(argv=None) -> None:
     names = list(POLICIES) if args.methods == "all" else [BASELINE] + [m for m in args.methods.split(",") if m != BASELINE]
     unknown = [m for m in names if m not in POLICIES]
     if unknown:
-        raise SystemExit(f"error: --methods: unknown {unknown}; choose from {list(POLICIES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(POLICIES)}")
+    for name, low in (("iterations", 1), ("nproc", 1), ("num_threads", 0)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}")
+    seeds = parse_int_list(args.seeds, "--seeds")
+    out = writable_folder(args.output_dir, "--output_dir")
     every = args.eval_every or max(1, args.iterations // 6)
     preset = REPO / "configs" / f"{args.model}_branchgrpo.yaml"  # the backbone's shipped BranchGRPO preset, if any
     base = ["--config", str(preset)] if preset.is_file() else ["--model", args.model]

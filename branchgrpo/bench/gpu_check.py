@@ -266,9 +266,10 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> None:
+    from branchgrpo.runtime.outputs import writable_folder
+
     args = parse_args(argv)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(args.output_dir, "--output_dir")
     result = run(args)
     if result.pop("is_main"):
         (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))

@@ -27,10 +27,10 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from branchgrpo.bench.compare import BASELINE, COMMON, builtin_embeddings, method_args, method_flags, methods, run_method
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_folder
 
 
 def _load() -> list[float] | None:
@@ -85,8 +85,7 @@ def run(argv=None) -> dict:
     for name, low in (("iterations", 1), ("nproc", 1), ("eval_every", 0), ("num_threads", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_folder(args.output_dir, "--output_dir")
     eval_every = args.eval_every or max(1, args.iterations // 5)
     common = list(COMMON[args.model])
     embeddings = None if "--data_json_path" in extra else builtin_embeddings(args.model, output_dir)

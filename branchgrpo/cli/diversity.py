@@ -22,7 +22,9 @@ import sys
 import numpy as np
 import torch
 
+from branchgrpo.core.distributed import resolve_device
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_file, writable_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -44,22 +46,22 @@ def load_features_file(path: str) -> np.ndarray:
     return value.double().reshape(-1, value.shape[-1]).numpy()
 
 
-def load_set(path: str) -> tuple[str, list]:
-    """('features', [arrays]) or ('images', [tensors]) from a folder or a single .pt file."""
+def load_set(path: str, flag: str) -> tuple[str, list]:
+    """('features', [arrays]) or ('images', [tensors]) from a folder or a single .pt file (`flag` names it)."""
     if os.path.isfile(path) and path.endswith(".pt"):
         return "features", [load_features_file(path)]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"'{path}' is neither a folder nor a .pt feature file")
+        raise FileNotFoundError(f"{flag}: '{path}' is neither a folder nor a .pt feature file")
     names = sorted(os.listdir(path))
     features = [name for name in names if name.endswith(".pt")]
     images = [name for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     if features and images:
-        raise ValueError(f"'{path}' mixes images and .pt feature files; keep one kind per folder")
+        raise ValueError(f"{flag}: '{path}' mixes images and .pt feature files; keep one kind per folder")
     if features:
         return "features", [load_features_file(os.path.join(path, name)) for name in features]
     if images:
         return "images", [load_image(os.path.join(path, name)) for name in images]
-    raise ValueError(f"'{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .pt feature files")
+    raise ValueError(f"{flag}: '{path}' holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .pt feature files")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rbf_bandwidth_scale", type=float, default=1.0, help="multiplies the RBF bandwidth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the KID subsets and the permutations")
     parser.add_argument("--batch_size", type=int, default=32, help="images per feature-extractor forward")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (CUDA if present)")
     parser.add_argument("--save_features", default=None, help="folder to write a.pt / b.pt (extracted features)")
     parser.add_argument("--output", default=None, help="JSON result file (default: ./diversity.json)")
     add_debug_flag(parser)
@@ -101,13 +103,17 @@ def run(argv=None) -> dict:
     from branchgrpo.rewards.features import build_extractor, extract_list
 
     args = build_parser().parse_args(argv)
-    kind_a, items_a = load_set(args.a)
-    kind_b, items_b = load_set(args.b)
+    device = resolve_device(args.device)
+    output = writable_file(args.output or "diversity.json", "--output")  # written at the end: checked first
+    if args.save_features:
+        writable_folder(args.save_features, "--save_features")
+    kind_a, items_a = load_set(args.a, "--a")
+    kind_b, items_b = load_set(args.b, "--b")
     if kind_a != kind_b:
         raise ValueError(f"--a holds {kind_a} but --b holds {kind_b}; give both as images or both as features")
     if kind_a == "images":
         extractor = build_extractor(
-            args.features, device=args.device, batch_size=args.batch_size, clip_arch=args.clip_arch,
+            args.features, device=device, batch_size=args.batch_size, clip_arch=args.clip_arch,
             clip_checkpoint=args.clip_checkpoint, clip_model_config=args.clip_model_config,
             clip_normalize=args.clip_normalize, inception_weights=args.inception_weights, pixel_size=args.pixel_size)
         feats_a, feats_b = extract_list(extractor, items_a), extract_list(extractor, items_b)
@@ -123,8 +129,6 @@ def run(argv=None) -> dict:
                                   num_permutations=args.permutations, bandwidth=args.rbf_bandwidth,
                                   bandwidth_scale=args.rbf_bandwidth_scale, seed=args.seed)
     result = {"a": args.a, "b": args.b, "features": features_name, **result}
-    output = args.output or "diversity.json"
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     kid_r, rbf, perm = result["kid"], result["mmd2_rbf"], result["permutation"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,12 @@ from types import SimpleNamespace
 
 import torch
 
+from branchgrpo.core.distributed import resolve_device
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.models import backbones, get_backbone
-from branchgrpo.rewards.base import parse_reward_options
+from branchgrpo.eval.generate import resolve_reward_names
+from branchgrpo.rewards.base import check_reward_flags, parse_reward_options
 
 log = logging.getLogger("branchgrpo.eval")
 
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None, help="a checkpoint-N/ folder of a training run (its model/), a run's "
                    "output dir (its latest checkpoint) or a weights folder; omitted: the base model")
     g.add_argument("--use_ema", action="store_true", help="take the checkpoint's ema/ weights instead of model/")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="transformer weights and autocast (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--num_threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -136,7 +140,8 @@ def _check(args, spec, model_cfg) -> None:
     for name in ("samples_per_prompt", "steps", "batch_size", "chunk_prompts", "reward_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
-    for name, zero in (("num_prompts", "all"), ("num_threads", "torch's default")):
+    for name, zero in (("num_prompts", "all"), ("num_threads", "torch's default"), ("bootstrap", "no interval"),
+                       ("grid_prompts", "no grid")):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}: need >= 0 (0 = {zero}), got {getattr(args, name)}")
     for name in spec.inapplicable_flags(model_cfg):
@@ -145,10 +150,17 @@ def _check(args, spec, model_cfg) -> None:
     for name in ENCODER_FLAGS:
         if getattr(args, name) is not None and name not in spec.encoder_flags:
             raise ValueError(f"--{name}: does not apply to --model {spec.name} (its prompt encoder does not read it)")
+    if not (args.shift > 0 and math.isfinite(args.shift)):
+        raise ValueError(f"--shift: need a positive number, got {args.shift}")
+    if args.sampler == "sde" and not (args.eta > 0 and math.isfinite(args.eta)):
+        raise ValueError(f"--eta: need a positive number with --sampler sde, got {args.eta}")
     if args.time_shift == "dynamic" and not spec.dynamic_shift:
         raise ValueError(f"--time_shift dynamic: the {spec.name} backbone has no resolution-dependent shift")
     model_cfg.validate()
-    parse_reward_options(args.reward_options)
+    check_reward_flags(resolve_reward_names(args.rewards, spec), parse_reward_options(args.reward_options), "--rewards")
+    writable_folder(args.output_dir, "--output_dir")  # written after generating: a bad folder must not cost that
+    if args.save_images is not None:
+        writable_folder(args.save_images, "--save_images")
 
 
 def _prompts(args, spec, model_cfg):
@@ -165,12 +177,11 @@ def _prompts(args, spec, model_cfg):
 def _rewards(args, spec, device):
     """Every requested reward whose files are found; the others are skipped with a one-line reason each (only a
     missing file skips a reward: a checkpoint that exists but cannot be read is an error)."""
-    from branchgrpo.eval.generate import resolve_reward_names
     from branchgrpo.rewards.base import build_reward_set
 
     names = resolve_reward_names(args.rewards, spec)
     rewards = build_reward_set(",".join(names), "sum", device, parse_reward_options(args.reward_options),
-                               model_dir=args.reward_model_dir, skip_missing=True)
+                               model_dir=args.reward_model_dir, skip_missing=True, reward_flag="--rewards")
     for name, reason in rewards.skipped.items():
         print(f"skipping reward '{name}': checkpoint not available ({reason})", flush=True)
     if not rewards.models:
@@ -202,11 +213,10 @@ def run(args) -> dict:
 
     spec = get_backbone(args.model)
     model_cfg = model_config(args)
+    device = resolve_device(args.device)
     _check(args, spec, model_cfg)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
     prompts = _prompts(args, spec, model_cfg)
     texts = prompts.texts
     rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded

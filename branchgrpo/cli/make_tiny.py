@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.models import backbones
 from branchgrpo.testing import TINY_REWARDS, call_writer
 
@@ -46,6 +47,7 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
+    writable_folder(args.out_dir, "out_dir")
     make_tiny(args.kind, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.kind} checkpoint to {args.out_dir}")
 

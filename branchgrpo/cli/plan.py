@@ -50,6 +50,8 @@ def _main(argv: list[str]) -> None:
 
     # the training flags and configs are accepted as they are; only the algorithm's are checked and used
     values, extras = parse_flags(argv, description=__doc__, extra_args=extra, prog="python -m branchgrpo.plan")
+    if extras.iteration < 0:
+        raise ValueError(f"--iteration: need a training iteration >= 0, got {extras.iteration}")
     cfg = config_from_flags(values, validate="algorithm")
     counts = count(cfg, extras.iteration)
     if not wants_memory(extras):

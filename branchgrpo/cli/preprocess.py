@@ -18,6 +18,7 @@ import sys
 
 from branchgrpo.core import distributed
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.data.preprocess import BAD_LINES, read_prompts, run_preprocess
 from branchgrpo.models import backbones, get_backbone
 from branchgrpo.models.spec import MODEL_FLAGS
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative_prompt", default=None, help="Wan: negative prompt for CFG (default: Wan's own)")
     p.add_argument("--shard_size", type=int, default=1024, help="prompts per shard file")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per encoder forward")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="encoder dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda (each rank its local rank's GPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="encoder dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16")
     add_debug_flag(p)
     return p
 
@@ -63,6 +65,10 @@ def main(argv=None) -> int:
 def _preprocess(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("shard_size", "batch_size", "max_sequence_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
+    writable_folder(args.output_dir, "--output_dir")  # before the encoders load
     info = distributed.init_distributed(args.device)
     try:
         spec = get_backbone(args.model)

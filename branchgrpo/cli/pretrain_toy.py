@@ -9,12 +9,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.models.toy import ToyAdapter
 from branchgrpo.toy import data
 from branchgrpo.runtime.pretrain_toy import attribute_labels, evaluate, fit_reward, speed, train_flow
@@ -55,14 +55,16 @@ def _main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     if args.threads < 0:
         raise ValueError(f"--threads: need >= 0 (0 = torch's default), got {args.threads}")
+    for name in ("steps", "batch_size", "warmup", "eval_samples", "eval_steps", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: need >= 1, got {getattr(args, name)}")
+    out = writable_folder(args.out, "--out")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     # Bit-for-bit reruns: on CPU the backward of an index gather (index_put_ with accumulate) sums in a
     # thread-dependent order unless deterministic algorithms are requested.
     torch.use_deterministic_algorithms(True)
     start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     images_N1HW, labels_N = data.load_real_digits()
 
     classifier, reward_config = fit_reward(images_N1HW, labels_N, args)

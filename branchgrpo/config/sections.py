@@ -16,7 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from branchgrpo.core.flags import either, flag, require
+from branchgrpo.core.distributed import check_device_name
+from branchgrpo.core.flags import either, flag, require, require_path
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class RunConfig(Section):
                                       "files (metrics, evaluations, samples, checkpoints, ...; other files stay)")
 
     RESUMABLE = frozenset({"output_dir", "overwrite_output_dir"})
+
+    def validate(self) -> None:
+        require_path(self.output_dir, "--output_dir")
 
 
 @dataclass
@@ -131,13 +135,14 @@ class RewardConfig(Section):
     RESUMABLE = frozenset({"max_nonfinite_fraction", "max_nonfinite_iterations"})
 
     def validate(self) -> None:
-        from branchgrpo.rewards.base import check_options_of, parse_reward_options, parse_reward_spec
+        from branchgrpo.rewards.base import check_reward_flags, parse_reward_options, parse_reward_spec
 
         require_positive(self, "reward_batch_size")
         require(0 <= self.max_nonfinite_fraction <= 1,
                 f"--max_nonfinite_fraction: need a fraction in [0, 1], got {self.max_nonfinite_fraction}")
         require_non_negative(self, "max_nonfinite_iterations")
-        check_options_of(parse_reward_spec(self.reward), parse_reward_options(self.reward_options))
+        require_path(self.reward_model_dir, "--reward_model_dir")
+        check_reward_flags(parse_reward_spec(self.reward), parse_reward_options(self.reward_options))
 
 
 @dataclass
@@ -175,7 +180,7 @@ class ModelConfig(Section):
             require(self.pretrained_model_name_or_path is not None,
                     f"--pretrained_model_name_or_path: required for --model {self.model} (a local folder)")
         path = self.pretrained_model_name_or_path
-        if path is not None and not Path(path).exists():
+        if path is not None and not Path(require_path(path, "--pretrained_model_name_or_path")).exists():
             from branchgrpo.models.spec import hub_id_hint
 
             raise FileNotFoundError(f"--pretrained_model_name_or_path: {path} does not exist"
@@ -206,7 +211,7 @@ class DataConfig(Section):
         require_positive(self, "train_batch_size")
         for name in ("data_json_path", "eval_data_json_path"):
             path = getattr(self, name)
-            if path is not None and not Path(path).exists():
+            if path is not None and not Path(require_path(path, f"--{name}")).exists():
                 raise FileNotFoundError(f"--{name}: {path} does not exist; run the preprocess script first")
         require(self.data_json_path is not None,
                 "--data_json_path: required (the index.json written by scripts/preprocess/*.sh)")
@@ -248,18 +253,27 @@ class OptimConfig(Section):
         require_positive(self, "train_micro_batch_size", "learning_rate", "ema_update_interval")
         require(self.gradient_accumulation_steps >= 0, "--gradient_accumulation_steps: need >= 0 (0 = once per "
                 f"iteration), got {self.gradient_accumulation_steps}")
-        require_non_negative(self, "lr_warmup_steps", "max_skipped_steps")
+        require_non_negative(self, "lr_warmup_steps", "max_skipped_steps", "weight_decay")
         require(0 < self.ema_decay < 1, f"--ema_decay: need a value in (0, 1), got {self.ema_decay}")
+        for name in ("adam_beta1", "adam_beta2"):  # what AdamW would refuse after the model is loaded
+            require(0 <= getattr(self, name) < 1, f"--{name}: need a value in [0, 1), got {getattr(self, name)}")
+        require_positive(self, "adam_epsilon", "lr_num_cycles", "lr_power")
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
-        return {name: (self.use_ema, "--use_ema") for name in ("ema_decay", "ema_update_interval", "ema_device")}
+        out = {name: (self.use_ema, "--use_ema") for name in ("ema_decay", "ema_update_interval", "ema_device")}
+        schedule = self.lr_scheduler
+        out.update(lr_warmup_steps=(schedule != "constant", "--lr_scheduler other than constant"),
+                   lr_num_cycles=(schedule == "cosine_with_restarts", "--lr_scheduler cosine_with_restarts"),
+                   lr_power=(schedule == "polynomial", "--lr_scheduler polynomial"))
+        return out
 
 
 @dataclass
 class ParallelConfig(Section):
     """Devices, process-level parallelism (FSDP2 / DDP), activation checkpointing and precision."""
 
-    device: str = flag("auto", "auto (CUDA if present) | cpu | cuda")
+    device: str = flag("auto", "auto (CUDA if present) | cpu | cuda (each rank its local rank's GPU) | cuda:N (one "
+                       "process)")
     deterministic: str = flag("auto", "deterministic kernels: auto (on for CPU, where they cost little and make "
                               "resumed runs bitwise equal; off on CUDA) | on | off", ("auto", "on", "off"))
     num_threads: int = flag(0, "CPU threads per process for torch (0: torch's default; the toy runs fastest with 1-2)")
@@ -299,6 +313,7 @@ class ParallelConfig(Section):
         return self.deterministic == "on" or (self.deterministic == "auto" and device.type == "cpu")
 
     def validate(self) -> None:
+        check_device_name(self.device)  # whether the GPU is there is checked when the run starts (not by `plan`)
         require_positive(self, "collective_timeout_s")
         require(self.num_threads >= 0, f"--num_threads: need >= 0 (0: torch's default), got {self.num_threads}")
         require(0 <= self.selective_checkpointing <= 1,
@@ -330,7 +345,7 @@ class CheckpointConfig(Section):
         require(self.preempt_save_deadline_s >= 0 or self.preempt_save_deadline_s == -1,
                 f"--preempt_save_deadline_s: need seconds >= 0, or -1, got {self.preempt_save_deadline_s}")
         path = self.resume_from_checkpoint
-        if path not in (None, "latest") and not Path(path).is_dir():
+        if path not in (None, "latest") and not Path(require_path(path, "--resume_from_checkpoint")).is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint folder")
 
 
@@ -376,11 +391,19 @@ class EvalConfig(Section):
                 f"--hacking_max_hf_ratio: need a ratio > 1 (or 0 = not checked), got {self.hacking_max_hf_ratio}")
         require(0 <= self.hacking_min_diversity_ratio < 1, "--hacking_min_diversity_ratio: need a fraction in [0, 1) "
                 f"(0 = not checked), got {self.hacking_min_diversity_ratio}")
-        if self.hacking_guard != "off" and self.hacking_features != "pixels":
-            weights = self.hacking_feature_weights
-            require(weights is not None, f"--hacking_features {self.hacking_features}: needs --hacking_feature_weights")
-            if not Path(weights).is_file():
-                raise FileNotFoundError(f"--hacking_feature_weights: {weights} is not a file")
+        if self.hacking_guard != "off":  # the weights file read at the first evaluation: checked before any model
+            from branchgrpo.rewards.features import check_extractor_files
+
+            check_extractor_files(self.hacking_features, self.hacking_feature_weights, self.hacking_clip_arch,
+                                  self.feature_flags)
+
+    @property
+    def feature_flags(self):
+        """The monitor's feature flags, as the feature extractor's messages name them."""
+        from branchgrpo.rewards.features import FeatureFlags
+
+        return FeatureFlags("--hacking_features", "--hacking_feature_weights", "--hacking_feature_weights",
+                            "--hacking_clip_arch", "--hacking_clip_arch")
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
         on = self.hacking_guard != "off"

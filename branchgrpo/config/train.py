@@ -136,7 +136,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every check that needs no model: run before anything is loaded."""
         algorithm = self.validate_algorithm()
-        for attr in ("data", "optim", "reward", "model", "parallel", "checkpoint", "eval", "logging"):
+        for attr in ("run", "data", "optim", "reward", "model", "parallel", "checkpoint", "eval", "logging"):
             getattr(self, attr).validate()
         spec = self.model.spec
         require(self.sampling.time_shift != "dynamic" or spec.dynamic_shift,
@@ -216,7 +216,7 @@ def parse_flags(argv=None, description: str = "Train with BranchGRPO and relativ
                 prog: str = "branchgrpo-train") -> tuple[dict, argparse.Namespace]:
     """Command line over `--config` YAML -> (flat flag values given, namespace of `extra_args`' arguments)."""
     ns = build_parser(description, extra_args, prog).parse_args(argv)
-    values = load_yaml(ns.config) if ns.config else {}
+    values = load_yaml(ns.config) if ns.config is not None else {}
     catalogue = flag_catalogue()
     official = {k: values.pop(k) for k in list(values) if k in OFFICIAL_FLAGS}
     unknown = sorted(set(values) - set(catalogue))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -67,16 +68,46 @@ class DistInfo:
         return self.rank == 0
 
 
+_CUDA_DEVICE = re.compile(r"cuda(?::([0-9]+))?")
+
+
+def check_device_name(name: str, flag: str = "--device") -> None:
+    """A --device value is auto, cpu, cuda or cuda:<index>, spelled so; anything else (gpu, gpu0, cuda:x, '') is a
+    ValueError naming the flag - it must never mean "the CPU" by default."""
+    if name not in ("auto", "cpu") and not _CUDA_DEVICE.fullmatch(str(name)):
+        raise ValueError(f"{flag}: {name!r} is not a device; use auto (CUDA if visible, else the CPU), cpu, cuda or "
+                         "cuda:<index>")
+
+
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1, flag: str = "--device") -> torch.device:
+    """The device a --device value names, checked strictly (`check_device_name`): auto is CUDA when a GPU is visible,
+    else the CPU; cuda is this process's GPU (its local rank's); cuda:N is GPU N (one process only: under torchrun
+    each rank takes its local rank's). A GPU that is not visible is a ValueError naming the flag."""
+    check_device_name(name, flag)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "cpu" or (name == "auto" and not visible):
+        return torch.device("cpu")
+    if not visible:
+        raise ValueError(f"{flag} {name}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); use --device cpu or auto")
+    explicit = _CUDA_DEVICE.fullmatch(name).group(1) if name != "auto" else None
+    if explicit is not None and world_size > 1:
+        raise ValueError(f"{flag} {name}: with {world_size} processes each takes its local rank's GPU; pass --device "
+                         "cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    index = local_rank if explicit is None else int(explicit)
+    if index >= visible:
+        raise ValueError(f"{flag} {name}: GPU {index} is not visible ({visible} CUDA device(s): 0..{visible - 1})")
+    return torch.device("cuda", index)
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600) -> DistInfo:
-    """Initialise from torchrun's variables when present. `device`: "auto" (CUDA if available), "cpu", "cuda";
+    """Initialise from torchrun's variables when present. `device`: a --device value (`resolve_device`);
     `timeout_s`: how long a collective waits for the other ranks before it raises (--collective_timeout_s)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, local_rank, world_size)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

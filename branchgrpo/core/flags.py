@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -29,6 +30,26 @@ def require(ok: bool, message: str) -> None:
     """Flag validation: a ValueError whose message names the flag, the value and what is allowed."""
     if not ok:
         raise ValueError(message)
+
+
+def require_path(value, flag_name: str) -> str:
+    """A path flag's value; an empty or blank one - what an unset shell variable gives - is refused naming the flag,
+    never taken to mean the current folder."""
+    if value is None or not str(value).strip():
+        raise ValueError(f"{flag_name}: empty path {value!r} (an unset shell variable?); give a folder or file")
+    return str(value)
+
+
+def require_file(value, flag_name: str, what: str = "", expected: str = "") -> Path:
+    """An input file a flag names (`what` says which, `expected` what it should hold): an empty path, a folder and a
+    path that does not exist are each refused naming the flag, as what they are."""
+    path = Path(require_path(value, flag_name))
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag_name}: {label} is a folder, not a file{expected}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag_name}: {label} does not exist{expected}")
+    return path
 
 
 def parse_int_list(text: str, flag_name: str) -> list[int]:
@@ -92,22 +113,46 @@ def normalise_yaml_value(value, tp):
 
 
 def load_yaml(path: str | Path) -> dict:
+    """The flag values of a --config YAML file. Refused, naming the file: a folder or missing file, text that is not
+    YAML, a file without any flag (empty, or comments only: it would silently mean the defaults), anything but a
+    mapping, and a key given twice in one mapping (YAML forbids it; PyYAML would keep the last silently)."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist")
+    path = require_file(path, "--config", expected=" (a YAML file of flag values is expected)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_unique_key_loader())
     except UnicodeDecodeError:
         raise ValueError(f"--config: {path} is not a text file (a YAML file of flag values is expected)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"--config: {path} is not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if data is None or data == {}:
+        raise ValueError(f"--config: {path} holds no flag (empty, or comments only); give the flags it should set, "
+                         "or leave --config out for the defaults")
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
     return data
+
+
+@functools.cache
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key repeated within one mapping (a YAMLError naming the key and its line)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"'{key}' is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def defaults(cls) -> dict:

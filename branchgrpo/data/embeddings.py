@@ -123,13 +123,14 @@ class EmbeddingStore:
     shards' headers (keys, shapes, row counts; a few bytes per shard), so that a truncated shard or an index that
     does not fit them fails here, naming the file, not in the middle of training."""
 
-    def __init__(self, index_path: str | Path):
+    def __init__(self, index_path: str | Path, flag: str = "--data_json_path"):
+        self.flag = flag  # the flag that named the index, for messages (--data_json_path, --eval_data_json_path)
         self.index_path = Path(index_path)
         if self.index_path.is_dir():
             self.index_path = self.index_path / "index.json"
         if not self.index_path.exists():
             raise FileNotFoundError(
-                f"--data_json_path: {self.index_path} does not exist; run the preprocess script first "
+                f"{self.flag}: {self.index_path} does not exist; run the preprocess script first "
                 "(scripts/preprocess/*.sh) to write the prompt embeddings"
             )
         index = self._read_index()
@@ -141,19 +142,21 @@ class EmbeddingStore:
             self.keys = {k: (tuple(v["shape"]), v["dtype"]) for k, v in index["keys"].items()}
             self._shard_files = [self.folder / s["file"] for s in index["shards"]]
             rows_per_shard = [int(s["num_prompts"]) for s in index["shards"]]
+            if not isinstance(self.prompts, list):
+                raise TypeError(f"'prompts' is a {type(self.prompts).__name__}, not a list")
         except (KeyError, TypeError, AttributeError, ValueError) as err:
-            raise ValueError(f"--data_json_path: {self.index_path}: malformed 'keys' or 'shards' entry ({err!r}); "
+            raise ValueError(f"{self.flag}: {self.index_path}: malformed 'keys', 'shards' or 'prompts' ({err!r}); "
                              "re-run preprocessing to rewrite it") from None
         for entry in index["shards"]:
             name = entry["file"]
             parts = Path(name).parts if isinstance(name, str) else ()
             if not parts or Path(name).is_absolute() or ".." in parts:
-                raise ValueError(f"--data_json_path: {self.index_path} names the shard {str(name)[:80]!r}, a path "
+                raise ValueError(f"{self.flag}: {self.index_path} names the shard {str(name)[:80]!r}, a path "
                                  f"outside {self.folder}; shards must lie in the index's folder (re-run preprocessing)")
         for path in self._shard_files:
             if not path.exists():
-                raise FileNotFoundError(f"{self.index_path}: embedding shard {path} is missing")
-        self._check_shards(rows_per_shard)
+                raise FileNotFoundError(f"{self.flag}: {self.index_path}: embedding shard {path} is missing")
+        self._check_shards(rows_per_shard, index.get("num_prompts"))
         self._handles: dict[int, object] = {}
         extras_path = self.folder / EXTRAS_FILE
         self.extras: dict[str, torch.Tensor] = {}
@@ -165,40 +168,54 @@ class EmbeddingStore:
         try:
             index = json.loads(self.index_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"--data_json_path: {self.index_path} is not valid JSON ({err})") from None
+            raise ValueError(f"{self.flag}: {self.index_path} is not valid JSON ({err})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
             raise ValueError(
-                f"--data_json_path: {self.index_path} has format {found!r}, expected '{FORMAT}' "
+                f"{self.flag}: {self.index_path} has format {found!r}, expected '{FORMAT}' "
                 "(written by branchgrpo's preprocess scripts)"
             )
         missing = [key for key in INDEX_KEYS if key not in index]
         if missing:
-            raise ValueError(f"--data_json_path: {self.index_path} lacks {', '.join(map(repr, missing))} (an index "
+            raise ValueError(f"{self.flag}: {self.index_path} lacks {', '.join(map(repr, missing))} (an index "
                              f"written by branchgrpo's preprocess scripts has {', '.join(INDEX_KEYS)}); re-run "
                              "preprocessing to rewrite it")
         return index
 
-    def _check_shards(self, rows_per_shard: list[int]) -> None:
-        """Every shard's header holds the index's keys with its row count and shapes; every prompt points at a row
-        that exists."""
+    def _check_shards(self, rows_per_shard: list[int], num_prompts) -> None:
+        """Every shard's header holds the index's keys with its row count, shapes and dtypes; the index's prompt
+        count is its prompts' and its shards' rows; every prompt has a text and points at a row that exists."""
         for path, rows in zip(self._shard_files, rows_per_shard):
             with _open_safetensors(path, "embedding shard") as handle:
-                for key, (shape, _) in self.keys.items():
+                for key, (shape, dtype) in self.keys.items():
                     if key not in handle.keys():
-                        raise ValueError(f"{self.index_path}: embedding shard {path} has no tensor '{key}' "
+                        raise ValueError(f"{self.flag}: {self.index_path}: embedding shard {path} has no tensor '{key}' "
                                          f"(it holds {sorted(handle.keys())}); re-run preprocessing")
                     found = tuple(handle.get_slice(key).get_shape())
                     if found != (rows, *shape):
-                        raise ValueError(f"{self.index_path}: embedding shard {path} holds '{key}' of shape "
+                        raise ValueError(f"{self.flag}: {self.index_path}: embedding shard {path} holds '{key}' of shape "
                                          f"{list(found)}, the index says {[rows, *shape]}; re-run preprocessing")
+                    stored = str(handle.get_slice(key).get_dtype())
+                    if stored != dtype:
+                        raise ValueError(f"{self.flag}: {self.index_path}: embedding shard {path} holds '{key}' as dtype {stored}, "
+                                         f"the index says {dtype}; re-run preprocessing")
+        counts = {"prompts": len(self.prompts), "shard rows": sum(rows_per_shard)}
+        if num_prompts is not None:
+            counts["num_prompts"] = num_prompts
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"{self.flag}: {self.index_path}: the prompt counts disagree "
+                             f"({', '.join(f'{k} {v}' for k, v in counts.items())}); re-run preprocessing")
         for i, entry in enumerate(self.prompts):
+            text = entry.get("text") if isinstance(entry, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{self.flag}: {self.index_path}: prompt {i} has no \"text\" (a non-empty "
+                                 "string); re-run preprocessing")
             shard, row = entry.get("shard"), entry.get("row")
             ok = isinstance(shard, int) and 0 <= shard < len(rows_per_shard)
             if not (ok and isinstance(row, int) and 0 <= row < rows_per_shard[shard]):
                 where = f"shard {shard}" + (f" of {rows_per_shard[shard]} rows" if ok else
                                             f" (the index lists {len(rows_per_shard)} shards)")
-                raise ValueError(f"--data_json_path: {self.index_path}: prompt {i} points at row {row} of {where}; "
+                raise ValueError(f"{self.flag}: {self.index_path}: prompt {i} points at row {row} of {where}; "
                                  "the index does not fit its shards - re-run preprocessing")
 
     def __len__(self) -> int:

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from branchgrpo.core.files import read_json
+from branchgrpo.core.flags import require_file
 from branchgrpo.data.embeddings import shard_name, write_extras, write_index, write_shard
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,7 @@ class PromptList:
 
 def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, int]]:
     """Non-empty, decodable prompt lines (stripped), and how many lines were skipped for each reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: prompt file {path} does not exist (one prompt per line expected)")
+    path = require_file(path, "--prompts", "prompt file", " (one prompt per line expected)")
     texts, skipped = [], {"empty": 0, "undecodable": 0}
     for raw in path.read_bytes().splitlines():
         try:
@@ -104,10 +104,8 @@ def read_prompts(path: str | Path, prompt_format: str = "text", bad_lines: str =
 def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse",
                        image_size: tuple[int, int] | None = None) -> PromptList:
     """`{"prompt": ..., "image": ...}` lines -> PromptRecords (see `read_prompts`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: prompt file {path} does not exist (JSONL expected: one "
-                                '{"prompt": ..., "image": "path/to/first_frame.png"} per line)')
+    path = require_file(path, "--prompts", "prompt file", ' (JSONL expected: one {"prompt": ..., "image": '
+                        '"path/to/first_frame.png"} per line)')
     records, bad = [], []
     skipped = {"empty": 0, "bad_line": 0, "missing_image": 0, "unreadable_image": 0, "wrong_size": 0}
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
@@ -210,7 +208,7 @@ def run_preprocess(
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         if manifest_path.exists():
-            old = json.loads(manifest_path.read_text())
+            old = read_json(manifest_path)
             if old != manifest:
                 raise ValueError(
                     f"{output_dir}: holds shards of another prompt list, shard size or encoder settings ({old}, "
@@ -220,7 +218,7 @@ def run_preprocess(
         else:
             manifest_path.write_text(json.dumps(manifest, indent=1))
     barrier()
-    if json.loads(manifest_path.read_text()) != manifest:  # another rank read a different file
+    if read_json(manifest_path) != manifest:  # another rank read a different file
         raise ValueError(f"rank {rank}: prompt file differs from rank 0's")
 
     num_shards = (len(texts) + shard_size - 1) // shard_size

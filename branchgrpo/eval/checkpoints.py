@@ -16,12 +16,13 @@ the base folder). Only safetensors files are read.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from branchgrpo.core.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def resolve_weights_dir(checkpoint: str | Path, use_ema: bool) -> tuple[Path, di
     config = {}
     state = path / "trainer_state.json"
     if state.is_file():
-        config = json.loads(state.read_text()).get("config", {})
+        state_json = read_json(state, "--checkpoint")
+        config = state_json.get("config", {}) if isinstance(state_json, dict) else {}
     if (path / "model").is_dir() or (path / "ema").is_dir():
         sub = "ema" if use_ema else "model"
         if not (path / sub).is_dir():

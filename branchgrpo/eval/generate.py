@@ -44,7 +44,7 @@ def resolve_reward_names(text: str, spec) -> list[str]:
     every reward is reported alone)."""
     if text.strip() in ("default", "all"):
         return list(spec.eval_rewards)
-    return list(parse_reward_spec(text))
+    return list(parse_reward_spec(text, "--rewards"))
 
 
 def encode_prompts(spec, source, items: list, device, settings, batch_size: int = 16) -> dict[str, torch.Tensor]:

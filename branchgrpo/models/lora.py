@@ -13,6 +13,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from branchgrpo.core.files import read_json
+
 LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 
@@ -91,7 +93,7 @@ def merge_saved_adapter(module: nn.Module, folder: Path) -> int:
     of merged layers; fails naming the key when a layer is missing or a pair incomplete."""
     from safetensors.torch import load_file
 
-    config = json.loads((folder / LORA_CONFIG).read_text())
+    config = read_json(folder / LORA_CONFIG)
     rank, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = {}

@@ -16,11 +16,12 @@ The adapter it loads (models/base.py) answers the per-call questions: velocity, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
+
+from branchgrpo.core.files import read_json
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
 #: transformer configs of the released checkpoints (their `transformer/config.json`), shipped with the package for the
@@ -74,8 +75,10 @@ def read_shipped_config(name: str, offered: tuple[str, ...]) -> dict:
     elif not path.is_file():
         raise ValueError(f"--transformer_config {name}: neither a shipped config ({', '.join(offered) or 'none'}) nor "
                          "a config.json file")
-    with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    config = read_json(path, "--transformer_config")
+    if not isinstance(config, dict):
+        raise ValueError(f"--transformer_config: {path} holds a JSON {type(config).__name__}, not a config object")
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 class BackboneSpec:

@@ -27,14 +27,18 @@ Multi-reward runs give a weight per reward, e.g. `--reward hps=1.0,clip=0.5`. Tw
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NewType, Protocol, Sequence
 
 import torch
 
 COMBINE_MODES = ("sum", "advantage")
 DEFAULT_MODEL_DIR = "hps_ckpt"  # --reward_model_dir's default
+#: the annotation of a factory option that names a local file or folder (checked to exist before anything loads)
+LocalPath = NewType("LocalPath", str)
 
 
 class RewardModel(Protocol):
@@ -67,40 +71,112 @@ def available_rewards() -> list[str]:
 
 
 def build_reward(name: str, device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
-                 **options) -> RewardModel:
-    """The reward `name`, its files looked up under `model_dir` unless `options` point elsewhere."""
+                 reward_flag: str = "--reward", **options) -> RewardModel:
+    """The reward `name`, its files looked up under `model_dir` unless `options` point elsewhere. `reward_flag`:
+    the flag that named it (for messages). A missing file that an option named is reported with the option."""
+    factory = _factory(name, reward_flag)
+    check_reward_options(name, factory, options)
+    try:
+        return factory(device=device, model_dir=model_dir, **options)
+    except FileNotFoundError as err:  # from an option's path: name the flag, the reward and the option
+        text = str(err)
+        named = [key for key, value in options.items() if isinstance(value, str) and value and value in text]
+        if not named:
+            raise
+        context = [f"reward '{name}'" if f"'{name}'" not in text else "",
+                   f"option '{named[0]}'" if named[0] not in text else ""]
+        where = ", ".join(filter(None, context))
+        raise FileNotFoundError(f"--reward_options: {where + ': ' if where else ''}{text}") from None
+
+
+def _factory(name: str, reward_flag: str) -> RewardFactory:
     _import_builtin_rewards()
     if name not in _REGISTRY:
-        raise ValueError(f"--reward: unknown reward '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    factory = _REGISTRY[name]
-    check_reward_options(name, factory, options)
-    return factory(device=device, model_dir=model_dir, **options)
+        raise ValueError(f"{reward_flag}: unknown reward '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
-def check_options_of(names, options: dict[str, dict]) -> None:
-    """`check_reward_options` for every registered reward of `names` that has options (config validation: before
-    any model is loaded). Unknown names are left to `build_reward`."""
-    if not options:
-        return
-    _import_builtin_rewards()
+def check_reward_flags(names, options: dict[str, dict], reward_flag: str = "--reward") -> None:
+    """Config validation, before any model is loaded: every reward of `names` is registered; `--reward_options` names
+    only rewards of `names` (another one's options would be ignored: a typo would silently disable them); and each
+    reward's options pass `check_reward_options`, with the files their path options name present."""
     for name in names:
-        if name in _REGISTRY and options.get(name):
-            check_reward_options(name, _REGISTRY[name], options[name])
+        _factory(name, reward_flag)
+    _check_option_targets(names, options, reward_flag)
+    for name in names:
+        if options.get(name):
+            check_reward_options(name, _REGISTRY[name], options[name], check_files=True)
 
 
-def check_reward_options(name: str, factory: RewardFactory, options: dict) -> None:
-    """Options the factory does not take are refused naming those it does (read from its signature), instead of a
-    TypeError from inside the call. A factory with `**options` checks its own."""
+def _check_option_targets(names, options: dict[str, dict], reward_flag: str) -> None:
+    extra = sorted(set(options) - set(names))
+    if extra:
+        raise ValueError(f"--reward_options: {extra[0]!r} is not a reward of {reward_flag} ({', '.join(names)}); its "
+                         "options would be ignored")
+
+
+def check_reward_options(name: str, factory: RewardFactory, options: dict, check_files: bool = False) -> None:
+    """Options the factory does not take are refused naming those it does, and a value of the wrong type naming its
+    option and the type the factory's signature declares (instead of a TypeError from inside the call); with
+    `check_files`, an option declared as a `LocalPath` must name a file or folder that exists. A factory with
+    `**options` checks the names it does not declare itself."""
     import inspect
 
     params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    taken = [p for p, param in params.items() if p != "device" and param.kind is not inspect.Parameter.VAR_POSITIONAL]
+    taken = [p for p, param in params.items() if p != "device" and param.kind is not inspect.Parameter.VAR_POSITIONAL
+             and param.kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(options) - set(taken))
-    if unknown:
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         raise ValueError(f"--reward_options: reward '{name}' takes no option {', '.join(map(repr, unknown))}; "
                          f"its options: {', '.join(taken) or 'none'}")
+    hints = _annotations(factory)
+    for key, value in options.items():
+        problem = _type_problem(value, hints[key]) if key in hints else None
+        if problem:
+            raise ValueError(f"--reward_options: reward '{name}', option '{key}': {problem}")
+        if check_files and LocalPath in _alternatives(hints.get(key)) and value is not None \
+                and not os.path.exists(value):
+            raise FileNotFoundError(f"--reward_options: reward '{name}', option '{key}': {value} does not exist")
+
+
+def _annotations(factory: RewardFactory) -> dict:
+    """The factory's parameter annotations, resolved ({} when they cannot be: then nothing is type-checked)."""
+    import typing
+
+    try:
+        return typing.get_type_hints(factory)
+    except Exception:  # a name the annotations use is not importable here: leave the checks to the factory
+        return {}
+
+
+def _alternatives(tp) -> tuple:
+    import types
+    import typing
+
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+# the annotations whose values are checked: what JSON gives for each (bool is not a number here)
+_JSON_TYPES = {
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    LocalPath: ("a path (a string)", lambda v: isinstance(v, str) and bool(v.strip())),
+}
+
+
+def _type_problem(value, tp) -> str | None:
+    """What is wrong with the JSON `value` for the annotation `tp`; None when it fits or `tp` is not checked (an
+    alternative such as torch.device, or no annotation)."""
+    options = [t for t in _alternatives(tp) if t is not type(None)]
+    if value is None:
+        return None if len(options) < len(_alternatives(tp)) else "need a value, got null"
+    if any(t not in _JSON_TYPES for t in options):
+        return None
+    if any(_JSON_TYPES[t][1](value) for t in options):
+        return None
+    return f"need {' or '.join(_JSON_TYPES[t][0] for t in options)}, got {json.dumps(value)}"
 
 
 def _import_builtin_rewards() -> None:
@@ -121,8 +197,6 @@ def _import_builtin_rewards() -> None:
 
 def parse_reward_options(text: str) -> dict[str, dict]:
     """`--reward_options` JSON -> {reward: {option: value}} ('' -> {}), or a ValueError saying what was expected."""
-    import json
-
     if not text:
         return {}
     try:
@@ -134,8 +208,8 @@ def parse_reward_options(text: str) -> dict[str, dict]:
     return options
 
 
-def parse_reward_spec(spec: str) -> dict[str, float]:
-    """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; a bare name gets weight 1."""
+def parse_reward_spec(spec: str, flag: str = "--reward") -> dict[str, float]:
+    """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; a bare name gets weight 1. `flag`: the flag that gave it."""
     weights: dict[str, float] = {}
     for item in (part.strip() for part in spec.split(",")):
         if not item:
@@ -145,16 +219,16 @@ def parse_reward_spec(spec: str) -> dict[str, float]:
         try:
             weight = float(value) if value else 1.0
         except ValueError:
-            raise ValueError(f"--reward: weight of '{name}' must be a number, got '{value}'") from None
+            raise ValueError(f"{flag}: weight of '{name}' must be a number, got '{value}'") from None
         if not name or name in weights:
-            raise ValueError(f"--reward: empty or repeated reward name in '{spec}'")
+            raise ValueError(f"{flag}: empty or repeated reward name in '{spec}'")
         if not math.isfinite(weight):
-            raise ValueError(f"--reward: weight of '{name}' must be a finite number, got '{value}'")
+            raise ValueError(f"{flag}: weight of '{name}' must be a finite number, got '{value}'")
         if weight == 0.0:
-            raise ValueError(f"--reward: weight of '{name}' is 0; drop the reward instead")
+            raise ValueError(f"{flag}: weight of '{name}' is 0; drop the reward instead")
         weights[name] = weight
     if not weights:
-        raise ValueError(f"--reward: no reward in '{spec}' (expected e.g. 'hps=1.0,clip=0.5')")
+        raise ValueError(f"{flag}: no reward in '{spec}' (expected e.g. 'hps=1.0,clip=0.5')")
     return weights
 
 
@@ -239,18 +313,21 @@ class RewardSet:
 
 
 def build_reward_set(spec: str, mode: str, device: torch.device | str, options: dict[str, dict] | None = None,
-                     model_dir: str = DEFAULT_MODEL_DIR, skip_missing: bool = False) -> RewardSet:
+                     model_dir: str = DEFAULT_MODEL_DIR, skip_missing: bool = False,
+                     reward_flag: str = "--reward") -> RewardSet:
     """The rewards of `spec` ('hps=1.0,clip=0.5'; a bare name weighs 1), each built with `model_dir` and its entry of
     `options` (which wins, `model_dir` included). `skip_missing`: a reward whose files are missing is left out and
     recorded in `RewardSet.skipped` instead of raising (the evaluation CLI); a file that exists but cannot be read
-    still raises."""
-    weights = parse_reward_spec(spec)
+    still raises. `reward_flag`: the flag that gave `spec` (for messages)."""
+    weights = parse_reward_spec(spec, reward_flag)
     _check_mode(mode)  # before loading any model
     options = options or {}
+    _check_option_targets(weights, options, reward_flag)
     models, skipped = {}, {}
     for name in weights:
         try:
-            models[name] = build_reward(name, device=device, **{"model_dir": model_dir, **options.get(name, {})})
+            models[name] = build_reward(name, device=device, reward_flag=reward_flag,
+                                        **{"model_dir": model_dir, **options.get(name, {})})
         except FileNotFoundError as err:
             if not skip_missing:
                 raise

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.rewards.hps import OpenClipScorer, load_open_clip, resolve_dtype
 from branchgrpo.rewards.pickscore import HFClipScorer, load_hf_clip
 
@@ -37,10 +37,10 @@ FORMS = {
 def build_clipscore(
     device: torch.device | str = "cpu",
     model_dir: str = DEFAULT_MODEL_DIR,
-    model_path: str | None = None,
-    processor_path: str | None = None,
+    model_path: LocalPath | None = None,
+    processor_path: LocalPath | None = None,
     arch: str = "ViT-L-14-quickgelu",
-    model_config_dir: str | None = None,
+    model_config_dir: LocalPath | None = None,
     form: str = "cosine",
     dtype: str = "auto",
     batch_size: int = 16,

@@ -21,12 +21,13 @@ open_clip backend does, also on an HPS checkpoint (the HPS reward itself letterb
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from branchgrpo.core.files import check_weights_file
 from branchgrpo.rewards._image import (  # noqa: F401 (resize_center_crop, to_rgb: also this module's API)
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -37,17 +38,40 @@ from branchgrpo.rewards._image import (  # noqa: F401 (resize_center_crop, to_rg
 )
 
 
+class FeatureFlags(NamedTuple):
+    """How the options of a feature extractor are named where the user gave them: its messages name them so."""
+
+    features: str
+    clip_weights: str
+    inception_weights: str
+    arch: str
+    model_config: str
+
+
+#: the diversity CLI's flags (`python -m branchgrpo.cli.diversity`)
+DIVERSITY_FLAGS = FeatureFlags("--features", "--clip_checkpoint", "--inception_weights", "--clip_arch",
+                               "--clip_model_config")
+#: the options of the rewards that score with CLIP features (temporal_consistency, first_frame_consistency)
+REWARD_OPTION_FLAGS = FeatureFlags("clip_checkpoint", "clip_checkpoint", "clip_checkpoint", "clip_arch",
+                                   "model_config_dir")
+
+
 def load_state_dict_file(path: str, option: str) -> dict[str, torch.Tensor]:
     """A state dict from a `.safetensors`, `.pt`/`.pth`/`.bin` file (weights_only), unwrapping the usual
     `{'state_dict': ...}` / `{'model': ...}` wrappers and a DDP `module.` prefix."""
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"{option}: checkpoint file not found: '{path}'")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    check_weights_file(path, option)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged past its header, or Python objects that weights_only refuses
+        raise ValueError(f"{option}: cannot read '{path}' ({type(err).__name__}: "
+                         f"{(str(err).strip().splitlines() or [''])[0][:200]})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -103,26 +127,19 @@ class ClipFeatures(_BatchedExtractor):
     the short side and centre crop). `normalize=True` L2-normalises the embeddings."""
 
     def __init__(self, arch: str, checkpoint: str, model_config_dir: str | None = None, normalize: bool = False,
-                 device: torch.device | str = "cpu", batch_size: int = 32):
+                 device: torch.device | str = "cpu", batch_size: int = 32, flags: FeatureFlags = DIVERSITY_FLAGS):
         super().__init__(device, batch_size)
-        import open_clip
-
         from branchgrpo.rewards.hps import open_clip_mismatch
 
-        if model_config_dir is not None:
-            if not os.path.exists(model_config_dir):
-                raise FileNotFoundError(f"--clip_model_config: '{model_config_dir}' does not exist")
-            open_clip.add_model_config(model_config_dir)
-        if arch not in open_clip.list_models():
-            raise ValueError(f"--clip_arch: unknown open_clip architecture '{arch}' (add its json with "
-                             f"--clip_model_config DIR)")
-        state = load_state_dict_file(checkpoint, "--clip_checkpoint")
-        error = open_clip_mismatch(arch, state, f"--clip_checkpoint: '{checkpoint}'",
-                                   "give its architecture with --clip_arch (clip_arch for the temporal_consistency "
-                                   "reward), and --clip_model_config (model_config_dir) for one open_clip does not "
-                                   "ship")
+        check_clip_arch(arch, model_config_dir, flags)
+        state = load_state_dict_file(checkpoint, flags.clip_weights)
+        error = open_clip_mismatch(arch, state, f"{flags.clip_weights}: '{checkpoint}'",
+                                   f"give its architecture with {flags.arch}, and {flags.model_config} for one "
+                                   "open_clip does not ship")
         if error is not None:
             raise error
+        import open_clip
+
         model = open_clip.create_model(arch, pretrained=None)
         model.load_state_dict(state, strict=True)
         self.model = model.to(self.device).eval()
@@ -144,15 +161,16 @@ class InceptionFeatures(_BatchedExtractor):
     ImageNet-normalised inputs to exactly that), so images are resized to 299 x 299 (bilinear, antialiased) and fed
     as `2 x - 1` with `transform_input=False`."""
 
-    def __init__(self, weights: str, device: torch.device | str = "cpu", batch_size: int = 32):
+    def __init__(self, weights: str, device: torch.device | str = "cpu", batch_size: int = 32,
+                 flags: FeatureFlags = DIVERSITY_FLAGS):
         super().__init__(device, batch_size)
         from torchvision.models import inception_v3
 
         from branchgrpo.core.state_dicts import load_strict
 
-        state = load_state_dict_file(weights, "--inception_weights")
+        state = load_state_dict_file(weights, flags.inception_weights)
         model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        load_strict(model, state, f"--inception_weights: '{weights}'", "torchvision's inception_v3 with aux_logits",
+        load_strict(model, state, f"{flags.inception_weights}: '{weights}'", "torchvision's inception_v3 with aux_logits",
                     fix="expected e.g. inception_v3_google-0cc3c7bd.pth")
         model.fc = torch.nn.Identity()  # eval-mode forward then returns the dropout-free pooled features
         self.model = model.to(self.device).eval()
@@ -162,23 +180,52 @@ class InceptionFeatures(_BatchedExtractor):
         return self.model(pixels * 2.0 - 1.0).float()
 
 
+def check_clip_arch(arch: str, model_config_dir: str | None, flags: FeatureFlags) -> None:
+    """`arch` is an open_clip architecture (after registering `model_config_dir`, if given); imports open_clip."""
+    import open_clip
+
+    if model_config_dir is not None:
+        if not os.path.exists(model_config_dir):
+            raise FileNotFoundError(f"{flags.model_config}: '{model_config_dir}' does not exist")
+        open_clip.add_model_config(model_config_dir)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"{flags.arch}: unknown open_clip architecture '{arch}' (add its json with "
+                         f"{flags.model_config} DIR)")
+
+
+def check_extractor_files(kind: str, weights: str | None, clip_arch: str | None, flags: FeatureFlags,
+                          model_config: str | None = None) -> None:
+    """What `build_extractor` will read, checked without loading it (before a model is loaded elsewhere): the weights
+    file of clip / inception features is a complete weights file, the CLIP architecture is known."""
+    if kind == "pixels":
+        return
+    if not weights:
+        raise ValueError(f"{flags.features} {kind} needs {flags.clip_weights if kind == 'clip' else flags.inception_weights} "
+                         "FILE")
+    check_weights_file(weights, flags.clip_weights if kind == "clip" else flags.inception_weights)
+    if kind == "clip":
+        if not clip_arch:
+            raise ValueError(f"{flags.features} clip needs {flags.arch} NAME")
+        check_clip_arch(clip_arch, model_config, flags)
+
+
 def build_extractor(kind: str, device: torch.device | str = "cpu", batch_size: int = 32, clip_arch: str | None = None,
                     clip_checkpoint: str | None = None, clip_model_config: str | None = None,
                     clip_normalize: bool = False, inception_weights: str | None = None,
-                    pixel_size: int = 32) -> _BatchedExtractor:
-    """The extractor named by the CLI's `--features` (clip | inception | pixels)."""
+                    pixel_size: int = 32, flags: FeatureFlags = DIVERSITY_FLAGS) -> _BatchedExtractor:
+    """The extractor named by `--features` (clip | inception | pixels); `flags`: how its options were named."""
     if kind == "pixels":
         return PixelFeatures(size=pixel_size, device=device, batch_size=max(batch_size, 1))
     if kind == "clip":
         if not clip_arch or not clip_checkpoint:
-            raise ValueError("--features clip needs --clip_arch NAME and --clip_checkpoint FILE")
-        return ClipFeatures(clip_arch, clip_checkpoint, clip_model_config, clip_normalize, device, batch_size)
+            raise ValueError(f"{flags.features} clip needs {flags.arch} NAME and {flags.clip_weights} FILE")
+        return ClipFeatures(clip_arch, clip_checkpoint, clip_model_config, clip_normalize, device, batch_size, flags)
     if kind == "inception":
         if not inception_weights:
-            raise ValueError("--features inception needs --inception_weights FILE "
+            raise ValueError(f"{flags.features} inception needs {flags.inception_weights} FILE "
                              "(torchvision's inception_v3_google-0cc3c7bd.pth)")
-        return InceptionFeatures(inception_weights, device, batch_size)
-    raise ValueError(f"--features: expected clip, inception or pixels, got '{kind}'")
+        return InceptionFeatures(inception_weights, device, batch_size, flags)
+    raise ValueError(f"{flags.features}: expected clip, inception or pixels, got '{kind}'")
 
 
 def extract_list(extractor: _BatchedExtractor, images: Sequence[torch.Tensor]) -> np.ndarray:

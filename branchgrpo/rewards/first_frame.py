@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.rewards.video import check_videos, frame_indices
 
 CONDITION_KEY = "first_frame"
@@ -79,15 +79,16 @@ def _resized(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 @register_reward("first_frame_consistency")
 def build_first_frame_consistency(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
-                                  clip_checkpoint: str | None = None, clip_arch: str = "ViT-H-14",
-                                  model_config_dir: str | None = None, batch_size: int = 32,
+                                  clip_checkpoint: LocalPath | None = None, clip_arch: str = "ViT-H-14",
+                                  model_config_dir: LocalPath | None = None, batch_size: int = 32,
                                   num_frames: int | None = None) -> FirstFrameConsistency:
     """Similarity of the generated frames to the conditioning image. `clip_checkpoint` (a local open_clip state dict,
     e.g. HPS_v2.1_compressed.pt) selects CLIP features of `clip_arch`; None (default) the pixel-space score.
     `model_dir` is not used: the pixel score needs no file, and the CLIP one reads the file `clip_checkpoint` names."""
     if clip_checkpoint is None:
         return FirstFrameConsistency(None, num_frames)
-    from branchgrpo.rewards.features import ClipFeatures
+    from branchgrpo.rewards.features import REWARD_OPTION_FLAGS, ClipFeatures
 
-    return FirstFrameConsistency(ClipFeatures(clip_arch, clip_checkpoint, model_config_dir, normalize=True,
-                                              device=device, batch_size=batch_size), num_frames)
+    features = ClipFeatures(clip_arch, clip_checkpoint, model_config_dir, normalize=True, device=device,
+                            batch_size=batch_size, flags=REWARD_OPTION_FLAGS)
+    return FirstFrameConsistency(features, num_frames)

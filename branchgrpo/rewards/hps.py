@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess, image_size_of
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.core.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 HPS_FILE = "HPS_v2.1_compressed.pt"  # under --reward_model_dir
@@ -166,9 +166,9 @@ class OpenClipScorer:
 def build_hps(
     device: torch.device | str = "cpu",
     model_dir: str = DEFAULT_MODEL_DIR,
-    checkpoint: str | None = None,
+    checkpoint: LocalPath | None = None,
     arch: str = "ViT-H-14",
-    model_config_dir: str | None = None,
+    model_config_dir: LocalPath | None = None,
     dtype: str = "auto",
     batch_size: int = 16,
 ) -> OpenClipScorer:

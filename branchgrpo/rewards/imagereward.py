@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from branchgrpo.rewards._image import clip_preprocess, to_rgb
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.core.state_dicts import count_blocks, mismatch_summary
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -339,7 +339,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @register_reward("imagereward")
 def build_imagereward(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
-                      checkpoint: str | None = None, med_config: str | None = None, tokenizer: str | None = None,
+                      checkpoint: LocalPath | None = None, med_config: LocalPath | None = None, tokenizer: LocalPath | None = None,
                       **options) -> ImageRewardScorer:
     """`checkpoint` defaults to `model_dir`/ImageReward/ImageReward.pt, `med_config` and `tokenizer` to
     med_config.json and bert-base-uncased/ next to it. Options: `batch_size` (16), `dtype` (float32 | bfloat16 |

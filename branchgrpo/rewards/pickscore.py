@@ -23,8 +23,9 @@ from typing import Sequence
 
 import torch
 
+from branchgrpo.core.files import read_json
 from branchgrpo.rewards._image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_images, clip_preprocess
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.rewards.hps import resolve_dtype
 
 # Folder names under --reward_model_dir.
@@ -49,7 +50,7 @@ def read_image_processor(folder: Path, reward: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"reward '{reward}': {path} does not exist; the processor folder must hold a CLIP "
                                 "preprocessor_config.json and tokenizer files (see docs/flux.md)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("resample", BICUBIC) != BICUBIC:
         raise ValueError(f"reward '{reward}': {path} asks for resample={cfg['resample']}; only bicubic ({BICUBIC}, "
                          "the CLIP processors' setting) is implemented")
@@ -68,7 +69,7 @@ def load_hf_clip(model_path: str | Path, processor_path: str | Path, reward: str
     if not config_path.is_file():
         raise FileNotFoundError(f"reward '{reward}': {config_path} does not exist; model folder {model_path} must be "
                                 "a transformers CLIPModel folder (config.json + model.safetensors)")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = read_json(config_path).get("model_type")
     if model_type != "clip":
         raise ValueError(f"reward '{reward}': {config_path} has model_type '{model_type}', expected a transformers "
                          "CLIPModel ('clip')")
@@ -130,8 +131,8 @@ class HFClipScorer:
 def build_pickscore(
     device: torch.device | str = "cpu",
     model_dir: str = DEFAULT_MODEL_DIR,
-    model_path: str | None = None,
-    processor_path: str | None = None,
+    model_path: LocalPath | None = None,
+    processor_path: LocalPath | None = None,
     use_logit_scale: bool = False,
     dtype: str = "auto",
     batch_size: int = 16,

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from branchgrpo.rewards.base import register_reward
+from branchgrpo.core.files import read_json
+from branchgrpo.rewards.base import LocalPath, register_reward
 from branchgrpo.toy.data import ASSETS_DIR, ATTRIBUTE_AXES, IMAGE_SIZE, PromptSpec, measure_attributes, parse_prompt
 
 REWARD_CONFIG = "reward.json"
@@ -110,7 +111,7 @@ class ToyReward:
         if name not in self.COMPONENTS:
             raise ValueError(f"toy reward: unknown component '{name}'; expected one of {self.COMPONENTS}")
         folder = Path(folder) if folder is not None else ASSETS_DIR
-        config = json.loads((folder / REWARD_CONFIG).read_text())
+        config = read_json(folder / REWARD_CONFIG)
         self.name = name
         self.classifier = DigitClassifier.from_folder(folder)
         self.ramps = AttributeRamps(config["ramps"])
@@ -133,17 +134,17 @@ class ToyReward:
 
 
 @register_reward("toy")
-def build_toy_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
+def build_toy_reward(device="cpu", model_dir: str = "hps_ckpt", path: LocalPath | None = None) -> ToyReward:
     """Digit probability x style score (runs on the CPU; `device` is ignored, and so is `model_dir`: the classifier
     ships with the package, or comes from `path`)."""
     return ToyReward("toy", path)
 
 
 @register_reward("toy_digit")
-def build_toy_digit_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
+def build_toy_digit_reward(device="cpu", model_dir: str = "hps_ckpt", path: LocalPath | None = None) -> ToyReward:
     return ToyReward("toy_digit", path)
 
 
 @register_reward("toy_style")
-def build_toy_style_reward(device="cpu", model_dir: str = "hps_ckpt", path: str | None = None) -> ToyReward:
+def build_toy_style_reward(device="cpu", model_dir: str = "hps_ckpt", path: LocalPath | None = None) -> ToyReward:
     return ToyReward("toy_style", path)

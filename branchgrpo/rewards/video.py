@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, build_reward, register_reward
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, build_reward, register_reward
 
 VIDEO_ONLY = ("frame_reward", "temporal_consistency", "videoalign", "first_frame_consistency")
 
@@ -94,14 +94,14 @@ def build_frame_reward(device: torch.device | str = "cpu", model_dir: str = DEFA
 
 @register_reward("temporal_consistency")
 def build_temporal_consistency(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
-                               clip_checkpoint: str | None = None, clip_arch: str = "ViT-H-14",
-                               model_config_dir: str | None = None, batch_size: int = 32) -> TemporalConsistency:
+                               clip_checkpoint: LocalPath | None = None, clip_arch: str = "ViT-H-14",
+                               model_config_dir: LocalPath | None = None, batch_size: int = 32) -> TemporalConsistency:
     """Consecutive-frame similarity. `clip_checkpoint` (a local open_clip state dict, e.g. HPS_v2.1_compressed.pt)
     selects CLIP features of `clip_arch`; None (default) selects the pixel-space score. `model_dir` is not used:
     the pixel score needs no file, and the CLIP one reads the file `clip_checkpoint` names."""
     if clip_checkpoint is None:
         return TemporalConsistency(None)
-    from branchgrpo.rewards.features import ClipFeatures
+    from branchgrpo.rewards.features import REWARD_OPTION_FLAGS, ClipFeatures
 
     return TemporalConsistency(ClipFeatures(clip_arch, clip_checkpoint, model_config_dir, normalize=True,
-                                            device=device, batch_size=batch_size))
+                                            device=device, batch_size=batch_size, flags=REWARD_OPTION_FLAGS))

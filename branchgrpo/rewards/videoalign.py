@@ -39,7 +39,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.core.files import read_json
+from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.core.state_dicts import count_blocks, shapes_of, state_dict_mismatch
 
 DIMENSIONS = ("VQ", "MQ", "TA")
@@ -406,7 +407,7 @@ def _describe_qwen2vl(shapes) -> str:
 
 @register_reward("videoalign")
 def build_videoalign(device: torch.device | str = "cpu", model_dir: str = DEFAULT_MODEL_DIR,
-                     checkpoint: str | None = None, base_model: str | None = None,
+                     checkpoint: LocalPath | None = None, base_model: LocalPath | None = None,
                      dimension: str = "MQ", weights=None, normalize: bool = True, source_fps: float = WAN_FPS,
                      min_pixels: int = VIDEO_MIN_PIXELS, step: int | None = None, dtype: str = "auto",
                      batch_size: int = 2) -> VideoAlignScorer:
@@ -428,7 +429,7 @@ def build_videoalign(device: torch.device | str = "cpu", model_dir: str = DEFAUL
     root = Path(checkpoint) if checkpoint else Path(model_dir) / CHECKPOINT
     if not (root / "model_config.json").is_file():
         _fail(f"{root}/model_config.json does not exist; `checkpoint` must be the VideoReward folder")
-    config = json.loads((root / "model_config.json").read_text())
+    config = read_json(root / "model_config.json")
     _check_recipe(config, root)
     ckpt = _latest_checkpoint(root, step)
     base = _base_folder(root, config.get("model_config", {}).get("model_name_or_path", "Qwen2-VL-2B-Instruct"),

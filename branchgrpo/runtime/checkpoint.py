@@ -17,15 +17,18 @@ state/rank<r>.pt, loaded with weights_only=True: RNG, EMA shard); adding state t
 `STATE_OPTIONAL = True` on its class, checkpoints written before it existed still resume, leaving it as built).
 
 Everything is written into a hidden temporary folder first; only when every rank has finished does rank 0 rename
-it into place and then point `latest` at it (both renames are atomic). Old checkpoints are deleted the same way
-round: renamed to a hidden trash name first, then removed, so that no folder named like a checkpoint is ever half
-written or half deleted. A kill at any moment leaves the previous checkpoint intact and loadable; leftovers of an
-interrupted save or deletion are removed by the next save.
+it into place and then point `latest` at it (both renames are atomic). A write that fails (a full disk) removes the
+temporary folder and is one line naming the folder, its free space and about what a checkpoint needs
+(`EnvironmentFailure`, exit code 4). Old checkpoints are deleted the same way round: renamed to a hidden trash name
+first, then removed, so that no folder named like a checkpoint is ever half written or half deleted. A kill at any
+moment leaves the previous checkpoint intact and loadable; leftovers of an interrupted save or deletion are removed
+by the next save.
 
-Resuming verifies a checkpoint before loading it (`resolve`): every file of complete.json present with its size, and
-every file the DCP metadata points into long enough. Checkpoints written before complete.json existed ("legacy") are
-accepted when trainer_state.json (written last by that code), the DCP metadata, this rank's state file and the
-exported weights are present. Anything unreadable is refused with one line naming the file.
+Resuming verifies a checkpoint before loading it (`resolve`): every file of complete.json present with its size,
+every exported safetensors file as long as its own header says, and every file the DCP metadata points into long
+enough. Checkpoints written before complete.json existed ("legacy") are accepted when trainer_state.json (written
+last by that code), the DCP metadata, this rank's state file and the exported weights are present. Anything
+unreadable is refused with one line naming the file.
 
 A checkpoint is untrusted input (it may come from someone else): nothing in it runs code. The JSON files are JSON;
 rank<r>.pt is read with weights_only=True; DCP's `.metadata` - a pickle - is read by an unpickler that knows only
@@ -37,6 +40,7 @@ its folder.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -57,6 +61,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from branchgrpo.core import distributed
+from branchgrpo.runtime.entry import EnvironmentFailure
+from branchgrpo.core.files import check_safetensors
+from branchgrpo.runtime.storage import disk_errno, size_text, tensor_bytes
 
 # DCP says so on every single-process save/load; single-process is intended here
 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
@@ -120,6 +127,7 @@ class CheckpointManager:
         self.root = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.saved_step = 0  # the step of the last checkpoint this run saved or resumed from
+        self._estimated_bytes = 0  # of a checkpoint of this run, from its state (set when one is written)
         # LoRA: the frozen base weights are not state (they come from --pretrained_model_name_or_path), so the
         # state dict loaded back holds the trainable tensors only and must not be loaded strictly (every one of them
         # is required by dcp.load itself)
@@ -147,17 +155,15 @@ class CheckpointManager:
                     os.replace(aside, original)
             tmp.mkdir()
         distributed.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
-                 no_dist=not distributed.is_distributed())
-        torch.save(_state_dicts(rank_states), tmp / "state" / f"rank{self.rank}.pt")
-        export(tmp)
-        distributed.barrier()
+        try:
+            self._write(tmp, step, model, optimizer, states, rank_states, config, export)
+        except (Exception, CheckpointException) as err:  # DCP's own exception is a BaseException
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint must not keep the disk full
+            failure = self._disk_failure(err, final)
+            if failure is None:
+                raise
+            raise failure from err
         if self.rank == 0:
-            state = dict(_state_dicts(states), config=config, step=step, world_size=self.world_size)
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-            _fsync_tree(tmp)
-            _write_marker(tmp, step)
             replaced = self.root / f"{REPLACED}{final.name}"
             if final.exists():  # a checkpoint of this step from an earlier attempt: swap it out, then delete it
                 shutil.rmtree(replaced, ignore_errors=True)
@@ -173,6 +179,51 @@ class CheckpointManager:
         distributed.barrier()
         self.saved_step = step
         return final
+
+    def _write(self, tmp: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: dict,
+               rank_states: dict, config: dict, export: Callable[[Path], None]) -> None:
+        """Every file of the checkpoint into `tmp`, complete.json last (see `save`)."""
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
+        # what the checkpoint holds at least: the state in DCP plus the exported weights, from every rank
+        self._estimated_bytes = self.world_size * (2 * tensor_bytes(model_sd) + tensor_bytes(optim_sd))
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"),
+                 no_dist=not distributed.is_distributed())
+        torch.save(_state_dicts(rank_states), tmp / "state" / f"rank{self.rank}.pt")
+        export(tmp)
+        distributed.barrier()
+        if self.rank == 0:
+            state = dict(_state_dicts(states), config=config, step=step, world_size=self.world_size)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            _fsync_tree(tmp)
+            _write_marker(tmp, step)
+
+    def _disk_failure(self, err: BaseException, final: Path) -> EnvironmentFailure | None:
+        """A failed write as one line - what the file system said, the folder, its free space and about how much a
+        checkpoint of this run takes - when the file system is the cause: an OSError of the disk somewhere in the
+        chain (writers wrap it: DCP in CheckpointException, safetensors in its own error), or less free space than
+        the checkpoint needs (torch.save's error on a full disk says neither). None: not the disk (a bug)."""
+        code = disk_errno(err)
+        free = shutil.disk_usage(self.root).free
+        done = self.latest_listed_bytes()
+        needed = done if done is not None else self._estimated_bytes
+        if code is None and free >= needed:
+            return None
+        code = code or errno.ENOSPC
+        basis = "the size of the last checkpoint" if done is not None else "model and optimizer state"
+        return EnvironmentFailure(code, (
+            f"cannot write checkpoint {final}: {os.strerror(code)}; {self.root} has {size_text(free)} free, a checkpoint "
+            f"of this run needs about {size_text(needed)} ({basis}); the partial write was removed. Free space there (or "
+            "lower --checkpoints_total_limit) and run the same command with --resume_from_checkpoint latest"))
+
+    def latest_listed_bytes(self) -> int | None:
+        """The size of the newest checkpoint as its complete.json lists it (None: no complete checkpoint)."""
+        done = [p for p in self.root.glob(f"{PREFIX}*") if CHECKPOINT_NAME.match(p.name) and (p / COMPLETE).is_file()]
+        for path in sorted(done, key=lambda p: int(p.name[len(PREFIX):]), reverse=True):
+            try:
+                return sum(int(size) for size in json.loads((path / COMPLETE).read_text())["files"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return None
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -213,8 +264,8 @@ class CheckpointManager:
     def verify(self, path: Path) -> None:
         """Refuse an incomplete or damaged checkpoint with one line naming the file (FileNotFoundError for a missing
         file, ValueError for a damaged one): the files of its complete.json with their sizes, or for a legacy
-        checkpoint (no complete.json) the files that code wrote last; then every DCP data file as long as the
-        metadata says."""
+        checkpoint (no complete.json) the files that code wrote last; then every exported safetensors file as long as
+        its header says, and every DCP data file as long as the metadata says."""
         marker = path / COMPLETE
         if marker.is_file():
             text = _read_text(marker, "--resume_from_checkpoint")
@@ -239,6 +290,8 @@ class CheckpointManager:
             if size is not None and file.stat().st_size != size:
                 raise ValueError(f"--resume_from_checkpoint: {file} is truncated or damaged "
                                  f"({file.stat().st_size} bytes; {size} were written)")
+        for weights in sorted(path.rglob("*.safetensors")):  # exported weights, against their own headers
+            check_safetensors(weights, "--resume_from_checkpoint")
         _check_dcp_files(path / "state")
 
     @staticmethod

@@ -164,7 +164,7 @@ class HackingMonitor:
             self.extractor = build_extractor(
                 c.hacking_features, device=self.device, clip_arch=c.hacking_clip_arch,
                 clip_checkpoint=c.hacking_feature_weights, inception_weights=c.hacking_feature_weights,
-                pixel_size=min(32, *stills.shape[-2:]))  # never upsample the pixels of small images
+                pixel_size=min(32, *stills.shape[-2:]), flags=c.feature_flags)  # never upsample small images' pixels
         return self.extractor(stills).astype(np.float32)
 
     @torch.no_grad()

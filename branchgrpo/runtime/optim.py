@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
@@ -38,4 +41,11 @@ def lr_lambda(optim_cfg, total_steps: int) -> Callable[[int], float]:
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int):
+    """The LR schedule over the run's `total_steps` optimizer steps; a warm-up that does not end before the run does
+    is warned about (the LR would never reach --learning_rate)."""
+    warmup = optim_cfg.lr_warmup_steps
+    if optim_cfg.lr_scheduler != "constant" and warmup >= total_steps:
+        log.warning("--lr_warmup_steps %d is not shorter than the run's %d optimizer steps: the learning rate never "
+                    "reaches --learning_rate %g (at most %.3g of it); shorten the warm-up", warmup, total_steps,
+                    optim_cfg.learning_rate, total_steps / (warmup + 1))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total_steps))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -18,6 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from branchgrpo.core.flags import require_path
+
 log = logging.getLogger(__name__)
 
 # what the trainer writes at the top of --output_dir: a folder holding any of them holds a run
@@ -25,28 +28,100 @@ RUN_FILES = ("config.json", "sizes.json", "metrics.jsonl", "eval.jsonl", "summar
              "checkpoints", "samples", "tensorboard")
 
 
+# what a run writes inside the RUN_FILES folders (anything else there is someone else's file)
+_OWN_CONTENTS = {
+    "checkpoints": re.compile(r"(\.tmp-|\.replaced-)?checkpoint-[0-9]+|\.trash-.+|latest|\.latest\.tmp"),
+    "samples": re.compile(r"(eval|rollout)_step[0-9]+.*\.(png|mp4|gif)"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+}
+# files a kill may leave at the top of --output_dir: write_atomically's temporary files, the writability probe
+_OWN_LEFTOVERS = re.compile(r"\.(" + "|".join(map(re.escape, RUN_FILES)) + r")\.tmp|\.write-test-.+")
+
+
 def run_files(output_dir: Path) -> list[str]:
     """The run files present in `output_dir` (other files, e.g. the toy launcher's embeddings/, are not a run)."""
     return [name for name in RUN_FILES if (output_dir / name).exists()]
 
 
-def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_main: bool) -> None:
-    """Checked on every rank before anything is loaded: --output_dir is (or can be made) a writable folder, and it
-    holds no earlier run unless the run resumes (--resume_from_checkpoint) or replaces it (--overwrite_output_dir:
-    the main rank deletes the RUN_FILES present and nothing else). Raises ValueError naming the flag."""
-    if resuming and overwrite:
-        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint: choose one (overwriting would delete "
-                         "the run being resumed)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir: {output_dir} is a file, not a folder")
+def writable_folder(path: str | Path | None, flag: str) -> Path:
+    """`path` as a folder that exists (made if needed) and can be written, checked before anything expensive: an
+    empty or blank path (an unset shell variable, which would mean the current folder), a path that is a file or lies
+    under one, and a folder that cannot be written (permissions, a read-only file system) are a ValueError naming
+    the flag."""
+    folder = Path(require_path(path, flag))
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag}: {folder} is a file, not a folder")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output_dir, prefix=".write-test-")
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
         os.close(handle)
         os.unlink(probe)
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise ValueError(f"--output_dir: {output_dir} is not a writable folder ({reason})") from None
+        raise ValueError(f"{flag}: {folder} is not a writable folder ({reason})") from None
+    return folder
+
+
+def writable_file(path: str | Path | None, flag: str) -> Path:
+    """`path` as a file that can be written once the work is done: not a folder, in a writable folder (made if
+    needed); checked before the work, so that a bad path does not cost it. ValueError naming the flag."""
+    file = Path(require_path(path, flag))
+    if file.is_dir():
+        raise ValueError(f"{flag}: {file} is a folder; give a file name")
+    writable_folder(file.parent, flag)
+    return file
+
+
+def foreign_file(output_dir: Path) -> Path | None:
+    """The first entry of `output_dir` that no run of ours wrote (None: every one is a run file, a leftover of one,
+    a folder of prompt embeddings written by preprocessing, such as the toy launcher's embeddings/, or a folder
+    without any file)."""
+    for entry in sorted(output_dir.iterdir()):
+        name = entry.name
+        if name == "config.json" and not _is_run_config(entry):
+            return entry
+        if name in _OWN_CONTENTS and entry.is_dir() and not entry.is_symlink():
+            other = next((p for p in sorted(entry.iterdir()) if not _OWN_CONTENTS[name].fullmatch(p.name)), None)
+            if other is not None:
+                return other
+        elif name not in RUN_FILES and not _OWN_LEFTOVERS.fullmatch(name) and not _holds_embeddings(entry) \
+                and not _holds_no_file(entry):
+            return entry
+    return None
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        flags = json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable, JSONDecodeError, UnicodeDecodeError
+        return False
+    return isinstance(flags, dict) and "output_dir" in flags and "algo" in flags
+
+
+def _holds_no_file(path: Path) -> bool:
+    """An empty folder, or one of empty folders only: nothing in it to lose."""
+    return path.is_dir() and not path.is_symlink() and not any(p.is_file() or p.is_symlink() for p in path.rglob("*"))
+
+
+def _holds_embeddings(path: Path) -> bool:
+    """A folder written by preprocessing (its manifest.json), or a folder of such folders."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / "manifest.json").is_file():
+        return True
+    subfolders = list(path.iterdir())
+    return bool(subfolders) and all(p.is_dir() and (p / "manifest.json").is_file() for p in subfolders)
+
+
+def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_main: bool) -> None:
+    """Checked on every rank before anything is loaded: --output_dir is (or can be made) a writable folder, and it
+    holds no earlier run unless the run resumes (--resume_from_checkpoint) or replaces it (--overwrite_output_dir:
+    the main rank deletes the RUN_FILES present and nothing else, and only in a folder that holds nothing but what
+    runs of ours write). Raises ValueError naming the flag."""
+    if resuming and overwrite:
+        raise ValueError("--overwrite_output_dir and --resume_from_checkpoint: choose one (overwriting would delete "
+                         "the run being resumed)")
+    writable_folder(output_dir, "--output_dir")
     found = run_files(output_dir)
     if not found or resuming:
         return
@@ -54,45 +129,77 @@ def prepare_output_dir(output_dir: Path, resuming: bool, overwrite: bool, is_mai
         raise ValueError(f"--output_dir: {output_dir} holds an earlier run ({', '.join(found)}); pass "
                          "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete it and "
                          "start over, or choose another folder")
+    _delete_run_files(output_dir, found, "--overwrite_output_dir", is_main)
     if is_main:
-        _delete_run_files(output_dir, found)
         log.warning("--overwrite_output_dir: deleted the earlier run's %s in %s", ", ".join(found), output_dir)
 
 
 def start_without_checkpoint(output_dir: Path, changes: Callable[[dict], str], is_main: bool) -> None:
     """`--resume_from_checkpoint latest` on a folder without any checkpoint (a requeued job that was stopped before
-    its first save): start from the beginning, so that a requeue repeats one command. Files of an earlier attempt of
-    this same run - its config.json has the same flags: `changes(flags)` is '' - are deleted first; the run files
-    of another run, or without a config.json to tell, are refused."""
+    its first save): start from the beginning, so that a requeue repeats one command. The files an earlier attempt
+    of this same run wrote before it trained anything - its config.json has the same flags: `changes(flags)` is ''
+    - are replaced; results (a summary, trained iterations, later evaluations) are never deleted: such a folder,
+    the run files of another run, and run files without a config.json to tell are refused."""
     found = run_files(output_dir)
     flag = "--resume_from_checkpoint latest"
     if found:
-        config = output_dir / "config.json"
-        if not config.is_file():
-            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and holds run files ({', '.join(found)}) "
-                             "without a config.json to tell whose; choose another --output_dir, or replace them with "
-                             "--overwrite_output_dir (without --resume_from_checkpoint)")
-        try:
-            flags = json.loads(config.read_text())
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            flags = None
-        if not isinstance(flags, dict):
-            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its {config.name} cannot be read to tell "
-                             "whose run files it holds; choose another --output_dir")
-        detail = changes(flags)
-        if len(detail) > 300:
-            detail = detail[:300].rsplit(", --", 1)[0] + ", ..."
-        if detail:
-            raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its run files belong to another run "
-                             f"({config.name}: {detail}); choose another --output_dir")
-        if is_main:
-            _delete_run_files(output_dir, found)
+        _check_same_run(output_dir, found, changes, flag)
+    results = run_results(output_dir)
+    if results:
+        raise ValueError(f"{flag}: {output_dir} holds results ({', '.join(results)}) but no checkpoint to continue "
+                         "from; nothing was deleted. To start over and replace them pass --overwrite_output_dir "
+                         "instead of --resume_from_checkpoint, or choose another --output_dir")
+    if found:
+        _delete_run_files(output_dir, found, flag, is_main)
     if is_main:
         log.warning("%s: no checkpoint in %s yet; starting from the beginning%s", flag, output_dir,
                     f" (deleted the files of an earlier attempt: {', '.join(found)})" if found else "")
 
 
-def _delete_run_files(output_dir: Path, found: list[str]) -> None:
+def _check_same_run(output_dir: Path, found: list[str], changes: Callable[[dict], str], flag: str) -> None:
+    """The run files `found` are this run's: its config.json is readable and `changes(flags)` is ''."""
+    config = output_dir / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{flag}: {output_dir} has no checkpoint, and holds run files ({', '.join(found)}) "
+                         "without a config.json to tell whose; choose another --output_dir, or replace them with "
+                         "--overwrite_output_dir (without --resume_from_checkpoint)")
+    try:
+        flags = json.loads(config.read_text())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        flags = None
+    if not isinstance(flags, dict):
+        raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its {config.name} cannot be read to tell "
+                         "whose run files it holds; choose another --output_dir")
+    detail = changes(flags)
+    if len(detail) > 300:
+        detail = detail[:300].rsplit(", --", 1)[0] + ", ..."
+    if detail:
+        raise ValueError(f"{flag}: {output_dir} has no checkpoint, and its run files belong to another run "
+                         f"({config.name}: {detail}); choose another --output_dir")
+
+
+def run_results(output_dir: Path) -> list[str]:
+    """What a run reported once it trained: summary.json, iterations in metrics.jsonl, evaluations after step 0 (a
+    restart would delete them); each as a short description."""
+    out = ["summary.json"] if (output_dir / "summary.json").exists() else []
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and (entries := read_jsonl(metrics)):
+        out.append(f"metrics.jsonl: {len(entries)} iteration(s)")
+    evals = output_dir / "eval.jsonl"
+    if evals.is_file() and any(isinstance(r, dict) and r.get("step") != 0 for r in read_jsonl(evals)):
+        out.append("eval.jsonl: evaluations after step 0")
+    return out
+
+
+def _delete_run_files(output_dir: Path, found: list[str], flag: str, is_main: bool) -> None:
+    """Delete the run files `found` (on the main rank), after checking on every rank that the folder holds nothing
+    that a run of ours did not write: a user's file among them is refused, naming it, and nothing is deleted."""
+    other = foreign_file(output_dir)
+    if other is not None:
+        raise ValueError(f"{flag}: {output_dir} holds {other}, which no run of ours wrote; nothing was deleted - "
+                         "move it, or choose another --output_dir")
+    if not is_main:
+        return
     for name in found:
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():

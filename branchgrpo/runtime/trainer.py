@@ -80,7 +80,8 @@ class Trainer:
         if self.store.model != cfg.model.model:
             raise ValueError(f"--data_json_path: {cfg.data.data_json_path} holds {self.store.model} embeddings, "
                              f"but --model is {cfg.model.model}")
-        eval_store = EmbeddingStore(cfg.data.eval_data_json_path) if cfg.data.eval_data_json_path else self.store
+        eval_store = EmbeddingStore(cfg.data.eval_data_json_path, "--eval_data_json_path") \
+            if cfg.data.eval_data_json_path else self.store
         # reward models first: a missing checkpoint must fail before the backbone is loaded
         r = cfg.reward
         self.rewards = build_reward_set(r.reward, r.reward_combine, self.device, parse_reward_options(r.reward_options),

@@ -25,7 +25,10 @@ MODEL="${MODEL:-toy}"
 ITERATIONS="${ITERATIONS:-100}"
 METHODS="${METHODS:-all}"
 NUM_THREADS="${NUM_THREADS:-1}"
-[[ "${SKIP_SETUP:-0}" == 1 ]] || bash env_setup.sh
+bg_bool SKIP_SETUP 0
+bg_require_int NUM_THREADS
+bg_check_inputs  # before env_setup.sh: a bad variable installs nothing
+[[ "$SKIP_SETUP" == 1 ]] || bash env_setup.sh
 bg_python
 [[ "$ITERATIONS" =~ ^[1-9][0-9]*$ ]] || { echo "error: ITERATIONS must be a positive integer, got '$ITERATIONS'" >&2; BG_MISSING=1; }
 [[ -z "${EVAL_EVERY:-}" || "${EVAL_EVERY}" =~ ^[1-9][0-9]*$ ]] || { echo "error: EVAL_EVERY must be a positive integer" >&2; BG_MISSING=1; }

@@ -27,7 +27,10 @@ SEEDS="${SEEDS:-0,1,2}"
 METHODS="${METHODS:-all}"
 NUM_THREADS="${NUM_THREADS:-1}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/dynamic_branching}"
-[[ "${SKIP_SETUP:-0}" == 1 ]] || bash env_setup.sh
+bg_bool SKIP_SETUP 0
+bg_require_int NUM_THREADS
+bg_check_inputs  # before env_setup.sh: a bad variable installs nothing
+[[ "$SKIP_SETUP" == 1 ]] || bash env_setup.sh
 bg_python
 [[ "$ITERATIONS" =~ ^[1-9][0-9]*$ ]] || { echo "error: ITERATIONS must be a positive integer, got '$ITERATIONS'" >&2; BG_MISSING=1; }
 [[ "$SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: SEEDS must be a comma list of integers, got '$SEEDS'" >&2; BG_MISSING=1; }

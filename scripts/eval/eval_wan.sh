@@ -24,17 +24,20 @@ MODEL_PATH="${MODEL_PATH:-data/wan}"
 PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
 HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
 CHECKPOINT="${CHECKPOINT:-}"
+bg_bool USE_EMA 0
 NAME="base"
 [[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
-[[ "${USE_EMA:-0}" == 1 ]] && NAME="${NAME}_ema"
+[[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/wan_${NAME}}"
 
+bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
+bg_require_number GUIDANCE SHIFT
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V-1.3B there in diffusers layout (docs/wan.md)"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 [[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
-[[ "${USE_EMA:-0}" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
+[[ "$USE_EMA" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
 [[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: only checkpoint-free rewards will run" >&2
 bg_check_inputs
 
@@ -46,7 +49,7 @@ ARGS=(
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
 [[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ "${USE_EMA:-0}" == 1 ]] && ARGS+=(--use_ema)
+[[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
 [[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 
 export TOKENIZERS_PARALLELISM=false

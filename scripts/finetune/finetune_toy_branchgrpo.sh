@@ -7,7 +7,8 @@
 #   bash scripts/finetune/finetune_toy_branchgrpo.sh --max_train_steps 20 --width_pruning_mode 1
 #
 # Environment: ALGO (branchgrpo), OUTPUT_DIR (outputs/toy_$ALGO), NPROC (1 process; >1 runs torchrun with gloo),
-# CONFIG (configs/toy_$ALGO.yaml), SKIP_SETUP=1 to skip env_setup.sh. Extra flags go to the trainer ("$@").
+# CONFIG (configs/toy_$ALGO.yaml), SKIP_SETUP=1 to skip env_setup.sh (booleans: 1/true/yes/on or 0/false/no/off).
+# Extra flags go to the trainer ("$@").
 # Writes metrics.jsonl, summary.json, reward_curve.png, samples/*.png (before/after grids), checkpoints/.
 # Running it again into the same OUTPUT_DIR is refused: add --resume_from_checkpoint latest or --overwrite_output_dir.
 set -euo pipefail
@@ -17,11 +18,16 @@ source scripts/lib/common.sh
 
 ALGO="${ALGO:-branchgrpo}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/toy_${ALGO}}"
-CONFIG="${CONFIG:-configs/toy_${ALGO}.yaml}"
-[[ "${SKIP_SETUP:-0}" == 1 ]] || bash env_setup.sh
-bg_python
-bg_require_file "$CONFIG" "CONFIG: no toy config for ALGO=$ALGO (expected branchgrpo, dancegrpo, mixgrpo or g2rpo)"
+bg_bool SKIP_SETUP 0
+if [[ -n "${CONFIG:-}" ]]; then
+  bg_require_file "$CONFIG" "CONFIG: the YAML file of flag values it names"
+else
+  CONFIG="configs/toy_${ALGO}.yaml"
+  bg_require_file "$CONFIG" "ALGO: no toy config for ALGO=$ALGO (expected branchgrpo, dancegrpo, mixgrpo or g2rpo)"
+fi
 bg_check_inputs
+[[ "$SKIP_SETUP" == 1 ]] || bash env_setup.sh
+bg_python
 
 # 1. the toy's prompts -> embeddings, through the same preprocess step and format as FLUX (skipped when done)
 TRAIN_PROMPTS="$("$PY" -c 'from branchgrpo.toy.data import train_prompts_path as p; print(p())')"

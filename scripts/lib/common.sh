@@ -13,6 +13,12 @@
 #                           before it SIGKILLs them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torch versions without it: 30 s).
 #                           A run that torchrun stopped for a signal exits 128 + the signal's number (143: SIGTERM).
 #   bg_require_file / bg_require_dir PATH WHAT  -> record a missing input; bg_check_inputs exits 2 if any
+#   bg_bool NAME DEFAULT -> the boolean variable NAME as 1 or 0, in place: 1, true, yes, on / 0, false, no, off (any
+#                           case); unset or empty: DEFAULT; anything else exits 2 with one line naming NAME
+#   bg_require_int NAME... / bg_require_number NAME... -> record each variable that is set but is not an integer
+#                           (>= 0) / a number (bg_check_inputs exits 2), so that H=abc is named as H, not as --h
+# bg_check_inputs also checks the torchrun variables: NPROC and NNODES positive integers, NODE_RANK below NNODES,
+# MASTER_PORT a port number.
 BG_MISSING=0
 
 bg_python() {
@@ -34,8 +40,40 @@ bg_require_parts() {
     [[ -e "$dir/$part" ]] || { echo "error: MODEL_PATH=$dir lacks $part (diffusers layout expected, $doc)" >&2; BG_MISSING=1; }
   done
 }
+bg_bool() {
+  local name="$1" value="${!1:-$2}"
+  case "${value,,}" in
+    1|true|yes|on) printf -v "$name" 1 ;;
+    0|false|no|off) printf -v "$name" 0 ;;
+    *) echo "error: $name must be a boolean (1, true, yes, on or 0, false, no, off), got '$value'" >&2; exit 2 ;;
+  esac
+}
+bg_require_int() {
+  local name
+  for name in "$@"; do
+    [[ -z "${!name:-}" || "${!name}" =~ ^[0-9]+$ ]] \
+      || { echo "error: $name must be an integer (>= 0), got '${!name}'" >&2; BG_MISSING=1; }
+  done
+}
+bg_require_number() {
+  local name
+  for name in "$@"; do
+    [[ -z "${!name:-}" || "${!name}" =~ ^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]] \
+      || { echo "error: $name must be a number, got '${!name}'" >&2; BG_MISSING=1; }
+  done
+}
 bg_check_inputs() {
-  [[ "${NPROC:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '${NPROC:-}'" >&2; BG_MISSING=1; }
+  local name
+  for name in NPROC NNODES; do
+    [[ "${!name:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "error: $name must be a positive integer, got '${!name:-}'" >&2; BG_MISSING=1; }
+  done
+  if [[ ! "${NODE_RANK:-0}" =~ ^[0-9]+$ ]]; then
+    echo "error: NODE_RANK must be an integer >= 0, got '${NODE_RANK:-}'" >&2; BG_MISSING=1
+  elif [[ "${NNODES:-1}" =~ ^[1-9][0-9]*$ ]] && (( 10#${NODE_RANK:-0} >= 10#${NNODES:-1} )); then
+    echo "error: NODE_RANK must be below NNODES (${NNODES:-1}), got '$NODE_RANK'" >&2; BG_MISSING=1
+  fi
+  [[ "${MASTER_PORT:-29517}" =~ ^[1-9][0-9]{0,4}$ ]] && (( ${MASTER_PORT:-29517} <= 65535 )) \
+    || { echo "error: MASTER_PORT must be a port number (1-65535), got '${MASTER_PORT:-}'" >&2; BG_MISSING=1; }
   [[ "$BG_MISSING" == 0 ]] || exit 2
 }
 

@@ -7,7 +7,8 @@
 # HPS_CKPT_DIR (hps_ckpt, holding HPS_v2.1_compressed.pt); REWARD (hps=1.0); OUTPUT_DIR (outputs/flux_$NAME);
 # H, W (720); TRAIN_BATCH_SIZE (2 prompts per GPU); LR (1e-5); MAX_STEPS (300); MAX_GRAD_NORM (0.01, the paper's
 # Table 2); MICRO (4 parents per training forward); GRAD_ACCUM (3 micro-batches per optimizer step);
-# ROLLOUT_BATCH (8 latents per rollout forward); USE_LORA (0; 1 adds --use_lora); PYTHON.
+# ROLLOUT_BATCH (8 latents per rollout forward); USE_LORA (0; 1 adds --use_lora: booleans are 1/true/yes/on or
+# 0/false/no/off, anything else is refused); LORA_RANK (32), LORA_ALPHA (64); PYTHON.
 source "$REPO_ROOT/scripts/lib/common.sh"
 
 NPROC="${NPROC:-8}"
@@ -17,6 +18,9 @@ HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
 REWARD="${REWARD:-hps=1.0}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/flux_${NAME}}"
 
+bg_bool USE_LORA 0
+bg_require_int H W TRAIN_BATCH_SIZE MAX_STEPS MICRO GRAD_ACCUM ROLLOUT_BATCH LORA_RANK
+bg_require_number LR MAX_GRAD_NORM LORA_ALPHA
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"
 bg_require_parts "$MODEL_PATH" docs/flux.md transformer vae
@@ -39,7 +43,7 @@ COMMON_ARGS=(
   --use_ema --ema_decay 0.995 --checkpointing_steps 40 --validation_steps 20 --save_rollout_samples 20
 )
 [[ -n "${EVAL_DATA_JSON:-}" ]] && COMMON_ARGS+=(--eval_data_json_path "$EVAL_DATA_JSON")
-[[ "${USE_LORA:-0}" == 1 ]] && COMMON_ARGS+=(--use_lora --lora_rank "${LORA_RANK:-32}" --lora_alpha "${LORA_ALPHA:-64}")
+[[ "$USE_LORA" == 1 ]] && COMMON_ARGS+=(--use_lora --lora_rank "${LORA_RANK:-32}" --lora_alpha "${LORA_ALPHA:-64}")
 
 export TOKENIZERS_PARALLELISM=false
 echo "[$NAME] $NPROC process(es) x $(( ${NNODES:-1} )) node(s) -> $OUTPUT_DIR"

@@ -11,7 +11,8 @@
 # OUTPUT_DIR (outputs/${WAN_BACKBONE}_$NAME);
 # H (480), W (832), FRAMES (33 = 4k + 1); GUIDANCE (5.0, classifier-free guidance in rollout and training); SHIFT (3);
 # TRAIN_BATCH_SIZE (1 prompt per GPU); LR (1e-5); MAX_STEPS (300); MICRO (2); GRAD_ACCUM (4); ROLLOUT_BATCH (4);
-# USE_LORA (0; 1 adds --use_lora); PYTHON.
+# USE_LORA (0; 1 adds --use_lora: booleans are 1/true/yes/on or 0/false/no/off, anything else is refused);
+# LORA_RANK (64), LORA_ALPHA (128); PYTHON.
 source "$REPO_ROOT/scripts/lib/common.sh"
 
 WAN_BACKBONE="${WAN_BACKBONE:-wan}"
@@ -23,6 +24,9 @@ HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
 REWARD="${REWARD:-videoalign=1.0}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/${WAN_BACKBONE}_${NAME}}"
 
+bg_bool USE_LORA 0
+bg_require_int H W FRAMES TRAIN_BATCH_SIZE MAX_STEPS MICRO GRAD_ACCUM ROLLOUT_BATCH LORA_RANK
+bg_require_number GUIDANCE SHIFT LR MAX_GRAD_NORM LORA_ALPHA
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/wan.md)"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae
@@ -46,7 +50,7 @@ COMMON_ARGS=(
   --save_rollout_samples 10
 )
 [[ -n "${EVAL_DATA_JSON:-}" ]] && COMMON_ARGS+=(--eval_data_json_path "$EVAL_DATA_JSON")
-[[ "${USE_LORA:-0}" == 1 ]] && COMMON_ARGS+=(--use_lora --lora_rank "${LORA_RANK:-64}" --lora_alpha "${LORA_ALPHA:-128}")
+[[ "$USE_LORA" == 1 ]] && COMMON_ARGS+=(--use_lora --lora_rank "${LORA_RANK:-64}" --lora_alpha "${LORA_ALPHA:-128}")
 
 export TOKENIZERS_PARALLELISM=false
 echo "[$NAME] $NPROC process(es) x ${NNODES:-1} node(s) -> $OUTPUT_DIR"

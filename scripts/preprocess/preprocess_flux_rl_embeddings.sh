@@ -21,6 +21,7 @@ PROMPTS="${PROMPTS:-assets/prompts.txt}"
 OUTPUT_DIR="${OUTPUT_DIR:-data/rl_embeddings}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 
+bg_require_int MAX_SEQUENCE_LENGTH
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: prompt file not found (one prompt per line; docs/flux.md says where to get prompts)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put FLUX.1-dev there in diffusers layout (docs/flux.md)"

@@ -27,6 +27,7 @@ MODEL_PATH="${MODEL_PATH:-data/wan_i2v}"
 PROMPTS="${PROMPTS:-assets/i2v_prompts.jsonl}"
 OUTPUT_DIR="${OUTPUT_DIR:-data/wan_i2v_embeddings}"
 
+bg_require_int H W FRAMES
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: JSONL prompt file not found (one {\"prompt\": ..., \"image\": ...} per line, docs/wan.md)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-I2V-14B-480P (or -720P) there in diffusers layout (docs/wan.md)"

@@ -23,6 +23,7 @@ PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
 OUTPUT_DIR="${OUTPUT_DIR:-data/wan_embeddings}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 
+bg_require_int MAX_SEQUENCE_LENGTH
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: prompt file not found (one prompt per line; docs/wan.md says where to get prompts)"
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V (e.g. Wan2.1-T2V-1.3B-Diffusers) there in diffusers layout (docs/wan.md)"

@@ -10,6 +10,7 @@
 # Every variable below can be overridden from the environment; extra flags go to the python entry point
 # (python -m branchgrpo.cli.pretrain_toy --help lists them).
 set -euo pipefail
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/scripts/lib/common.sh"
 
 PYTHON=${PYTHON:-python}
 OUT_DIR=${OUT_DIR:-branchgrpo/toy/assets}   # where the checkpoint goes
@@ -17,6 +18,8 @@ SEED=${SEED:-0}                             # seed of everything random
 STEPS=${STEPS:-1500}                        # flow-matching optimizer steps
 BATCH_SIZE=${BATCH_SIZE:-256}               # real digits per step
 THREADS=${THREADS:-0}                       # torch CPU threads (0: torch's default)
+bg_require_int SEED STEPS BATCH_SIZE THREADS
+bg_check_inputs
 
 exec "$PYTHON" -m branchgrpo.cli.pretrain_toy \
     --out "$OUT_DIR" \
