@@ -270,8 +270,13 @@ def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
     not resume at all before: the frozen base weights are not in the checkpoint, and the state dict was loaded back
     strictly.) Its recorded paths
     (data, output) are the machine's that wrote it, so they are pointed at this test's folders first, as a user
-    moving a run folder would. Numbers are compared to 1e-6, not bitwise: the file was written under another torch
-    build than the one that may run this test."""
+    moving a run folder would. Numbers are compared to 1e-6, not bitwise: the file was written on another machine
+    and torch build than the one that may run this test, and float results differ across CPUs and builds in their
+    last digits (same-machine reruns are bitwise: the resume tests above check that). Relative 1e-6 for values of
+    order one; absolute 1e-6 as well, because some entries (the surrogate loss: a mean of advantage x ratio over
+    groups whose advantages sum to zero) are sums of O(1) float32 terms that cancel to ~1e-8, so their cross-machine
+    difference is float32 rounding of the terms (eps 1.2e-7 x O(1)), not of the result: -1.1e-08 vs 0.0 was
+    measured between an AMD EPYC machine and the one that recorded the checkpoint."""
     out = tmp_path / "resumed"
     target = out / "checkpoints" / LEGACY.name
     shutil.copytree(LEGACY, target)
@@ -286,7 +291,7 @@ def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
     resumed, unbroken = without_timings(metrics(out)), without_timings(metrics(straight))
     assert [e["step"] for e in resumed] == [1]  # the resumed attempt ran the second iteration only
     for key, value in unbroken[1].items():
-        assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2]  # step 0 restored from the checkpoint, step 2 evaluated now
     assert evals[1]["eval_reward"] == pytest.approx(json.loads((straight / "eval.jsonl").read_text().splitlines()[1])
