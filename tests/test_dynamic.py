@@ -1,7 +1,8 @@
-"""Dynamic branching (branchgrpo.algorithms.dynamic, issue 13): budgets counted by a counting velocity function equal
-the plans, allocation favours spread, split placement follows a planted variance peak and holds on a flat one,
-adaptive r moves the right way, importance-corrected fusion reduces to plain fusion, and every policy's state
-survives a kill/resume bitwise."""
+"""Dynamic branching (branchgrpo.algorithms.branching and .dynamic, issue 13): budgets counted by a counting velocity
+function equal the plans, allocation favours spread, a rollout stepped from split to split equals the straight one
+unless it keeps fewer children, split placement follows a planted variance peak and holds on a flat one, adaptive r
+moves the right way, importance-corrected fusion reduces to plain fusion, and every policy's state survives a
+kill/resume bitwise."""
 
 import pytest
 import torch
@@ -75,6 +76,21 @@ def test_guided_expansion_forward_passes_equal_its_plan_and_grow_a_valid_tree():
     assert graph.leaves.numel() == 3 * expected["leaves"] < 3 * 8
     assert bool((graph.parent[graph.parent >= 0] < torch.nonzero(graph.parent >= 0).flatten()).all())
     assert graph.node_latents(graph.leaves).shape == (graph.leaves.numel(), *SHAPE)
+
+
+def test_guided_decodes_count_the_x0_predictions_scored_also_when_the_splits_move():
+    algo = algorithm(guided_expansion=True, adaptive_splits=True, adaptive_split_window=1)
+    scored = []
+
+    def scorer(x0, prompt):
+        scored.append(x0.shape[0])
+        return x0.flatten(1).mean(1)
+
+    graph = algo.rollout(0, setup(Counting(), 3), [0, 1, 2], scorer)
+    before = algo.split_points
+    figures = algo.observe(graph, graph.node_latents(graph.leaves).flatten(1).mean(1).double(), [0, 1, 2], 0)
+    assert algo.split_points != before  # the statistics moved the splits after this rollout
+    assert figures["guided_decodes"] == sum(scored) == 3 * (1 + 2 + 3)  # per prompt: 1 root, 2 nodes, 3 nodes
 
 
 def test_rollout_with_equal_per_prompt_plans_equals_the_shared_plan_bitwise():

@@ -343,7 +343,8 @@ class GuidedExpansion(BranchingPolicy):
         return None
 
     def observe(self, obs):
-        return {"guided_decodes": int(torch.isin(obs.graph.step, torch.tensor(self.unit.split_points)).sum())}
+        """The x0-predictions decoded and scored: one per node at the steps the rollout split at."""
+        return {"guided_decodes": int(torch.isin(obs.graph.step, torch.tensor(obs.points)).sum())}
 
     def counts(self, iteration, counts):
         points = self.unit.split_points
