@@ -49,7 +49,7 @@ from branchgrpo.runtime.outputs import (
 from branchgrpo.runtime.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.runtime.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, RolloutSetup
 from branchgrpo.runtime.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
 from branchgrpo.runtime.watchdog import Watchdog
 
@@ -217,7 +217,7 @@ class Trainer:
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch, it)
         t1 = time.time()
-        scores = self.score(graph, batch.texts, batch.embeddings)
+        scores, media = self.score(graph, batch.texts, batch.embeddings)
         t2 = time.time()
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
@@ -228,30 +228,30 @@ class Trainer:
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)
         t3 = time.time()
-        self._maybe_save_rollout(graph, it)
+        self._maybe_save_rollout(graph, media, it)
         return self._entry(it, graph, scores, trained, update, float(edges.weight.sum()), (t0, t1, t2, t3)) | figures
 
     def rollout(self, embeddings: dict, batch, it: int) -> RolloutGraph:
         s, r = self.cfg.sampling, self.cfg.reward
         noise = NoiseKeys(self.cfg.run.seed, it, batch.keys,
                           shared_root_key=self.info.rank if s.init_same_noise else None)
-        run = partial(run_rollout, velocity_fn=self._velocity(embeddings), sigmas=self.sigmas, kernel=self.kernel,
-                      noise=noise, latent_shape=self.adapter.latent_shape, device=self.device,
-                      batch_size=s.rollout_batch_size)
-        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
-                        batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
+        setup = RolloutSetup(self._velocity(embeddings), self.sigmas, self.kernel, noise, self.adapter.latent_shape,
+                             self.device, s.rollout_batch_size)
+        scorer = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
+                         batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
         with using_module(self.adapter, self.prepared.bare):
-            return self.algo.rollout(it, run, batch.indices, score)
+            return self.algo.rollout(it, setup, batch.indices, scorer)
 
     @torch.no_grad()
-    def score(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
+    def score(self, graph: RolloutGraph, texts: list[str],
+              per_prompt: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The leaves' rewards ({reward: float32 [leaves]}) and their decoded media."""
         leaves = graph.leaves
         prompts = [texts[int(p)] for p in graph.prompt[leaves]]
         conditions = self.rewards.conditions(per_prompt, graph.prompt[leaves])  # e.g. I2V's first frame; mostly {}
         decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
-        scores, self._last_media = decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
-                                                    self.cfg.reward.reward_batch_size, conditions)
-        return scores
+        return decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
+                                self.cfg.reward.reward_batch_size, conditions)
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
@@ -407,12 +407,12 @@ class Trainer:
                          self.rewards.reward_max, self.monitor.thresholds())
             self.metrics.close()
 
-    def _maybe_save_rollout(self, graph: RolloutGraph, it: int) -> None:
+    def _maybe_save_rollout(self, graph: RolloutGraph, media: torch.Tensor, it: int) -> None:
         every = self.cfg.logging.save_rollout_samples
         if not (every and self.info.is_main and it % every == 0):
             return
         first = graph.prompt[graph.leaves] == 0
-        media = self._last_media[first][:16]
+        media = media[first][:16]
         stem = self.output_dir / "samples" / f"rollout_step{it:06d}"
         if media.dim() == 5:
             save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
