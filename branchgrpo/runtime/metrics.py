@@ -1,6 +1,7 @@
 """The metrics of one iteration, from what the iteration produced, without side effects: nothing is logged, stored or
-changed; the same results give the same metrics. The figures are the same on every rank (gathered or reduced over
-all of them), so the guards that read them take the same decision everywhere.
+changed (but the stall watchdog's progress mark, which every collective sets); the same results give the same
+metrics. The figures are the same on every rank (gathered or reduced over all of them), so the guards that read them
+take the same decision everywhere.
 
 Rewards are averaged over the leaves with a finite reward (null when there is none); the update's figures are null
 when no edge had a finite advantage to train on. A leaf has no finite reward either because the reward model failed
