@@ -413,7 +413,8 @@ def test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_a
 def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(emb, tmp_path, capsys, monkeypatch):
     """Non-finite gradient norms from iteration 1 on (rewards stay finite, so the non-finite reward guard does not
     trip): after --max_skipped_steps of them in a row the run writes a checkpoint - whose weights are those after
-    iteration 0, the last applied step - and stops with one line, exit 2, instead of running to the end with 0."""
+    iteration 0, the last applied step - and stops with one line, exit 3 (halted), instead of running to the end
+    with 0."""
     import branchgrpo.runtime.update as update
     from branchgrpo.cli.train import main
 
@@ -426,7 +427,7 @@ def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(
 
     monkeypatch.setattr(update, "clip_grad_norm", diverging)
     out = tmp_path / "diverged"
-    assert main(fast_args(emb, out, max_train_steps=8, max_skipped_steps=3)) == 2
+    assert main(fast_args(emb, out, max_train_steps=8, max_skipped_steps=3)) == 3
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert "Traceback" not in err and len(lines) == 1, err[-3000:]

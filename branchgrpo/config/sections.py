@@ -123,8 +123,8 @@ class RewardConfig(Section):
     reward_model_dir: str = flag("hps_ckpt", "folder holding reward checkpoints (see hps_ckpt/README.md)")
     reward_options: str = flag("", "JSON {reward: {option: value}} passed to the reward factories")
     reward_batch_size: int = flag(16, "leaves decoded and scored per call")
-    max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves without a finite "
-                                         "reward counts towards --max_nonfinite_iterations")
+    max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves with a finite "
+                                         "sample but no finite reward counts towards --max_nonfinite_iterations")
     max_nonfinite_iterations: int = flag(3, "stop (with a checkpoint) after this many such iterations in a row "
                                          "(0 = never)")
 
@@ -238,8 +238,9 @@ class OptimConfig(Section):
                            "tensors beside this rank's shards on the GPU: no host copy per update)", ("cpu", "device"))
     ema_decay: float = flag(0.995, "EMA decay per update")
     ema_update_interval: int = flag(1, "iterations between EMA updates")
-    max_skipped_steps: int = flag(5, "stop (with a checkpoint, exit 2) after this many optimizer steps in a row "
-                                  "skipped for a non-finite gradient norm (0 = never)")
+    max_skipped_steps: int = flag(5, "stop (exit 3) after this many optimizer steps in a row skipped for a "
+                                  "non-finite gradient norm, with a checkpoint of the last weights whose rollout was "
+                                  "finite (0 = never)")
 
     RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps", "ema_device"})  # EMA checkpoints: CPU tensors
 
