@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from branchgrpo.core import distributed
+from branchgrpo.runtime.outputs import still_frames
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,13 @@ def top_band_mask(height: int, width: int, band: float) -> torch.Tensor:
 
 
 def high_frequency_share(media: torch.Tensor, band: float = 0.5, max_frames: int = VIDEO_FRAMES,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None, kind: str = "image") -> torch.Tensor:
     """Per sample: the share of AC spectral energy (summed over channels) in the top frequency band; float64 [B].
     Images [B, C, H, W]; videos [B, C, F, H, W]: the mean over up to `max_frames` evenly spaced frames. An image
     without AC energy (constant) scores 0. No window is applied, so the closed forms are exact: the image is
     treated as periodic (its border discontinuity adds the same energy to the base and the trained model).
     `device`: where the FFTs run, a chunk at a time (default: where `media` is)."""
-    if media.dim() == 5:
+    if kind == "video":
         frames = media.shape[2]
         index = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()
         clips = media.index_select(2, index.to(media.device))
@@ -135,8 +136,8 @@ class HackingMonitor:
 
     STATE_OPTIONAL = True  # a checkpoint written before the monitor existed resumes without a reference (warned)
 
-    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True):
-        self.cfg, self.device, self.is_main = eval_cfg, torch.device(device), is_main
+    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True, media: str = "image"):
+        self.cfg, self.device, self.is_main, self.media = eval_cfg, torch.device(device), is_main, media
         self.reference: dict | None = None  # features float32 [N, D], sample ids, hf share, diversity, settings
         self.extractor = None
         self.tripped = False
@@ -174,9 +175,9 @@ class HackingMonitor:
         if not self.enabled:
             return {}
         start = time.time()
-        stills = media[:, :, media.shape[2] // 2] if media.dim() == 5 else media
+        stills = still_frames(media, self.media)
         feats = torch.from_numpy(self._features(stills))
-        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device)
+        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device, kind=self.media)
         ids = torch.tensor(list(sample_ids), dtype=torch.float64)
         keep = (~torch.tensor(list(is_pad), dtype=torch.bool)).double()
         local = torch.cat([ids[:, None], keep[:, None], hf[:, None].double(), feats.double()], dim=1)
