@@ -82,8 +82,7 @@ def _velocity(adapter, seed=0):
 
 def test_wan_checkpoint_weights_load_for_eval(tiny, tmp_path):
     spec = get_backbone("wan")
-    model_cfg = ModelConfig(model="wan", pretrained_model_name_or_path=str(tiny / "wan"), h=HEIGHT, w=WIDTH,
-                            num_frames=FRAMES)
+    model_cfg = ModelConfig.for_backbone("wan", str(tiny / "wan"), h=HEIGHT, w=WIDTH, num_frames=FRAMES)
     base = _velocity(spec.load(model_cfg, "cpu"))
     trained = spec.load(model_cfg, "cpu")
     trained.add_lora(rank=4, alpha=8)

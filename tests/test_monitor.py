@@ -80,7 +80,7 @@ def test_smooth_and_constant_images_have_no_high_frequency_energy():
 def test_videos_average_the_share_over_frames():
     frames = torch.stack([checkerboard(8, 8), torch.full((8, 8), 0.3)] * 2)  # [4, 8, 8]: share 1, 0, 1, 0
     video = frames[None, None].expand(1, 3, 4, 8, 8)
-    assert high_frequency_share(video, 0.5).item() == pytest.approx(0.5)
+    assert high_frequency_share(video, 0.5, kind="video").item() == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_off_means_no_entries_and_no_state():
 
 
 def test_video_samples_are_monitored_too():
-    monitor = HackingMonitor(EvalConfig(hacking_guard="stop"))
+    monitor = HackingMonitor(EvalConfig(hacking_guard="stop"), media="video")  # a video backbone's
     videos = base_samples()[:, :, None].expand(-1, -1, 5, -1, -1)  # [N, 3, 5, 16, 16] static clips
     assert observe(monitor, 0, videos)["monitor_alarm"] == []
     hacked = (0.85 * videos + 0.15 * checkerboard(16, 16)).clamp(0, 1)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from branchgrpo.core.flags import either, flag, require
+from branchgrpo.core.flags import flag, flag_fields, require
 
 log = logging.getLogger(__name__)
 
@@ -142,19 +142,36 @@ class RewardConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    """The backbone (a registered spec: branchgrpo.models), its checkpoint, generation size and LoRA."""
+    """The backbone (a registered spec: branchgrpo.models), its checkpoint and LoRA; the backbone's own flags
+    (generation size, guidance, ...) are its section, `backbone`, declared in its module."""
 
-    model: str = flag("toy", "backbone (a registered spec: toy, flux, wan)")
+    model: str = flag("toy", "backbone: the name of a registered spec (branchgrpo/models/; an unknown one is refused "
+                      "with the list)")
     pretrained_model_name_or_path: str | None = flag(None, "local checkpoint folder (diffusers layout for flux/wan); "
                                                      "toy: default = the checkpoint shipped in the package")
-    h: int | None = flag(None, "image height in pixels (flux, wan)")
-    w: int | None = flag(None, "image width in pixels (flux, wan)")
-    num_frames: int | None = flag(None, "video frames, 4k + 1 (wan)")
-    guidance_scale: float | None = flag(None, "flux: distilled guidance (3.5); wan: classifier-free guidance (5.0)")
     use_lora: bool = flag(False, "train LoRA adapters (peft) instead of the full model")
     lora_rank: int = flag(32, "LoRA rank")
     lora_alpha: float = flag(64.0, "LoRA alpha")
     lora_target_modules: str = flag("", "comma-separated module names (default: the backbone's attention projections)")
+    #: the selected backbone's section (its spec's `Config`: not a flag itself); None: its defaults
+    backbone: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.backbone is None:
+            self.backbone = self.spec.Config()
+
+    @classmethod
+    def for_backbone(cls, model: str, pretrained_model_name_or_path: str | None = None, **flags) -> "ModelConfig":
+        """The section of `--model model` with the flags given for its backbone (sizes not given: the backbone's
+        own) - for the evaluation and benchmark CLIs, which refuse a flag the backbone does not take."""
+        from branchgrpo.models import get_backbone
+
+        section = get_backbone(model).Config
+        own = [f.name for f in flag_fields(section)]
+        for name in flags:
+            require(name in own, f"--{name}: does not apply to --model {model} (its flags: "
+                    f"{', '.join('--' + f for f in own) or 'none'})")
+        return cls(model=model, pretrained_model_name_or_path=pretrained_model_name_or_path, backbone=section(**flags))
 
     @property
     def spec(self):
@@ -168,7 +185,7 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         spec = self.spec
-        spec.check_flags(self)
+        self.backbone.validate()
         if self.use_lora:
             require_positive(self, "lora_rank", "lora_alpha")
         if spec.needs_pretrained:
@@ -183,13 +200,8 @@ class ModelConfig(Section):
         spec.check_files(self)  # sizes against the checkpoint's configs, before any weight is read
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
-        from branchgrpo.models import backbones
-
         out = {name: (self.use_lora, "--use_lora") for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
-        for name in ("h", "w", "num_frames", "guidance_scale"):
-            takers = [b for b, spec in backbones().items() if name in spec.flags]
-            out[name] = (self.model in takers, "--model " + either(takers))
-        return out
+        return {**out, **self.backbone.conditions()}
 
 
 @dataclass

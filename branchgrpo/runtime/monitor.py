@@ -44,6 +44,7 @@ import torch
 from branchgrpo.core import distributed
 from branchgrpo.runtime.entry import RunHalted
 from branchgrpo.runtime.guards import Guard, Observation
+from branchgrpo.runtime.outputs import still_frames
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,13 @@ def top_band_mask(height: int, width: int, band: float) -> torch.Tensor:
 
 
 def high_frequency_share(media: torch.Tensor, band: float = 0.5, max_frames: int = VIDEO_FRAMES,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None, kind: str = "image") -> torch.Tensor:
     """Per sample: the share of AC spectral energy (summed over channels) in the top frequency band; float64 [B].
     Images [B, C, H, W]; videos [B, C, F, H, W]: the mean over up to `max_frames` evenly spaced frames. An image
     without AC energy (constant) scores 0. No window is applied, so the closed forms are exact: the image is
     treated as periodic (its border discontinuity adds the same energy to the base and the trained model).
     `device`: where the FFTs run, a chunk at a time (default: where `media` is)."""
-    if media.dim() == 5:
+    if kind == "video":
         frames = media.shape[2]
         index = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()
         clips = media.index_select(2, index.to(media.device))
@@ -144,8 +145,8 @@ class HackingMonitor(Guard):
 
     STATE_OPTIONAL = True  # a checkpoint written before the monitor existed resumes without a reference (warned)
 
-    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True):
-        self.cfg, self.device, self.is_main = eval_cfg, torch.device(device), is_main
+    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True, media: str = "image"):
+        self.cfg, self.device, self.is_main, self.media = eval_cfg, torch.device(device), is_main, media
         self.reference: dict | None = None  # features float32 [N, D], sample ids, hf share, diversity, settings
         self.extractor = None
         self.alarm: tuple[int, list[str]] | None = None  # (step, what crossed its threshold) of the last alarm
@@ -203,9 +204,8 @@ class HackingMonitor(Guard):
     def _gather(self, media: torch.Tensor, sample_ids, is_pad) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Every rank's samples, padding dropped, in sample-id order: ids, features, high-frequency shares of the
         finite ones, and how many were not finite (in the image, its features or its share)."""
-        stills = media[:, :, media.shape[2] // 2] if media.dim() == 5 else media
-        feats = torch.from_numpy(self._features(stills)).double()
-        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device).double()
+        feats = torch.from_numpy(self._features(still_frames(media, self.media))).double()
+        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device, kind=self.media).double()
         finite = torch.isfinite(media.flatten(1)).all(1).cpu() & torch.isfinite(feats).all(1) & torch.isfinite(hf)
         ids = torch.tensor(list(sample_ids), dtype=torch.float64)
         keep = (~torch.tensor(list(is_pad), dtype=torch.bool)).double()

@@ -42,8 +42,7 @@ from branchgrpo.runtime.outputs import (
     json_safe,
     plot_rewards,
     prepare_output_dir,
-    save_grid,
-    save_videos,
+    save_media,
     start_without_checkpoint,
     write_atomically,
 )
@@ -107,7 +106,7 @@ class Trainer:
         self.clock = Stopwatch()
         self.nonfinite = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations, self.info.is_main)
         self.divergence = DivergenceGuard(cfg.optim.max_skipped_steps, self.updater.params, self.optimizer, self.ema)
-        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main)
+        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main, media=self.spec.media)
         self.guards = [self.nonfinite, self.divergence, self.monitor]  # branchgrpo.runtime.guards; the first raises
         self.drift = RatioDrift(cfg.loss.clip_range, cfg.optim.recompute_old_log_prob, self.info.is_main)
         # everything with state, as the checkpoint manager saves and restores it
@@ -332,11 +331,7 @@ class Trainer:
 
     def _save_media(self, media: torch.Tensor, labels: list[str], stem: Path) -> None:
         per = self.cfg.eval.eval_samples_per_prompt
-        if media.dim() == 5:  # video: a grid of middle frames plus the clips
-            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
-            media = media[:, :, media.shape[2] // 2]
-        save_grid(media, stem.with_suffix(".png"), columns=per, labels=labels[::per],
-                  scale=max(1, 64 // media.shape[-1]))
+        save_media(media, stem, self.spec.media, columns=per, labels=labels[::per], fps=self.adapter.video_fps)
 
     def _plot(self) -> None:
         """reward_curve.png (the monitor's values beside the reward) and the end of the loggers, on rank 0."""
@@ -352,10 +347,7 @@ class Trainer:
         first = graph.prompt[graph.leaves] == 0
         media = media[first][:16]
         stem = self.output_dir / "samples" / f"rollout_step{it:06d}"
-        if media.dim() == 5:
-            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
-        else:
-            save_grid(media, stem.with_suffix(".png"), columns=min(8, media.shape[0]), scale=max(1, 64 // media.shape[-1]))
+        save_media(media, stem, self.spec.media, columns=min(8, media.shape[0]), fps=self.adapter.video_fps)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints
