@@ -46,6 +46,7 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.video",
     "branchgrpo.rewards.videoalign",
     "branchgrpo.rewards.first_frame",
+    "branchgrpo.rewards.ocr",
 )
 
 
