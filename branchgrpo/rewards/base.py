@@ -47,6 +47,7 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.videoalign",
     "branchgrpo.rewards.first_frame",
     "branchgrpo.rewards.ocr",
+    "branchgrpo.rewards.vlm_judge",
 )
 
 
