@@ -48,6 +48,7 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.first_frame",
     "branchgrpo.rewards.ocr",
     "branchgrpo.rewards.vlm_judge",
+    "branchgrpo.rewards.geneval",
 )
 
 
