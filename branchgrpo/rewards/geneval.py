@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -62,14 +63,17 @@ def fit_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
 
 
 def boxes_from_masks(masks_NHW: torch.Tensor) -> torch.Tensor:
-    """[N, 4] (x0, y0, x1, y1) float: the smallest box holding each mask's pixels, x1/y1 one past the last pixel
-    (mmdet's mask2bbox); zeros for an empty mask."""
-    boxes = torch.zeros(masks_NHW.shape[0], 4)
-    for i, mask in enumerate(masks_NHW):
-        ys, xs = torch.where(mask.any(dim=1))[0], torch.where(mask.any(dim=0))[0]
-        if len(xs):
-            boxes[i] = torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
-    return boxes
+    """[N, 4] (x0, y0, x1, y1) float on the CPU: the smallest box holding each mask's pixels, x1/y1 one past the
+    last pixel (mmdet's mask2bbox); zeros for an empty mask."""
+    edges = []
+    for filled_NL in (masks_NHW.any(dim=1), masks_NHW.any(dim=2)):  # columns (x), then rows (y) holding a pixel
+        index_L = torch.arange(filled_NL.shape[1], device=filled_NL.device)
+        first = torch.where(filled_NL, index_L, filled_NL.shape[1]).min(dim=1).values
+        last = torch.where(filled_NL, index_L, -1).max(dim=1).values
+        edges.append((first, last + 1))
+    (x0, x1), (y0, y1) = edges
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return torch.where(masks_NHW.flatten(1).any(dim=1, keepdim=True), boxes, 0.0).cpu()
 
 
 def instances_from_logits(class_logits_QK: torch.Tensor, mask_logits_Qhw: torch.Tensor, resized_hw, image_hw,
@@ -225,7 +229,7 @@ class GenEvalReward:
             kept = select_detections(by_class, spec.tag)
             for cls, num in needs_color(spec, kept).items():
                 top = kept[cls][:num]
-                colored = [Detection(d.box, d.score, c, d.mask) for d, c in zip(top, self.colors(image, top, cls))]
+                colored = [replace(d, color=c) for d, c in zip(top, self.colors(image, top, cls))]
                 kept[cls] = colored + kept[cls][num:]
             results.append(score_geneval(spec, kept))
         return results

@@ -32,7 +32,8 @@ from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 
 log = logging.getLogger(__name__)
 
-MODEL_OPTIONS = {"det_model_path": "Det", "rec_model_path": "Rec", "cls_model_path": "Cls"}  # option -> RapidOCR section
+# option -> the RapidOCR config section of that model
+MODEL_OPTIONS = {"det_model_path": "Det", "rec_model_path": "Rec", "cls_model_path": "Cls"}
 
 
 def quoted_target(prompt: str) -> str | None:

@@ -194,7 +194,7 @@ class VlmJudge:
 
 
 def _check_positive(name: str, value, minimum) -> None:
-    if not value >= minimum:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
         raise ValueError(f"reward 'vlm_judge': option {name} must be >= {minimum}, got {value}")
 
 
