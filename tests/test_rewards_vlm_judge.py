@@ -87,22 +87,22 @@ def test_scores_follow_the_image_with_both_templates():
 
 
 def test_concurrency_is_limited():
-    with judge_server("hang", delay_s=0.3) as (_, url):
+    with judge_server("hang", delay_s=1.0) as (_, url):
         start = time.monotonic()
         _judge(url, concurrency=2)(_images(), _prompts(4))
         elapsed = time.monotonic() - start
         stats = _stats(url)
     assert stats["max_in_flight"] == 2 and stats["requests"] == 4
-    assert elapsed >= 0.55  # two rounds of 0.3 s
+    assert elapsed >= 1.9  # two rounds of 1 s
 
 
 def test_timeout_then_retry_succeeds():
-    with judge_server("slow", delay_s=5.0) as (_, url):
+    with judge_server("slow", delay_s=20.0) as (_, url):
         start = time.monotonic()
-        scores = _judge(url, timeout_s=0.5, retries=1)(_images(), _prompts(4))
+        scores = _judge(url, timeout_s=2.0, retries=1)(_images(), _prompts(4))
         elapsed = time.monotonic() - start
         assert _stats(url)["requests"] == 8  # every image timed out once, then was answered
-    assert elapsed < 4.0
+    assert elapsed < 15.0  # the slow answers were not waited for
     torch.testing.assert_close(scores, (1 + 4 * torch.tensor(RED) / 255) / 5, atol=1e-4, rtol=0)
 
 
@@ -116,8 +116,8 @@ def test_server_errors_are_retried():
 def test_persistent_server_errors_give_one_line_naming_the_url():
     with judge_server("error") as (_, url):
         with pytest.raises(RuntimeError) as caught:
-            _judge(url, retries=2, concurrency=4)(_images(), _prompts(4))
-        assert _stats(url)["requests"] == 12  # 3 attempts per image
+            _judge(url, retries=2)(_images()[:1], _prompts(1))
+        assert _stats(url)["requests"] == 3  # the first attempt and 2 retries
     message = str(caught.value)
     assert f"{url}/chat/completions failed 3 times" in message and "HTTP 500" in message
     assert "\n" not in message
@@ -168,7 +168,8 @@ def test_api_key_from_environment_is_sent_and_never_shown(monkeypatch, caplog):
         assert (scores > 0.2).all()
         monkeypatch.setenv("OTHER_KEY", "wrong-key")
         with caplog.at_level(logging.DEBUG), pytest.raises(RuntimeError, match="answered HTTP 401") as caught:
-            _judge(url, api_key_env="OTHER_KEY", retries=3)(_images(), _prompts(4))
-        assert _stats(url)["requests"] == 8  # a refused key is not retried
+            _judge(url, api_key_env="OTHER_KEY", retries=3)(_images()[:1], _prompts(1))
+        assert _stats(url)["requests"] == 5  # a refused key is not retried
     assert secret not in str(caught.value) and "wrong-key" not in str(caught.value)
+    assert "Bearer <api key>" in str(caught.value)  # the server echoed the key; the message hides it
     assert secret not in caplog.text and "wrong-key" not in caplog.text

@@ -155,6 +155,11 @@ class VlmJudge:
             log.warning(f"reward 'vlm_judge': {invalid} of {num_images} images have non-finite pixels, scored 0 "
                         f"without asking ({self.num_invalid} so far)")
 
+    def _redact(self, text: str) -> str:
+        """`text` (a server's error page, which may echo the request) without the API key."""
+        key = self._headers.get("Authorization", "").removeprefix("Bearer ")
+        return text.replace(key, "<api key>") if key else text
+
     async def _ask_all(self, bodies: dict[int, dict]) -> dict[int, str | None]:
         """Every request, at most `concurrency` at a time; {index: answer text, None when not a chat completion}."""
         import aiohttp
@@ -183,7 +188,7 @@ class VlmJudge:
                     text = await response.text(errors="replace")
                     if response.status == 200:
                         return answer_text(text)
-                    last = f"HTTP {response.status}: {' '.join(text.split())[:200]}"
+                    last = f"HTTP {response.status}: {self._redact(' '.join(text.split())[:200])}"
                     if response.status not in RETRY_STATUSES:
                         raise RuntimeError(f"reward 'vlm_judge': {self.endpoint} answered {last}")
             except asyncio.TimeoutError:

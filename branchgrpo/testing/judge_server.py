@@ -13,8 +13,9 @@ The answer's score is a deterministic function of the image it receives: with r 
     garbage  images with r < 0.5 get a reply that is not JSON, images with 0.5 <= r < 0.75 an answer without a
              score, the others a normal answer
     hang     every request waits --delay_s before answering
-`--api_key_env NAME`: requests must carry `Authorization: Bearer $NAME` (else HTTP 401). GET /stats gives the
-number of requests received, in flight now, and most in flight at once. Loopback only; it serves until killed.
+`--api_key_env NAME`: requests must carry `Authorization: Bearer $NAME` (else HTTP 401, echoing the header sent).
+GET /stats gives the number of requests received, in flight now, and most in flight at once. Loopback only; it
+serves until killed.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+import numpy as np
+from aiohttp import web
+from PIL import Image
+
 MODES = ("ok", "slow", "flaky", "error", "garbage", "hang")
 
 
 def red_mean(data_url: str) -> float:
     """Mean of the red channel, in [0, 1], of the PNG in a data URL."""
-    import numpy as np
-    from PIL import Image
-
     png = base64.b64decode(data_url.split(",", 1)[1])
     return float(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[..., 0].mean() / 255.0)
 
@@ -54,8 +56,6 @@ def completion(content: str) -> dict:
 
 
 def make_app(mode: str, delay_s: float, api_key: str | None):
-    from aiohttp import web
-
     seen: set[str] = set()
     stats = {"requests": 0, "in_flight": 0, "max_in_flight": 0}
 
@@ -70,7 +70,9 @@ def make_app(mode: str, delay_s: float, api_key: str | None):
 
     async def answer(request):
         if api_key is not None and request.headers.get("Authorization") != f"Bearer {api_key}":
-            return web.json_response({"error": {"message": "invalid API key"}}, status=401)
+            # echoing what was sent, as careless servers do: the client must keep keys out of its messages
+            message = f"invalid API key: {request.headers.get('Authorization')}"
+            return web.json_response({"error": {"message": message}}, status=401)
         body = await request.json()
         parts = body["messages"][0]["content"]
         image = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
@@ -98,8 +100,6 @@ def make_app(mode: str, delay_s: float, api_key: str | None):
 
 
 async def serve(mode: str, delay_s: float, api_key: str | None) -> None:
-    from aiohttp import web
-
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # loopback only; the OS picks a free port
     runner = web.AppRunner(make_app(mode, delay_s, api_key))
