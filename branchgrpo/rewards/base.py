@@ -46,6 +46,9 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.video",
     "branchgrpo.rewards.videoalign",
     "branchgrpo.rewards.first_frame",
+    "branchgrpo.rewards.ocr",
+    "branchgrpo.rewards.vlm_judge",
+    "branchgrpo.rewards.geneval",
 )
 
 

@@ -17,6 +17,7 @@ TINY_REWARDS = {
     "pickscore": "branchgrpo.testing.clip_tiny:make_tiny_pickscore",
     "imagereward": "branchgrpo.testing.imagereward_tiny:make_tiny_imagereward",
     "videoalign": "branchgrpo.testing.videoalign_tiny:make_tiny_videoalign",
+    "geneval": "branchgrpo.testing.geneval_tiny:make_tiny_geneval",
 }
 
 
