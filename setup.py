@@ -3,11 +3,15 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [  # requirements.txt without comments (whole-line or trailing) and without the test tools
-    spec
-    for spec in (line.split("#", 1)[0].strip() for line in (here / "requirements.txt").read_text().splitlines())
-    if spec and not spec.startswith(("pytest", "import-linter"))
-]
+
+
+def read_requirements(name: str) -> list[str]:
+    """A requirements file without comments (whole-line or trailing) and without the test tools."""
+    lines = (line.split("#", 1)[0].strip() for line in (here / name).read_text().splitlines())
+    return [spec for spec in lines if spec and not spec.startswith(("pytest", "import-linter"))]
+
+
+requirements = read_requirements("requirements.txt")
 
 setup(
     name="branchgrpo",
@@ -21,7 +25,8 @@ setup(
     include_package_data=True,
     package_data={"branchgrpo": ["toy/assets/*", "assets/*", "models/configs/*.json"]},
     install_requires=requirements,
-    extras_require={"wandb": ["wandb"]},
+    # `pip install branchgrpo[rewards]`: the OCR and VLM-judge rewards' packages (docs/rewards.md)
+    extras_require={"wandb": ["wandb"], "rewards": read_requirements("requirements-rewards.txt")},
     # the same commands as `python -m branchgrpo.cli.<name>` (and `python -m branchgrpo.plan` / `.make_tiny`)
     entry_points={"console_scripts": [
         f"branchgrpo-{name.replace('_', '-')}=branchgrpo.cli.{name}:main"

@@ -8,7 +8,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 source scripts/lib/common.sh
 bg_bool USE_ACTIVE_ENV 0
-bash env_setup.sh
+WITH_REWARDS=1 bash env_setup.sh  # the optional rewards' packages too: their tests run, never skip, in CI
 PY="$REPO/.venv/bin/python"
 [[ "$USE_ACTIVE_ENV" == 1 ]] && PY="$(command -v python || command -v python3)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled

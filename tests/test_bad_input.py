@@ -306,7 +306,7 @@ def test_wan_sizes_are_checked_against_the_transformer_config(tmp_path, capsys):
     config = root / "transformer" / "config.json"
 
     def check(**sizes):
-        ModelConfig(model="wan", pretrained_model_name_or_path=str(root), **sizes).validate()
+        ModelConfig.for_backbone("wan", str(root), **sizes).validate()
 
     check(h=480, w=512, num_frames=33)  # 30 x 32 patches, 9 latent frames: within rope_max_seq_len 32
     with pytest.raises(ValueError, match=r"--w: 832 px are 52 patches of 16 px, more than the 32 rotary positions "
@@ -330,7 +330,7 @@ def test_flux_sizes_and_channels_are_checked_against_the_configs(tmp_path):
                                    {"block_out_channels": [8] * 5, "latent_channels": 16})  # a 16x VAE
 
     def check(**sizes):
-        ModelConfig(model="flux", pretrained_model_name_or_path=str(root), **sizes).validate()
+        ModelConfig.for_backbone("flux", str(root), **sizes).validate()
 
     check(h=64, w=96)
     with pytest.raises(ValueError, match=r"--w: 48 is not a multiple of 32: the VAE .* downsamples 16x"):

@@ -101,7 +101,7 @@ def test_mfu_formula():
 
 
 def test_random_flux_shapes():
-    from branchgrpo.bench.backbones import random_flux_transformer
+    from branchgrpo.models.flux import random_flux_transformer
 
     full = random_flux_transformer("full", torch.device("meta"), torch.bfloat16)  # no memory: shapes only
     assert sum(p.numel() for p in full.parameters()) == 11_901_408_320  # FLUX.1-dev's transformer

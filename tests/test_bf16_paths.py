@@ -20,11 +20,10 @@ MICRO = 32  # parents per training forward: 2 micro-batches for the tree's 43 pa
 
 
 def _flux(dtype):
-    from branchgrpo.bench.backbones import _flux_vae_stub_config, _random_flux_cond, random_flux_transformer
-    from branchgrpo.models.flux import FluxAdapter
+    from branchgrpo.models.flux import FluxAdapter, random_flux_cond, random_flux_transformer, vae_stand_in
 
-    adapter = FluxAdapter(random_flux_transformer("tiny", "cpu", dtype), _flux_vae_stub_config(), 64, 64)
-    return adapter, _random_flux_cond(adapter, 1, 16, "cpu", torch.bfloat16, 0)
+    adapter = FluxAdapter(random_flux_transformer("tiny", "cpu", dtype), vae_stand_in(), 64, 64)
+    return adapter, random_flux_cond(adapter, 1, 16, "cpu", torch.bfloat16, 0)
 
 
 def _wan(dtype):

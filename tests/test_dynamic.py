@@ -1,7 +1,8 @@
-"""Dynamic branching (branchgrpo.algorithms.dynamic, issue 13): budgets counted by a counting velocity function equal
-the plans, allocation favours spread, split placement follows a planted variance peak and holds on a flat one,
-adaptive r moves the right way, importance-corrected fusion reduces to plain fusion, and every policy's state
-survives a kill/resume bitwise."""
+"""Dynamic branching (branchgrpo.algorithms.branching and .dynamic, issue 13): budgets counted by a counting velocity
+function equal the plans, allocation favours spread, a rollout stepped from split to split equals the straight one
+unless it keeps fewer children, split placement follows a planted variance peak and holds on a flat one, adaptive r
+moves the right way, importance-corrected fusion reduces to plain fusion, and every policy's state survives a
+kill/resume bitwise."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from branchgrpo.core import sde
 from branchgrpo.algorithms import dynamic as dyn
 from branchgrpo.config import config_from_flags, parse_flags
 from branchgrpo.core.graph import plan_counts
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, RolloutSetup, run_rollout
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, metrics, train, without_timings
 
 SHAPE = (2, 3)
@@ -37,17 +38,23 @@ class Counting:
         return 0.5 * x + 0.1 * (prompt.float() + 1).reshape(-1, 1, 1)
 
 
+def setup(velocity, num_prompts):
+    """What the trainer hands the unit's rollout: a 10-step schedule, the kernel and keyed noise of the batch."""
+    return RolloutSetup(velocity, sde.make_sigmas(10, 3.0), sde.Kernel("dance", 0.3),
+                        NoiseKeys(7, 1, tuple(range(num_prompts))), SHAPE)
+
+
 def rollout(plan, velocity, num_prompts, **kw):
-    sigmas = sde.make_sigmas(10, 3.0)
-    kernel = sde.Kernel("dance", 0.3)
-    return run_rollout(plan, velocity, sigmas, kernel, NoiseKeys(7, 1, tuple(range(num_prompts))), SHAPE, **kw)
+    s = setup(velocity, num_prompts)
+    return run_rollout(plan, velocity, s.sigmas, s.kernel, s.noise, SHAPE, **kw)
 
 
 def test_allocation_budget_is_respected_exactly_and_favours_spread():
     algo = algorithm(dynamic_allocation=True)
-    algo.schedules["allocation"].observe([10, 11, 12, 13], torch.tensor([0.0, 0.05, 0.3, 0.1], dtype=torch.float64))
+    allocation = algo.schedules["allocation"]
+    allocation.spread.observe([10, 11, 12, 13], torch.tensor([0.0, 0.05, 0.3, 0.1], dtype=torch.float64))
     ids = [10, 11, 12, 13, 99]  # 99: first visit -> the fixed tree
-    plans = algo.prompt_plans(0, ids)
+    plans = allocation.prompt_plans(0, ids)
     leaves = [int(p.is_leaf.sum()) for p in plans]
     assert leaves[0] == min(leaves) and leaves[2] >= leaves[3] >= leaves[1] > leaves[0], leaves
     assert dyn.allocate([0.1, 0.4, None, 0.2], [10, 20, 40], 1, 90) == [0, 2, 1, 1]  # a tight budget: by spread
@@ -55,7 +62,7 @@ def test_allocation_budget_is_respected_exactly_and_favours_spread():
     velocity = Counting()
     graph = rollout(plans, velocity, len(ids))
     planned = sum(plan_counts(p)["forward_passes"] for p in plans)
-    assert velocity.rows == graph.num_forward_passes == planned <= algo.rollout_budget(len(ids))
+    assert velocity.rows == graph.num_forward_passes == planned <= allocation.rollout_budget(len(ids))
 
 
 def test_guided_expansion_forward_passes_equal_its_plan_and_grow_a_valid_tree():
@@ -63,12 +70,27 @@ def test_guided_expansion_forward_passes_equal_its_plan_and_grow_a_valid_tree():
     velocity = Counting()
     torch.manual_seed(0)
     score = lambda x0, prompt: x0.flatten(1).mean(1)  # noqa: E731 - a stand-in reward of x0-predictions
-    graph = algo.rollout(0, lambda plan, **kw: rollout(plan, velocity, 3, **kw), [0, 1, 2], score)
+    graph = algo.rollout(0, setup(velocity, 3), [0, 1, 2], score)
     expected = plan_counts(algo.plan(0))
     assert velocity.rows == graph.num_forward_passes == 3 * expected["forward_passes"]
     assert graph.leaves.numel() == 3 * expected["leaves"] < 3 * 8
     assert bool((graph.parent[graph.parent >= 0] < torch.nonzero(graph.parent >= 0).flatten()).all())
     assert graph.node_latents(graph.leaves).shape == (graph.leaves.numel(), *SHAPE)
+
+
+def test_guided_decodes_count_the_x0_predictions_scored_also_when_the_splits_move():
+    algo = algorithm(guided_expansion=True, adaptive_splits=True, adaptive_split_window=1)
+    scored = []
+
+    def scorer(x0, prompt):
+        scored.append(x0.shape[0])
+        return x0.flatten(1).mean(1)
+
+    graph = algo.rollout(0, setup(Counting(), 3), [0, 1, 2], scorer)
+    before = algo.split_points
+    figures = algo.observe(graph, graph.node_latents(graph.leaves).flatten(1).mean(1).double(), [0, 1, 2], 0)
+    assert algo.split_points != before  # the statistics moved the splits after this rollout
+    assert figures["guided_decodes"] == sum(scored) == 3 * (1 + 2 + 3)  # per prompt: 1 root, 2 nodes, 3 nodes
 
 
 def test_rollout_with_equal_per_prompt_plans_equals_the_shared_plan_bitwise():
@@ -77,6 +99,31 @@ def test_rollout_with_equal_per_prompt_plans_equals_the_shared_plan_bitwise():
     a, b = rollout(plan, Counting(), 2), rollout([plan, plan], Counting(), 2)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_prob, b.log_prob)
     assert torch.equal(a.is_leaf, b.is_leaf) and torch.equal(a.std_scale, b.std_scale)
+
+
+def test_a_rollout_stepped_from_split_to_split_equals_the_straight_one_unless_it_keeps_fewer_children():
+    from branchgrpo.bench.syncs import SyncCounter
+
+    plan = algorithm().plan(0)  # splits at steps 0, 2, 4; K = 2
+    straight = rollout(plan, Counting(), 2)
+    with SyncCounter() as again:
+        rollout(plan, Counting(), 2)
+    assert not any("_layout" in where for where in again.by_where())  # laid out once, then from the cache
+    paused, splits = setup(Counting(), 2).start(plan, pause_at_splits=True), []
+    while (split := paused.next_split()) is not None:
+        splits.append(split)
+    graph = paused.finish()
+    assert [sorted(set(graph.step[s.parents].tolist())) for s in splits] == [[0], [2], [4]]
+    assert torch.equal(graph.latents, straight.latents) and torch.equal(graph.log_prob, straight.log_prob)
+    roots = graph.node_latents(splits[0].parents)  # x0-predictions: x - sigma v at the split parents
+    sigma = sde.make_sigmas(10, 3.0)[0]
+    torch.testing.assert_close(splits[0].x0, roots - sigma * Counting()(roots, sigma, splits[0].prompt))
+    velocity = Counting()
+    pruned = setup(velocity, 2).start(plan, pause_at_splits=True)
+    pruned.next_split().keep(torch.tensor([1, 2]))  # prompt 0's root keeps one child: a tree of 4 leaves
+    graph = pruned.finish()
+    assert [int((graph.prompt[graph.leaves] == b).sum()) for b in (0, 1)] == [4, 8]
+    assert velocity.rows == graph.num_forward_passes < straight.num_forward_passes
 
 
 def test_split_placement_moves_toward_a_planted_peak_and_holds_on_a_flat_history():
@@ -116,8 +163,7 @@ def test_importance_corrected_fusion_equals_plain_fusion_when_all_nodes_expand_a
     assert bool((weights == 0).all())
     assert torch.equal(adv.fuse_rewards(graph, rewards, 0.0, weights), adv.fuse_rewards(graph, rewards, 0.0))
     # unequal expansion: the corrected value of the root is the mean of its children's values (recursively)
-    guided = algorithm(guided_expansion=True).rollout(
-        0, lambda plan, **kw: rollout(plan, Counting(), 1, **kw), [0], lambda x0, p: x0.flatten(1).mean(1))
+    guided = algorithm(guided_expansion=True).rollout(0, setup(Counting(), 1), [0], lambda x0, p: x0.flatten(1).mean(1))
     r = torch.rand(guided.leaves.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     values = adv.fuse_rewards(guided, r, 0.0, dyn.leaf_log_weights(guided))
     for node in torch.nonzero(guided.num_children > 1).flatten().tolist():
@@ -174,8 +220,7 @@ def test_policy_states_round_trip_through_the_checkpoints_json_exactly():
     import json
 
     algo = algorithm(**POLICIES)
-    graph = algo.rollout(0, lambda plan, **kw: rollout(plan, Counting(), 3, **kw), [5, 6, 7],
-                         lambda x0, p: x0.flatten(1).mean(1))
+    graph = algo.rollout(0, setup(Counting(), 3), [5, 6, 7], lambda x0, p: x0.flatten(1).mean(1))
     rewards = torch.rand(graph.leaves.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     algo.observe(graph, rewards, [5, 6, 7], 0)
     saved = json.loads(json.dumps(algo.state_dict()))
@@ -183,6 +228,6 @@ def test_policy_states_round_trip_through_the_checkpoints_json_exactly():
     fresh.load_state_dict(saved)
     assert fresh.state_dict() == algo.state_dict()
     assert fresh.split_points == algo.split_points
-    assert [p.parent.tolist() for p in fresh.prompt_plans(1, [5, 6, 7, 8])] == \
-        [p.parent.tolist() for p in algo.prompt_plans(1, [5, 6, 7, 8])]
-    assert fresh.schedules["innovation"].r == algo.schedules["innovation"].r
+    plans = [unit.schedules["allocation"].prompt_plans(1, [5, 6, 7, 8]) for unit in (fresh, algo)]
+    assert [p.parent.tolist() for p in plans[0]] == [p.parent.tolist() for p in plans[1]]
+    assert fresh.schedules["innovation"].control.r == algo.schedules["innovation"].control.r

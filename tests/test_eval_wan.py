@@ -39,10 +39,12 @@ def tiny(tmp_path_factory):
 
 def evaluate(tiny, out, *flags) -> dict:
     options = {"frame_reward": {"arch": "ViT-H-14-tiny", "model_config_dir": str(tiny / "rewards" / "open_clip_configs")}}
+    # frame_reward's options when it is evaluated (--rewards default); options of a reward not evaluated are refused
+    options_flags = [] if "--rewards" in flags else ["--reward_options", json.dumps(options)]
     assert eval_main(["--model", "wan", "--pretrained_model_name_or_path", str(tiny / "wan"), "--prompts",
                       str(tiny / "prompts.txt"), "--num_prompts", "1", "--samples_per_prompt", "2", "--steps", "2",
                       *SIZE, "--max_sequence_length", "16", "--reward_model_dir", str(tiny / "rewards"),
-                      "--reward_options", json.dumps(options), "--output_dir", str(out), *flags]) == 0
+                      *options_flags, "--output_dir", str(out), *flags]) == 0
     return json.loads((out / "results.json").read_text())
 
 
@@ -82,8 +84,7 @@ def _velocity(adapter, seed=0):
 
 def test_wan_checkpoint_weights_load_for_eval(tiny, tmp_path):
     spec = get_backbone("wan")
-    model_cfg = ModelConfig(model="wan", pretrained_model_name_or_path=str(tiny / "wan"), h=HEIGHT, w=WIDTH,
-                            num_frames=FRAMES)
+    model_cfg = ModelConfig.for_backbone("wan", str(tiny / "wan"), h=HEIGHT, w=WIDTH, num_frames=FRAMES)
     base = _velocity(spec.load(model_cfg, "cpu"))
     trained = spec.load(model_cfg, "cpu")
     trained.add_lora(rank=4, alpha=8)

@@ -35,7 +35,8 @@ def test_gpu_check_tiny_writes_its_report(tmp_path):
 
 def test_bad_gpu_check_flag_is_one_line(capsys):
     assert gpu_check.main(["--tiny", "--h", "-3"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --h -3: need a positive multiple of 16"
+    assert capsys.readouterr().err.strip() == ("error: --h: -3 is not a positive multiple of 16 (FLUX latents are "
+                                               "2x2-packed 8x-downsampled images)")
 
 
 def test_launcher_refuses_bad_nproc(tmp_path):

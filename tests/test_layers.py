@@ -46,3 +46,14 @@ def test_an_upward_import_is_reported_by_name(tmp_path, importer, imported):
     module = "branchgrpo." + importer[:-3].replace("/", ".")
     assert result.returncode != 0
     assert f"{module} -> {imported}" in result.stdout, result.stdout
+
+
+def test_no_import_cycle():
+    """No module imports (through any chain) a module that imports it: entry points are not aliased back into the
+    layers they call (two such cycles existed: bench.compare <-> cli.compare, toy.pretrain <-> cli.pretrain_toy)."""
+    import grimp
+
+    graph = grimp.build_graph("branchgrpo")
+    cycles = sorted((m, imp) for m in graph.modules for imp in graph.find_modules_directly_imported_by(m)
+                    if graph.chain_exists(imp, m))
+    assert cycles == []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from branchgrpo.config.sections import EvalConfig
+from branchgrpo.runtime.guards import Observation
 from branchgrpo.runtime.monitor import (
     HackingMonitor,
     high_frequency_share,
@@ -79,7 +80,7 @@ def test_smooth_and_constant_images_have_no_high_frequency_energy():
 def test_videos_average_the_share_over_frames():
     frames = torch.stack([checkerboard(8, 8), torch.full((8, 8), 0.3)] * 2)  # [4, 8, 8]: share 1, 0, 1, 0
     video = frames[None, None].expand(1, 3, 4, 8, 8)
-    assert high_frequency_share(video, 0.5).item() == pytest.approx(0.5)
+    assert high_frequency_share(video, 0.5, kind="video").item() == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,8 +116,11 @@ def base_samples(seed: int = 0) -> torch.Tensor:
 
 
 def observe(monitor, step, media):
+    """One evaluation as the trainer runs it: the monitor measures the samples, then observes the record."""
     ids = list(range(media.shape[0]))
-    return monitor.observe(step, media, ids, [False] * len(ids), SEEDS)
+    record = monitor.measure(step, media, ids, [False] * len(ids), SEEDS)
+    monitor.observe(Observation(step, record, evaluation=True))
+    return record
 
 
 def test_the_step0_samples_are_the_reference_and_unchanged_samples_raise_nothing():
@@ -136,7 +140,7 @@ def test_checkerboard_artefacts_raise_the_high_frequency_alarm():
     assert record["monitor_hf_ratio"] > 2.0 and record["monitor_alarm"][0].startswith("hf_ratio")
     assert record["monitor_diversity_ratio"] > 0.5  # the seeds still differ
     assert record["monitor_kid"] > 0
-    assert monitor.tripped and "step 10" in monitor.message("ckpt") and "hf_ratio" in monitor.message("ckpt")
+    assert monitor.tripped and "step 10" in str(monitor.error("ckpt")) and "hf_ratio" in str(monitor.error("ckpt"))
 
 
 def test_a_collapse_of_the_seeds_raises_the_diversity_alarm_but_warn_does_not_stop():
@@ -164,7 +168,7 @@ def test_padding_and_rank_order_do_not_change_the_numbers():
     reference = observe(monitor, 0, media)
     order = torch.randperm(media.shape[0], generator=torch.Generator().manual_seed(3))
     ids = order.tolist() + [order[-1].item()]  # one padded duplicate, as the last rank gets
-    got = padded.observe(0, torch.cat([media[order], media[order[-1:]]]), ids, [False] * len(order) + [True], SEEDS)
+    got = padded.measure(0, torch.cat([media[order], media[order[-1:]]]), ids, [False] * len(order) + [True], SEEDS)
     assert got == reference
 
 
@@ -188,7 +192,7 @@ def test_off_means_no_entries_and_no_state():
 
 
 def test_video_samples_are_monitored_too():
-    monitor = HackingMonitor(EvalConfig(hacking_guard="stop"))
+    monitor = HackingMonitor(EvalConfig(hacking_guard="stop"), media="video")  # a video backbone's
     videos = base_samples()[:, :, None].expand(-1, -1, 5, -1, -1)  # [N, 3, 5, 16, 16] static clips
     assert observe(monitor, 0, videos)["monitor_alarm"] == []
     hacked = (0.85 * videos + 0.15 * checkerboard(16, 16)).clamp(0, 1)
@@ -270,7 +274,7 @@ def test_a_checkerboard_reward_trips_the_monitor_and_the_default_reward_does_not
     from trainer_utils import fast_args, metrics
 
     hacked = tmp_path / "hacked"
-    assert main(fast_args(emb, hacked, reward="toy_checkerboard", **HACK_RUN)) == 2
+    assert main(fast_args(emb, hacked, reward="toy_checkerboard", **HACK_RUN)) == 3  # halted, not an input error
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "reward hacking suspected at the evaluation of step 8" in errors[0], errors
     assert "hf_ratio" in errors[0] and "checkpoint-8" in errors[0]
@@ -299,6 +303,6 @@ def test_a_single_evaluation_sample_reports_no_kid_instead_of_failing():
 
     monitor = HackingMonitor(EvalConfig())
     base, trained = torch.zeros(1, 3, 8, 8), torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    monitor.observe(0, base + 0.5, [0], [False], 1)
-    out = monitor.observe(1, trained, [0], [False], 1)
+    monitor.measure(0, base + 0.5, [0], [False], 1)
+    out = monitor.measure(1, trained, [0], [False], 1)
     assert out["monitor_kid"] is None and out["monitor_mmd2"] is None and out["monitor_hf_ratio"] is not None

@@ -270,8 +270,13 @@ def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
     not resume at all before: the frozen base weights are not in the checkpoint, and the state dict was loaded back
     strictly.) Its recorded paths
     (data, output) are the machine's that wrote it, so they are pointed at this test's folders first, as a user
-    moving a run folder would. Numbers are compared to 1e-6, not bitwise: the file was written under another torch
-    build than the one that may run this test."""
+    moving a run folder would. Numbers are compared to 1e-6, not bitwise: the file was written on another machine
+    and torch build than the one that may run this test, and float results differ across CPUs and builds in their
+    last digits (same-machine reruns are bitwise: the resume tests above check that). Relative 1e-6 for values of
+    order one; absolute 1e-6 as well, because some entries (the surrogate loss: a mean of advantage x ratio over
+    groups whose advantages sum to zero) are sums of O(1) float32 terms that cancel to ~1e-8, so their cross-machine
+    difference is float32 rounding of the terms (eps 1.2e-7 x O(1)), not of the result: -1.1e-08 vs 0.0 was
+    measured between an AMD EPYC machine and the one that recorded the checkpoint."""
     out = tmp_path / "resumed"
     target = out / "checkpoints" / LEGACY.name
     shutil.copytree(LEGACY, target)
@@ -286,7 +291,7 @@ def test_a_checkpoint_written_before_the_units_redesign_resumes(emb, tmp_path):
     resumed, unbroken = without_timings(metrics(out)), without_timings(metrics(straight))
     assert [e["step"] for e in resumed] == [1]  # the resumed attempt ran the second iteration only
     for key, value in unbroken[1].items():
-        assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        assert resumed[0][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2]  # step 0 restored from the checkpoint, step 2 evaluated now
     assert evals[1]["eval_reward"] == pytest.approx(json.loads((straight / "eval.jsonl").read_text().splitlines()[1])
@@ -414,7 +419,8 @@ def test_latest_on_a_run_without_a_checkpoint_starts_over_unless_the_files_are_a
 def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(emb, tmp_path, capsys, monkeypatch):
     """Non-finite gradient norms from iteration 1 on (rewards stay finite, so the non-finite reward guard does not
     trip): after --max_skipped_steps of them in a row the run writes a checkpoint - whose weights are those after
-    iteration 0, the last applied step - and stops with one line, exit 2, instead of running to the end with 0."""
+    iteration 0, the last applied step - and stops with one line, exit 3 (halted), instead of running to the end
+    with 0."""
     import branchgrpo.runtime.update as update
     from branchgrpo.cli.train import main
 
@@ -427,7 +433,7 @@ def test_a_run_whose_optimizer_steps_keep_being_skipped_stops_with_a_checkpoint(
 
     monkeypatch.setattr(update, "clip_grad_norm", diverging)
     out = tmp_path / "diverged"
-    assert main(fast_args(emb, out, max_train_steps=8, max_skipped_steps=3)) == 2
+    assert main(fast_args(emb, out, max_train_steps=8, max_skipped_steps=3)) == 3
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert "Traceback" not in err and len(lines) == 1, err[-3000:]

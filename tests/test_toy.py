@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from branchgrpo.models import get_backbone
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.models.toy import ToyAdapter, build_prompt_encoder, load_toy
 from branchgrpo.toy import data
@@ -115,7 +116,7 @@ def test_preprocess_cli_writes_toy_embeddings(tmp_path):
 
 def test_adapter_contract(adapter):
     assert isinstance(adapter, FlowAdapter)
-    assert adapter.name == "toy" and adapter.media == "image" and adapter.latent_shape == (1, 8, 8)
+    assert adapter.name == "toy" and get_backbone("toy").media == "image" and adapter.latent_shape == (1, 8, 8)
     num_params = sum(p.numel() for p in adapter.transformer.parameters())
     assert num_params < 500_000
     assert all(p.requires_grad for p in adapter.trainable_parameters())

@@ -164,7 +164,7 @@ def test_a_run_whose_rewards_keep_failing_stops_with_a_checkpoint(emb, tmp_path,
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["nonfinite"]["count"] == 2
     capsys.readouterr()
-    assert main(fast_args(emb, out, max_train_steps=6, resume_from_checkpoint="latest", **flags)) == 2
+    assert main(fast_args(emb, out, max_train_steps=6, resume_from_checkpoint="latest", **flags)) == 3  # halted
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "3 iterations in a row" in errors[0] and "checkpoint-3" in errors[0], errors
     assert "'toy_all_nan' on 8 leaves" in errors[0] and "--max_nonfinite_iterations 3" in errors[0]

@@ -31,6 +31,7 @@ from branchgrpo.models.wan import (
     load_wan,
 )
 from branchgrpo.cli.make_tiny import make_tiny
+from branchgrpo.models import get_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 9, 32, 48  # 3 latent frames of 4 x 6; non-square so that axis mix-ups show
@@ -190,7 +191,7 @@ def test_video_size_validation(wan_dir, frames, height, width, flag):
 def test_blocks_and_lora_targets(adapter):
     assert [type(b).__name__ for b in adapter.blocks()] == ["WanTransformerBlock"] * 2
     assert adapter.default_lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
-    assert adapter.media == "video" and adapter.embedding_keys == ("prompt_embeds", "negative_prompt_embeds")
+    assert get_backbone("wan").media == "video" and adapter.embedding_keys == ("prompt_embeds", "negative_prompt_embeds")
 
 
 def test_export_round_trip(adapter, tmp_path):

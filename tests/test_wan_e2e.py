@@ -49,6 +49,7 @@ def finetune(tiny, out, reward, extra=(), nproc="2"):
     hps = {"checkpoint": str(tiny / "rewards" / "HPS_v2.1_compressed.pt"), "arch": "ViT-H-14-tiny",
            "model_config_dir": str(tiny / "rewards" / "open_clip_configs")}
     options = {"frame_reward": {"image_reward": "hps", **hps}, "videoalign": {"checkpoint": str(tiny / "rewards" / "VideoReward")}}
+    options = {k: v for k, v in options.items() if k in reward}  # options of a reward the run does not use are refused
     env = dict(NPROC=nproc, MODEL_PATH=str(tiny / "wan"), DATA_JSON=str(tiny / "emb" / "index.json"),
                HPS_CKPT_DIR=str(tiny / "rewards"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD=reward)
     args = ["--h", "32", "--w", "48", "--num_frames", "9", "--sampling_steps", "6", "--tree_split_points", "0,2",

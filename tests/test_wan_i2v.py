@@ -264,8 +264,7 @@ def test_the_14b_480p_and_720p_configs_pass_the_checks(tmp_path, spec, height, w
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline",
                                                            "image_encoder": ["transformers", "CLIPVisionModel"],
                                                            "transformer_2": [None, None], "boundary_ratio": None}))
-    model_cfg = ModelConfig(model="wan_i2v", pretrained_model_name_or_path=str(tmp_path), h=height, w=width,
-                            num_frames=81)
+    model_cfg = ModelConfig.for_backbone("wan_i2v", str(tmp_path), h=height, w=width, num_frames=81)
     spec.check_files(model_cfg)
     assert read_flow_shift(tmp_path) == shift
     with pytest.raises(ValueError, match="image-to-video Wan transformer"):

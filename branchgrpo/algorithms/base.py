@@ -4,9 +4,11 @@ the one rollout data type (branchgrpo.core.graph), plus the typed config section
 A unit is a subclass of `Algorithm` registered with `@register_algorithm` (branchgrpo.algorithms). The trainer
 calls, every iteration,
 
-    plan(iteration) -> GraphPlan          the topology of one prompt's rollout graph
-    advantages(graph, scores, ...)        per-node advantages (the unit's `estimate`, clipped)
-    select(graph, advantages, it, keys)   bool mask over nodes: the edges trained this iteration
+    rollout(it, setup, prompt_ids, scorer)  the batch's rollout graph: by default `plan(it)`, the topology of one
+                                            prompt's graph, grown for every prompt from the trainer's `setup`
+    advantages(graph, scores, ...)          per-node advantages (the unit's `estimate`, clipped)
+    select(graph, advantages, it, keys)     bool mask over nodes: the edges trained this iteration
+    observe(graph, rewards, prompt_ids, it) adaptive state fed after the rewards; figures for the metrics
 
 and saves `state_dict()` in every checkpoint. Config sections shared by several units (the group size, the sliding
 SDE window) are mixins defined here.
@@ -25,6 +27,7 @@ from branchgrpo.core import advantages as adv
 from branchgrpo.core import sde
 from branchgrpo.core.flags import flag, require
 from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts, skeleton_graph
+from branchgrpo.core.rollout import RolloutSetup
 
 
 class AlgorithmConfig:
@@ -157,11 +160,12 @@ class Algorithm(abc.ABC):
         """Bool mask over nodes: the edges (child ends) trained this iteration; always a subset of SDE edges."""
         return graph.stochastic.clone()
 
-    def rollout(self, iteration: int, run, prompt_ids: list[int], score=None) -> RolloutGraph:
-        """The iteration's rollout graph: `run(plan_or_per_prompt_plans, branch_innovation=..., expand=...)` runs
-        branchgrpo.core.rollout.run_rollout on the batch; `prompt_ids` are the prompts' dataset rows; `score(latents,
-        prompt index)` rewards decoded latents (for units that look at intermediate rewards)."""
-        return run(self.plan(iteration), branch_innovation=self.branch_innovation)
+    def rollout(self, iteration: int, setup: RolloutSetup, prompt_ids: list[int], scorer=None) -> RolloutGraph:
+        """The iteration's rollout graph, grown from `setup` (the batch's velocity, noise keys and schedule;
+        branchgrpo.core.rollout): by default `plan(iteration)` for every prompt. `prompt_ids` are the prompts' dataset
+        rows; `scorer(latents, prompt index)` gives the training reward of decoded latents, for units that look at
+        intermediate rewards (they start a rollout that pauses at its splits)."""
+        return setup.start(self.plan(iteration), self.branch_innovation).finish()
 
     def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
         """After the rewards: update adaptive state from the iteration's statistics; returns figures to log."""

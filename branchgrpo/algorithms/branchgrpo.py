@@ -5,24 +5,33 @@ fusion and depth-wise advantages (section 4), width and depth pruning and the hy
                split steps and a window sliding with the training iteration are SDE
     estimate   fusion over path log-probs (Eq. 3), depth-wise z-scores within each prompt's tree (Eq. 4)
     select     depth pruning (optionally sliding), then width pruning at the last split (Parent-Top1 / Extreme)
+    rollout    the tree as the active dynamic-branching policies adjust it (branchgrpo.algorithms.branching), grown
+               by a branchgrpo.core.rollout.Rollout that the unit steps from split to split when a policy acts there
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 
 from branchgrpo.core import advantages as adv
-from branchgrpo.core import distributed
-from branchgrpo.algorithms import dynamic as dyn
 from branchgrpo.algorithms import register_algorithm
 from branchgrpo.algorithms.base import Algorithm, WindowFlags, window_flag_names
-from branchgrpo.core.flags import flag, parse_int_list, require
-from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts
+from branchgrpo.algorithms.branching import (
+    POLICIES,
+    AllocationFlags,
+    BranchingPolicy,
+    GuidedFlags,
+    InnovationFlags,
+    Observation,
+    SplitFlags,
+)
+from branchgrpo.core.flags import either, flag, parse_int_list, require
+from branchgrpo.core.graph import GraphPlan, RolloutGraph
 from branchgrpo.core.plans import tree_plan
+from branchgrpo.core.rollout import RolloutSetup
 from branchgrpo.core.pruning import DepthPruningSchedule, depth_pruning_mask, extreme_mask, parent_top1_mask
 
 log = logging.getLogger(__name__)
@@ -33,8 +42,9 @@ _PAPER_TREE = ["--algo", "branchgrpo", "--tree_split_points", "0,3,6,9", "--bran
 
 
 @dataclass
-class BranchGRPOConfig(WindowFlags):
-    """The tree, fusion and pruning flags (the window flags act only with --mix_ode_sde_tree)."""
+class BranchGRPOConfig(GuidedFlags, InnovationFlags, SplitFlags, AllocationFlags, WindowFlags):
+    """The tree, fusion and pruning flags (the window flags act only with --mix_ode_sde_tree), and each dynamic-
+    branching policy's flags (branchgrpo.algorithms.branching)."""
 
     tree_split_points: str = flag("0,3,6,9", "comma-separated step indices where every node branches")
     tree_split_rounds: int = flag(4, "official fallback when --tree_split_points is empty: splits at k*(T // rounds)")
@@ -56,29 +66,6 @@ class BranchGRPOConfig(WindowFlags):
     pruning_step_ratio: float = flag(1.0, "prune only during the first fraction of --max_train_steps")
     mix_ode_sde_tree: bool = flag(False, "BranchGRPO-Mix: only split steps and a sliding window of SDE steps are "
                                   "stochastic (and trained); the rest are ODE steps")
-    # dynamic branching (branchgrpo.algorithms.dynamic; docs/design_notes.md "Dynamic branching"), all off by default
-    dynamic_allocation: bool = flag(False, "per-prompt trees (more or fewer splits) shared out by recent reward spread "
-                                    "within a budget of rollout forward passes per iteration and rank")
-    dynamic_budget_ratio: float = flag(1.0, "allocation budget as a fraction of what the fixed tree spends, in (0, 2]")
-    dynamic_max_splits: int | None = flag(None, "largest tree allocation may give (number of splits; default: the "
-                                          "fixed tree's + 1, within --max_leaves)")
-    dynamic_spread_decay: float = flag(0.5, "weight of a prompt's older spread in its moving average, in [0, 1)")
-    adaptive_splits: bool = flag(False, "move split steps toward the steps of largest sibling reward spread")
-    adaptive_split_window: int = flag(5, "iterations of statistics behind each move of the split steps")
-    adaptive_split_range: str = flag("", "lo,hi: steps the splits may move within (default 0,T-2)")
-    adaptive_split_min_spacing: int = flag(2, "least distance between two split steps")
-    adaptive_split_margin: float = flag(0.1, "relative spread gain a split needs before it moves one step")
-    adaptive_innovation: bool = flag(False, "adjust --branch_innovation r per split toward --innovation_target")
-    innovation_target: float = flag(0.25, "target share of the leaf-reward variance that each split's within-parent "
-                                    "(sibling) variance should carry, in (0, 1)")
-    innovation_gain: float = flag(0.5, "step size of r's multiplicative update")
-    innovation_min: float = flag(0.1, "smallest r the adaptation may reach, in (0, 1]")
-    guided_expansion: bool = flag(False, "at each split, the nodes whose x0-prediction scores best get K children, the "
-                                  "rest --guided_reduced_children (extra decodes and rewards, in the rollout time)")
-    guided_top_fraction: float = flag(0.5, "fraction of a prompt's nodes fully expanded at each split, in (0, 1]")
-    guided_reduced_children: int = flag(1, "children of the other nodes at a split, 1..K-1")
-    guided_importance_weights: bool = flag(True, "fusion weights each leaf by prod 1/children over its ancestors "
-                                           "(unbiased node values); off: the plain leaf mean (biased to top nodes)")
 
     # --- derived values ----------------------------------------------------------------------------------------
     def split_points(self, num_steps: int) -> list[int]:
@@ -136,38 +123,12 @@ class BranchGRPOConfig(WindowFlags):
         require(0 < self.pruning_step_ratio <= 1, f"--pruning_step_ratio: need (0, 1], got {self.pruning_step_ratio}")
         if self.mix_ode_sde_tree:
             self.validate_window(T)
-        self._validate_dynamic(T, points, sampling.max_leaves)
-
-    def _validate_dynamic(self, T: int, points: list[int], max_leaves: int) -> None:
-        dynamic = self.dynamic_allocation or self.guided_expansion or self.adaptive_splits
-        require(not (dynamic and self.width_pruning_mode), "--width_pruning_mode: not with --dynamic_allocation, "
-                "--adaptive_splits or --guided_expansion (the trees' last splits differ)")
-        require(0 < self.dynamic_budget_ratio <= 2, f"--dynamic_budget_ratio: need (0, 2], got {self.dynamic_budget_ratio}")
-        m = self.max_splits(points, T)
-        if self.dynamic_allocation:
-            require(1 <= m and self.branch_factor ** m <= max_leaves, f"--dynamic_max_splits: need 1.."
-                    f"{int(math.log(max_leaves, self.branch_factor))} (--max_leaves {max_leaves}), got {m}")
-        require(0 <= self.dynamic_spread_decay < 1, f"--dynamic_spread_decay: need [0, 1), got {self.dynamic_spread_decay}")
-        require(self.adaptive_split_window >= 1, f"--adaptive_split_window: need >= 1, got {self.adaptive_split_window}")
-        lo, hi = self.split_range(T)
-        require(0 <= lo <= hi <= T - 2, f"--adaptive_split_range: need 0 <= lo <= hi <= {T - 2}, got {lo},{hi}")
-        require(self.adaptive_split_min_spacing >= 1, "--adaptive_split_min_spacing: need >= 1")
-        require(self.adaptive_split_margin >= 0, f"--adaptive_split_margin: need >= 0, got {self.adaptive_split_margin}")
-        require(0 < self.innovation_target < 1, f"--innovation_target: need (0, 1), got {self.innovation_target}")
-        require(self.innovation_gain > 0, f"--innovation_gain: need > 0, got {self.innovation_gain}")
-        require(0 < self.innovation_min <= 1, f"--innovation_min: need (0, 1], got {self.innovation_min}")
-        require(0 < self.guided_top_fraction <= 1, f"--guided_top_fraction: need (0, 1], got {self.guided_top_fraction}")
-        require(1 <= self.guided_reduced_children < self.branch_factor, f"--guided_reduced_children: need 1.."
-                f"{self.branch_factor - 1}, got {self.guided_reduced_children}")
-
-    def max_splits(self, points: list[int], T: int) -> int:
-        return self.dynamic_max_splits if self.dynamic_max_splits is not None else len(points) + 1
-
-    def split_range(self, T: int) -> tuple[int, int]:
-        if not self.adaptive_split_range.strip():
-            return 0, T - 2
-        lo, hi = parse_int_list(self.adaptive_split_range, "--adaptive_split_range")
-        return lo, hi
+        reshaping = [policy for policy in POLICIES if policy.reshapes_tree]
+        require(not (self.width_pruning_mode and any(policy.enabled(self) for policy in reshaping)),
+                f"--width_pruning_mode: not with {either(f'--{policy.flag}' for policy in reshaping)} (the trees' "
+                "last splits differ)")
+        for policy in POLICIES:
+            policy.validate(self, T, points, sampling.max_leaves)
 
     def _report_split_points(self, points: list[int], num_steps: int) -> None:
         """Say which split points are used when they are not the flag's text as given: derived from
@@ -191,15 +152,7 @@ class BranchGRPOConfig(WindowFlags):
             "depth_pruning_slide": (bool(self.depth_pruning.strip()), "a non-empty --depth_pruning"),
             "depth_pruning_slide_interval": (self.depth_pruning_slide, "--depth_pruning_slide"),
             "depth_pruning_stop_depth": (self.depth_pruning_slide, "--depth_pruning_slide"),
-            **{name: (on, flagname) for on, flagname, names in (
-                (self.dynamic_allocation, "--dynamic_allocation", ("dynamic_budget_ratio", "dynamic_max_splits",
-                                                                   "dynamic_spread_decay")),
-                (self.adaptive_splits, "--adaptive_splits", ("adaptive_split_window", "adaptive_split_range",
-                                                             "adaptive_split_min_spacing", "adaptive_split_margin")),
-                (self.adaptive_innovation, "--adaptive_innovation", ("innovation_target", "innovation_gain",
-                                                                     "innovation_min")),
-                (self.guided_expansion, "--guided_expansion", ("guided_top_fraction", "guided_reduced_children",
-                                                               "guided_importance_weights"))) for name in names},
+            **{name: condition for policy in POLICIES for name, condition in policy.conditions(self).items()},
         }
 
     def selection_summary(self) -> str:
@@ -233,145 +186,84 @@ class BranchGRPO(Algorithm):
             depths=tuple(cfg.pruned_depths), slide=cfg.depth_pruning_slide, interval=cfg.depth_pruning_slide_interval,
             stop_depth=stop, step_ratio=cfg.pruning_step_ratio, max_train_steps=self.max_train_steps)
         self.schedules["depth_schedule"] = self.depth_schedule
-        T, points = self.num_steps, self._fixed_points
-        self.schedules["allocation"] = dyn.SpreadAllocation(cfg.dynamic_spread_decay) if cfg.dynamic_allocation else None
-        lo, hi = cfg.split_range(T)
-        self.schedules["splits"] = dyn.SplitPlacement(points, cfg.adaptive_split_window, lo, hi,
-                                                      cfg.adaptive_split_min_spacing, cfg.adaptive_split_margin
-                                                      ) if cfg.adaptive_splits else None
-        self.schedules["innovation"] = dyn.InnovationControl(cfg.branch_innovation, len(points), cfg.innovation_target,
-                                                             cfg.innovation_gain, cfg.innovation_min
-                                                             ) if cfg.adaptive_innovation else None
+        # dynamic branching (branchgrpo.algorithms.branching): the policies whose flag is on, each with its state
+        active = {policy: policy(cfg, self) for policy in POLICIES if policy.enabled(cfg)}
+        self.policies: list[BranchingPolicy] = list(active.values())
+        self.schedules.update({policy.state_name: active.get(policy) for policy in POLICIES if policy.state_name})
 
     @property
     def split_points(self) -> list[int]:
-        """The current split steps (moved by --adaptive_splits; the flag's otherwise)."""
-        placement = self.schedules["splits"]
-        return list(placement.points) if placement is not None else self._fixed_points
+        """The current split steps (the flag's, unless a policy moves them)."""
+        points = self._fixed_points
+        for policy in self.policies:
+            points = policy.split_points(points)
+        return list(points)
 
     @property
     def branch_innovation(self) -> float:
         return self.cfg.branch_innovation
 
-    def _tree(self, iteration: int, points: list[int]) -> GraphPlan:
+    def sde_steps(self, iteration: int) -> list[int] | None:
+        """BranchGRPO-Mix: the SDE window's steps at this iteration (None: every step but the last is SDE)."""
         window = self.schedules["window"]
-        return tree_plan(self.num_steps, points, self.cfg.branch_factor,
-                         sde_steps=window.window(iteration) if window else None,
+        return window.window(iteration) if window else None
+
+    def tree(self, iteration: int, points: list[int]) -> GraphPlan:
+        """The fixed tree that splits at `points`."""
+        return tree_plan(self.num_steps, points, self.cfg.branch_factor, sde_steps=self.sde_steps(iteration),
                          split_noise_scale=self.cfg.tree_split_noise_scale)
 
     def plan(self, iteration: int) -> GraphPlan:
-        """The fixed tree at the current split steps; with --guided_expansion, a tree of the node counts it gives
-        (which nodes are fully expanded depends on the rewards; how many does not)."""
-        c = self.cfg
-        if c.guided_expansion:
-            window = self.schedules["window"]
-            return dyn.guided_plan(self.num_steps, self.split_points, c.branch_factor, c.guided_reduced_children,
-                                   c.guided_top_fraction, c.tree_split_noise_scale,
-                                   window.window(iteration) if window else None)
-        return self._tree(iteration, self.split_points)
+        """The tree at the current split steps, as the policies report it (guided expansion: its node counts)."""
+        plan = self.tree(iteration, self.split_points)
+        for policy in self.policies:
+            plan = policy.plan(plan, iteration)
+        return plan
 
-    # --- dynamic branching -----------------------------------------------------------------------------------
-    def ladder(self) -> tuple[list[list[int]], list[int], int]:
-        """Allocation's trees (split lists, smallest first), their rollout forward passes, the fixed tree's rung."""
-        points = self.split_points
-        ladder = dyn.tree_ladder(self.num_steps, points, self.cfg.max_splits(points, self.num_steps))
-        return ladder, dyn.ladder_counts(self.num_steps, ladder, self.cfg.branch_factor), len(points) - 1
-
-    def rollout_budget(self, num_prompts: int) -> int:
-        """Rollout forward passes per iteration and rank that --dynamic_allocation may spend."""
-        _, costs, default = self.ladder()
-        return int(math.floor(self.cfg.dynamic_budget_ratio * num_prompts * costs[default]))
-
-    def prompt_plans(self, iteration: int, prompt_ids: list[int]) -> list[GraphPlan]:
-        ladder, costs, default = self.ladder()
-        history = self.schedules["allocation"].spread
-        rungs = dyn.allocate([history.get(p) for p in prompt_ids], costs, default, self.rollout_budget(len(prompt_ids)))
-        return [self._tree(iteration, ladder[r]) for r in rungs]
-
-    def rollout(self, iteration: int, run, prompt_ids: list[int], score=None) -> RolloutGraph:
-        c, innovation = self.cfg, self.schedules["innovation"]
-        if not (c.dynamic_allocation or c.guided_expansion or innovation is not None):
-            return super().rollout(iteration, run, prompt_ids, score)
-        plans = self.prompt_plans(iteration, prompt_ids) if c.dynamic_allocation else self._tree(iteration, self.split_points)
-        r = innovation.by_child_depth(self.split_points) if innovation is not None else c.branch_innovation
-
-        def expand(nodes, x0, prompt):  # the split nodes' x0-predictions, rewarded
-            return dyn.guided_children(score(x0, prompt), prompt, c.guided_top_fraction, c.branch_factor,
-                                       c.guided_reduced_children)
-        return run(plans, branch_innovation=r, expand=expand if c.guided_expansion else None)
+    def rollout(self, iteration: int, setup: RolloutSetup, prompt_ids: list[int], scorer=None) -> RolloutGraph:
+        """The tree at the current split steps, grown with what the policies make of it: per-prompt trees, r per
+        split, and at each split the children they keep."""
+        points, r = self.split_points, self.branch_innovation
+        plan = self._first_answer(lambda policy: policy.prompt_plans(iteration, prompt_ids))
+        plan = plan or self.tree(iteration, points)  # one plan per prompt from a policy, else the tree for all
+        for policy in self.policies:
+            r = policy.branch_innovation(r, points)
+        rollout = setup.start(plan, r, pause_at_splits=any(policy.pauses_at_splits for policy in self.policies))
+        while (split := rollout.next_split()) is not None:
+            for policy in self.policies:
+                policy.at_split(split, scorer)
+        return rollout.finish()
 
     def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
-        """Feed the iteration's statistics to the adaptive policies; returns what they log."""
-        allocation, splits, innovation = (self.schedules[k] for k in ("allocation", "splits", "innovation"))
+        """Feed the iteration's results to the policies; returns what they log."""
+        obs = Observation(self, graph, leaf_rewards, prompt_ids)
         out: dict = {}
-        if allocation is not None:
-            spreads = distributed.all_gather_cat(dyn.prompt_spreads(graph, leaf_rewards))
-            ids = distributed.all_gather_cat(torch.tensor(prompt_ids, dtype=torch.long)).tolist()
-            allocation.observe(ids, spreads)
-            out["allocation_leaves_per_prompt"] = int(graph.is_leaf.sum()) / graph.num_prompts
-        if splits is not None or innovation is not None:
-            spread = self._reduced_spread(graph, self._fused(graph, leaf_rewards))
-            points = self.split_points  # before a move: the splits the statistics were measured at
-            if innovation is not None:
-                innovation.observe(points, spread)
-                out["innovation_r"] = ",".join(f"{r:.4g}" for r in innovation.r)
-            if splits is not None:
-                splits.observe(spread)
-                out["split_points"] = ",".join(map(str, self.split_points))
-        if self.cfg.guided_expansion:
-            out["guided_decodes"] = int(torch.isin(graph.step, torch.tensor(self.split_points)).sum())
+        for policy in self.policies:
+            out.update(policy.observe(obs))
         if out:
             out["rollout_forward_passes"] = graph.num_forward_passes
         return out
 
-    def _fused(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
-        weights = dyn.leaf_log_weights(graph) if self._importance_weighted(graph) else None
-        return adv.fuse_rewards(graph, leaf_rewards, self.cfg.alpha, weights)
+    def leaf_log_weights(self, graph: RolloutGraph) -> torch.Tensor | None:
+        """Fusion's importance log-weights, from the policy that skews the sampling (None: plain fusion)."""
+        return self._first_answer(lambda policy: policy.leaf_log_weights(graph))
 
-    def _reduced_spread(self, graph: RolloutGraph, values: torch.Tensor) -> dict[int, tuple[float, float]]:
-        """`split_spread` summed over ranks (weighted by prompts): the same statistics on every rank."""
-        sums = torch.zeros(self.num_steps + 1, 3, dtype=torch.float64)
-        for s, (w, ratio, n) in dyn.split_spread(graph, values).items():
-            sums[s] = torch.tensor([w * n, ratio * n, n], dtype=torch.float64)
-        sums = distributed.all_reduce_sum(sums)
-        return {s: (float(sums[s, 0] / sums[s, 2]), float(sums[s, 1] / sums[s, 2]))
-                for s in range(self.num_steps + 1) if sums[s, 2] > 0}
+    def _first_answer(self, ask):
+        """The first active policy's answer to `ask(policy)` that is not None (None when none answers)."""
+        return next((answer for answer in map(ask, self.policies) if answer is not None), None)
 
-    def _importance_weighted(self, graph: RolloutGraph) -> bool:
-        return self.cfg.guided_expansion and self.cfg.guided_importance_weights and graph.prompt_plans is not None
+    def fuse(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        """Node values: paper Eq. 3 fusion of the leaf rewards below each node."""
+        return adv.fuse_rewards(graph, leaf_rewards, self.cfg.alpha, self.leaf_log_weights(graph))
 
     def counts(self, iteration: int = 0) -> dict:
         out = super().counts(iteration)
-        c, lines = self.cfg, {}
-        if c.dynamic_allocation:
-            ladder, costs, default = self.ladder()
-            lines["dynamic_allocation"] = (
-                f"budget {c.dynamic_budget_ratio:g} x {costs[default]} = {c.dynamic_budget_ratio * costs[default]:.6g} "
-                "rollout forwards per prompt (averaged over a rank's prompts); trees " + ", ".join(
-                    f"[{','.join(map(str, pts))}]: {c.branch_factor ** len(pts)} leaves / {f} forwards"
-                    for pts, f in zip(ladder, costs)))
-        if c.adaptive_splits:
-            lo, hi = c.split_range(self.num_steps)
-            lines["adaptive_splits"] = (f"{len(self.split_points)} splits (leaves fixed) within steps {lo}..{hi}, "
-                                        f"spacing >= {c.adaptive_split_min_spacing}, moved every "
-                                        f"{c.adaptive_split_window} iterations; forwards vary with the placement")
-        if c.adaptive_innovation:
-            lines["adaptive_innovation"] = (f"r per split in [{c.innovation_min:g}, 1] toward a within-parent variance "
-                                            f"share of {c.innovation_target:g}; no change in forward passes")
-        if c.guided_expansion:
-            full = plan_counts(self._tree(iteration, self.split_points))
-            decodes = sum(int((self.plan(iteration).step == s).sum()) for s in self.split_points)
-            lines["guided_expansion"] = (f"{out['forward_passes']} rollout forwards (fixed tree: "
-                                         f"{full['forward_passes']}), {out['leaves']} leaves, plus {decodes} decodes "
-                                         "and reward calls of x0-predictions per prompt")
-        if lines:
-            out["policies"] = lines
+        if self.policies:
+            out["policies"] = {policy.flag: policy.counts(iteration, out) for policy in self.policies}
         return out
 
     def estimate(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
-        if self._importance_weighted(graph):
-            return adv.tree_advantages(graph, leaf_rewards, self.cfg.alpha, dyn.leaf_log_weights(graph))
-        return adv.tree_advantages(graph, leaf_rewards, self.cfg.alpha)
+        return adv.tree_advantages(graph, leaf_rewards, self.cfg.alpha, self.leaf_log_weights(graph))
 
     def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
                prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Dynamic branching (the BranchGRPO paper's future work 1): four adaptive policies of the `branchgrpo` unit, each a
-pure function of logged statistics plus a small state object with `state_dict`/`load_state_dict` (saved in the
-checkpoint's algorithm state; JSON-exact, so a resumed run matches an unbroken one bitwise).
+"""Dynamic branching (the BranchGRPO paper's future work 1): the math of the four adaptive policies of the
+`branchgrpo` unit (the policy objects the unit drives are in branchgrpo.algorithms.branching), each a pure function of
+logged statistics plus a small state object with `state_dict`/`load_state_dict` (saved in the checkpoint's algorithm
+state; JSON-exact, so a resumed run matches an unbroken one bitwise).
 
     SpreadAllocation   --dynamic_allocation    per-prompt trees within a forward-pass budget, by recent reward spread
     SplitPlacement     --adaptive_splits       split steps move toward the steps of largest sibling spread

@@ -31,31 +31,15 @@ import torch
 
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.core.flags import parse_int_list
-from branchgrpo.bench.backbones import model_config
+from branchgrpo.bench.backbones import add_model_flags, model_config
 from branchgrpo.core.distributed import resolve_device
 from branchgrpo.runtime.outputs import writable_file
-from branchgrpo.models import backbones
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from branchgrpo.bench.backbones import STAND_INS
-
-    specs = backbones()
     p = argparse.ArgumentParser(prog="python -m branchgrpo.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(specs), default="toy", help="backbone (a registered spec)")
-    p.add_argument("--pretrained_model_name_or_path", default=None,
-                   help="base model folder (backbones without one shipped in the package need it or --random_shape)")
-    p.add_argument("--random_shape", "--random_flux_shape", dest="random_shape", default=None,
-                   choices=sorted({shape for s in STAND_INS.values() for shape in s.shapes}),
-                   help="a transformer of this shape with random weights instead of a folder (" +
-                   "; ".join(f"{name}: {', '.join(s.shapes)}" for name, s in STAND_INS.items()) +
-                   "; flux full = FLUX.1-dev's 12B geometry)")
-    for name, text in (("h", "image height"), ("w", "image width"), ("num_frames", "video frames"),
-                       ("guidance_scale", "guidance scale")):
-        defaults = "; ".join(f"{b}: {spec.defaults[name]}" for b, spec in specs.items() if name in spec.flags)
-        p.add_argument(f"--{name}", type=float if name == "guidance_scale" else int, default=None,
-                       help=f"{text} (default {defaults})")
+    add_model_flags(p)
     p.add_argument("--text_tokens", type=int, default=None, help="text tokens per prompt (random conditioning: "
                    "default 512 for 4096-wide FLUX, 16 for tiny ones; encoded prompts: --max_sequence_length)")
     p.add_argument("--device", default="auto")
@@ -91,7 +75,7 @@ def run(args) -> dict:
     from branchgrpo.bench.measure import machine_info
     from branchgrpo.bench.report import bench_markdown, write_result
 
-    model_cfg = model_config(args)  # before anything is loaded
+    model_cfg = model_config(args, args.random_shape)  # before anything is loaded
     if args.num_threads < 0:
         raise ValueError(f"--num_threads: need >= 0 (0 = torch's default), got {args.num_threads}")
     for name, low in (("steps", 2), ("num_prompts", 1), ("rollout_batch_size", 1), ("repeats", 1),

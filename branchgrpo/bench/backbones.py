@@ -1,30 +1,22 @@
 """The backbones the throughput benchmark runs, plus the conditioning and the counts MFU needs.
 
-Any registered backbone loads through its spec (`spec.load` from --pretrained_model_name_or_path, or the toy's
-shipped checkpoint) and is conditioned on prompts of its default prompt file, encoded by its own text encoders
-(`spec.prompt_encoder`). A backbone listed in `STAND_INS` instead gets random conditioning of the right widths (its
-real text encoders - FLUX's T5-XXL - would take memory the benchmark is not about), and can be built as a transformer
-of a named shape with random weights (`--random_shape`), no files needed: FLUX.1-dev's geometry is public, its
-weights are not needed to time it.
-
-Random weights are fine for throughput: the cost of a forward does not depend on the values (no data-dependent
-control flow in FLUX). `full` builds the real FLUX.1-dev geometry (19 double + 38 single blocks, width 3072, about
-11.9B parameters): on a GPU it is created directly on the device in bf16, never materialised in fp32 on the host.
+Any registered backbone whose spec implements `BenchSupport` (models/support.py: the token count of MFU) loads
+through its spec (`spec.load` from --pretrained_model_name_or_path, or the toy's shipped checkpoint) and is conditioned
+on prompts of its default prompt file, encoded by its own text encoders (`spec.prompt_encoder`). A spec that also
+implements `StandInSupport` instead gets random conditioning of the right widths (its real text encoders - FLUX's
+T5-XXL - would take memory the benchmark is not about), and can be built as a transformer of a named shape with
+random weights (`--random_shape`), no files needed: FLUX.1-dev's geometry is public, its weights are not needed to
+time it (the cost of a forward does not depend on the values).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
-from branchgrpo.models.spec import read_shipped_config
-
-# FLUX.1-dev's transformer/config.json (public architecture numbers; weights are not needed), as shipped for the planner
-FLUX_DEV_CONFIG = read_shipped_config("flux1-dev", ("flux1-dev",))
-T5_XXL_DIM = 4096
+from branchgrpo.models.support import BenchSupport, StandInSupport, require_support
 
 
 @dataclass
@@ -36,71 +28,17 @@ class BenchBackbone:
     description: str
 
 
-@dataclass
-class StandIn:
-    """How the benchmark builds a backbone without its real files."""
+def random_shapes() -> dict[str, tuple[str, ...]]:
+    """backbone -> its `--random_shape` values, for the backbones that offer some."""
+    from branchgrpo.models import backbones
 
-    #: `--random_shape` values
-    shapes: tuple[str, ...]
-    #: (shape, model_cfg, device, dtype, seed) -> adapter with random weights
-    adapter: Callable
-    #: (adapter, num_prompts, text_tokens or None, device, dtype, seed) -> (cond, text tokens)
-    cond: Callable
-
-
-def _flux_vae_stub_config():
-    """A 4-level, 8-channel AutoencoderKL: the adapter reads its scale factor (8) and latent constants; the
-    benchmark never decodes, so the VAE's size is irrelevant."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-                         scaling_factor=0.3611, shift_factor=0.1159)
-
-
-def random_flux_transformer(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0, **overrides):
-    """A FluxTransformer2DModel of FLUX.1-dev's shape ('full') or of the test-sized tiny shape ('tiny'), random
-    weights drawn on `device` in `dtype` (std 0.02 normal for matrices, as a freshly initialised model);
-    `overrides` replace config values (e.g. fewer blocks: num_layers, num_single_layers)."""
-    from diffusers import FluxTransformer2DModel
-
-    from branchgrpo.models.diffusers_backbone import build_transformer
-    from branchgrpo.testing.flux_tiny import TRANSFORMER_CONFIG
-
-    config = {**{"full": FLUX_DEV_CONFIG, "tiny": TRANSFORMER_CONFIG}[shape], **overrides}
-    torch.manual_seed(seed)
-    # already on `device` in `dtype` (a .to() here would also make diffusers warn)
-    return build_transformer(FluxTransformer2DModel, config, device, dtype)
-
-
-def _random_flux_adapter(shape, model_cfg, device, dtype, seed):
-    from branchgrpo.models.flux import FluxAdapter
-
-    spec = model_cfg.spec
-    transformer = random_flux_transformer(shape, device, dtype, seed)
-    return FluxAdapter(transformer, _flux_vae_stub_config(), spec.size(model_cfg, "h"), spec.size(model_cfg, "w"),
-                       spec.size(model_cfg, "guidance_scale")).to(device)
-
-
-def _random_flux_cond(adapter, num_prompts, text_tokens, device, dtype, seed):
-    config = adapter.transformer.config
-    if text_tokens is None:  # the real T5-XXL context for real-width models, the tiny tests' 16 otherwise
-        text_tokens = 512 if config.joint_attention_dim == T5_XXL_DIM else 16
-    gen = torch.Generator().manual_seed(seed)
-    cond = {"prompt_embeds": torch.randn(num_prompts, text_tokens, config.joint_attention_dim, generator=gen),
-            "pooled_prompt_embeds": torch.randn(num_prompts, config.pooled_projection_dim, generator=gen)}
-    return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
-
-
-# backbone name -> its random-weights stand-in and random conditioning
-STAND_INS = {"flux": StandIn(("tiny", "full"), _random_flux_adapter, _random_flux_cond)}
+    return {name: tuple(spec.random_shapes) for name, spec in backbones().items() if isinstance(spec, StandInSupport)}
 
 
 def encoded_prompts(spec, model_path, num_prompts: int, text_tokens: int | None, device,
-                    model_cfg=None) -> dict[str, torch.Tensor]:
+                    section=None) -> dict[str, torch.Tensor]:
     """The first `num_prompts` prompts of the backbone's default prompt file (cycled), encoded by its own encoders
-    (`text_tokens`: their --max_sequence_length, where they take one; the sizes of `model_cfg`, where they read
+    (`text_tokens`: their --max_sequence_length, where they take one; the sizes of its `section`, where they read
     some), extras expanded per prompt."""
     from branchgrpo.data.embeddings import with_extras
     from branchgrpo.data.preprocess import read_prompts
@@ -108,7 +46,7 @@ def encoded_prompts(spec, model_path, num_prompts: int, text_tokens: int | None,
     items = read_prompts(spec.default_prompts(), spec.prompt_format).items
     items = [items[i % len(items)] for i in range(num_prompts)]
     settings = SimpleNamespace(dtype="auto", **({} if text_tokens is None else {"max_sequence_length": text_tokens}),
-                               **(spec.encoder_sizes(model_cfg) if model_cfg is not None else {}))
+                               **(spec.encoder_sizes(section) if section is not None else {}))
     encode = spec.prompt_encoder(model_path, device, settings)
     cond = encode(items)
     return with_extras(cond, encode.extras() if hasattr(encode, "extras") else {}, device)
@@ -118,44 +56,70 @@ def load_backbone(model_cfg, device: torch.device, *, random_shape: str | None =
                   text_tokens: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0) -> BenchBackbone:
     """The backbone `model_cfg` names (a ModelConfig: sizes not given take the spec's defaults), loaded through its
     spec or, with `random_shape`, its stand-in with random weights."""
-    spec, pretrained = model_cfg.spec, model_cfg.pretrained_model_name_or_path
-    stand_in = STAND_INS.get(spec.name)
+    spec = require_support(model_cfg.spec, BenchSupport, "the benchmark")
+    pretrained, stand_in = model_cfg.pretrained_model_name_or_path, isinstance(spec, StandInSupport)
     if random_shape is not None:
-        if stand_in is None or random_shape not in stand_in.shapes:
-            offered = "; ".join(f"--model {name}: {', '.join(s.shapes)}" for name, s in STAND_INS.items())
+        if not stand_in or random_shape not in spec.random_shapes:
+            offered = "; ".join(f"--model {name}: {', '.join(shapes)}" for name, shapes in random_shapes().items())
             raise ValueError(f"--random_shape {random_shape}: not offered for --model {spec.name} ({offered})")
         if pretrained is not None:
             raise ValueError("--random_shape: give either it or --pretrained_model_name_or_path, not both")
-        adapter = stand_in.adapter(random_shape, model_cfg, device, dtype, seed)
+        adapter = spec.random_adapter(random_shape, model_cfg, device, dtype, seed)
         description = f"{spec.name} transformer of the {random_shape} shape, random weights"
     else:
         if spec.needs_pretrained and pretrained is None:
             raise ValueError(f"--model {spec.name}: give --pretrained_model_name_or_path" +
-                             (" or --random_shape" if stand_in is not None else ""))
+                             (" or --random_shape" if stand_in else ""))
         adapter = spec.load(model_cfg, device, dtype)
         description = f"{spec.name} ({pretrained or 'shipped checkpoint'})"
-    if stand_in is not None:
-        cond = stand_in.cond(adapter, num_prompts, text_tokens, device, dtype, seed)
+    if stand_in:
+        cond = spec.random_cond(adapter, num_prompts, text_tokens, device, dtype, seed)
     else:
-        cond = encoded_prompts(spec, pretrained, num_prompts, text_tokens, device, model_cfg)
-    tokens = spec.tokens_per_sample(adapter, cond)
-    sizes = "x".join(str(getattr(adapter, a)) for a in ("num_frames", "height", "width") if hasattr(adapter, a))
-    return BenchBackbone(adapter, cond, _count(adapter.transformer), tokens,
+        cond = encoded_prompts(spec, pretrained, num_prompts, text_tokens, device, model_cfg.backbone)
+    sizes = media_size(adapter)
+    return BenchBackbone(adapter, cond, _count(adapter.transformer), spec.tokens_per_sample(adapter, cond),
                          f"{description}{', ' + sizes if sizes else ''}")
+
+
+def media_size(adapter) -> str:
+    """"[frames x ]height x width" of what the adapter generates ('' when it has no such attributes: the toy)."""
+    return "x".join(str(getattr(adapter, a)) for a in ("num_frames", "height", "width") if hasattr(adapter, a))
 
 
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def model_config(args):
-    """The model section (sizes not given: the backbone's defaults); flags that do not apply are refused."""
+def model_config(args, random_shape: str | None = None):
+    """The model section of a benchmark's flags (sizes not given: those of the `random_shape` stand-in, else the
+    backbone's defaults; the GPU check has no base folder); flags that do not apply are refused, values checked."""
     from branchgrpo.config.sections import ModelConfig
+    from branchgrpo.config.train import given_backbone_flags
+    from branchgrpo.models import get_backbone
 
-    model_cfg = ModelConfig(model=args.model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-                            h=args.h, w=args.w, num_frames=args.num_frames, guidance_scale=args.guidance_scale)
-    spec = model_cfg.spec
-    for name in spec.inapplicable_flags(model_cfg):
-        raise ValueError(f"--{name}: does not apply to --model {spec.name}")
-    spec.check_flags(model_cfg)
+    spec = get_backbone(args.model)
+    shape_flags = spec.random_shapes.get(random_shape, {}) if isinstance(spec, StandInSupport) else {}
+    model_cfg = ModelConfig.for_backbone(args.model, getattr(args, "pretrained_model_name_or_path", None),
+                                         **{**shape_flags, **given_backbone_flags(args)})
+    model_cfg.backbone.validate()
     return model_cfg
+
+
+def add_model_flags(parser) -> None:
+    """--model, --pretrained_model_name_or_path and every backbone's flags (sizes, guidance, ...)."""
+    from branchgrpo.config.train import add_backbone_flags
+    from branchgrpo.models import backbones
+
+    specs = [name for name, spec in backbones().items() if isinstance(spec, BenchSupport)]
+    parser.add_argument("--model", choices=specs, default=specs[0], help="backbone (a registered spec)")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="base model folder (backbones without one shipped in the package need it or "
+                        "--random_shape)")
+    offered = random_shapes()
+    parser.add_argument("--random_shape", "--random_flux_shape", dest="random_shape", default=None,
+                        choices=sorted({shape for shapes in offered.values() for shape in shapes}),
+                        help="a transformer of this shape with random weights instead of a folder (" +
+                        "; ".join(f"{name}: {', '.join(shapes)}" for name, shapes in offered.items()) +
+                        "; full = the released geometry; sizes not given: the shape's own, e.g. small images for a "
+                        "tiny one)")
+    add_backbone_flags(parser)

@@ -26,20 +26,25 @@ def methods() -> dict[str, tuple[str, list[str]]]:
 
 BASELINE = "dancegrpo_tf1.0"  # the row the iteration-time ratios are relative to (the paper's)
 
-# Shared by every method. toy: the settings of configs/toy_*.yaml; flux: those of scripts/lib/flux.sh.
-COMMON = {
-    "toy": ["--model", "toy", "--sampling_steps", "20", "--shift", "3", "--reward", "toy", "--train_batch_size", "8",
-            "--learning_rate", "3e-4", "--max_grad_norm", "1.0", "--clip_range", "1e-3", "--adv_clip_max", "5",
-            "--rollout_batch_size", "512", "--train_micro_batch_size", "256", "--gradient_accumulation_steps", "0",
-            "--reward_batch_size", "512", "--num_eval_prompts", "20", "--eval_samples_per_prompt", "4",
-            "--device", "cpu", "--seed", "42"],
-    "flux": ["--model", "flux", "--sampling_steps", "20", "--shift", "3", "--reward", "hps=1.0", "--h", "720",
-             "--w", "720", "--train_batch_size", "2", "--learning_rate", "1e-5", "--max_grad_norm", "0.01",
-             "--clip_range", "1e-3", "--adv_clip_max", "5", "--rollout_batch_size", "8", "--train_micro_batch_size",
-             "4", "--gradient_accumulation_steps", "3", "--reward_batch_size", "4", "--gradient_checkpointing",
-             "--mixed_precision", "bf16", "--parallel", "fsdp", "--num_eval_prompts", "16",
-             "--eval_samples_per_prompt", "4", "--seed", "42"],
-}
+def common_flags(model: str) -> list[str]:
+    """The trainer flags every method shares: the backbone's own (its spec's `comparison_flags`, models/support.py
+    `BenchSupport`)."""
+    from branchgrpo.models import get_backbone
+    from branchgrpo.models.support import BenchSupport, require_support
+
+    spec = require_support(get_backbone(model), BenchSupport, "the comparison harness")
+    if not spec.comparison_flags:
+        raise ValueError(f"--model {model}: the comparison harness has no settings for this backbone (its spec's "
+                         "comparison_flags are empty)")
+    return ["--model", model, *spec.comparison_flags]
+
+
+def comparable_backbones() -> list[str]:
+    """The backbones the harness can compare methods on (their specs give the shared flags)."""
+    from branchgrpo.models import backbones
+    from branchgrpo.models.support import BenchSupport
+
+    return [name for name, spec in backbones().items() if isinstance(spec, BenchSupport) and spec.comparison_flags]
 
 
 def method_flags(name: str, iterations: int) -> list[str]:

@@ -186,19 +186,14 @@ def markdown(r: dict) -> str:
 
 
 def parse_args(argv):
-    from branchgrpo.bench.backbones import STAND_INS
+    from branchgrpo.bench.backbones import add_model_flags
     from branchgrpo.core.distributed import resolve_device
-    from branchgrpo.models import backbones
     from branchgrpo.runtime.outputs import writable_file
 
     p = argparse.ArgumentParser(prog="python -m branchgrpo.bench.compiled", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(backbones()), default="toy")
-    p.add_argument("--pretrained_model_name_or_path", default=None)
-    p.add_argument("--random_shape", default=None, choices=sorted({s for v in STAND_INS.values() for s in v.shapes}))
-    for name in ("h", "w", "num_frames", "text_tokens"):
-        p.add_argument(f"--{name}", type=int, default=None)
-    p.add_argument("--guidance_scale", type=float, default=None)
+    add_model_flags(p)
+    p.add_argument("--text_tokens", type=int, default=None)
     p.add_argument("--num_prompts", type=int, default=8, help="trees per rollout")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--micro_batch", type=int, default=8, help="parents per training forward (the trainer's default)")
@@ -224,7 +219,7 @@ def run(args) -> dict:
     from branchgrpo.bench.backbones import load_backbone, model_config
     from branchgrpo.core.distributed import resolve_device
 
-    model_cfg = model_config(args)
+    model_cfg = model_config(args, args.random_shape)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)

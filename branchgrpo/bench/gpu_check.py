@@ -1,8 +1,9 @@
-"""One-command GPU check (`bash scripts/bench/gpu_check.sh`; `--tiny`: the same code on the tiny FLUX on CPU).
+"""One-command GPU check (`bash scripts/bench/gpu_check.sh`; `--tiny`: the same code on the tiny shape on CPU).
 
-Builds FLUX.1-dev's transformer from the shipped config (branchgrpo/models/configs/flux1-dev.json) with random
-weights in bf16 - no download - and measures, through the training code itself (`run_rollout`, `PolicyUpdate`):
-1. a 16-leaf tree rollout (T steps, splits 0,3,6,9, K 2) at --h x --w: time, forward passes/s, MFU;
+Builds the backbone's transformer (`--model`, by default FLUX.1-dev from its shipped config,
+branchgrpo/models/configs/flux1-dev.json) with random weights in bf16 - no download; the spec's stand-in,
+models/support.py `StandInSupport` - and measures, through the training code itself (`run_rollout`, `PolicyUpdate`):
+1. a 16-leaf tree rollout (T steps, splits 0,3,6,9, K 2) at the backbone's size: time, forward passes/s, MFU;
 2. the update over the tree's trainable edges with activation checkpointing (and FSDP2 over all processes when
    launched with more than one): time, MFU (6 N tokens per training forward; recomputation not counted);
 3. the bf16 first-ratio deviation: the first micro-batch's ratio exp(log pi_theta - log pi_old) should be exactly 1
@@ -22,6 +23,7 @@ Writes gpu_check.json and gpu_check.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -31,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from branchgrpo.core import distributed, plans
+from branchgrpo.bench.backbones import media_size
 from branchgrpo.bench.compiled import bound_text, first_ratio_deviation, headroom
 from branchgrpo.bench.measure import (
     PeakMemory,
@@ -46,28 +49,33 @@ SPLITS = (0, 3, 6, 9)
 
 
 def parse_args(argv):
+    from branchgrpo.bench.backbones import model_config, random_shapes
+    from branchgrpo.config.train import add_backbone_flags
+
+    checked = [name for name, shapes in random_shapes().items() if {"tiny", "full"} <= set(shapes)]
     p = argparse.ArgumentParser(prog="python -m branchgrpo.bench.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="the tiny FLUX config on CPU (CI); sizes default to 64 px")
+    p.add_argument("--model", choices=checked, default=checked[0], help="backbone (a spec with tiny and full random "
+                   "shapes)")
+    p.add_argument("--tiny", action="store_true", help="the tiny shape on CPU (CI); sizes default to the tiny "
+                   "shape's (64 px for FLUX)")
     p.add_argument("--output_dir", default="outputs/gpu_check")
-    p.add_argument("--h", type=int, default=None, help="image height (default 720; --tiny: 64)")
-    p.add_argument("--w", type=int, default=None, help="image width (default 720; --tiny: 64)")
+    add_backbone_flags(p)
     p.add_argument("--steps", type=int, default=14, help="sampling steps of the tree (>= 11: splits at 0,3,6,9; "
                    "14: 107 forward passes, sized for the whole check in < 8 min on one H100, docs/benchmarks.md)")
-    p.add_argument("--num_layers", type=int, default=None, help="cut the double blocks (FLUX.1-dev: 19)")
-    p.add_argument("--num_single_layers", type=int, default=None, help="cut the single blocks (FLUX.1-dev: 38)")
+    p.add_argument("--num_layers", type=int, default=None, help="cut the transformer config's num_layers (FLUX.1-dev: "
+                   "19 double blocks)")
+    p.add_argument("--num_single_layers", type=int, default=None, help="cut the transformer config's "
+                   "num_single_layers (FLUX.1-dev: 38 single blocks)")
     p.add_argument("--micro_batch", type=int, default=4, help="parents per training forward")
     p.add_argument("--lora_rank", type=int, default=64, help="train LoRA of this rank (0: full fine-tune)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU (H100/H200)")
-    p.add_argument("--text_tokens", type=int, default=None, help="T5 tokens (default 512; --tiny: 16)")
+    p.add_argument("--text_tokens", type=int, default=None, help="text tokens (default 512; --tiny: 16)")
     p.add_argument("--skip_compile", action="store_true", help="eager only (the compile comparison builds the "
                    "model again and compiles its forward and backward: about 3 minutes for --tiny on one CPU core)")
     args = p.parse_args(argv)
-    for name in ("h", "w"):
-        value = getattr(args, name) or (64 if args.tiny else 720)
-        if value <= 0 or value % 16:
-            raise ValueError(f"--{name} {value}: need a positive multiple of 16")
-        setattr(args, name, value)
+    args.shape = "tiny" if args.tiny else "full"
+    args.model_cfg = model_config(args, args.shape)
     if args.steps < 11:
         raise ValueError(f"--steps {args.steps}: need >= 11 (the tree splits at steps {SPLITS})")
     if args.micro_batch < 1 or args.lora_rank < 0:
@@ -77,23 +85,16 @@ def parse_args(argv):
 
 
 def build(args, device):
-    """The FLUX adapter of the shipped (or tiny) config with random weights in bf16, and random conditioning."""
-    from branchgrpo.bench.backbones import (
-        _flux_vae_stub_config,
-        _random_flux_cond,
-        random_flux_transformer,
-    )
-    from branchgrpo.models.flux import FluxAdapter
-
+    """The backbone's stand-in of the run's shape with random weights in bf16, and random conditioning."""
+    spec = args.model_cfg.spec
     overrides = {k: getattr(args, k) for k in ("num_layers", "num_single_layers") if getattr(args, k) is not None}
-    transformer = random_flux_transformer("tiny" if args.tiny else "full", device, torch.bfloat16, 0, **overrides)
-    adapter = FluxAdapter(transformer, _flux_vae_stub_config(), args.h, args.w).to(device)
-    cond = _random_flux_cond(adapter, 1, args.text_tokens, device, torch.bfloat16, 0)
+    adapter = spec.random_adapter(args.shape, args.model_cfg, device, torch.bfloat16, 0, **overrides)
+    cond = spec.random_cond(adapter, 1, args.text_tokens, device, torch.bfloat16, 0)
     if args.lora_rank:
         adapter.add_lora(args.lora_rank)
     else:
-        transformer.requires_grad_(True)
-    return adapter, cond, transformer.config
+        adapter.transformer.requires_grad_(True)
+    return adapter, cond, adapter.transformer.config
 
 
 def update_once(adapter, cond, graph, micro: int, device, autocast, recompute: bool, lr: float = 0.0) -> dict:
@@ -121,7 +122,8 @@ def predicted_memory_gb(args, counts: dict, world: int, config) -> dict:
     from branchgrpo.planner.gpu_memory import memory_model
     from branchgrpo.config import config_from_flags
 
-    flags = {"model": "flux", "h": args.h, "w": args.w, "gradient_checkpointing": True, "train_batch_size": 1,
+    flags = {"model": args.model, **dataclasses.asdict(args.model_cfg.backbone), "gradient_checkpointing": True,
+             "train_batch_size": 1,
              "mixed_precision": "bf16", "master_weight_type": "bf16", "train_micro_batch_size": args.micro_batch,
              "use_lora": args.lora_rank > 0, "lora_rank": max(args.lora_rank, 1), "parallel": "fsdp"}
     cfg = config_from_flags(flags, validate="none")
@@ -190,7 +192,7 @@ def run(args) -> dict:
     adapter, cond, config = build(args, device)
     plan = plans.tree_plan(args.steps, SPLITS, 2)
     num_params = sum(p.numel() for p in adapter.transformer.parameters())
-    tokens = adapter.latent_shape[0] + args.text_tokens
+    tokens = args.model_cfg.spec.tokens_per_sample(adapter, cond)
     _, rollout_s, graph = measure_rollout(adapter, cond, plan, args, device, autocast)
     num_blocks = prepare(adapter, info, compiled=False)
     plain = update_once(adapter, cond, graph, args.micro_batch, device, autocast, recompute=False)
@@ -213,8 +215,8 @@ def run(args) -> dict:
     peak = None if device.type == "cpu" else args.peak_tflops
     return {
         "machine": machine_info(device), "world_size": info.world_size, "tiny": args.tiny,
-        "config": "tiny" if args.tiny else "flux1-dev (shipped config, random bf16 weights)",
-        "blocks": num_blocks, "transformer_parameters": num_params, "size": f"{args.h}x{args.w}",
+        "config": f"{args.model} {args.shape} shape (random bf16 weights)",
+        "blocks": num_blocks, "transformer_parameters": num_params, "size": media_size(adapter),
         "tokens_per_sample": tokens, "steps": args.steps, "lora_rank": args.lora_rank,
         "rollout": {"leaves": int(plan.is_leaf.sum()), "forward_passes": graph.num_forward_passes,
                     "seconds": rollout_s, "forward_passes_per_s": fwd_per_s,

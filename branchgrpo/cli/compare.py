@@ -28,7 +28,16 @@ import os
 import sys
 import time
 
-from branchgrpo.bench.compare import BASELINE, COMMON, builtin_embeddings, method_args, method_flags, methods, run_method
+from branchgrpo.bench.compare import (
+    BASELINE,
+    builtin_embeddings,
+    common_flags,
+    comparable_backbones,
+    method_args,
+    method_flags,
+    methods,
+    run_method,
+)
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 
@@ -44,7 +53,9 @@ def _load() -> list[float] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=tuple(COMMON), default="toy")
+    models = comparable_backbones()
+    p.add_argument("--model", choices=models, default=models[0], help="backbone (one whose spec gives the settings "
+                   "every method shares)")
     p.add_argument("--methods", default="all", help="comma list of rows (the registered algorithms' presets: "
                    f"{', '.join(methods())}) or 'all'")
     p.add_argument("--iterations", type=int, default=100, help="training iterations per method (the default toy "
@@ -87,7 +98,7 @@ def run(argv=None) -> dict:
             raise ValueError(f"--{name}: need >= {low}, got {getattr(args, name)}")
     output_dir = writable_folder(args.output_dir, "--output_dir")
     eval_every = args.eval_every or max(1, args.iterations // 5)
-    common = list(COMMON[args.model])
+    common = common_flags(args.model)
     embeddings = None if "--data_json_path" in extra else builtin_embeddings(args.model, output_dir)
     if embeddings is not None:
         common += ["--data_json_path", str(embeddings[0]), "--eval_data_json_path", str(embeddings[1])]

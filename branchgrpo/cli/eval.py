@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
+from branchgrpo.config.train import add_backbone_flags, given_backbone_flags
 from branchgrpo.core.distributed import resolve_device
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
@@ -46,9 +47,6 @@ def _per_backbone(specs: dict, describe) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     specs = backbones()
-
-    def default(name):
-        return _per_backbone(specs, lambda spec: name in spec.flags and str(spec.defaults[name]))
 
     def takers(name):
         return ", ".join(b for b, spec in specs.items() if name in spec.encoder_flags)
@@ -80,11 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time_shift", choices=("static", "dynamic"), default="static",
                    help="static (--shift) or the backbone's resolution-dependent shift (" +
                    ", ".join(b for b, spec in specs.items() if spec.dynamic_shift) + ")")
-    g.add_argument("--guidance_scale", type=float, default=None,
-                   help=f"guidance scale (default {default('guidance_scale')})")
-    g.add_argument("--h", type=int, default=None, help=f"image height (default {default('h')})")
-    g.add_argument("--w", type=int, default=None, help=f"image width (default {default('w')})")
-    g.add_argument("--num_frames", type=int, default=None, help=f"video frames, 4k + 1 (default {default('num_frames')})")
+    add_backbone_flags(g)  # each backbone's own flags (sizes, guidance, ...), as training takes them
     g.add_argument("--sampler", choices=("ode", "sde"), default="ode",
                    help="ode: deterministic Euler (default); sde: the stochastic training kernel")
     g.add_argument("--sde_kernel", choices=("dance", "flow"), default="dance", help="--sampler sde: kernel")
@@ -128,11 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(args):
-    """The model section as training has it (sizes not given: the backbone's defaults)."""
+    """The model section as training has it (sizes not given: the backbone's defaults); a flag of another backbone
+    is refused."""
     from branchgrpo.config.sections import ModelConfig
 
-    return ModelConfig(model=args.model, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
-                       h=args.h, w=args.w, num_frames=args.num_frames, guidance_scale=args.guidance_scale)
+    return ModelConfig.for_backbone(args.model, args.pretrained_model_name_or_path, **given_backbone_flags(args))
 
 
 def _check(args, spec, model_cfg) -> None:
@@ -144,9 +138,6 @@ def _check(args, spec, model_cfg) -> None:
                        ("grid_prompts", "no grid")):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}: need >= 0 (0 = {zero}), got {getattr(args, name)}")
-    for name in spec.inapplicable_flags(model_cfg):
-        raise ValueError(f"--{name}: does not apply to --model {spec.name} (its flags: "
-                         f"{', '.join('--' + f for f in spec.flags) or 'none'})")
     for name in ENCODER_FLAGS:
         if getattr(args, name) is not None and name not in spec.encoder_flags:
             raise ValueError(f"--{name}: does not apply to --model {spec.name} (its prompt encoder does not read it)")
@@ -169,7 +160,7 @@ def _prompts(args, spec, model_cfg):
     from branchgrpo.data.preprocess import PromptList, read_prompts
 
     prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
-                           image_size=spec.image_size(model_cfg))
+                           image_size=spec.image_size(model_cfg.backbone))
     keep = slice(args.num_prompts or None)
     return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
@@ -227,7 +218,7 @@ def run(args) -> dict:
     adapter = loaded.adapter
     encoder_settings = SimpleNamespace(dtype="auto", **{name: getattr(args, name) for name in ENCODER_FLAGS
                                                         if getattr(args, name) is not None},
-                                       **spec.encoder_sizes(model_cfg))
+                                       **spec.encoder_sizes(model_cfg.backbone))
     embeddings = encode_prompts(spec, loaded.prompt_source, prompts.items, device, encoder_settings)
     mu = adapter.mu() if args.time_shift == "dynamic" else None
     settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
@@ -238,8 +229,8 @@ def run(args) -> dict:
     if video_metrics is not None:
         video_metrics.fps = adapter.video_fps  # dynamic degree takes frames about 8 per second apart
     start = time.time()
-    out = generate_and_score(adapter, embeddings, texts, rewards, settings, device, autocast, args.save_images,
-                             args.grid_prompts,
+    out = generate_and_score(adapter, spec.media, embeddings, texts, rewards, settings, device, autocast,
+                             args.save_images, args.grid_prompts,
                              progress=lambda done, total: log.info("%d / %d prompts", done, total),
                              media_metrics=video_metrics)
     elapsed = time.time() - start

@@ -5,8 +5,9 @@
     python -m branchgrpo.make_tiny wan_i2v DIR  tiny Wan2.1-I2V-style pipeline (+ CLIP image encoder and processor)
     python -m branchgrpo.make_tiny hps DIR      tiny HPS-style open_clip checkpoint + its model config
 
-Backbones are the registered specs that have a tiny checkpoint (`BackboneSpec.tiny`); rewards are listed in
-`branchgrpo.testing.TINY_REWARDS`. Everything is built from configs in code with fixed seeds; nothing is downloaded.
+Backbones are the registered specs that have a tiny checkpoint (`FixtureSupport.tiny`, models/support.py); rewards are
+listed in `branchgrpo.testing.TINY_REWARDS`. Everything is built from configs in code with fixed seeds; nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import sys
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.models import backbones
+from branchgrpo.models.support import FixtureSupport, require_support
 from branchgrpo.testing import TINY_REWARDS, call_writer
 
 
 def kinds() -> list[str]:
     """Backbones with a tiny checkpoint, then rewards."""
-    return [name for name, spec in backbones().items() if spec.tiny is not None] + list(TINY_REWARDS)
+    return [name for name, spec in backbones().items() if isinstance(spec, FixtureSupport)] + list(TINY_REWARDS)
 
 
 def make_tiny(kind: str, out_dir: str, seed: int = 0) -> None:
     specs = backbones()
-    if kind in specs and specs[kind].tiny is not None:
-        call_writer(specs[kind].tiny, out_dir, seed)
+    if kind in specs:
+        call_writer(require_support(specs[kind], FixtureSupport, "make_tiny", f"make_tiny {kind}").tiny, out_dir, seed)
     elif kind in TINY_REWARDS:
         call_writer(TINY_REWARDS[kind], out_dir, seed)
     else:

@@ -58,7 +58,7 @@ def _main(argv: list[str]) -> None:
         print(json.dumps(counts) if extras.json else format_counts(counts))
         return
     check_memory_flags(extras)
-    cfg.model.spec.check_flags(cfg.model)
+    cfg.model.backbone.validate()
     cfg.parallel.validate()
     planned = plan_memory(cfg, counts, extras)
     print(json.dumps({**counts, **planned}) if extras.json else format_counts(counts) + "\n" + format_memory(planned))

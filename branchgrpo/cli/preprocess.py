@@ -20,18 +20,14 @@ from branchgrpo.core import distributed
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.data.preprocess import BAD_LINES, read_prompts, run_preprocess
+from branchgrpo.config.train import add_backbone_flags, given_backbone_flags
 from branchgrpo.models import backbones, get_backbone
-from branchgrpo.models.spec import MODEL_FLAGS
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     specs = backbones()
-
-    def takers(name):
-        return ", ".join(b for b, spec in specs.items() if name in spec.encoder_flags) or "none"
-
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=list(specs), help="which backbone's encoders")
@@ -42,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad_lines", choices=BAD_LINES, default="refuse",
                    help="JSONL: a line without a usable image (missing, unreadable, wrong aspect ratio) stops the run "
                    "listing the bad lines (refuse) or is left out with a warning naming its line (skip)")
-    for name, what in (("h", "height"), ("w", "width"), ("num_frames", "frames")):
-        p.add_argument(f"--{name}", type=int, default=None,
-                       help=f"{takers(name)}: video {what} the image conditioning is encoded for (default: the "
-                       "backbone's); use the training run's")
+    read = {b: list(spec.encoder_sizes(spec.Config())) for b, spec in specs.items()}  # the flags each encoder reads
+    sizes = p.add_argument_group("the size the stored conditioning is built for (read by the prompt encoders of " +
+                                 (", ".join(b for b, names in read.items() if names) or "none") +
+                                 "): use the training run's")
+    add_backbone_flags(sizes, {name for names in read.values() for name in names})
     p.add_argument("--output_dir", required=True, help="where shards and index.json go")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5/UMT5 tokens per prompt (FLUX, Wan)")
     p.add_argument("--negative_prompt", default=None, help="Wan: negative prompt for CFG (default: Wan's own)")
@@ -72,7 +69,7 @@ def _preprocess(argv: list[str]) -> None:
     info = distributed.init_distributed(args.device)
     try:
         spec = get_backbone(args.model)
-        for name in ("negative_prompt", *MODEL_FLAGS):
+        for name in ("negative_prompt", *given_backbone_flags(args)):
             if getattr(args, name, None) is not None and name not in spec.encoder_flags:
                 log.warning("--%s has no effect with --model %s (its prompt encoder does not read it)", name,
                             spec.name)

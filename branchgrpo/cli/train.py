@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m branchgrpo.cli.train --model flux --pretrained_model_name_or_path data/flux ...
 
 Every flag is documented in `--help`; YAML files in configs/ set defaults that flags override. Bad input is one line
-`error: ...` and exit code 2 (`--debug` or BRANCHGRPO_DEBUG=1: with its traceback).
+`error: ...` and exit code 2 (`--debug` or BRANCHGRPO_DEBUG=1: with its traceback). A run that a guard halts
+(branchgrpo.runtime.guards; a stalled rank too) ends with such a line after its checkpoint, and exit code 3.
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from branchgrpo.core.distributed import check_device_name
-from branchgrpo.core.flags import either, flag, require, require_path
+from branchgrpo.core.flags import flag, flag_fields, require, require_path
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class RewardConfig(Section):
     reward_model_dir: str = flag("hps_ckpt", "folder holding reward checkpoints (see hps_ckpt/README.md)")
     reward_options: str = flag("", "JSON {reward: {option: value}} passed to the reward factories")
     reward_batch_size: int = flag(16, "leaves decoded and scored per call")
-    max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves without a finite "
-                                         "reward counts towards --max_nonfinite_iterations")
+    max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves with a finite "
+                                         "sample but no finite reward counts towards --max_nonfinite_iterations")
     max_nonfinite_iterations: int = flag(3, "stop (with a checkpoint) after this many such iterations in a row "
                                          "(0 = never)")
 
@@ -147,19 +147,36 @@ class RewardConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    """The backbone (a registered spec: branchgrpo.models), its checkpoint, generation size and LoRA."""
+    """The backbone (a registered spec: branchgrpo.models), its checkpoint and LoRA; the backbone's own flags
+    (generation size, guidance, ...) are its section, `backbone`, declared in its module."""
 
-    model: str = flag("toy", "backbone (a registered spec: toy, flux, wan)")
+    model: str = flag("toy", "backbone: the name of a registered spec (branchgrpo/models/; an unknown one is refused "
+                      "with the list)")
     pretrained_model_name_or_path: str | None = flag(None, "local checkpoint folder (diffusers layout for flux/wan); "
                                                      "toy: default = the checkpoint shipped in the package")
-    h: int | None = flag(None, "image height in pixels (flux, wan)")
-    w: int | None = flag(None, "image width in pixels (flux, wan)")
-    num_frames: int | None = flag(None, "video frames, 4k + 1 (wan)")
-    guidance_scale: float | None = flag(None, "flux: distilled guidance (3.5); wan: classifier-free guidance (5.0)")
     use_lora: bool = flag(False, "train LoRA adapters (peft) instead of the full model")
     lora_rank: int = flag(32, "LoRA rank")
     lora_alpha: float = flag(64.0, "LoRA alpha")
     lora_target_modules: str = flag("", "comma-separated module names (default: the backbone's attention projections)")
+    #: the selected backbone's section (its spec's `Config`: not a flag itself); None: its defaults
+    backbone: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.backbone is None:
+            self.backbone = self.spec.Config()
+
+    @classmethod
+    def for_backbone(cls, model: str, pretrained_model_name_or_path: str | None = None, **flags) -> "ModelConfig":
+        """The section of `--model model` with the flags given for its backbone (sizes not given: the backbone's
+        own) - for the evaluation and benchmark CLIs, which refuse a flag the backbone does not take."""
+        from branchgrpo.models import get_backbone
+
+        section = get_backbone(model).Config
+        own = [f.name for f in flag_fields(section)]
+        for name in flags:
+            require(name in own, f"--{name}: does not apply to --model {model} (its flags: "
+                    f"{', '.join('--' + f for f in own) or 'none'})")
+        return cls(model=model, pretrained_model_name_or_path=pretrained_model_name_or_path, backbone=section(**flags))
 
     @property
     def spec(self):
@@ -173,7 +190,7 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         spec = self.spec
-        spec.check_flags(self)
+        self.backbone.validate()
         if self.use_lora:
             require_positive(self, "lora_rank", "lora_alpha")
         if spec.needs_pretrained:
@@ -188,13 +205,8 @@ class ModelConfig(Section):
         spec.check_files(self)  # sizes against the checkpoint's configs, before any weight is read
 
     def conditions(self, run) -> dict[str, tuple[bool, str]]:
-        from branchgrpo.models import backbones
-
         out = {name: (self.use_lora, "--use_lora") for name in ("lora_rank", "lora_alpha", "lora_target_modules")}
-        for name in ("h", "w", "num_frames", "guidance_scale"):
-            takers = [b for b, spec in backbones().items() if name in spec.flags]
-            out[name] = (self.model in takers, "--model " + either(takers))
-        return out
+        return {**out, **self.backbone.conditions()}
 
 
 @dataclass
@@ -243,8 +255,9 @@ class OptimConfig(Section):
                            "tensors beside this rank's shards on the GPU: no host copy per update)", ("cpu", "device"))
     ema_decay: float = flag(0.995, "EMA decay per update")
     ema_update_interval: int = flag(1, "iterations between EMA updates")
-    max_skipped_steps: int = flag(5, "stop (with a checkpoint, exit 2) after this many optimizer steps in a row "
-                                  "skipped for a non-finite gradient norm (0 = never)")
+    max_skipped_steps: int = flag(5, "stop (exit 3) after this many optimizer steps in a row skipped for a "
+                                  "non-finite gradient norm, with a checkpoint of the last weights whose rollout was "
+                                  "finite (0 = never)")
 
     RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps", "ema_device"})  # EMA checkpoints: CPU tensors
 

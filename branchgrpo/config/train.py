@@ -5,8 +5,8 @@ flat official flag names (command line over YAML), validated once before anythin
     cfg.sampling.sampling_steps, cfg.optim.learning_rate, cfg.algorithm.tree_split_points, ...
     cfg.flags                             # every flag, flat: what config.json and checkpoints record
 
-The flag catalogue is assembled at parse time from the sections and from every registered algorithm's section, so
-an algorithm registered by a plugin or a test brings its flags with it.
+The flag catalogue is assembled at parse time from the sections and from every registered backbone's and algorithm's
+section (`cfg.model.backbone`, `cfg.algorithm`), so a unit registered by a plugin or a test brings its flags with it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from branchgrpo.core.flags import (
     check_value_type,
     either,
     field_types,
+    flag_fields,
     load_yaml,
     normalise_yaml_value,
     require,
@@ -64,31 +65,65 @@ class Flag:
     name: str
     field: dataclasses.Field
     type: type
-    section: str | None  # the TrainConfig attribute, or None for an algorithm flag
-    algorithms: tuple[str, ...] = ()  # the units whose section holds it
+    section: str | None  # the TrainConfig attribute, or None for a unit's flag
+    algorithms: tuple[str, ...] = ()  # the algorithm units whose section holds it
+    backbones: tuple[str, ...] = ()  # the backbone specs whose section holds it
 
 
 def flag_catalogue() -> dict[str, Flag]:
-    """Every flag: the sections' first, then each registered algorithm's (a flag shared by several units, such as
-    --num_generations, must be the same field in each)."""
+    """Every flag: the sections' first, then each registered backbone's, then each registered algorithm's."""
     from branchgrpo.algorithms import algorithms
+    from branchgrpo.models import backbones
 
     out: dict[str, Flag] = {}
     for attr, (cls, _) in SECTIONS.items():
         types = field_types(cls)
-        for f in dataclasses.fields(cls):
+        for f in flag_fields(cls):
             out[f.name] = Flag(f.name, f, types[f.name], attr)
-    for name, unit in algorithms().items():
-        types = field_types(unit.Config)
-        for f in dataclasses.fields(unit.Config):
+    _add_unit_flags(out, "backbones", {name: spec.Config for name, spec in backbones().items()})
+    _add_unit_flags(out, "algorithms", {name: unit.Config for name, unit in algorithms().items()})
+    return out
+
+
+def _add_unit_flags(out: dict[str, Flag], kind: str, sections: dict[str, type]) -> None:
+    """The flags of the units' sections (`kind`: "backbones" or "algorithms"). A flag several units of one kind share
+    (--num_generations, --h) is one command-line flag, so it must be the same field in each: same default, type and
+    help (take it from a shared base section); a unit's flag may not reuse a run section's or another kind's name."""
+    for unit, cls in sections.items():
+        types = field_types(cls)
+        for f in flag_fields(cls):
             known = out.get(f.name)
             if known is None:
-                out[f.name] = Flag(f.name, f, types[f.name], None, (name,))
+                out[f.name] = Flag(f.name, f, types[f.name], None, **{kind: (unit,)})
                 continue
-            if known.section is not None or (known.field.default, known.type) != (f.default, types[f.name]):
-                raise ValueError(f"algorithm '{name}': flag --{f.name} clashes with another definition of it")
-            out[f.name] = dataclasses.replace(known, algorithms=known.algorithms + (name,))
-    return out
+            same = (known.field.default, known.type, known.field.metadata) == (f.default, types[f.name], f.metadata)
+            if not (getattr(known, kind) and same):
+                raise ValueError(f"{kind[:-1]} '{unit}': flag --{f.name} clashes with another definition of it")
+            out[f.name] = dataclasses.replace(known, **{kind: getattr(known, kind) + (unit,)})
+
+
+def backbone_flag_help(entry: Flag) -> str:
+    """A backbone flag's help, with each backbone's own value for it where the field's default defers to it."""
+    from branchgrpo.models import backbones
+
+    specs = backbones()
+    own = [f"{b} {specs[b].Config.DEFAULTS[entry.name]}" for b in entry.backbones
+           if entry.name in specs[b].Config.DEFAULTS]
+    return entry.field.metadata["help"] + (f" (default: {', '.join(own)})" if own else "")
+
+
+def add_backbone_flags(group, names=None) -> None:
+    """Every backbone's flags (or those of `names`) as `--name`, absent unless given (the evaluation, benchmark and
+    preprocessing CLIs: `ModelConfig.for_backbone(model, path, **given_backbone_flags(args))`)."""
+    for entry in flag_catalogue().values():
+        if entry.backbones and (names is None or entry.name in names):
+            add_flag(group, entry.field, entry.type, backbone_flag_help(entry))
+
+
+def given_backbone_flags(args) -> dict:
+    """The backbone flags present in an argparse namespace of `add_backbone_flags`: those given."""
+    catalogue = flag_catalogue()
+    return {name: value for name, value in vars(args).items() if name in catalogue and catalogue[name].backbones}
 
 
 @dataclass
@@ -158,10 +193,12 @@ class TrainConfig:
         for section in self.sections().values():
             conditions.update(section.conditions(self))
         conditions.update(self.algorithm.conditions())
-        own = {f.name for f in dataclasses.fields(self.algorithm)}
+        own = {f.name for section in (self.algorithm, self.model.backbone) for f in flag_fields(type(section))}
         for name, entry in catalogue.items():
             if entry.algorithms and name not in own:
                 conditions[name] = (False, "--algo " + either(entry.algorithms))
+            elif entry.backbones and name not in own:
+                conditions[name] = (False, "--model " + either(entry.backbones))
         return [f"--{name} (acts only with {conditions[name][1]})" for name, entry in catalogue.items()
                 if name in conditions and not conditions[name][0] and self.flags[name] != entry.field.default]
 
@@ -181,6 +218,8 @@ def config_from_flags(values: dict, validate: str = "all") -> TrainConfig:
         check_value_type(name, flags[name], entry.type)
     unit = get_algorithm(flags["algo"])
     sections = {attr: section_from(cls, flags) for attr, (cls, _) in SECTIONS.items()}
+    model = sections["model"]
+    model.backbone = section_from(model.spec.Config, flags)
     cfg = TrainConfig(**sections, algorithm=section_from(unit.Config, flags), flags=flags)
     if validate == "all":
         cfg.validate()
@@ -197,6 +236,7 @@ def algorithm_from_flags(**values):
 def build_parser(description: str = "Train with BranchGRPO and relatives.", extra_args=None,
                  prog: str = "branchgrpo-train") -> argparse.ArgumentParser:
     from branchgrpo.algorithms import algorithms
+    from branchgrpo.models import backbones
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML file of flag values (CLI flags override it)")
@@ -204,10 +244,15 @@ def build_parser(description: str = "Train with BranchGRPO and relatives.", extr
         extra_args(parser)
     catalogue = flag_catalogue()
     groups = {attr: parser.add_argument_group(title) for attr, (_, title) in SECTIONS.items()}
-    for name in algorithms():
-        groups[name] = parser.add_argument_group(f"--algo {name}")
+    # a unit's group holds the flags it is the first to take (a shared flag is listed once)
+    units = {("model", name): f"--model {name}" for name in backbones()}
+    units.update({("algo", name): f"--algo {name}" for name in algorithms()})
+    groups.update({unit: parser.add_argument_group(title) for unit, title in units.items()})
     for entry in catalogue.values():
-        add_flag(groups[entry.section or entry.algorithms[0]], entry.field, entry.type)
+        if entry.backbones:
+            add_flag(groups["model", entry.backbones[0]], entry.field, entry.type, backbone_flag_help(entry))
+        else:
+            add_flag(groups[entry.section or ("algo", entry.algorithms[0])], entry.field, entry.type)
     add_official_flags(parser)
     return parser
 
@@ -241,8 +286,10 @@ def changed_flags(saved: dict, cfg: TrainConfig) -> str:
     """The flags of `cfg` that differ from a run's `saved` flags, except the sections' RESUMABLE ones, as
     "--name old -> new, ..." ('' when the runs are the same experiment)."""
     resumable = cfg.resumable
-    # an algorithm flag added after the run was written, left at its default, reproduces the old behaviour
-    added = {f.name for f in dataclasses.fields(cfg.algorithm) if f.name not in saved and cfg.flags.get(f.name) == f.default}
+    # a unit's flag added after the run was written (by the unit, or by a unit registered since), left at its
+    # default, reproduces the old behaviour
+    added = {name for name, entry in flag_catalogue().items() if (entry.algorithms or entry.backbones)
+             and name not in saved and cfg.flags.get(name) == entry.field.default}
     changed = {k: (saved.get(k), v) for k, v in cfg.flags.items()
                if k not in resumable and k not in added and saved.get(k) != v}
     return ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))

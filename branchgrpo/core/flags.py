@@ -1,9 +1,9 @@
 """Flags as dataclass fields: one field per command-line flag, with its default and a one-line doc, and the generic
 machinery around them (argparse from fields, YAML values, type checks, comma-separated integer lists).
 
-Every config section (branchgrpo.config.sections) and every algorithm unit's section (branchgrpo.algorithms) is a
-dataclass built from `flag(...)` fields; the command line is the union of their fields, flat, under the official
-flag names.
+Every config section (branchgrpo.config.sections), every algorithm unit's section (branchgrpo.algorithms) and every
+backbone's section (branchgrpo.models) is a dataclass built from `flag(...)` fields; the command line is the union of
+their fields, flat, under the official flag names.
 """
 
 from __future__ import annotations
@@ -94,9 +94,15 @@ def check_value_type(name: str, value, tp) -> None:
         raise ValueError(f"--{name}: need a string, got {value!r}")
 
 
-def add_flag(group, f: dataclasses.Field, tp) -> None:
-    """Add one field as `--name` (defaults suppressed: only flags actually given reach the values)."""
-    kwargs = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+def flag_fields(cls) -> list[dataclasses.Field]:
+    """The fields of a section that are flags (built with `flag`); a section may also hold a nested section."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def add_flag(group, f: dataclasses.Field, tp, help: str | None = None) -> None:
+    """Add one field as `--name` (defaults suppressed: only flags actually given reach the values); `help`: instead
+    of the field's own."""
+    kwargs = {"help": f.metadata.get("help", "") if help is None else help, "default": argparse.SUPPRESS}
     if tp is bool:
         group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
         return

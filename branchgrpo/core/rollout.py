@@ -5,6 +5,10 @@ together, in micro-batches of `batch_size`; never one node at a time (the offici
 Noise comes from generators keyed by (seed, iteration, prompt, depth), one row per node of that prompt and depth
 in plan order - i.e. keyed by (seed, iteration, prompt, node): the same inputs give bitwise the same graph whatever
 the rollout batch size or the batch's other prompts, and another iteration gives another graph.
+
+`run_rollout` grows a plan to the end. A `Rollout` (started from a `RolloutSetup`, what the trainer hands the
+algorithm unit) can also pause at each split (`next_split`), for its caller to keep fewer children there
+(`Split.keep`) before it goes on: guided expansion steps it so, with no callback into the rollout.
 """
 
 from __future__ import annotations
@@ -62,11 +66,6 @@ def _evaluate(velocity_fn: VelocityFn, x: torch.Tensor, sigma_B: torch.Tensor, p
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-# expand(parents [n] global ids, x0_hat [n, ...], prompt [n]) -> children to keep [n] long: guided expansion's hook,
-# called at each split with the split parents whose velocities were just evaluated (branchgrpo.algorithms.dynamic)
-ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 @dataclass
 class _Depth:
     """One depth of a rollout, laid out on the host before the rollout runs: the level's nodes, which of them are
@@ -101,7 +100,7 @@ def _layout(nodes: dict, alive: torch.Tensor, keep: torch.Tensor, level_ids: tor
             lv.dev["keep"] = torch.nonzero(stored).flatten()
         children = by_depth[d + 1] if d + 1 < len(by_depth) else by_depth[d][:0]
         children = children[alive[children]]
-        orphan = ~alive[parent[children]]  # below a child that guided expansion dropped
+        orphan = ~alive[parent[children]]  # below a child dropped at a split (`Split.keep`)
         alive[children[orphan]] = False
         children = children[~orphan]
         if children.numel() == 0:
@@ -149,7 +148,8 @@ def _noise_layout(lv: _Depth, nodes: dict, is_sde: torch.Tensor, branch_innovati
 
 
 # laid-out rollouts by (plans, sigmas, innovation, keep_all_latents) and device: a training run lays out its plan
-# once, not every iteration (guided expansion's layouts depend on the rollout and are never kept)
+# once, not every iteration (the layouts of a rollout that pauses at splits depend on what is kept there, and are
+# never kept)
 _LAYOUTS: dict[tuple, list[_Depth]] = {}
 _MAX_LAYOUTS = 8
 
@@ -172,7 +172,7 @@ def _fingerprint(plans: list[GraphPlan], sigma32: torch.Tensor, branch_innovatio
 
 def _prepare(plans, nodes, alive, sigma32, branch_innovation, keep_all_latents: bool, device, cache: bool):
     """(levels, keep, by_depth): the rollout's layout, from the cache if `cache` and laid out before, plus the
-    stored-latent mask and the node ids per depth that guided expansion's re-layouts need (None from the cache)."""
+    stored-latent mask and the node ids per depth that re-layouts after a `Split.keep` need (None from the cache)."""
     key = (_fingerprint(plans, sigma32, branch_innovation, keep_all_latents), str(device))
     if cache and key in _LAYOUTS:
         return list(_LAYOUTS[key]), None, None
@@ -188,7 +188,7 @@ def _prepare(plans, nodes, alive, sigma32, branch_innovation, keep_all_latents: 
         _LAYOUTS[key] = levels
         while len(_LAYOUTS) > _MAX_LAYOUTS:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    return list(levels), keep, by_depth  # a copy: guided expansion replaces the levels below a split
+    return list(levels), keep, by_depth  # a copy: a `Split.keep` replaces the levels below the split
 
 
 def _rows(x: torch.Tensor, dev: dict, name: str) -> torch.Tensor:
@@ -196,7 +196,191 @@ def _rows(x: torch.Tensor, dev: dict, name: str) -> torch.Tensor:
     return x[dev[name]] if name in dev else x
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class RolloutSetup:
+    """What the rollouts of one batch share besides their plan: the velocity function (bound to the batch's prompts),
+    the schedule and SDE kernel, the noise keys, the latent shape, the device and the velocity micro-batch size.
+    The trainer builds it; the algorithm unit starts its rollout from it."""
+
+    velocity_fn: VelocityFn
+    sigmas: torch.Tensor
+    kernel: sde.Kernel
+    noise: NoiseKeys
+    latent_shape: Sequence[int]
+    device: torch.device | str = "cpu"
+    batch_size: int = 64
+
+    def start(self, plan: GraphPlan | Sequence[GraphPlan], branch_innovation: float | Mapping[int, float] = 1.0,
+              pause_at_splits: bool = False, keep_all_latents: bool = False) -> Rollout:
+        return Rollout(self, plan, branch_innovation, pause_at_splits, keep_all_latents)
+
+
+@dataclass
+class Split:
+    """A rollout paused at a split: the split parents (their velocities computed, their children not stepped yet),
+    their x0-predictions x - sigma v and their prompts. `keep(num_children)` before the rollout goes on keeps only
+    the first num_children[i] (at least 1) children of parent i; the others and their subtrees are never run."""
+
+    parents: torch.Tensor  # host [n] long: node ids
+    x0: torch.Tensor  # [n, ...] fp32, on the rollout's device
+    prompt: torch.Tensor  # host [n] long: prompt index in the batch
+    num_children: torch.Tensor | None = None  # host [n] long, once `keep` is called
+
+    def keep(self, num_children: torch.Tensor) -> None:
+        self.num_children = num_children.to(torch.long).cpu()
+
+
+class Rollout:
+    """One batch's rollout graph, grown depth by depth: `plan` for every prompt of `setup.noise.prompt_keys`, or one
+    plan per prompt (dynamic allocation). `finish()` grows it to the end and returns the filled RolloutGraph. With
+    `pause_at_splits`, `next_split()` grows it only up to the next split and returns that `Split` (guided expansion
+    decides there which children are run), or None once the graph is grown to the end; the returned graph then holds
+    the prompts' reduced plans.
+
+    Split children (`shares_noise`) draw eps_k = sqrt(1 - r^2) xi_shared + r xi_k (paper Eq. 2, r =
+    `branch_innovation`, a float or a map from the children's depth to r): each child alone is an ordinary SDE step,
+    and siblings correlate by 1 - r^2. Latents are kept for the nodes training and rewards need (both ends of SDE
+    edges, and leaves); all of them with `keep_all_latents`. Host syncs: none inside the depth loop (the layout is
+    built and moved before it; log-probs are read back once at the end), except at the splits it pauses at.
+    """
+
+    def __init__(self, setup: RolloutSetup, plan: GraphPlan | Sequence[GraphPlan],
+                 branch_innovation: float | Mapping[int, float] = 1.0, pause_at_splits: bool = False,
+                 keep_all_latents: bool = False):
+        self.setup, self.branch_innovation, self.pause_at_splits = setup, branch_innovation, pause_at_splits
+        self.device = torch.device(setup.device)
+        num_prompts = len(setup.noise.prompt_keys)
+        self.shared_plan = isinstance(plan, GraphPlan)
+        self.plans = [plan] * num_prompts if self.shared_plan else list(plan)
+        assert len(self.plans) == num_prompts, (len(self.plans), num_prompts)
+        self.nodes = expand_plans(self.plans)
+        self.sigma32 = setup.sigmas.to(torch.float32)
+        self.shape = tuple(setup.latent_shape)
+        self.alive = torch.ones(self.nodes["parent"].numel(), dtype=torch.bool)
+        self.levels, self.keep, self.by_depth = _prepare(self.plans, self.nodes, self.alive, self.sigma32,
+                                                         branch_innovation, keep_all_latents, self.device,
+                                                         cache=not pause_at_splits)
+        roots = self.levels[0].ids
+        root_keys = zip(self.nodes["prompt"][roots].tolist(), self.nodes["root_slot"][roots].tolist())
+        self.level_x = torch.stack([keyed_normal(self.shape, setup.noise.root(b, slot), self.device)
+                                    for b, slot in root_keys])
+        self.stored, self.stored_ids, self.sde_out = [], [], []
+        self.forward_passes, self.depth, self.done = 0, 0, False
+        self.paused: tuple | None = None  # (split, evaluated latents, velocities) while stopped at a split
+
+    def next_split(self) -> Split | None:
+        """Grow up to the next split (with `pause_at_splits`; else to the end): the split, or None at the end."""
+        return self._grow(self.pause_at_splits)
+
+    def finish(self) -> RolloutGraph:
+        """Grow what is left, every child of the later splits kept, and return the graph."""
+        self._grow(pause=False)
+        return self._graph()
+
+    @torch.no_grad()
+    def _grow(self, pause: bool) -> Split | None:
+        if self.paused is not None:
+            split, ev_x, v = self.paused
+            self.paused = None
+            if split.num_children is not None and self._drop(split):  # some children dropped: lay out again
+                d = self.depth
+                self.levels[d:] = _layout(self.nodes, self.alive, self.keep, self.levels[d].ids, d, self.sigma32,
+                                          self.branch_innovation, self.by_depth)
+                to_device_once([lv.dev for lv in self.levels[d:]], self.device)
+            self._step(ev_x, v)
+        while not self.done:
+            lv = self.levels[self.depth]
+            self.stored.append(_rows(self.level_x, lv.dev, "keep"))
+            self.stored_ids.append(lv.stored_ids)
+            if lv.children is None:
+                self.done = True
+                break
+            ev_x = _rows(self.level_x, lv.dev, "evaluated")
+            v = _evaluate(self.setup.velocity_fn, ev_x, lv.dev["ev_sigma"], lv.dev["ev_prompt"], self.setup.batch_size)
+            self.forward_passes += lv.ev_ids.numel()
+            if pause and bool(self.nodes["shares_noise"][lv.children].any()):
+                self.paused = (self._split(lv, ev_x, v), ev_x, v)
+                return self.paused[0]
+            self._step(ev_x, v)
+        return None
+
+    def _step(self, ev_x: torch.Tensor, v: torch.Tensor) -> None:
+        """From the evaluated nodes of the current depth to their children (ODE and/or SDE steps)."""
+        lv = self.levels[self.depth]
+        xp, vp = _rows(ev_x, lv.dev, "rows"), _rows(v, lv.dev, "rows")
+        s_from, s_to = lv.dev["s_from"], lv.dev["s_to"]
+        if lv.kinds != "sde":
+            self.level_x = sde.ode_step(xp, vp, s_from, s_to)
+        if lv.kinds != "ode":
+            eps = _edge_noise(lv, self.setup.noise, self.shape, self.device)
+            rows = lv.dev.get("sde_rows")
+            out = sde.sde_step(_rows(xp, lv.dev, "sde_rows"), _rows(vp, lv.dev, "sde_rows"),
+                               _rows(s_from, lv.dev, "sde_rows"), _rows(s_to, lv.dev, "sde_rows"), self.setup.kernel,
+                               noise=eps, std_scale=lv.dev["std_scale"])
+            if rows is None:
+                self.level_x = out.sample
+            else:
+                self.level_x[rows] = out.sample
+            self.sde_out.append((lv.sde_ids, out.log_prob, out.std))
+        self.depth += 1
+
+    def _split(self, lv: _Depth, ev_x: torch.Tensor, v: torch.Tensor) -> Split:
+        """The split parents among the level's evaluated nodes, with their x0-predictions."""
+        parent, step, prompt = self.nodes["parent"], self.nodes["step"], self.nodes["prompt"]
+        children, ev_ids = lv.children, lv.ev_ids
+        split_parents = torch.unique(parent[children[self.nodes["shares_noise"][children]]])
+        rows = torch.nonzero(torch.isin(ev_ids, split_parents)).flatten()
+        sigma = self.sigma32[step[ev_ids[rows]]].to(v.device)
+        x0 = sde.predict_x0(ev_x[rows.to(ev_x.device)], v[rows.to(v.device)], sigma)
+        return Split(ev_ids[rows], x0, prompt[ev_ids[rows]])
+
+    def _drop(self, split: Split) -> bool:
+        """Mark dead the children beyond each split parent's `num_children`; whether any was dropped."""
+        parent, children = self.nodes["parent"], self.levels[self.depth].children
+        limit = torch.full((self.alive.numel(),), 1 << 30, dtype=torch.long)
+        limit[split.parents] = split.num_children.clamp(min=1)
+        # rank of each child among its siblings (siblings are consecutive in node-id order)
+        first = torch.ones_like(children, dtype=torch.bool)
+        first[1:] = parent[children[1:]] != parent[children[:-1]]
+        start = torch.cummax(torch.where(first, torch.arange(children.numel()), torch.zeros_like(children)), 0).values
+        rank = torch.arange(children.numel()) - start
+        live = rank < limit[parent[children]]
+        self.alive[children[~live]] = False
+        return not bool(live.all())
+
+    def _graph(self) -> RolloutGraph:
+        nodes, num_nodes = self.nodes, self.alive.numel()
+        log_prob = torch.zeros(num_nodes, dtype=torch.float32)
+        std = torch.zeros(num_nodes, dtype=torch.float32)
+        if self.sde_out:  # one device-to-host copy for the whole rollout
+            ids = torch.cat([i for i, _, _ in self.sde_out])
+            values = torch.stack([torch.cat([lp for _, lp, _ in self.sde_out]),
+                                  torch.cat([s for _, _, s in self.sde_out])]).cpu()
+            log_prob[ids], std[ids] = values[0], values[1]
+        complete = not self.pause_at_splits or bool(self.alive.all())
+        latent_row = torch.full((num_nodes,), -1, dtype=torch.long)
+        ids = torch.cat(self.stored_ids)
+        latent_row[ids] = torch.arange(ids.numel())  # latents are stored level by level
+        graph = RolloutGraph(
+            plan=self.plans[0],
+            num_prompts=len(self.plans),
+            sigmas=self.setup.sigmas,
+            parent=nodes["parent"],
+            step=nodes["step"],
+            depth=nodes["depth"],
+            kind=nodes["kind"],
+            prompt=nodes["prompt"],
+            group=nodes["group"],
+            log_prob=log_prob,
+            std=std,
+            latents=torch.cat(self.stored),
+            latent_row=latent_row,
+            num_forward_passes=self.forward_passes,
+            prompt_plans=None if self.shared_plan and complete else tuple(self.plans),
+        )
+        return graph if complete else _alive_subgraph(graph, self.alive)
+
+
 def run_rollout(
     plan: GraphPlan | Sequence[GraphPlan],
     velocity_fn: VelocityFn,
@@ -208,120 +392,14 @@ def run_rollout(
     batch_size: int = 64,
     branch_innovation: float | Mapping[int, float] = 1.0,
     keep_all_latents: bool = False,
-    expand: ExpandFn | None = None,
 ) -> RolloutGraph:
-    """Execute `plan` for every prompt of `noise.prompt_keys`; returns the filled RolloutGraph.
-
-    `plan` may be a sequence with one plan per prompt (dynamic allocation). Split children (`shares_noise`) draw
-    eps_k = sqrt(1 - r^2) xi_shared + r xi_k (paper Eq. 2, r = `branch_innovation`, a float or a map from the
-    children's depth to r): each child alone is an ordinary SDE step, and siblings correlate by 1 - r^2.
-    `expand` (guided expansion): at each split, keeps only the first `expand(...)` children of each split parent;
-    the dropped children and their subtrees are never run, and the returned graph holds the prompts' reduced plans.
-    Latents are kept for the nodes training and rewards need (both ends of SDE edges, and leaves); all of them with
-    `keep_all_latents`. Host syncs: none inside the depth loop (the layout is built and moved before it; log-probs
-    are read back once at the end), except guided expansion's decision at each split.
-    """
-    device = torch.device(device)
-    num_prompts = len(noise.prompt_keys)
-    plans = [plan] * num_prompts if isinstance(plan, GraphPlan) else list(plan)
-    assert len(plans) == num_prompts, (len(plans), num_prompts)
-    nodes = expand_plans(plans)
-    parent, step, kind, prompt, depth = (nodes[k] for k in ("parent", "step", "kind", "prompt", "depth"))
-    num_nodes = parent.numel()
-    sigma32 = sigmas.to(torch.float32)
-    shape = tuple(latent_shape)
-    alive = torch.ones(num_nodes, dtype=torch.bool)
-    levels, keep, by_depth = _prepare(plans, nodes, alive, sigma32, branch_innovation, keep_all_latents, device,
-                                      cache=expand is None)
-    roots = levels[0].ids
-    level_x = torch.stack([keyed_normal(shape, noise.root(b, slot), device)
-                           for b, slot in zip(prompt[roots].tolist(), nodes["root_slot"][roots].tolist())])
-    stored, stored_ids, sde_out = [], [], []
-    forward_passes, d = 0, 0
-    while True:
-        lv = levels[d]
-        stored.append(_rows(level_x, lv.dev, "keep"))
-        stored_ids.append(lv.stored_ids)
-        if lv.children is None:
-            break
-        ev_x = _rows(level_x, lv.dev, "evaluated")
-        v = _evaluate(velocity_fn, ev_x, lv.dev["ev_sigma"], lv.dev["ev_prompt"], batch_size)
-        forward_passes += lv.ev_ids.numel()
-        splits = expand is not None and bool(nodes["shares_noise"][lv.children].any())
-        if splits and _expand(expand, lv, nodes, ev_x, v, sigma32, alive):  # some children dropped: lay out again
-            levels[d:] = _layout(nodes, alive, keep, lv.ids, d, sigma32, branch_innovation, by_depth)
-            to_device_once([lv.dev for lv in levels[d:]], device)
-            lv = levels[d]
-        xp, vp = _rows(ev_x, lv.dev, "rows"), _rows(v, lv.dev, "rows")
-        s_from, s_to = lv.dev["s_from"], lv.dev["s_to"]
-        if lv.kinds != "sde":
-            level_x = sde.ode_step(xp, vp, s_from, s_to)
-        if lv.kinds != "ode":
-            eps = _edge_noise(lv, noise, shape, device)
-            rows = lv.dev.get("sde_rows")
-            out = sde.sde_step(_rows(xp, lv.dev, "sde_rows"), _rows(vp, lv.dev, "sde_rows"),
-                               _rows(s_from, lv.dev, "sde_rows"), _rows(s_to, lv.dev, "sde_rows"), kernel,
-                               noise=eps, std_scale=lv.dev["std_scale"])
-            if rows is None:
-                level_x = out.sample
-            else:
-                level_x[rows] = out.sample
-            sde_out.append((lv.sde_ids, out.log_prob, out.std))
-        d += 1
-
-    log_prob = torch.zeros(num_nodes, dtype=torch.float32)
-    std = torch.zeros(num_nodes, dtype=torch.float32)
-    if sde_out:  # one device-to-host copy for the whole rollout
-        ids = torch.cat([i for i, _, _ in sde_out])
-        values = torch.stack([torch.cat([lp for _, lp, _ in sde_out]), torch.cat([s for _, _, s in sde_out])]).cpu()
-        log_prob[ids], std[ids] = values[0], values[1]
-    complete = expand is None or bool(alive.all())
-    latent_row = torch.full((num_nodes,), -1, dtype=torch.long)
-    ids = torch.cat(stored_ids)
-    latent_row[ids] = torch.arange(ids.numel())  # latents are stored level by level
-    graph = RolloutGraph(
-        plan=plans[0],
-        num_prompts=num_prompts,
-        sigmas=sigmas,
-        parent=parent,
-        step=step,
-        depth=depth,
-        kind=kind,
-        prompt=prompt,
-        group=nodes["group"],
-        log_prob=log_prob,
-        std=std,
-        latents=torch.cat(stored),
-        latent_row=latent_row,
-        num_forward_passes=forward_passes,
-        prompt_plans=None if isinstance(plan, GraphPlan) and complete else tuple(plans),
-    )
-    return graph if complete else _alive_subgraph(graph, alive)
-
-
-def _expand(expand: ExpandFn, lv: _Depth, nodes: dict, ev_x, v, sigma32, alive) -> bool:
-    """Guided expansion at one split: ask `expand` how many children each split parent keeps; mark the rest dead.
-    Returns whether any child was dropped (then the layout below is rebuilt)."""
-    parent, step, prompt = nodes["parent"], nodes["step"], nodes["prompt"]
-    children, ev_ids = lv.children, lv.ev_ids
-    split_parents = torch.unique(parent[children[nodes["shares_noise"][children]]])
-    rows = torch.nonzero(torch.isin(ev_ids, split_parents)).flatten()
-    x0 = sde.predict_x0(ev_x[rows.to(ev_x.device)], v[rows.to(v.device)], sigma32[step[ev_ids[rows]]].to(v.device))
-    num_keep = expand(ev_ids[rows], x0, prompt[ev_ids[rows]]).to(torch.long).cpu()
-    limit = torch.full((alive.numel(),), 1 << 30, dtype=torch.long)
-    limit[ev_ids[rows]] = num_keep.clamp(min=1)
-    # rank of each child among its siblings (siblings are consecutive in node-id order)
-    first = torch.ones_like(children, dtype=torch.bool)
-    first[1:] = parent[children[1:]] != parent[children[:-1]]
-    start = torch.cummax(torch.where(first, torch.arange(children.numel()), torch.zeros_like(children)), 0).values
-    rank = torch.arange(children.numel()) - start
-    live = rank < limit[parent[children]]
-    alive[children[~live]] = False
-    return not bool(live.all())
+    """Execute `plan` (or one plan per prompt) for every prompt of `noise.prompt_keys` to the end (`Rollout`)."""
+    setup = RolloutSetup(velocity_fn, sigmas, kernel, noise, latent_shape, device, batch_size)
+    return setup.start(plan, branch_innovation, keep_all_latents=keep_all_latents).finish()
 
 
 def _alive_subgraph(graph: RolloutGraph, alive: torch.Tensor) -> RolloutGraph:
-    """The rollout graph without the nodes guided expansion dropped (never run): per-prompt reduced plans."""
+    """The rollout graph without the nodes dropped at splits (never run): per-prompt reduced plans."""
     ids = torch.nonzero(alive).flatten()
     new_id = torch.full((alive.numel(),), -1, dtype=torch.long)
     new_id[ids] = torch.arange(ids.numel())

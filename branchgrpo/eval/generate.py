@@ -23,6 +23,7 @@ from branchgrpo.data.embeddings import with_extras
 from branchgrpo.models.base import velocity_fn
 from branchgrpo.rewards.base import RewardSet, decode_and_score, parse_reward_spec
 from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.runtime.outputs import still_frames
 
 
 @dataclass
@@ -71,13 +72,15 @@ class Generated:
 
 
 @torch.no_grad()
-def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list[str], rewards: RewardSet,
-                       settings: SampleSettings, device: torch.device, autocast: Callable | None = None,
+def generate_and_score(adapter, media_kind: str, embeddings: dict[str, torch.Tensor], texts: list[str],
+                       rewards: RewardSet, settings: SampleSettings, device: torch.device,
+                       autocast: Callable | None = None,
                        save_images: str | Path | None = None, grid_prompts: int = 8,
                        progress: Callable[[int, int], None] | None = None,
                        media_metrics: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Generated:
     """Sample `samples_per_prompt` seeds of every prompt, decode, score with every reward; optionally write one PNG
-    per sample (videos: its middle frame) and, for videos, one MP4 per sample. `media_metrics` (e.g. the video
+    per sample (videos: its middle frame) and, for videos (`media_kind`: the backbone spec's `media`), one MP4 per
+    sample. `media_metrics` (e.g. the video
     metrics of branchgrpo.eval.video_metrics) maps each decoded chunk to more per-sample columns beside the rewards."""
     S, P = settings.samples_per_prompt, len(texts)
     sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu)
@@ -103,10 +106,10 @@ def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list
         for name, values in chunk_scores.items():
             scores.setdefault(name, []).append(values)
         shown = [i for i, sample in enumerate(sample_ids) if sample // S < grid_prompts]
-        grid += grid_tiles(media[shown])
+        grid += grid_tiles(media[shown], media_kind)
         if save_images is not None:
-            images += save_pngs(still_frames(media), sample_ids, S, Path(save_images))
-            if media.dim() == 5:
+            images += save_pngs(still_frames(media, media_kind), sample_ids, S, Path(save_images))
+            if media_kind == "video":
                 videos += save_mp4s(media, sample_ids, S, Path(save_images), adapter.video_fps)
         if progress is not None:
             progress(prompts.stop, P)
@@ -116,15 +119,9 @@ def generate_and_score(adapter, embeddings: dict[str, torch.Tensor], texts: list
                      torch.stack(grid) if grid else torch.zeros(0), images, videos, forwards)
 
 
-def still_frames(media: torch.Tensor) -> torch.Tensor:
-    """Images as they are; videos [N, C, F, H, W] -> their middle frames [N, C, H, W] (what stands for a clip in a
-    PNG, e.g. for the diversity CLI)."""
-    return media[:, :, media.shape[2] // 2] if media.dim() == 5 else media
-
-
-def grid_tiles(media: torch.Tensor) -> list[torch.Tensor]:
+def grid_tiles(media: torch.Tensor, kind: str) -> list[torch.Tensor]:
     """One tile per image, or the first, middle and last frame of each video, in sample order."""
-    if media.dim() == 4:
+    if kind != "video":
         return list(media)
     frames = media.shape[2]
     return [video[:, f] for video in media for f in (0, frames // 2, frames - 1)]

@@ -1,16 +1,18 @@
-"""Backbones: the adapter contract (base.py), one spec per backbone (spec.py; toy.py, flux.py, wan.py, wan_i2v.py) and
-the registry through which the trainer, preprocessing, evaluation, benchmark and make_tiny find them.
+"""Backbones: the adapter contract (base.py), one spec per backbone (spec.py, with the optional protocols of
+support.py; toy.py, flux.py, wan.py, wan_i2v.py), classifier-free guidance (guidance.py) and the registry through
+which the config parser, trainer, preprocessing, evaluation, benchmark and make_tiny find them.
 
-Adding a backbone: a module with a FlowAdapter subclass and a BackboneSpec subclass registered with
-`@register_backbone`, listed in BUILTIN_BACKBONES (see docs/architecture.md).
+Adding a backbone: a module with a FlowAdapter subclass and a BackboneSpec subclass (its config section in `Config`)
+registered with `@register_backbone`, listed in BUILTIN_BACKBONES (see docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from branchgrpo.models.base import FlowAdapter, check_embedding_keys, gather_cond  # noqa: F401
-from branchgrpo.models.spec import BackboneSpec  # noqa: F401
+from branchgrpo.models.spec import MEDIA_KINDS, BackboneConfig, BackboneSpec
 
 BUILTIN_BACKBONES = (
     "branchgrpo.models.toy",
@@ -22,7 +24,13 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(cls: type[BackboneSpec]) -> type[BackboneSpec]:
-    """Class decorator: make the spec selectable as `--model <cls.name>` (one instance is registered)."""
+    """Class decorator: make the spec selectable as `--model <cls.name>` (one instance is registered), the fields of
+    its `Config` becoming flags."""
+    config = cls.Config
+    if not (dataclasses.is_dataclass(config) and issubclass(config, BackboneConfig)):
+        raise TypeError(f"backbone '{cls.name}': Config must be a BackboneConfig dataclass, got {config!r}")
+    if cls.media not in MEDIA_KINDS:
+        raise ValueError(f"backbone '{cls.name}': media '{cls.media}' is not one of {MEDIA_KINDS}")
     if cls.name in _REGISTRY and type(_REGISTRY[cls.name]) is not cls:
         raise ValueError(f"backbone '{cls.name}' registered twice")
     _REGISTRY[cls.name] = cls()

@@ -31,8 +31,6 @@ class FlowAdapter(abc.ABC):
 
     #: short name used in logs and checkpoints ("toy", "flux", "wan")
     name: str = "base"
-    #: "image" (decode -> [B, C, H, W]) or "video" (decode -> [B, C, F, H, W])
-    media: str = "image"
     #: per-sample latent shape; initial noise is drawn with this shape in fp32
     latent_shape: tuple[int, ...] = ()
     #: the keys of the prompt-embedding dict this adapter consumes (the preprocess step writes them)

@@ -20,6 +20,7 @@ in `vae_dtype` (bf16 on CUDA by default) under no_grad: GRPO never back-propagat
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +40,14 @@ from branchgrpo.models.diffusers_backbone import (
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import PlannerModel, check_sizes, hub_id_hint
+from branchgrpo.models.spec import GuidanceFlags, SizeFlags, check_sizes, hub_id_hint
+from branchgrpo.models.support import (
+    FixtureSupport,
+    PlannerModel,
+    PlannerSupport,
+    StandInSupport,
+    read_shipped_config,
+)
 from branchgrpo.core.state_dicts import count_blocks
 
 FLUX_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "text_encoder_2/", "tokenizer/",
@@ -115,7 +123,6 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
     """FluxTransformer2DModel + its VAE at a fixed image size (see the module docstring for the conventions)."""
 
     name = "flux"
-    media = "image"
     transformer_class_name = "FluxTransformer2DModel"
     pipeline_class_name = "FluxPipeline"
     embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
@@ -281,28 +288,93 @@ def build_prompt_encoder(model_path: str | Path | None, device: torch.device | s
     return encode
 
 
+@dataclass
+class FluxConfig(GuidanceFlags, SizeFlags):
+    """FLUX's flags: the image size and the guidance value it embeds (FLUX.1-dev is guidance-distilled: no CFG)."""
+
+    DEFAULTS = {"h": 720, "w": 720, "guidance_scale": 3.5}
+
+    def validate(self) -> None:
+        check_sizes(self, 16, "FLUX latents are 2x2-packed 8x-downsampled images")
+
+
+# diffusers' test-sized FluxTransformer2DModel (notes/ecosystem.md): in_channels is the PACKED channel count. The tiny
+# checkpoint's transformer (branchgrpo/testing/flux_tiny.py) and the benchmarks' `--random_shape tiny`.
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
+)
+T5_XXL_DIM = 4096  # FLUX.1-dev's text width (joint_attention_dim), whose T5 context is 512 tokens
+
+
+def random_flux_transformer(shape: str, device, dtype: torch.dtype, seed: int = 0, **overrides) -> nn.Module:
+    """A FluxTransformer2DModel of FLUX.1-dev's shape ('full', the shipped config: 19 double + 38 single blocks,
+    width 3072, about 11.9B parameters) or the tiny one ('tiny'), random weights drawn from `seed` directly on
+    `device` in `dtype` (never materialised in fp32 on the host); `overrides` replace config values (e.g. fewer
+    blocks: num_layers, num_single_layers)."""
+    from diffusers import FluxTransformer2DModel
+
+    assert shape in FluxSpec.random_shapes, shape
+    config = TINY_TRANSFORMER_CONFIG if shape == "tiny" else read_shipped_config("flux1-dev", ("flux1-dev",))
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"{unknown}: not values of the FLUX transformer config (it has {', '.join(config)})")
+    torch.manual_seed(seed)
+    return build_transformer(FluxTransformer2DModel, {**config, **overrides}, device, dtype)
+
+
+def vae_stand_in():
+    """A 4-level, 8-channel AutoencoderKL: the adapter reads its scale factor (8) and latent constants; the
+    benchmarks never decode, so the VAE's size is irrelevant."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                         scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def random_flux_cond(adapter: FluxAdapter, num_prompts: int, text_tokens: int | None, device, dtype,
+                     seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random T5 and CLIP embeddings of the transformer's widths; `text_tokens` None: the real T5-XXL context (512)
+    for real-width models, the tiny tests' 16 otherwise."""
+    config = adapter.transformer.config
+    if text_tokens is None:
+        text_tokens = 512 if config.joint_attention_dim == T5_XXL_DIM else 16
+    gen = torch.Generator().manual_seed(seed)
+    cond = {"prompt_embeds": torch.randn(num_prompts, text_tokens, config.joint_attention_dim, generator=gen),
+            "pooled_prompt_embeds": torch.randn(num_prompts, config.pooled_projection_dim, generator=gen)}
+    return {k: v.to(device=device, dtype=dtype) for k, v in cond.items()}
+
+
 @register_backbone
-class FluxSpec(DiffusersSpec):
+class FluxSpec(DiffusersSpec, PlannerSupport, StandInSupport, FixtureSupport):
     """FLUX.1-dev (text-to-image), diffusers layout; tiny stand-in: `python -m branchgrpo.make_tiny flux DIR`."""
 
     name = "flux"
-    flags = ("h", "w", "guidance_scale")
-    defaults = {"h": 720, "w": 720, "guidance_scale": 3.5}
+    Config = FluxConfig
     dynamic_shift = True
     eval_rewards = ("hps", "pickscore", "clip", "imagereward")
     encoder_flags = ("max_sequence_length",)
     tiny = "branchgrpo.testing.flux_tiny:make_tiny_flux"
-
-    def check_flags(self, model_cfg) -> None:
-        check_sizes(model_cfg, 16, "FLUX latents are 2x2-packed 8x-downsampled images")
+    planner_configs = ("flux1-dev",)
+    random_shapes = {"tiny": {"h": 64, "w": 64}, "full": {}}
+    # the settings of scripts/lib/flux.sh
+    comparison_flags = ("--sampling_steps", "20", "--shift", "3", "--reward", "hps=1.0", "--h", "720", "--w", "720",
+                        "--train_batch_size", "2", "--learning_rate", "1e-5", "--max_grad_norm", "0.01",
+                        "--clip_range", "1e-3", "--adv_clip_max", "5", "--rollout_batch_size", "8",
+                        "--train_micro_batch_size", "4", "--gradient_accumulation_steps", "3", "--reward_batch_size",
+                        "4", "--gradient_checkpointing", "--mixed_precision", "bf16", "--parallel", "fsdp",
+                        "--num_eval_prompts", "16", "--eval_samples_per_prompt", "4", "--seed", "42")
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
-        check_flux_config(self.size(model_cfg, "h"), self.size(model_cfg, "w"), transformer, vae, config_path)
+        size = model_cfg.backbone.resolved
+        check_flux_config(size("h"), size("w"), transformer, vae, config_path)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> FluxAdapter:
-        return load_flux(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),
-                         width=self.size(model_cfg, "w"), guidance_scale=self.size(model_cfg, "guidance_scale"),
-                         transformer_path=transformer_path)
+        size = model_cfg.backbone.resolved
+        return load_flux(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
+                         width=size("w"), guidance_scale=size("guidance_scale"), transformer_path=transformer_path)
 
     def prompt_encoder(self, model_path, device, settings):
         return build_prompt_encoder(model_path, device, settings)  # the module-level name, looked up at call time
@@ -310,13 +382,20 @@ class FluxSpec(DiffusersSpec):
     def tokens_per_sample(self, adapter: FluxAdapter, cond) -> int:
         return adapter.latent_shape[0] + cond["prompt_embeds"].shape[1]
 
-    planner_configs = ("flux1-dev",)
+    def random_adapter(self, shape, model_cfg, device, dtype, seed=0, **config_overrides) -> FluxAdapter:
+        size = model_cfg.backbone.resolved
+        transformer = random_flux_transformer(shape, device, dtype, seed, **config_overrides)
+        return FluxAdapter(transformer, vae_stand_in(), size("h"), size("w"), size("guidance_scale")).to(device)
+
+    def random_cond(self, adapter, num_prompts, text_tokens, device, dtype, seed=0) -> dict[str, torch.Tensor]:
+        return random_flux_cond(adapter, num_prompts, text_tokens, device, dtype, seed)
+
 
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
         from diffusers import FluxTransformer2DModel
 
         transformer = build_transformer(FluxTransformer2DModel, config, device, dtype)
-        h, w = self.size(model_cfg, "h"), self.size(model_cfg, "w")
+        h, w = model_cfg.backbone.resolved("h"), model_cfg.backbone.resolved("w")
         image_tokens = (h // 16) * (w // 16)  # 8x VAE, 2x2 packing
 
         def inputs(batch: int) -> dict:

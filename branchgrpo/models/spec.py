@@ -1,36 +1,39 @@
-"""A backbone spec: the one place that answers every question about a backbone (toy, FLUX, Wan, ...).
+"""A backbone spec: what training, preprocessing and evaluation ask of a backbone (toy, FLUX, Wan, ...).
 
-Trainer, preprocessing, evaluation, benchmark and `make_tiny` look a backbone up by its `--model` name
-(`branchgrpo.models.get_backbone`) and ask its spec; nothing else compares backbone names. A spec says
+Trainer, preprocessing and evaluation look a backbone up by its `--model` name (`branchgrpo.models.get_backbone`)
+and ask its spec; nothing else compares backbone names. A spec says
 
-- which model flags apply to it (`flags`: --h, --w, --num_frames, --guidance_scale) and their defaults, and checks
-  their values before anything is loaded (`check_flags`);
+- its config section (`Config`): a dataclass of `flag(...)` fields - generation size, guidance, ... - with one-line
+  docs, the backbone's own values for flags left unset (`DEFAULTS`), checks (`validate`) and conditions; the flags
+  join the command line under their flat names (branchgrpo.config.train). A flag several backbones take (--h, --w,
+  --guidance_scale) is one identical field: take it from `SizeFlags` / `GuidanceFlags` below;
 - how to load it for training (`load`) and for evaluation from a base folder plus a training checkpoint's weights
   (`load_for_eval`: full weights, LoRA, EMA; `eval_layouts`), how to encode prompts for preprocessing and evaluation
-  (`prompt_encoder`, reading `encoder_flags`) and in which format its prompt files come (`prompt_format`: one prompt
-  per line, or JSONL lines with a conditioning image), how many tokens a sample costs (`tokens_per_sample`, for MFU);
-- its media type, how `--parallel auto` wraps it, whether it has a resolution-dependent schedule shift, which
-  rewards `--rewards default` means for it, and how to write its tiny checkpoint (`tiny`).
-The adapter it loads (models/base.py) answers the per-call questions: velocity, decode, blocks, export.
+  (`prompt_encoder`, reading `encoder_flags`) and in which format its prompt files come (`prompt_format`);
+- its media kind (`media`: what `decode` returns, and how samples are written), how `--parallel auto` wraps it,
+  whether it has a resolution-dependent schedule shift, which rewards `--rewards default` means for it.
+The adapter it loads (models/base.py) answers the per-call questions: velocity, decode, blocks, export, LoRA.
+What only the memory planner, the benchmarks or the test fixtures need is in optional protocols a spec may also
+implement (models/support.py: `PlannerSupport`, `BenchSupport` and `StandInSupport`, `FixtureSupport`).
+
+Evaluation loading stays here rather than in a protocol: every backbone that trains is evaluated, and the diffusers
+backbones share one implementation (models/diffusers_backbone.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
-from branchgrpo.core.files import read_json
+from branchgrpo.core.flags import flag
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
-#: transformer configs of the released checkpoints (their `transformer/config.json`), shipped with the package for the
-#: memory planner, which builds the transformer from them on the meta device (no weights, no download)
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-#: the generation-size flags a backbone may take (`flags` says which it does)
-MODEL_FLAGS = ("h", "w", "num_frames", "guidance_scale")
+#: what a backbone's `decode` returns: images [B, C, H, W] or videos [B, C, F, H, W]
+MEDIA_KINDS = ("image", "video")
 
 
 def hub_id_hint(path: str | Path, local_dir: str) -> str:
@@ -56,39 +59,54 @@ class EvalModel(NamedTuple):
     prompt_source: str | Path | None  # the folder whose text encoders encode the prompts (`prompt_encoder`'s path)
 
 
-class PlannerModel(NamedTuple):
-    """What the memory planner (branchgrpo/cli/plan.py) needs of a backbone: its transformer built without weights."""
+@dataclass
+class BackboneConfig:
+    """A backbone's config section: subclasses add `flag(...)` fields (the empty section is the toy's). A size or
+    guidance flag defaults to None, meaning the backbone's own value (`DEFAULTS`): a run records None, so runs and
+    checkpoints do not depend on where the default is written."""
 
-    transformer: torch.nn.Module  # on the meta device (or `device`), in the given dtype
-    blocks: list  # the FSDP2 / activation-checkpointing units, in call order
-    inputs: Callable[[int], dict]  # batch -> the keyword inputs of one training forward of `batch` samples
-    lora_targets: tuple[str, ...]  # module-name suffixes LoRA adapts by default
-    latent_numel: int  # elements of one sample's latent (the rollout stores one per tree node, fp32)
-    description: str
+    #: the values flags left at None take for this backbone
+    DEFAULTS: ClassVar[dict] = {}
+
+    def resolved(self, name: str):
+        """A flag's value: as given, else this backbone's default."""
+        value = getattr(self, name)
+        return self.DEFAULTS.get(name) if value is None else value
+
+    def validate(self) -> None:
+        """Checks of the section's values (ValueError naming the flag); nothing is loaded."""
+
+    def conditions(self) -> dict[str, tuple[bool, str]]:
+        """Flags of this section that act only under a condition: name -> (condition holds, the condition in
+        words). A flag set to a non-default value whose condition fails is reported as having no effect."""
+        return {}
 
 
-def read_shipped_config(name: str, offered: tuple[str, ...]) -> dict:
-    """A shipped transformer config by name, or a config.json path (ValueError naming --transformer_config)."""
-    path = Path(name)
-    if name in offered:
-        path = SHIPPED_CONFIGS / f"{name}.json"
-    elif not path.is_file():
-        raise ValueError(f"--transformer_config {name}: neither a shipped config ({', '.join(offered) or 'none'}) nor "
-                         "a config.json file")
-    config = read_json(path, "--transformer_config")
-    if not isinstance(config, dict):
-        raise ValueError(f"--transformer_config: {path} holds a JSON {type(config).__name__}, not a config object")
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+@dataclass
+class SizeFlags(BackboneConfig):
+    """The generation size, shared by every backbone that takes one (one field each, one flag on the command line)."""
+
+    h: int | None = flag(None, "height of the generated images or videos in pixels")
+    w: int | None = flag(None, "width of the generated images or videos in pixels")
+
+
+@dataclass
+class GuidanceFlags(BackboneConfig):
+    """The guidance scale, shared by every backbone with guidance of either kind."""
+
+    guidance_scale: float | None = flag(None, "guidance scale: the embedded guidance of a guidance-distilled "
+                                        "backbone, or classifier-free guidance")
 
 
 class BackboneSpec:
+    """What training, preprocessing and evaluation ask of a backbone (see the module docstring)."""
+
     #: the `--model` value
     name: ClassVar[str]
-    #: "image" (decode -> [B, C, H, W]) or "video" (decode -> [B, C, F, H, W])
+    #: one of MEDIA_KINDS: what `decode` returns and how samples are written (runtime/outputs.py `save_media`)
     media: ClassVar[str] = "image"
-    #: model flags that act on this backbone, and the values used when they are not given
-    flags: ClassVar[tuple[str, ...]] = ()
-    defaults: ClassVar[dict] = {}
+    #: its config section (a BackboneConfig dataclass); its fields are flags
+    Config: ClassVar[type[BackboneConfig]] = BackboneConfig
     #: --pretrained_model_name_or_path is required (the toy ships its checkpoint in the package)
     needs_pretrained: ClassVar[bool] = True
     #: how `--parallel auto` wraps it with more than one process: "fsdp" (shard per block) or "ddp" (replicate)
@@ -97,58 +115,24 @@ class BackboneSpec:
     is_large: ClassVar[bool] = True
     #: has a resolution-dependent schedule shift (`--time_shift dynamic`; its adapter implements `mu()`)
     dynamic_shift: ClassVar[bool] = False
+    #: prompt-encoder flags (preprocessing, evaluation) its `prompt_encoder` reads: "max_sequence_length",
+    #: "negative_prompt", and flags of its section when the stored conditioning depends on the generation size
+    encoder_flags: ClassVar[tuple[str, ...]] = ()
+    #: its prompt files (branchgrpo.data.preprocess.PROMPT_FORMATS): "text" (one prompt per line; the encoder takes
+    #: strings) or "jsonl" (lines {"prompt": ..., "image": ...}; the encoder takes `PromptRecord`s)
+    prompt_format: ClassVar[str] = "text"
     #: what the evaluation CLI's `--rewards default` / `all` mean for this backbone
     eval_rewards: ClassVar[tuple[str, ...]] = ()
     #: the weight layouts of a training checkpoint `load_for_eval` reads (names as branchgrpo.eval.checkpoints
     #: detects them: "toy_full", "diffusers_full", "peft_lora", "diffusers_lora")
     eval_layouts: ClassVar[tuple[str, ...]] = ()
-    #: prompt-encoder flags (preprocessing, evaluation) its `prompt_encoder` reads: "max_sequence_length",
-    #: "negative_prompt", and model flags (MODEL_FLAGS) when the stored conditioning depends on the generation size
-    encoder_flags: ClassVar[tuple[str, ...]] = ()
-    #: its prompt files (branchgrpo.data.preprocess.PROMPT_FORMATS): "text" (one prompt per line; the encoder takes
-    #: strings) or "jsonl" (lines {"prompt": ..., "image": ...}; the encoder takes `PromptRecord`s)
-    prompt_format: ClassVar[str] = "text"
-    #: "module:function(out_dir, seed)" that writes a tiny random checkpoint in the real layout (None: none)
-    tiny: ClassVar[str | None] = None
-    #: transformer configs shipped under models/configs/ for the memory planner; the first is the default
-    planner_configs: ClassVar[tuple[str, ...]] = ()
 
-    def planner_config(self, model_cfg, name: str | None = None) -> tuple[dict, str]:
-        """(transformer config, where it came from) for the memory planner: `name` (a shipped config or a path),
-        else the checkpoint's transformer/config.json when --pretrained_model_name_or_path holds one, else the
-        first shipped config."""
-        root = getattr(model_cfg, "pretrained_model_name_or_path", None)
-        if name is None and root is not None and (Path(root) / "transformer" / "config.json").is_file():
-            name = str(Path(root) / "transformer" / "config.json")
-        if name is None:
-            if not self.planner_configs:
-                raise ValueError(f"--model {self.name}: no shipped transformer config; give --transformer_config")
-            name = self.planner_configs[0]
-        return read_shipped_config(name, self.planner_configs), name
+    # ----- training ------------------------------------------------------------------------------------------------
 
-    def planner_model(self, model_cfg, config: dict, dtype: torch.dtype, device="meta",
-                      text_tokens: int = 512) -> PlannerModel:
-        """The transformer of `config` built on `device` (meta: no memory) with the size flags of `model_cfg`."""
-        raise NotImplementedError(f"--model {self.name}: the memory planner does not know this backbone")
-
-    def size(self, model_cfg, name: str):
-        """A model flag's value: as given, else this backbone's default."""
-        value = getattr(model_cfg, name, None)
-        return self.defaults.get(name) if value is None else value
-
-    def encoder_sizes(self, model_cfg) -> dict:
-        """The model flags its prompt encoder reads (`encoder_flags`), resolved (given, else default): the sizes its
-        stored conditioning is built for (e.g. first-frame latents of the video size)."""
-        return {name: self.size(model_cfg, name) for name in self.encoder_flags if name in MODEL_FLAGS}
-
-    def image_size(self, model_cfg) -> tuple[int, int] | None:
-        """(h, w) of the frames its conditioning images are resized to (JSONL prompt files are checked against it),
-        or None when its encoder reads no size."""
-        sizes = self.encoder_sizes(model_cfg)
-        return (sizes["h"], sizes["w"]) if {"h", "w"} <= set(sizes) else None
-
-    def check_flags(self, model_cfg) -> None:
-        """Value checks of the flags in `flags` (ValueError naming the flag); nothing is loaded."""
+    def load(self, model_cfg, device: torch.device, dtype: torch.dtype = torch.float32):
+        """The FlowAdapter for training: trained weights in `dtype` (fp32 master weights by default). `model_cfg`:
+        the run's ModelConfig (checkpoint folder; `model_cfg.backbone` is this spec's section)."""
+        raise NotImplementedError
 
     def check_files(self, model_cfg, transformer_root: str | Path | None = None) -> None:
         """Checks of the flags against the checkpoint's own configs (small JSON files), run by config validation
@@ -156,25 +140,7 @@ class BackboneSpec:
         transformer cannot take. `transformer_root`: the folder whose transformer is loaded (default: the base
         folder). A folder or config that is absent is left to the loader, which names it. Nothing by default."""
 
-    def inapplicable_flags(self, model_cfg) -> list[str]:
-        """Model flags given (not None) that do not act on this backbone, e.g. `num_frames` for an image model.
-        Training warns about them; evaluation and the benchmark refuse them."""
-        return [name for name in MODEL_FLAGS if getattr(model_cfg, name, None) is not None and name not in self.flags]
-
-    def load(self, model_cfg, device: torch.device, dtype: torch.dtype = torch.float32):
-        """The FlowAdapter for training: trained weights in `dtype` (fp32 master weights by default)."""
-        raise NotImplementedError
-
-    def load_for_eval(self, model_cfg, weights: Path | None, layout: str | None, device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> "EvalModel":
-        """The model to evaluate: the base (`weights` None) or the base with a training checkpoint's weights, the
-        folder `weights` in `layout` (one of `eval_layouts`). The transformer's weights are in `dtype`."""
-        raise NotImplementedError(f"--model {self.name}: evaluation is not supported")
-
-    def tokens_per_sample(self, adapter, cond: dict[str, torch.Tensor]) -> int:
-        """Tokens the transformer processes per sample (latent + text tokens; twice with classifier-free guidance),
-        the `tokens` of the benchmark's MFU."""
-        raise NotImplementedError(f"--model {self.name}: no token count for the benchmark")
+    # ----- prompts: preprocessing and evaluation -------------------------------------------------------------------
 
     def prompt_encoder(self, model_path, device: torch.device, settings):
         """encode(items) -> {key: tensor [n, ...]} with the keys the adapter reads (preprocessing and evaluation);
@@ -182,6 +148,20 @@ class BackboneSpec:
         max_sequence_length, dtype and negative_prompt (and the sizes of `encoder_sizes` where it reads them).
         `encode.extras()`, where present, gives the dataset-wide tensors (e.g. Wan's negative-prompt embedding)."""
         raise NotImplementedError
+
+    def encoder_sizes(self, values) -> dict:
+        """The flags of its section its prompt encoder reads (`encoder_flags`), resolved (given, else default): the
+        sizes its stored conditioning is built for (e.g. first-frame latents of the video size). `values`: the
+        section, or any object with those attributes (the preprocessing CLI's arguments)."""
+        names = [f.name for f in dataclasses.fields(self.Config) if f.name in self.encoder_flags]
+        section = self.Config(**{n: getattr(values, n) for n in names if getattr(values, n, None) is not None})
+        return {name: section.resolved(name) for name in names}
+
+    def image_size(self, values) -> tuple[int, int] | None:
+        """(h, w) of the frames its conditioning images are resized to (JSONL prompt files are checked against it),
+        or None when its encoder reads no size."""
+        sizes = self.encoder_sizes(values)
+        return (sizes["h"], sizes["w"]) if {"h", "w"} <= set(sizes) else None
 
     def default_prompts(self) -> Path:
         """The prompt file evaluation uses when none is given."""
@@ -192,10 +172,18 @@ class BackboneSpec:
         (the toy's); None: the user provides prompts."""
         return None
 
+    # ----- evaluation ----------------------------------------------------------------------------------------------
 
-def check_sizes(model_cfg, multiple: int, why: str, names=("h", "w")) -> None:
+    def load_for_eval(self, model_cfg, weights: Path | None, layout: str | None, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> "EvalModel":
+        """The model to evaluate: the base (`weights` None) or the base with a training checkpoint's weights, the
+        folder `weights` in `layout` (one of `eval_layouts`). The transformer's weights are in `dtype`."""
+        raise NotImplementedError(f"--model {self.name}: evaluation is not supported")
+
+
+def check_sizes(section, multiple: int, why: str, names=("h", "w")) -> None:
     """Image sides given must be positive multiples of `multiple` (VAE factor x patch size)."""
     for name in names:
-        size = getattr(model_cfg, name, None)
+        size = getattr(section, name, None)
         if size is not None and (size <= 0 or size % multiple):
             raise ValueError(f"--{name}: {size} is not a positive multiple of {multiple} ({why})")

@@ -23,7 +23,8 @@ from torch import nn
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
 from branchgrpo.models.lora import merge_saved_adapter
-from branchgrpo.models.spec import BackboneSpec, EvalModel, PlannerModel
+from branchgrpo.models.spec import BackboneSpec, EvalModel
+from branchgrpo.models.support import BenchSupport, PlannerModel, PlannerSupport
 from branchgrpo.core.state_dicts import load_strict
 from branchgrpo.toy.data import ASSETS_DIR, IMAGE_SIZE, VOCAB, latents_to_images
 from branchgrpo.toy.network import (
@@ -119,7 +120,6 @@ class ToyAdapter(FlowAdapter):
     """FlowAdapter of the toy: latents `[B, 1, 8, 8]` are the pixels mapped to [-1, 1] (there is no VAE)."""
 
     name = "toy"
-    media = "image"
     latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
     #: every Linear of the repeated blocks (module-name suffixes, as peft's target_modules takes them)
@@ -187,8 +187,8 @@ def load_toy(model_path: str | Path | None = None, device: torch.device | str = 
 
 
 @register_backbone
-class ToySpec(BackboneSpec):
-    """The embedded default: 0.26M parameters, shipped in the package, no size flags."""
+class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
+    """The embedded default: 0.26M parameters, shipped in the package, no flags of its own."""
 
     name = "toy"
     needs_pretrained = False
@@ -196,6 +196,12 @@ class ToySpec(BackboneSpec):
     is_large = False
     eval_rewards = ("toy", "toy_digit", "toy_style")
     eval_layouts = ("toy_full", "peft_lora")  # what `export` and `export_lora` (peft's own format) write
+    # the settings of configs/toy_*.yaml
+    comparison_flags = ("--sampling_steps", "20", "--shift", "3", "--reward", "toy", "--train_batch_size", "8",
+                        "--learning_rate", "3e-4", "--max_grad_norm", "1.0", "--clip_range", "1e-3", "--adv_clip_max",
+                        "5", "--rollout_batch_size", "512", "--train_micro_batch_size", "256",
+                        "--gradient_accumulation_steps", "0", "--reward_batch_size", "512", "--num_eval_prompts",
+                        "20", "--eval_samples_per_prompt", "4", "--device", "cpu", "--seed", "42")
 
     def load(self, model_cfg, device, dtype=torch.float32) -> ToyAdapter:
         adapter = load_toy(model_cfg.pretrained_model_name_or_path, device)

@@ -32,13 +32,16 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from branchgrpo.core.flags import flag
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
+from branchgrpo.models.guidance import guidance_on, guided_prediction
 from branchgrpo.models.diffusers_backbone import (
     CONFIG_FILE,
     DiffusersExportMixin,
@@ -50,7 +53,8 @@ from branchgrpo.models.diffusers_backbone import (
     load_pretrained,
     read_config,
 )
-from branchgrpo.models.spec import REPO_ASSETS, PlannerModel, check_sizes, hub_id_hint
+from branchgrpo.models.spec import REPO_ASSETS, GuidanceFlags, SizeFlags, check_sizes, hub_id_hint
+from branchgrpo.models.support import BenchSupport, FixtureSupport, PlannerModel, PlannerSupport
 from branchgrpo.core.state_dicts import count_blocks
 
 WAN_LAYOUT = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
@@ -192,7 +196,6 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
     """WanTransformer3DModel + its VAE at a fixed video size (see the module docstring for the conventions)."""
 
     name = "wan"
-    media = "video"
     transformer_class_name = "WanTransformer3DModel"
     pipeline_class_name = "WanPipeline"
     embedding_keys = ("prompt_embeds", "negative_prompt_embeds")
@@ -228,7 +231,7 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
     @property
     def uses_cfg(self) -> bool:
         """WanPipeline's rule: guidance only when the scale exceeds 1."""
-        return self.guidance_scale > 1.0
+        return guidance_on(self.guidance_scale)
 
     # ----- sampling ------------------------------------------------------------------------------------------------
 
@@ -260,22 +263,20 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         device = latents.device
         dtype = next(self.transformer.parameters()).dtype
         x = self.model_input(latents, cond).to(dtype)
-        timestep = sigmas.to(device=device, dtype=torch.float32) * 1000.0  # Wan embeds raw timesteps in [0, 1000]
         text = cond["prompt_embeds"].to(device=device, dtype=dtype)
-        extra = self.image_inputs(cond, device, dtype)
-        if self.uses_cfg:  # one forward on [cond; uncond]: 2B rows, half the kernel launches of two forwards
-            x = torch.cat([x, x])
-            timestep = torch.cat([timestep, timestep])
-            text = torch.cat([text, self._negative(cond, text)])
-            extra = {key: torch.cat([value, value]) for key, value in extra.items()}
         # The timestep stays fp32 even for a bf16 transformer (as in WanPipeline): bf16 would round 1000 * sigma
-        # to 3 significant digits.
-        out = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False,
-                               **extra)[0].float()
+        # to 3 significant digits. Wan embeds raw timesteps in [0, 1000].
+        inputs = dict(hidden_states=x, timestep=sigmas.to(device=device, dtype=torch.float32) * 1000.0,
+                      encoder_hidden_states=text, **self.image_inputs(cond, device, dtype))
+
+        def forward(**rows) -> torch.Tensor:
+            return self.transformer(**rows, return_dict=False)[0].float()
+
         if not self.uses_cfg:
-            return out
-        v_cond, v_uncond = out.chunk(2)
-        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+            return forward(**inputs)
+        # the image conditioning (wan_i2v) is the same on the conditional and the negative rows, as in the pipeline
+        return guided_prediction(forward, inputs, {"encoder_hidden_states": self._negative(cond, text)},
+                                 self.guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -392,37 +393,45 @@ def negative_prompt_extras(encode, negative_prompt: str = DEFAULT_NEGATIVE_PROMP
     return {"negative_prompt_embeds": encode([negative_prompt])["prompt_embeds"][0]}
 
 
+@dataclass
+class WanConfig(GuidanceFlags, SizeFlags):
+    """Wan's flags: the video size and the classifier-free guidance scale (<= 1: no guidance)."""
+
+    num_frames: int | None = flag(None, "video frames, 4k + 1")
+
+    DEFAULTS = {"h": 480, "w": 832, "num_frames": 33, "guidance_scale": 5.0}
+
+    def validate(self) -> None:
+        check_sizes(self, 16, "Wan latents are 8x-downsampled and cut into 2x2 patches")
+        frames = self.num_frames
+        if frames is not None and (frames < 1 or (frames - 1) % 4):
+            raise ValueError(f"--num_frames: {frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
+
+
 @register_backbone
-class WanSpec(DiffusersSpec):
+class WanSpec(DiffusersSpec, PlannerSupport, BenchSupport, FixtureSupport):
     """Wan2.1 text-to-video (1.3B, 14B), diffusers layout; tiny stand-in: `python -m branchgrpo.make_tiny wan DIR`."""
 
     name = "wan"
     media = "video"
-    flags = ("h", "w", "num_frames", "guidance_scale")
-    defaults = {"h": 480, "w": 832, "num_frames": 33, "guidance_scale": 5.0}
+    Config = WanConfig
     eval_rewards = ("frame_reward", "temporal_consistency", "videoalign")
     encoder_flags = ("max_sequence_length", "negative_prompt")
     tiny = "branchgrpo.testing.wan_tiny:make_tiny_wan"
+    planner_configs = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
     #: the adapter `load` builds (and whose `image_to_video` the checkpoint checks follow)
     adapter_class: type[WanAdapter] = WanAdapter
 
-    def check_flags(self, model_cfg) -> None:
-        check_sizes(model_cfg, 16, "Wan latents are 8x-downsampled and cut into 2x2 patches")
-        frames = model_cfg.num_frames
-        if frames is not None and (frames < 1 or (frames - 1) % 4):
-            raise ValueError(f"--num_frames: {frames} is not of the form 4k + 1 (Wan's VAE compresses time 4x)")
-
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
-        i2v = self.adapter_class.image_to_video
+        i2v, size = self.adapter_class.image_to_video, model_cfg.backbone.resolved
         _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer, i2v)
-        check_wan_config(self.size(model_cfg, "num_frames"), self.size(model_cfg, "h"), self.size(model_cfg, "w"),
-                         transformer, vae, config_path, i2v)
+        check_wan_config(size("num_frames"), size("h"), size("w"), transformer, vae, config_path, i2v)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> WanAdapter:
-        return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=self.size(model_cfg, "h"),
-                        width=self.size(model_cfg, "w"), num_frames=self.size(model_cfg, "num_frames"),
-                        guidance_scale=self.size(model_cfg, "guidance_scale"), transformer_path=transformer_path,
-                        adapter_class=self.adapter_class)
+        size = model_cfg.backbone.resolved
+        return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
+                        width=size("w"), num_frames=size("num_frames"), guidance_scale=size("guidance_scale"),
+                        transformer_path=transformer_path, adapter_class=self.adapter_class)
 
     def prompt_encoder(self, model_path, device, settings):
         return build_prompt_encoder(model_path, device, settings)
@@ -436,15 +445,14 @@ class WanSpec(DiffusersSpec):
         tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2]) + cond["prompt_embeds"].shape[1]
         return 2 * tokens if adapter.uses_cfg else tokens
 
-    planner_configs = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
-
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
         from diffusers import WanTransformer3DModel
 
         transformer = build_transformer(WanTransformer3DModel, config, device, dtype)
-        frames, h, w = (self.size(model_cfg, n) for n in ("num_frames", "h", "w"))
+        frames, h, w = (model_cfg.backbone.resolved(n) for n in ("num_frames", "h", "w"))
         latent = (16, (frames - 1) // 4 + 1, h // 8, w // 8)  # Wan2.1's VAE: 16 channels, 4x time, 8x space
-        rows = 2 if self.size(model_cfg, "guidance_scale") > 1 else 1  # CFG: [cond; uncond] in one forward
+        # classifier-free guidance: [cond; negative] rows in one forward
+        rows = 2 if guidance_on(model_cfg.backbone.resolved("guidance_scale")) else 1
 
         def inputs(batch: int) -> dict:
             n = rows * batch

@@ -14,7 +14,7 @@ Conventions verified against diffusers 0.42 (WanImageToVideoPipeline; tests/test
 - At every step the transformer's input is [x ; mask ; image_latents] along the channels (16 + 4 + 16 = 36): the
   mask has the VAE's temporal factor (4) channels, 1 on the first latent frame (the given frame) and 0 elsewhere -
   the pipeline's mask over frames, folded 4 frames per latent frame. The CLIP image tokens go in as
-  `encoder_hidden_states_image`. Classifier-free guidance stays one batched forward (models/wan.py), the image
+  `encoder_hidden_states_image`. Classifier-free guidance stays one batched forward (models/guidance.py, through models/wan.py), the image
   condition on the cond and the uncond rows alike, as the pipeline does.
 - Text is exactly 512 tokens: the transformer's attention takes the last 512 context tokens as text and the rest as
   image tokens (diffusers hard-codes Wan's text length), so other --max_sequence_length values are refused.

@@ -1,7 +1,7 @@
 """The memory half of `python -m branchgrpo.plan`: per-GPU memory of a configuration, before renting GPUs.
 
 `plan_memory` builds the backbone's transformer from a shipped config on the meta device (its spec's
-`planner_model`), traces what one training forward saves (branchgrpo/planner/trace.py), and hands the counts to the
+`planner_model`, models/support.py `PlannerSupport`), traces what one training forward saves (branchgrpo/planner/trace.py), and hands the counts to the
 arithmetic of branchgrpo/planner/memory.py. GPU runs are assumed: bf16 autocast unless `--mixed_precision fp32`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from branchgrpo.models.support import PlannerSupport, require_support
 from branchgrpo.planner import memory
 from branchgrpo.planner.trace import lora_parameters, trace_activations
 
@@ -30,7 +31,7 @@ def check_memory_flags(extras) -> tuple[int, float]:
 def memory_model(cfg, counts: dict, gpus: int, reward_gb: float | None, config_name: str | None,
                  device: str = "meta", text_tokens: int | None = None) -> tuple[memory.MemoryModel, dict]:
     """The MemoryModel of a TrainConfig on `gpus` GPUs, and facts for the report (parameter counts, config)."""
-    spec, par = cfg.model.spec, cfg.parallel
+    spec, par = require_support(cfg.model.spec, PlannerSupport, "the memory planner"), cfg.parallel
     config, source = spec.planner_config(cfg.model, config_name)
     compute = par.compute_dtype(torch.device("cuda")) or torch.float32
     kwargs = {} if text_tokens is None else {"text_tokens": text_tokens}

@@ -1,7 +1,7 @@
 """The memory planner's arithmetic: per-GPU bytes of a training run from counts, dtypes and traced activations.
 
 Pure functions of numbers (no torch): the parameter counts and the activation bytes per sample come from the
-backbone's transformer built on the meta device (branchgrpo/planner/trace.py, `BackboneSpec.planner_model`), the
+backbone's transformer built on the meta device (branchgrpo/planner/trace.py, `PlannerSupport.planner_model`), the
 rollout's node count from the algorithm's plan. What each part assumes:
 
 - parameters: every weight in the master dtype (`--master_weight_type`), sharded over the GPUs under FSDP2; FSDP2

@@ -1,5 +1,6 @@
-"""Reward models. `available_rewards()` / `build_reward()` import the built-in reward modules below, each of which
-registers its factories with `@register_reward(name)`; heavy imports happen inside the factories."""
+"""Reward models. `available_rewards()` / `build_reward()` import the built-in reward modules
+(`base.BUILTIN_REWARD_MODULES`), each of which registers its factories with `@register_reward(name)`; heavy imports
+happen inside the factories."""
 
 from branchgrpo.rewards.base import (  # noqa: F401
     COMBINE_MODES,
@@ -12,16 +13,4 @@ from branchgrpo.rewards.base import (  # noqa: F401
     decode_and_score,
     parse_reward_spec,
     register_reward,
-)
-
-# Modules that register built-in rewards (imported on first use by branchgrpo.rewards.base).
-BUILTIN_REWARD_MODULES = (
-    "branchgrpo.rewards.toy",
-    "branchgrpo.rewards.hps",
-    "branchgrpo.rewards.pickscore",
-    "branchgrpo.rewards.clipscore",
-    "branchgrpo.rewards.imagereward",
-    "branchgrpo.rewards.video",
-    "branchgrpo.rewards.videoalign",
-    "branchgrpo.rewards.first_frame",
 )

@@ -40,6 +40,21 @@ DEFAULT_MODEL_DIR = "hps_ckpt"  # --reward_model_dir's default
 #: the annotation of a factory option that names a local file or folder (checked to exist before anything loads)
 LocalPath = NewType("LocalPath", str)
 
+# Modules that register built-in rewards, imported on first use (the registry: one line per reward module).
+BUILTIN_REWARD_MODULES = (
+    "branchgrpo.rewards.toy",
+    "branchgrpo.rewards.hps",
+    "branchgrpo.rewards.pickscore",
+    "branchgrpo.rewards.clipscore",
+    "branchgrpo.rewards.imagereward",
+    "branchgrpo.rewards.video",
+    "branchgrpo.rewards.videoalign",
+    "branchgrpo.rewards.first_frame",
+    "branchgrpo.rewards.ocr",
+    "branchgrpo.rewards.vlm_judge",
+    "branchgrpo.rewards.geneval",
+)
+
 
 class RewardModel(Protocol):
     name: str
@@ -183,8 +198,6 @@ def _import_builtin_rewards() -> None:
     """Import every built-in reward module (each registers its own factories); modules not shipped are skipped."""
     import importlib
     import importlib.util
-
-    from branchgrpo.rewards import BUILTIN_REWARD_MODULES
 
     for module in BUILTIN_REWARD_MODULES:
         try:

@@ -22,6 +22,13 @@ Videos: features of the middle frame (as the eval CLI's PNGs), the high-frequenc
 `VIDEO_FRAMES` evenly spaced frames. Only the base samples' features and two means are kept (checkpointed state, so a
 resumed run compares against the same reference); the images are not. Every rank computes its own samples' features,
 the features are gathered, and every rank takes the same decision.
+
+Samples that are not finite (NaN or inf in the image, its features or its high-frequency share: a diverging policy)
+are left out of every statistic, as the held-out reward leaves them out of its mean, and counted
+(`monitor_nonfinite`); a statistic that too few finite samples remain for is null, never a NaN.
+
+The monitor is one of the run's guards (branchgrpo.runtime.guards): `measure` computes an evaluation's entries,
+`observe` reads the record's alarm, and under `--hacking_guard stop` an alarm trips it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ import numpy as np
 import torch
 
 from branchgrpo.core import distributed
+from branchgrpo.runtime.entry import RunHalted
+from branchgrpo.runtime.guards import Guard, Observation
+from branchgrpo.runtime.outputs import still_frames
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ VIDEO_FRAMES = 8  # frames per video that enter the high-frequency share
 FFT_CHUNK = 8  # images per FFT call (a 720 x 720 RGB image is 12 MB of complex64)
 
 
-class RewardHackingError(ValueError):
+class RewardHackingError(RunHalted):
     """The run stopped because the monitor crossed a threshold under --hacking_guard stop (after a checkpoint)."""
 
 
@@ -61,13 +71,13 @@ def top_band_mask(height: int, width: int, band: float) -> torch.Tensor:
 
 
 def high_frequency_share(media: torch.Tensor, band: float = 0.5, max_frames: int = VIDEO_FRAMES,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None, kind: str = "image") -> torch.Tensor:
     """Per sample: the share of AC spectral energy (summed over channels) in the top frequency band; float64 [B].
     Images [B, C, H, W]; videos [B, C, F, H, W]: the mean over up to `max_frames` evenly spaced frames. An image
     without AC energy (constant) scores 0. No window is applied, so the closed forms are exact: the image is
     treated as periodic (its border discontinuity adds the same energy to the base and the trained model).
     `device`: where the FFTs run, a chunk at a time (default: where `media` is)."""
-    if media.dim() == 5:
+    if kind == "video":
         frames = media.shape[2]
         index = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()
         clips = media.index_select(2, index.to(media.device))
@@ -126,20 +136,19 @@ def _decode(blob: dict) -> np.ndarray:
     return data.reshape(blob["shape"]).copy()
 
 
-class HackingMonitor:
+class HackingMonitor(Guard):
     """Compares each evaluation with the step-0 one (see the module docstring); `eval_cfg` is the run's EvalConfig.
 
-    `observe` returns the entries the evaluation record gains; under `--hacking_guard warn` a crossed threshold is a
-    warning, under `stop` it also sets `tripped` (the trainer then writes a checkpoint and raises
-    `RewardHackingError(monitor.message(checkpoint))`)."""
+    `measure` returns the entries the evaluation record gains, `monitor_alarm` naming the thresholds crossed;
+    `observe` of that record warns about an alarm, and under `--hacking_guard stop` it also trips the guard (the
+    trainer then writes a checkpoint and raises `error(checkpoint)`)."""
 
     STATE_OPTIONAL = True  # a checkpoint written before the monitor existed resumes without a reference (warned)
 
-    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True):
-        self.cfg, self.device, self.is_main = eval_cfg, torch.device(device), is_main
+    def __init__(self, eval_cfg, device: torch.device | str = "cpu", is_main: bool = True, media: str = "image"):
+        self.cfg, self.device, self.is_main, self.media = eval_cfg, torch.device(device), is_main, media
         self.reference: dict | None = None  # features float32 [N, D], sample ids, hf share, diversity, settings
         self.extractor = None
-        self.tripped = False
         self.alarm: tuple[int, list[str]] | None = None  # (step, what crossed its threshold) of the last alarm
         self.last_cost_s = 0.0
         self._warned_no_reference = False
@@ -168,25 +177,16 @@ class HackingMonitor:
         return self.extractor(stills).astype(np.float32)
 
     @torch.no_grad()
-    def observe(self, step: int, media: torch.Tensor, sample_ids, is_pad, samples_per_prompt: int) -> dict:
+    def measure(self, step: int, media: torch.Tensor, sample_ids, is_pad, samples_per_prompt: int) -> dict:
         """This rank's evaluation samples (`media` [n, ...] in [0, 1], their global sample ids, padding flags) ->
-        the record's `monitor_*` entries (identical on every rank)."""
+        the record's `monitor_*` entries (identical on every rank). The step-0 evaluation becomes the reference."""
         if not self.enabled:
             return {}
         start = time.time()
-        stills = media[:, :, media.shape[2] // 2] if media.dim() == 5 else media
-        feats = torch.from_numpy(self._features(stills))
-        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device)
-        ids = torch.tensor(list(sample_ids), dtype=torch.float64)
-        keep = (~torch.tensor(list(is_pad), dtype=torch.bool)).double()
-        local = torch.cat([ids[:, None], keep[:, None], hf[:, None].double(), feats.double()], dim=1)
-        gathered = distributed.all_gather_cat(local).numpy()
-        gathered = gathered[gathered[:, 1] > 0]
-        gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
-        ids, hf_all, x = gathered[:, 0].astype(np.int64), gathered[:, 2], gathered[:, 3:].astype(np.float32)
-        hf_share = float(hf_all.mean())
+        ids, x, hf_all, num_nonfinite = self._gather(media, sample_ids, is_pad)
+        hf_share = float(hf_all.mean()) if len(hf_all) else None
         diversity = within_prompt_diversity(x, ids // samples_per_prompt)
-        record = {"monitor_hf_share": hf_share, "monitor_diversity": diversity}
+        record = {"monitor_hf_share": hf_share, "monitor_diversity": diversity, "monitor_nonfinite": num_nonfinite}
         if self.reference is None and step == 0:
             self.reference = {"features": x, "sample_ids": ids.tolist(), "hf_share": hf_share,
                               "diversity": diversity, "settings": self.settings}
@@ -196,21 +196,38 @@ class HackingMonitor:
                             "monitor existed); only absolute values are logged")
             self._warned_no_reference = True
             return record
-        record.update(self._compare(x, ids, hf_share, diversity))
-        self._check(step, record)
+        record.update(self._compare(x, hf_share, diversity))
+        record["monitor_alarm"] = self._crossed(record)
         self.last_cost_s = time.time() - start  # logged, not recorded: eval.jsonl stays reproducible
         return record
 
-    def _compare(self, x: np.ndarray, ids: np.ndarray, hf_share: float, diversity: float | None) -> dict:
+    def _gather(self, media: torch.Tensor, sample_ids, is_pad) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Every rank's samples, padding dropped, in sample-id order: ids, features, high-frequency shares of the
+        finite ones, and how many were not finite (in the image, its features or its share)."""
+        feats = torch.from_numpy(self._features(still_frames(media, self.media))).double()
+        hf = high_frequency_share(media, self.cfg.hacking_hf_band, device=self.device, kind=self.media).double()
+        finite = torch.isfinite(media.flatten(1)).all(1).cpu() & torch.isfinite(feats).all(1) & torch.isfinite(hf)
+        ids = torch.tensor(list(sample_ids), dtype=torch.float64)
+        keep = (~torch.tensor(list(is_pad), dtype=torch.bool)).double()
+        # a non-finite sample's figures are zeroed before the gather: only its flag travels
+        values = torch.where(finite[:, None], torch.cat([hf[:, None], feats], dim=1), torch.zeros(()))
+        local = torch.cat([ids[:, None], keep[:, None], finite[:, None].double(), values], dim=1)
+        gathered = distributed.all_gather_cat(local).numpy()
+        gathered = gathered[gathered[:, 1] > 0]
+        gathered = gathered[np.argsort(gathered[:, 0], kind="stable")]
+        num_nonfinite = int((gathered[:, 2] == 0).sum())
+        gathered = gathered[gathered[:, 2] > 0]
+        return gathered[:, 0].astype(np.int64), gathered[:, 4:].astype(np.float32), gathered[:, 3], num_nonfinite
+
+    def _compare(self, x: np.ndarray, hf_share: float | None, diversity: float | None) -> dict:
         from branchgrpo.core.diversity import kid, permutation_test
 
         ref = self.reference
-        assert list(ids) == list(ref["sample_ids"]), "the evaluation's prompts and seeds changed since step 0"
         out = {"monitor_hf_ratio": _ratio(hf_share, ref["hf_share"]),
                "monitor_diversity_ratio": _ratio(diversity, ref["diversity"]),
                "monitor_kid": None, "monitor_mmd2": None, "monitor_mmd2_p": None}
         y = ref["features"]
-        if np.array_equal(x, y):  # the base model itself (step 0): identical sets, no evidence of a difference
+        if len(x) and np.array_equal(x, y):  # the base model itself (step 0): identical sets, no evidence of a change
             out.update(monitor_kid=0.0, monitor_mmd2=0.0, monitor_mmd2_p=1.0)
             return out
         n = min(len(x), len(y))
@@ -230,8 +247,10 @@ class HackingMonitor:
     def summary(record: dict) -> str:
         """The monitor's figures of one evaluation record, for the log."""
         names = ("hf_share", "hf_ratio", "diversity_ratio", "kid", "mmd2_p")
-        return ", ".join(f"{n} " + ("n/a" if record.get("monitor_" + n) is None else f"{record['monitor_' + n]:.4g}")
-                         for n in names)
+        figures = [f"{n} " + ("n/a" if record.get("monitor_" + n) is None else f"{record['monitor_' + n]:.4g}")
+                   for n in names]
+        skipped = record.get("monitor_nonfinite")
+        return ", ".join(figures) + (f"; {skipped} non-finite sample(s) left out" if skipped else "")
 
     def thresholds(self) -> dict[str, tuple[str, float]]:
         """record key -> (direction, threshold) for the checks that are on."""
@@ -244,33 +263,36 @@ class HackingMonitor:
             out["monitor_kid"] = (">", c.hacking_max_kid)
         return out
 
-    def _check(self, step: int, record: dict) -> None:
+    def _crossed(self, record: dict) -> list[str]:
         crossed = []
         for key, (direction, limit) in self.thresholds().items():
             value = record.get(key)
             if value is not None and (value > limit if direction == ">" else value < limit):
                 crossed.append(f"{key[len('monitor_'):]} {value:.4g} {direction} {limit:g}")
-        record["monitor_alarm"] = crossed
+        return crossed
+
+    # --- the guard ---------------------------------------------------------------------------------------------
+    def observe(self, seen: Observation) -> None:
+        """An evaluation's record: its alarm, if any, is warned about (rank 0) and kept for the message."""
+        crossed = seen.record.get("monitor_alarm") if seen.evaluation else None
         if not crossed:
             return
-        self.alarm = (step, crossed)
+        self.alarm = (seen.step, crossed)
         if self.is_main:
             log.warning("reward-hacking monitor at step %d: %s (against the step-0 samples of the same prompts and "
-                        "seeds; --hacking_guard %s)", step, "; ".join(crossed), self.cfg.hacking_guard)
-        if self.cfg.hacking_guard == "stop":
-            self.tripped = True
+                        "seeds; --hacking_guard %s)", seen.step, "; ".join(crossed), self.cfg.hacking_guard)
+
+    @property
+    def tripped(self) -> bool:
+        return self.cfg.hacking_guard == "stop" and self.alarm is not None
 
     def error(self, checkpoint) -> RewardHackingError:
-        """Why the run stops, once `tripped` (after writing `checkpoint`)."""
-        return RewardHackingError(self.message(checkpoint))
-
-    def message(self, checkpoint) -> str:
         step, crossed = self.alarm
-        return (f"reward hacking suspected at the evaluation of step {step}: {'; '.join(crossed)} (against the base "
-                f"model's samples of the same prompts and seeds; --hacking_guard stop); stopped after writing "
-                f"{checkpoint}. Look at the evaluation grids under samples/ and the monitor panel of "
-                "reward_curve.png; to go on anyway, resume with --resume_from_checkpoint latest and a looser "
-                "threshold or --hacking_guard warn")
+        return RewardHackingError(
+            f"reward hacking suspected at the evaluation of step {step}: {'; '.join(crossed)} (against the base "
+            f"model's samples of the same prompts and seeds; --hacking_guard stop); stopped after writing "
+            f"{checkpoint}. Look at the evaluation grids under samples/ and the monitor panel of reward_curve.png; to "
+            "go on anyway, resume with --resume_from_checkpoint latest and a looser threshold or --hacking_guard warn")
 
     # --- checkpointed state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:

@@ -359,6 +359,23 @@ def save_videos(videos: torch.Tensor, folder: Path, stem: str, fps: int = 16) ->
     return paths
 
 
+def still_frames(media: torch.Tensor, kind: str) -> torch.Tensor:
+    """What stands for each sample in a picture: images [N, C, H, W] as they are; videos ([N, C, F, H, W], `kind`
+    "video": a backbone spec's `media`) their middle frames [N, C, H, W]."""
+    return media[:, :, media.shape[2] // 2] if kind == "video" else media
+
+
+def save_media(media: torch.Tensor, stem: Path, kind: str, columns: int, labels: Sequence[str] | None = None,
+               fps: int = 16, clips: int = 4) -> None:
+    """Samples of a backbone whose media is `kind`: `stem`.png, a grid of the images or of the videos' middle
+    frames (`columns` per row, small images enlarged to about 64 px), and for videos the first `clips` clips
+    (`stem`_NN.mp4, GIF without ffmpeg)."""
+    if kind == "video":
+        save_videos(media[:clips], stem.parent, stem.name, fps=fps)
+    stills = still_frames(media, kind)
+    save_grid(stills, stem.with_suffix(".png"), columns=columns, labels=labels, scale=max(1, 64 // stills.shape[-1]))
+
+
 def plot_rewards(entries: list[dict], evals: list[dict], path: Path, reward_max: float | None = None,
                  thresholds: dict | None = None) -> Path:
     """The reward curve; with the reward-hacking monitor's values in the evaluations (`monitor_*`), two panels

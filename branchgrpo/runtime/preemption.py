@@ -55,7 +55,7 @@ class Preemption:
         self.pending_evaluation: int | None = None  # the step of an evaluation in progress (saved if it is cut)
         self._states: dict = {}
         self._saved: dict = {}
-        self._weights: _HostCopy | None = None
+        self._weights: HostCopy | None = None
         self._previous: dict = {}
 
     # -- signals ------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Preemption:
         """Before the first of several optimizer steps of an iteration: the trainable state as it is at the boundary,
         in host memory, so that a cut after a step can still save the boundary."""
         if self.deadline_s >= 0:
-            self._weights = _HostCopy(params, optimizer)
+            self._weights = HostCopy(params, optimizer)
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         """Back to the last boundary after a cut."""
@@ -155,7 +155,7 @@ class Preemption:
         self.pending_evaluation = state.get("pending_evaluation")
 
 
-class _HostCopy:
+class HostCopy:
     """The trainable parameters (this rank's shards with FSDP2), their optimizer state and the optimizer's
     hyper-parameters (the LR the schedule sets), copied to CPU memory and copied back in place."""
 
@@ -169,7 +169,8 @@ class _HostCopy:
         self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
     @torch.no_grad()
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+    def restore(self, optimizer: torch.optim.Optimizer, hyper_parameters: bool = True) -> None:
+        """Copy back the weights and their optimizer state, and (`hyper_parameters`) the group's LR and the like."""
         for p, value, state in zip(self.params, self.values, self.states):
             _local(p).copy_(value)
             if state is None:
@@ -181,8 +182,9 @@ class _HostCopy:
                     _local(current[key]).copy_(saved)
                 else:
                     current[key] = saved
-        for group, saved in zip(optimizer.param_groups, self.groups):
-            group.update(copy.deepcopy(saved))
+        if hyper_parameters:
+            for group, saved in zip(optimizer.param_groups, self.groups):
+                group.update(copy.deepcopy(saved))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,13 @@ from branchgrpo.config import TrainConfig, changed_flags, check_resume_config
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.runtime.ema import EMA
+from branchgrpo.runtime.guards import DivergenceGuard, NonFiniteGuard, Observation
 from branchgrpo.runtime.heldout import Evaluator
+from branchgrpo.runtime.metrics import IterationResults, finite_samples, iteration_metrics
 from branchgrpo.runtime.monitor import HackingMonitor
 from branchgrpo.core.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
-from branchgrpo.runtime.nonfinite import NonFiniteGuard
 from branchgrpo.runtime.optim import build_lr_scheduler, build_optimizer
 from branchgrpo.runtime.outputs import (
     EvalLog,
@@ -41,23 +42,18 @@ from branchgrpo.runtime.outputs import (
     json_safe,
     plot_rewards,
     prepare_output_dir,
-    save_grid,
-    save_videos,
+    save_media,
     start_without_checkpoint,
     write_atomically,
 )
 from branchgrpo.runtime.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.runtime.preemption import Preempted, Preemption
 from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, RolloutSetup
 from branchgrpo.runtime.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
 from branchgrpo.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-# the update's figures that do not exist when no edge had a finite advantage (every reward non-finite): null then
-UPDATE_FIGURES = ("loss", "grad_norm", "clip_fraction", "approx_kl", "kl", "ratio_min", "ratio_max", "first_ratio_min",
-                  "first_ratio_max")
 
 
 class Trainer:
@@ -109,13 +105,15 @@ class Trainer:
                                     self.prepared.reference, self.info.rank, self.preempt)
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
-        self.guard = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations)
-        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main)
+        self.nonfinite = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations, self.info.is_main)
+        self.divergence = DivergenceGuard(cfg.optim.max_skipped_steps, self.updater.params, self.optimizer, self.ema)
+        self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main, media=self.spec.media)
+        self.guards = [self.nonfinite, self.divergence, self.monitor]  # branchgrpo.runtime.guards; the first raises
         self.drift = RatioDrift(cfg.loss.clip_range, cfg.optim.recompute_old_log_prob, self.info.is_main)
         # everything with state, as the checkpoint manager saves and restores it
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
-                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.guard,
-                       "monitor": self.monitor, "skipped_steps": self.updater.skipped, "preemption": self.preempt}
+                       "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.nonfinite,
+                       "monitor": self.monitor, "skipped_steps": self.divergence, "preemption": self.preempt}
         self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
         # what an iteration changes before its update ends, put back when a stop signal cuts it short (the EMA and
         # the non-finite counts change after the update; the wall clock keeps counting)
@@ -193,7 +191,7 @@ class Trainer:
             stop = self.preempt.stop_agreed() and self.step < total  # at the last step: finish instead
             # each the same on every rank: counted over all of them (rewards gathered, gradient norms all-reduced,
             # the monitor on gathered features)
-            halted = [h for h in (self.guard, self.updater.skipped, self.monitor) if h.tripped]
+            halted = [guard for guard in self.guards if guard.tripped]
             every = cfg.checkpoint.checkpointing_steps
             if stop or halted or (every and self.step % every == 0):
                 saved = self.save(prune=not halted)  # a halted run keeps the older checkpoints
@@ -218,8 +216,10 @@ class Trainer:
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
         graph = self.rollout(embeddings, batch, it)
         t1 = time.time()
-        scores = self.score(graph, batch.texts, batch.embeddings)
+        scores, media = self.score(graph, batch.texts, batch.embeddings)
         t2 = time.time()
+        finite = finite_samples(graph)
+        self.divergence.keep_if_sound(it, finite)  # the trainable state that sampled finitely, before it changes
         advantages = self.algo.advantages(graph, scores, self.rewards.weights, self.rewards.mode)
         trained = self.algo.select(graph, advantages, it, batch.keys)
         figures = self.algo.observe(graph, self.rewards.weighted_sum(scores), batch.indices, it)  # adaptive policies
@@ -229,30 +229,40 @@ class Trainer:
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)
         t3 = time.time()
-        self._maybe_save_rollout(graph, it)
-        return self._entry(it, graph, scores, trained, update, float(edges.weight.sum()), (t0, t1, t2, t3)) | figures
+        self._maybe_save_rollout(graph, media, it)
+        results = IterationResults(it, graph, scores, self.rewards.weighted_sum(scores), finite, trained, update,
+                                   float(edges.weight.sum()), (t0, t1, t2, t3), self.scheduler.get_last_lr()[0],
+                                   _peak_memory_mb(self.device))
+        metrics = iteration_metrics(results, self.info.world_size)
+        self._observe(Observation(it, metrics.entry, metrics.counts))
+        self.drift.observe(it, metrics.entry["first_ratio_min"], metrics.entry["first_ratio_max"])
+        return metrics.entry | figures
+
+    def _observe(self, seen: Observation) -> None:
+        for guard in self.guards:
+            guard.observe(seen)
 
     def rollout(self, embeddings: dict, batch, it: int) -> RolloutGraph:
         s, r = self.cfg.sampling, self.cfg.reward
         noise = NoiseKeys(self.cfg.run.seed, it, batch.keys,
                           shared_root_key=self.info.rank if s.init_same_noise else None)
-        run = partial(run_rollout, velocity_fn=self._velocity(embeddings), sigmas=self.sigmas, kernel=self.kernel,
-                      noise=noise, latent_shape=self.adapter.latent_shape, device=self.device,
-                      batch_size=s.rollout_batch_size)
-        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
-                        batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
+        setup = RolloutSetup(self._velocity(embeddings), self.sigmas, self.kernel, noise, self.adapter.latent_shape,
+                             self.device, s.rollout_batch_size)
+        scorer = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
+                         batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
         with using_module(self.adapter, self.prepared.bare):
-            return self.algo.rollout(it, run, batch.indices, score)
+            return self.algo.rollout(it, setup, batch.indices, scorer)
 
     @torch.no_grad()
-    def score(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None = None) -> dict[str, torch.Tensor]:
+    def score(self, graph: RolloutGraph, texts: list[str],
+              per_prompt: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The leaves' rewards ({reward: float32 [leaves]}) and their decoded media."""
         leaves = graph.leaves
         prompts = [texts[int(p)] for p in graph.prompt[leaves]]
         conditions = self.rewards.conditions(per_prompt, graph.prompt[leaves])  # e.g. I2V's first frame; mostly {}
         decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
-        scores, self._last_media = decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
-                                                    self.cfg.reward.reward_batch_size, conditions)
-        return scores
+        return decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
+                                self.cfg.reward.reward_batch_size, conditions)
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
@@ -291,80 +301,6 @@ class Trainer:
         )
         (self.output_dir / "sizes.json").write_text(json.dumps(s, indent=1))
 
-    def _entry(self, it, graph, scores, trained, update, live_edges: float, times) -> dict:
-        """The iteration's metrics, identical on every rank. Rewards: over the leaves with a finite reward (null
-        when there is none); the update's figures: null when no edge had a finite advantage to train on. Also
-        warns about non-finite rewards and feeds their counts to the guard that stops a failing run."""
-        t0, t1, t2, t3 = times
-        leaves = graph.leaves
-        scored = graph.group[leaves] >= 0
-        total = self.rewards.weighted_sum(scores)
-        finite = torch.isfinite(total) & scored
-        gathered = distributed.all_gather_cat(torch.where(finite, total, torch.zeros_like(total)).double())
-        mask = distributed.all_gather_cat(finite.double())
-        num_finite = int(mask.sum())
-        n = mask.sum().clamp(min=1)
-        mean = float((gathered * mask).sum() / n)
-        std = float((((gathered - mean) * mask) ** 2).sum().div((n - 1).clamp(min=1)).sqrt())
-        counts = {"nonfinite_rewards": int((~torch.isfinite(total) & scored).sum()), "scored": int(scored.sum()),
-                  "live_edges": live_edges,
-                  **{f"reward:{name}": int((~torch.isfinite(v) & scored).sum()) for name, v in scores.items()}}
-        over_ranks, counts = self._over_ranks(update, counts)
-        entry = {
-            "step": it,
-            "reward_mean": mean if num_finite else None,
-            "reward_std": std if num_finite > 1 else None,
-            "loss": update["loss"],
-            "rollout_nfe": graph.num_forward_passes / leaves.numel(),
-            "train_nfe": int(trained.sum()) / leaves.numel(),
-            "iter_time_s": t3 - t0,
-            "rollout_time_s": t1 - t0,
-            "reward_time_s": t2 - t1,
-            "train_time_s": t3 - t2,
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": update["grad_norm"],
-        }
-        entry.update({k: v for k, v in update.items() if k not in ("loss", "grad_norm")})
-        entry.update(over_ranks, nonfinite_rewards=int(counts["nonfinite_rewards"]))
-        entry.update({f"reward_{name}": float(v[scored & torch.isfinite(v)].nanmean())
-                      for name, v in scores.items() if len(scores) > 1})
-        entry["trained_edges"] = int(trained.sum())
-        entry["train_forward_passes"] = int(torch.unique(graph.parent[trained]).numel())  # siblings share one
-        entry["leaves"] = int(scored.sum())
-        entry["peak_memory_mb"] = _peak_memory_mb(self.device)
-        if counts["live_edges"] == 0:
-            entry.update(dict.fromkeys(UPDATE_FIGURES))
-        self._watch_rewards(it, counts, list(scores))
-        self.drift.observe(it, entry["first_ratio_min"], entry["first_ratio_max"])
-        return json_safe(entry)
-
-    def _watch_rewards(self, it: int, counts: dict, names: list[str]) -> None:
-        """Warn about non-finite rewards (naming the reward models), and count towards stopping the run."""
-        per_reward = {name: int(counts[f"reward:{name}"]) for name in names}
-        bad, scored = int(counts["nonfinite_rewards"]), int(counts["scored"])
-        if bad and self.info.is_main:
-            log.warning("iteration %d: %d of %d leaves have no finite reward (%s); they are left out of the "
-                        "advantages and the metrics", it, bad, scored,
-                        ", ".join(f"'{name}' non-finite on {n}" for name, n in per_reward.items() if n))
-        self.guard.observe(it, bad, scored, per_reward)
-
-    def _over_ranks(self, update: dict, counts: dict) -> tuple[dict, dict]:
-        """The update's rank-local figures as whole-iteration ones (identical on every rank): means over ranks of
-        the loss, clip fraction and KL estimates, sums of the non-finite counts, extremes of the ratios; and
-        `counts` summed over ranks. The gradient norm needs nothing: it is computed from the all-reduced
-        gradients."""
-        means, sums = ("loss", "clip_fraction", "approx_kl", "kl"), ("nonfinite_edges",)
-        values = torch.tensor([update[k] for k in means + sums] + list(counts.values()), dtype=torch.float64)
-        values = distributed.all_reduce_sum(values).tolist()
-        out = {k: v / self.info.world_size for k, v in zip(means, values)}
-        out.update({k: v for k, v in zip(sums, values[len(means):])})
-        counts = dict(zip(counts, values[len(means + sums):]))
-        extremes = torch.tensor([-update["ratio_min"], update["ratio_max"], -update["first_ratio_min"],
-                                 update["first_ratio_max"]], dtype=torch.float64)
-        lo, hi, first_lo, first_hi = distributed.all_reduce_max(extremes).tolist()
-        out.update(ratio_min=-lo, ratio_max=hi, first_ratio_min=-first_lo, first_ratio_max=first_hi)
-        return out, counts
-
     def _evaluate(self, step: int) -> None:
         model = self.prepared.model
         ema = self.ema.swapped_in(model) if self.ema is not None else contextlib.nullcontext()
@@ -376,8 +312,9 @@ class Trainer:
         self.preempt.pending_evaluation = None
         record = {"step": step, "eval_reward": result.reward,
                   **{f"eval_{k}": v for k, v in result.per_reward.items()}, "eval_nonfinite": result.num_nonfinite}
-        record.update(self.monitor.observe(step, result.media, self.evaluator.sample_ids, self.evaluator.is_pad,
+        record.update(self.monitor.measure(step, result.media, self.evaluator.sample_ids, self.evaluator.is_pad,
                                            self.cfg.eval.eval_samples_per_prompt))
+        self._observe(Observation(step, record, evaluation=True))
         self.evals.append(record)
         if self.info.is_main:
             log.info("eval at step %d: reward %s over %d held-out samples", step, _fmt(result.reward, ".4f"),
@@ -395,11 +332,7 @@ class Trainer:
 
     def _save_media(self, media: torch.Tensor, labels: list[str], stem: Path) -> None:
         per = self.cfg.eval.eval_samples_per_prompt
-        if media.dim() == 5:  # video: a grid of middle frames plus the clips
-            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
-            media = media[:, :, media.shape[2] // 2]
-        save_grid(media, stem.with_suffix(".png"), columns=per, labels=labels[::per],
-                  scale=max(1, 64 // media.shape[-1]))
+        save_media(media, stem, self.spec.media, columns=per, labels=labels[::per], fps=self.adapter.video_fps)
 
     def _plot(self) -> None:
         """reward_curve.png (the monitor's values beside the reward) and the end of the loggers, on rank 0."""
@@ -408,17 +341,14 @@ class Trainer:
                          self.rewards.reward_max, self.monitor.thresholds())
             self.metrics.close()
 
-    def _maybe_save_rollout(self, graph: RolloutGraph, it: int) -> None:
+    def _maybe_save_rollout(self, graph: RolloutGraph, media: torch.Tensor, it: int) -> None:
         every = self.cfg.logging.save_rollout_samples
         if not (every and self.info.is_main and it % every == 0):
             return
         first = graph.prompt[graph.leaves] == 0
-        media = self._last_media[first][:16]
+        media = media[first][:16]
         stem = self.output_dir / "samples" / f"rollout_step{it:06d}"
-        if media.dim() == 5:
-            save_videos(media[:4], stem.parent, stem.name, fps=self.adapter.video_fps)
-        else:
-            save_grid(media, stem.with_suffix(".png"), columns=min(8, media.shape[0]), scale=max(1, 64 // media.shape[-1]))
+        save_media(media, stem, self.spec.media, columns=min(8, media.shape[0]), fps=self.adapter.video_fps)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints

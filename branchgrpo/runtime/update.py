@@ -11,8 +11,8 @@ Batch semantics (logged at start-up):
   replaced by the old one before the ratio, so no inf reaches the backward; `losses.guard_non_finite`). A NaN in
   the model's output still reaches the gradient; a non-finite gradient norm - the same number on every rank after
   the all-reduce - skips that optimizer step on every rank, and both are counted in the metrics.
-- A diverged run does not carry on: `SkippedSteps` counts skipped optimizer steps in a row (across iterations), and at
-  `--max_skipped_steps` the trainer stops with a checkpoint and `DivergedError` (exit 2).
+- A diverged run does not carry on: the results list which optimizer steps were applied, and the divergence guard
+  (branchgrpo.runtime.guards.DivergenceGuard) stops the run after `--max_skipped_steps` skipped ones in a row.
 - Preemption (branchgrpo.runtime.preemption): a cut point before every micro-batch; an iteration with several optimizer steps
   first copies the trainable state to host memory, so that a cut after a step can still save the boundary.
 """
@@ -89,7 +89,6 @@ class PolicyUpdate:
         self.rank = rank
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.preemption = preemption  # branchgrpo.runtime.preemption.Preemption, or None
-        self.skipped = SkippedSteps(optim_cfg.max_skipped_steps)
 
     def layout(self, graph: RolloutGraph, edges: Edges, batches: list[torch.Tensor]) -> list[dict]:
         """What each micro-batch's forward and loss need on the device - latent rows, sigmas, prompts, each edge's
@@ -161,8 +160,7 @@ class PolicyUpdate:
         self.model.train()
         if cfg.recompute_old_log_prob:
             self.recompute_old_log_probs(graph, embeddings, edges, tables, batches)
-        stats, sums, losses, norms, first_ratio = {}, {}, [], [], None
-        skipped = steps = 0
+        stats, sums, losses, norms, first_ratio, applied = {}, {}, [], [], None, []
         if self.preemption is not None and len(windows) > 1:
             self.preemption.keep_weights(self.params, self.optimizer)
         for window, num_edges in windows:
@@ -180,17 +178,13 @@ class PolicyUpdate:
                     if first_ratio is None:
                         first_ratio = {"first_ratio_min": stats["ratio_min"], "first_ratio_max": stats["ratio_max"]}
             norm = clip_grad_norm(self.params, cfg.max_grad_norm)
-            finite = bool(torch.isfinite(norm))
-            if finite:
+            applied.append(bool(torch.isfinite(norm)))
+            if applied[-1]:
                 self.optimizer.step()
-            else:
-                skipped += 1
-            self.skipped.observe(iteration, finite)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             norms.append(norm)
-            steps += 1
         self.model.eval()
         read = read_stats({**stats, **sums, **(first_ratio or {}), **{f"loss{i}": t for i, t in enumerate(losses)}})
         norms = torch.stack(norms).tolist() if norms else []  # host tensors (clip_grad_norm read them back)
@@ -198,8 +192,9 @@ class PolicyUpdate:
         return {
             "loss": sum(read[f"loss{i}"] for i in range(len(losses))) / max(len(losses), 1),
             "grad_norm": sum(norms) / max(len(norms), 1),
-            "optimizer_steps": steps,
-            "skipped_steps": skipped,
+            "optimizer_steps": len(applied),
+            "skipped_steps": applied.count(False),
+            "applied_steps": applied,  # in order, for the divergence guard
             "micro_batches": num_micro,
             "nonfinite_edges": read.get("nonfinite", 0.0),
             "clip_fraction": read.get("clipped", 0.0) / n,
@@ -234,55 +229,6 @@ class PolicyUpdate:
         out["stats"] = policy_stats(ratio.detach(), log_prob.detach(), old, self.loss_cfg.clip_range, live)
         out["nonfinite"] = (~finite & (weight > 0)).sum().double()
         return loss, out
-
-
-class DivergedError(ValueError):
-    """The run stopped because its optimizer steps kept being skipped (a checkpoint was written first)."""
-
-
-class SkippedSteps:
-    """Optimizer steps skipped in a row for a non-finite gradient norm (the same count on every rank: the norm is
-    all-reduced). `limit` 0: never trips. Checkpointed, so a resumed run continues the count."""
-
-    STATE_OPTIONAL = True  # checkpoints written before it existed resume with no streak
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.count = 0
-        self.first: int | None = None  # the iteration of the streak's first skipped step
-        self.last_applied: int | None = None  # the iteration of the last step that was applied
-        self.last: int | None = None  # the iteration of the last step, applied or not
-
-    def observe(self, iteration: int, applied: bool) -> None:
-        self.last = iteration
-        if applied:
-            self.count, self.first, self.last_applied = 0, None, iteration
-        else:
-            self.count += 1
-            self.first = iteration if self.first is None else self.first
-
-    @property
-    def tripped(self) -> bool:
-        return self.limit > 0 and self.count >= self.limit
-
-    def error(self, checkpoint) -> DivergedError:
-        """Why the run stops, once `tripped` (after writing `checkpoint`)."""
-        return DivergedError(self.message(checkpoint))
-
-    def message(self, checkpoint) -> str:
-        applied = ("before this run's first step" if self.last_applied is None else
-                   f"of the last applied step (iteration {self.last_applied})")
-        return (f"diverged: {self.count} optimizer steps in a row had a non-finite gradient norm and were skipped "
-                f"(iterations {self.first}-{self.last}; --max_skipped_steps {self.limit}); stopped after writing "
-                f"{checkpoint}, whose weights are those {applied} - skipped steps change nothing but the LR schedule; "
-                "older checkpoints were kept. Start again with a lower --learning_rate or --max_grad_norm, or raise "
-                "--max_skipped_steps if such steps are expected")
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "first": self.first, "last_applied": self.last_applied}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.first, self.last_applied = int(state["count"]), state["first"], state["last_applied"]
 
 
 def ratio_deviation(ratio_min: float, ratio_max: float) -> float:

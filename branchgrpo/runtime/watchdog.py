@@ -20,6 +20,7 @@ import threading
 import time
 
 from branchgrpo.core.distributed import PROGRESS
+from branchgrpo.runtime.entry import RunHalted
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ class Watchdog:
         return "behind: " + ", ".join(t for _, t in behind[:8]) if behind else "every other rank waits as well"
 
 
-class StalledError(ValueError):
-    """A collective timed out after the watchdog had seen this rank stall (one line naming where and who)."""
+class StalledError(RunHalted):
+    """A collective timed out after the watchdog had seen this rank stall (one line naming where and who; exit code
+    3, not an input error)."""
 
 
 def _default_store():

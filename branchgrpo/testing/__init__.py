@@ -1,7 +1,7 @@
 """Tiny random checkpoints in the real folder layouts, built offline from configs with fixed seeds: the fixtures of
 the tests and of CPU smoke runs (`python -m branchgrpo.make_tiny KIND DIR`).
 
-Backbones write theirs through their spec (`BackboneSpec.tiny` names the writer, e.g.
+Backbones write theirs through their spec (`FixtureSupport.tiny` names the writer, e.g.
 `branchgrpo.testing.flux_tiny:make_tiny_flux`); rewards through `TINY_REWARDS` below. Nothing here is imported by
 training or evaluation code.
 """
@@ -17,6 +17,7 @@ TINY_REWARDS = {
     "pickscore": "branchgrpo.testing.clip_tiny:make_tiny_pickscore",
     "imagereward": "branchgrpo.testing.imagereward_tiny:make_tiny_imagereward",
     "videoalign": "branchgrpo.testing.videoalign_tiny:make_tiny_videoalign",
+    "geneval": "branchgrpo.testing.geneval_tiny:make_tiny_geneval",
 }
 
 

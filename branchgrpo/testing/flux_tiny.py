@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from branchgrpo.models.flux import TINY_TRANSFORMER_CONFIG
 from branchgrpo.testing.clip_tiny import clip_bpe_tokenizer, tiny_clip_text_config
 
 # A small English vocabulary for the T5 stand-in: whole words (with SentencePiece's "▁" word-start marker) tokenise
@@ -37,11 +38,8 @@ SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
     base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
 )
-# diffusers' test-sized FluxTransformer2DModel (notes/ecosystem.md): in_channels is the PACKED channel count.
-TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True,
-)
+# the tiny transformer's config lives with the backbone, whose benchmark stand-in builds the same shape
+TRANSFORMER_CONFIG = TINY_TRANSFORMER_CONFIG
 
 
 def t5_tokenizer():
