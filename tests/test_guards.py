@@ -155,6 +155,23 @@ def test_the_divergence_guard_puts_back_the_last_state_that_sampled_finitely():
     assert "before the update of iteration 0" in str(guard.error("ckpt"))
 
 
+def test_without_a_kept_copy_the_divergence_guard_leaves_the_weights_and_says_which_checkpoint_is_good():
+    """A full fine-tune of a large backbone keeps no host copy (it would be the whole trainable state per iteration):
+    tripping changes nothing, and the error points at the checkpoint before the one it writes."""
+    model, optimizer = tiny_model()
+    params = list(model.parameters())
+    guard = DivergenceGuard(1, params, optimizer, keep_copy=False)
+    guard.keep_if_sound(0, torch.tensor([True]))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.param_groups[0]["lr"] = 1e20
+    optimizer.step()
+    after = [p.detach().clone() for p in params]
+    guard.observe(iteration(0, applied=[False]))
+    assert guard.tripped and guard.sound is None
+    assert all(torch.equal(p, a) for p, a in zip(params, after))
+    assert "the checkpoint before it is the last good state" in str(guard.error("ckpt"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the metrics component
 # ---------------------------------------------------------------------------------------------------------------

@@ -144,12 +144,16 @@ class DivergenceGuard(Guard):
     trainable state - weights, their optimizer state, the EMA - of the last iteration whose rollout samples were all
     finite, copied before its update (`keep_if_sound`), and puts it back when it trips: the checkpoint then holds the
     last weights that sampled soundly. The LR schedule, data position and RNG stay where the run stopped. The price:
-    one copy of this rank's trainable state in CPU memory, refreshed every iteration; `limit` 0 keeps none."""
+    one copy of this rank's trainable state in CPU memory, refreshed every iteration - so it is kept only where that
+    state is small (`keep_copy`: the trainer's choice, LoRA or a small backbone; a full fine-tune of FLUX would copy
+    24 GB per GPU every iteration); without it the checkpoint written on tripping holds the weights as they are, and
+    the one before it is the last good state. `limit` 0 keeps none."""
 
     STATE_OPTIONAL = True  # checkpoints written before it existed resume with no streak
 
-    def __init__(self, limit: int, params: list, optimizer: torch.optim.Optimizer, ema=None):
+    def __init__(self, limit: int, params: list, optimizer: torch.optim.Optimizer, ema=None, keep_copy: bool = True):
         self.limit, self.params, self.optimizer, self.ema = limit, list(params), optimizer, ema
+        self.keep_copy = keep_copy
         self.count = 0
         self.first: int | None = None  # the iteration of the streak's first skipped step
         self.last_applied: int | None = None  # the iteration of the last step that was applied
@@ -160,7 +164,7 @@ class DivergenceGuard(Guard):
     def keep_if_sound(self, iteration: int, finite_samples: torch.Tensor) -> None:
         """Before the update of `iteration`: if every rank's rollout samples are finite (`finite_samples` bool [L],
         this rank's leaves), the trainable state is sound: keep a copy of it. Collective."""
-        if not self.limit:
+        if not (self.limit and self.keep_copy):
             return
         bad = distributed.all_reduce_sum(torch.tensor(float((~finite_samples).sum()), dtype=torch.float64))
         if float(bad) == 0:
@@ -194,6 +198,9 @@ class DivergenceGuard(Guard):
         if self.restored is not None:
             weights = (f"the weights, optimizer state and EMA as they were before the update of iteration "
                        f"{self.restored}, the last whose rollout samples were all finite")
+        elif not self.keep_copy:
+            weights = ("the weights as they are (no copy of the last sound state is kept for a full fine-tune of a "
+                       "large backbone: the checkpoint before it is the last good state)")
         else:
             weights = ("the weights as they are: no rollout of this run since it started or resumed had only finite "
                        "samples")

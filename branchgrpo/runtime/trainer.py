@@ -106,7 +106,8 @@ class Trainer:
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
         self.nonfinite = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations, self.info.is_main)
-        self.divergence = DivergenceGuard(cfg.optim.max_skipped_steps, self.updater.params, self.optimizer, self.ema)
+        self.divergence = DivergenceGuard(cfg.optim.max_skipped_steps, self.updater.params, self.optimizer, self.ema,
+                                          keep_copy=cfg.model.use_lora or not self.spec.is_large)
         self.monitor = HackingMonitor(cfg.eval, self.device, self.info.is_main, media=self.spec.media)
         self.guards = [self.nonfinite, self.divergence, self.monitor]  # branchgrpo.runtime.guards; the first raises
         self.drift = RatioDrift(cfg.loss.clip_range, cfg.optim.recompute_old_log_prob, self.info.is_main)
