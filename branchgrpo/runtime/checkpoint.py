@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from branchgrpo.core import distributed
 from branchgrpo.runtime.entry import EnvironmentFailure
 from branchgrpo.core.files import check_safetensors
-from branchgrpo.runtime.storage import disk_errno, size_text, tensor_bytes
+from branchgrpo.runtime.storage import disk_errno, fsync_tree, size_text, tensor_bytes
 
 # DCP says so on every single-process save/load; single-process is intended here
 warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
@@ -107,18 +107,6 @@ class GlobalRNG:
 
     def load_state_dict(self, state: dict) -> None:
         set_rng_state(state)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -194,7 +182,7 @@ class CheckpointManager:
         if self.rank == 0:
             state = dict(_state_dicts(states), config=config, step=step, world_size=self.world_size)
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             _write_marker(tmp, step)
 
     def _disk_failure(self, err: BaseException, final: Path) -> EnvironmentFailure | None:
@@ -204,7 +192,7 @@ class CheckpointManager:
         the checkpoint needs (torch.save's error on a full disk says neither). None: not the disk (a bug)."""
         code = disk_errno(err)
         free = shutil.disk_usage(self.root).free
-        done = self.latest_listed_bytes()
+        done = self._listed_bytes()
         needed = done if done is not None else self._estimated_bytes
         if code is None and free >= needed:
             return None
@@ -215,7 +203,7 @@ class CheckpointManager:
             f"of this run needs about {size_text(needed)} ({basis}); the partial write was removed. Free space there (or "
             "lower --checkpoints_total_limit) and run the same command with --resume_from_checkpoint latest"))
 
-    def latest_listed_bytes(self) -> int | None:
+    def _listed_bytes(self) -> int | None:
         """The size of the newest checkpoint as its complete.json lists it (None: no complete checkpoint)."""
         done = [p for p in self.root.glob(f"{PREFIX}*") if CHECKPOINT_NAME.match(p.name) and (p / COMPLETE).is_file()]
         for path in sorted(done, key=lambda p: int(p.name[len(PREFIX):]), reverse=True):

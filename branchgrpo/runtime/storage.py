@@ -1,9 +1,12 @@
-"""What the file system can do wrong to a run's writes, told in one line: the disk error (full, quota, read-only,
-failing) found behind the writer's own exception, and the sizes the message gives."""
+"""A run's writes and the file system: putting a written folder on disk (`fsync_tree`), and, when a write fails, the
+disk error (full, quota, read-only, failing) found behind the writer's own exception, with the sizes the one-line
+message gives."""
 
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -48,3 +51,16 @@ def tensor_bytes(tree) -> int:
 
 def size_text(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, and the folder itself, on disk (before the completeness marker is written)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
