@@ -257,7 +257,8 @@ class OptimConfig(Section):
     ema_update_interval: int = flag(1, "iterations between EMA updates")
     max_skipped_steps: int = flag(5, "stop (exit 3) after this many optimizer steps in a row skipped for a "
                                   "non-finite gradient norm, with a checkpoint of the last weights whose rollout was "
-                                  "finite (0 = never)")
+                                  "finite (LoRA and small backbones; a full fine-tune of a large one keeps no host "
+                                  "copy: the checkpoint before is the last good one) (0 = never)")
 
     RESUMABLE = frozenset({"max_train_steps", "max_skipped_steps", "ema_device"})  # EMA checkpoints: CPU tensors
 
