@@ -8,10 +8,13 @@
         --reward_model_dir hps_ckpt --output_dir outputs/eval/flux_branchgrpo
     python -m branchgrpo.cli.eval --model wan --pretrained_model_name_or_path data/wan --num_frames 33 \\
         --reward_model_dir hps_ckpt --output_dir outputs/eval/wan_base
+    python -m branchgrpo.cli.eval --model flux --pretrained_model_name_or_path data/flux --suite geneval \\
+        --suite_path geneval/prompts/evaluation_metadata.jsonl --reward_model_dir hps_ckpt --output_dir outputs/eval/geneval
 
 Writes to --output_dir: results.md (table), results.csv, results.json (mean, std and two 95% CIs per reward,
 per-prompt means, per-sample scores), scores.csv and grid.png (videos: first, middle and last frame of each sample);
-with --save_images DIR one PNG per sample (a video's middle frame; the input of `python -m
+with --suite (geneval | ocr | drawbench | hpsv2, eval/suites.py) also suite.md / suite.json (per-task means with 95%
+CIs, the mean over tasks) and one grid_<task>.png per task; with --save_images DIR one PNG per sample (a video's middle frame; the input of `python -m
 branchgrpo.cli.diversity`) and, for videos, one MP4 per sample. See docs/evaluation.md.
 """
 
@@ -33,6 +36,7 @@ from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 from branchgrpo.models import backbones, get_backbone
 from branchgrpo.eval.generate import resolve_reward_names
+from branchgrpo.eval.suites import READERS as SUITES
 from branchgrpo.rewards.base import check_reward_flags, parse_reward_options
 
 log = logging.getLogger("branchgrpo.eval")
@@ -70,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "JSONL {\"prompt\": ..., \"image\": ...} lines for " +
                    (", ".join(b for b, spec in specs.items() if spec.prompt_format == "jsonl") or "none") +
                    f" (default: {_per_backbone(specs, lambda spec: spec.default_prompts().name)})")
-    g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    g.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all; with --suite: the "
+                   "first N of each task)")
+    g.add_argument("--suite", choices=tuple(SUITES), default=None, help="a benchmark suite instead of --prompts: its "
+                   "prompts from --suite_path, per-task results in suite.md (docs/evaluation.md)")
+    g.add_argument("--suite_path", default=None, help="--suite's prompt file: GenEval's evaluation_metadata.jsonl, the "
+                   "OCR prompts (text, quoted targets), DrawBench's CSV, or the folder of HPSv2's four style JSONs")
     g.add_argument("--samples_per_prompt", type=int, default=4, help="seeds per prompt")
     g.add_argument("--seed", type=int, default=1234, help="noise seed (the trainer's --eval_seed default)")
     g.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -92,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk_prompts", type=int, default=8, help="prompts generated and scored together")
     g = p.add_argument_group("rewards")
     g.add_argument("--rewards", default="default", help="comma list (hps,pickscore,clip,imagereward,toy,...), "
-                   f"'default' or 'all' ({_per_backbone(specs, lambda spec: ','.join(spec.eval_rewards))})")
+                   f"'default' or 'all' ({_per_backbone(specs, lambda spec: ','.join(spec.eval_rewards))}; with "
+                   "--suite, 'default' is the suite's: geneval, ocr, the backbone's for drawbench, hps for hpsv2)")
     g.add_argument("--reward_model_dir", default="hps_ckpt", help="folder of reward checkpoints (hps_ckpt/README.md)")
     g.add_argument("--reward_options", default="", help='JSON {reward: {option: value}} overriding the defaults')
     g.add_argument("--reward_batch_size", type=int, default=16, help="samples decoded and scored per call")
@@ -129,7 +139,35 @@ def model_config(args):
     return ModelConfig.for_backbone(args.model, args.pretrained_model_name_or_path, **given_backbone_flags(args))
 
 
-def _check(args, spec, model_cfg) -> None:
+def _suite(args, spec):
+    """The --suite's prompts and tasks (read and checked here, before anything is loaded), or None."""
+    from branchgrpo.eval.suites import load_suite
+
+    if args.suite is None:
+        if args.suite_path is not None:
+            raise ValueError("--suite_path: only with --suite (geneval | ocr | drawbench | hpsv2)")
+        return None
+    if args.prompts is not None:
+        raise ValueError("--prompts: not with --suite (the suite's prompts come from --suite_path)")
+    if spec.prompt_format != "text":
+        raise ValueError(f"--suite: the {spec.name} backbone reads {spec.prompt_format} prompt files; the suites are "
+                         "text prompts for text-to-image/video backbones")
+    return load_suite(args.suite, args.suite_path, args.num_prompts)
+
+
+def _reward_text(args, suite) -> str:
+    """--rewards, where 'default' under a suite means the suite's own rewards."""
+    return suite.rewards if suite is not None and args.rewards.strip() == "default" else args.rewards
+
+
+def _reward_options(args, suite) -> dict:
+    """--reward_options over the suite's own (e.g. GenEval's metadata file): the user's option wins."""
+    given = parse_reward_options(args.reward_options)
+    ours = suite.reward_options if suite is not None else {}
+    return {name: {**ours.get(name, {}), **given.get(name, {})} for name in {**ours, **given}}
+
+
+def _check(args, spec, model_cfg, suite) -> None:
     """Flag checks that need nothing loaded: fail in a second, not after loading a 12B model."""
     for name in ("samples_per_prompt", "steps", "batch_size", "chunk_prompts", "reward_batch_size"):
         if getattr(args, name) < 1:
@@ -148,31 +186,38 @@ def _check(args, spec, model_cfg) -> None:
     if args.time_shift == "dynamic" and not spec.dynamic_shift:
         raise ValueError(f"--time_shift dynamic: the {spec.name} backbone has no resolution-dependent shift")
     model_cfg.validate()
-    check_reward_flags(resolve_reward_names(args.rewards, spec), parse_reward_options(args.reward_options), "--rewards")
+    check_reward_flags(resolve_reward_names(_reward_text(args, suite), spec), _reward_options(args, suite), "--rewards")
     writable_folder(args.output_dir, "--output_dir")  # written after generating: a bad folder must not cost that
     if args.save_images is not None:
         writable_folder(args.save_images, "--save_images")
 
 
-def _prompts(args, spec, model_cfg):
-    """The prompt file as the backbone's encoder reads it (`PromptList`: items and texts), cut to --num_prompts. A
-    JSONL file's images are all checked here, before anything is loaded (a bad line is an error)."""
+def _prompts(args, spec, model_cfg, suite):
+    """The prompt file as the backbone's encoder reads it (`PromptList`: items and texts), cut to --num_prompts (a
+    suite's prompts as they are: cut per task). A JSONL file's images are all checked here, before anything is loaded
+    (a bad line is an error)."""
     from branchgrpo.data.preprocess import PromptList, read_prompts
 
+    if suite is not None:
+        return PromptList(list(suite.texts), list(suite.texts), {})
     prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
                            image_size=spec.image_size(model_cfg.backbone))
     keep = slice(args.num_prompts or None)
     return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
 
-def _rewards(args, spec, device):
+def _rewards(args, spec, device, suite):
     """Every requested reward whose files are found; the others are skipped with a one-line reason each (only a
-    missing file skips a reward: a checkpoint that exists but cannot be read is an error)."""
+    missing file skips a reward: a checkpoint that exists but cannot be read is an error). Under the GenEval suite the
+    geneval reward also gives its strict and partial scores (`GenEvalColumns`)."""
+    from branchgrpo.eval.suites import GenEvalColumns
     from branchgrpo.rewards.base import build_reward_set
 
-    names = resolve_reward_names(args.rewards, spec)
-    rewards = build_reward_set(",".join(names), "sum", device, parse_reward_options(args.reward_options),
+    names = resolve_reward_names(_reward_text(args, suite), spec)
+    rewards = build_reward_set(",".join(names), "sum", device, _reward_options(args, suite),
                                model_dir=args.reward_model_dir, skip_missing=True, reward_flag="--rewards")
+    if suite is not None and suite.name == "geneval" and "geneval" in rewards.models:
+        rewards.models["geneval"] = GenEvalColumns(rewards.models["geneval"])
     for name, reason in rewards.skipped.items():
         print(f"skipping reward '{name}': checkpoint not available ({reason})", flush=True)
     if not rewards.models:
@@ -200,17 +245,18 @@ def run(args) -> dict:
     from branchgrpo.eval.checkpoints import load_eval_model
     from branchgrpo.eval.generate import SampleSettings, encode_prompts, generate_and_score
     from branchgrpo.eval.report import summarize, write_results
-    from branchgrpo.runtime.outputs import save_grid
+    from branchgrpo.eval.suites import first_per_task, ocr_exact, task_report, write_suite
 
     spec = get_backbone(args.model)
     model_cfg = model_config(args)
     device = resolve_device(args.device)
-    _check(args, spec, model_cfg)
+    suite = _suite(args, spec)
+    _check(args, spec, model_cfg, suite)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    prompts = _prompts(args, spec, model_cfg)
+    prompts = _prompts(args, spec, model_cfg, suite)
     texts = prompts.texts
-    rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
+    rewards = _rewards(args, spec, device, suite)  # first: a bad option fails before the backbone is loaded
     video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
     loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,
@@ -228,18 +274,22 @@ def run(args) -> dict:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else None
     if video_metrics is not None:
         video_metrics.fps = adapter.video_fps  # dynamic degree takes frames about 8 per second apart
+    shown = first_per_task(suite.tasks, args.grid_prompts) if suite else range(min(args.grid_prompts, len(texts)))
     start = time.time()
     out = generate_and_score(adapter, spec.media, embeddings, texts, rewards, settings, device, autocast,
-                             args.save_images, args.grid_prompts,
+                             args.save_images, shown,
                              progress=lambda done, total: log.info("%d / %d prompts", done, total),
-                             media_metrics=video_metrics)
+                             media_metrics=_extra_columns(video_metrics, rewards))
     elapsed = time.time() - start
+    if suite is not None and suite.name == "ocr":
+        out.scores.update(ocr_exact(out.scores))
     output_dir = Path(args.output_dir)
     metrics = {n: summarize(v, out.prompt_index, args.bootstrap, seed=args.seed) for n, v in out.scores.items()}
     header = {
         "model": args.model, "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
         "checkpoint": args.checkpoint, "use_ema": args.use_ema, "weights": loaded.description,
-        "prompts_file": str(args.prompts or "(default)"), "num_prompts": len(texts),
+        "prompts_file": str((suite and suite.path) or args.prompts or "(default)"), "num_prompts": len(texts),
+        **({"suite": suite.name} if suite else {}),
         "samples_per_prompt": args.samples_per_prompt, "num_samples": len(texts) * args.samples_per_prompt,
         "seed": args.seed, "steps": args.steps, "sampler": args.sampler, "shift": args.shift,
         "time_shift": args.time_shift, "guidance_scale": getattr(adapter, "guidance_scale", None),
@@ -253,16 +303,41 @@ def run(args) -> dict:
     sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
     result = write_results(output_dir, header, metrics, rewards.skipped, texts, out.scores, out.prompt_index,
                            out.seed_index, sample_ids, out.image_files, out.video_files)
-    if out.grid_media.numel():
-        shown = min(args.grid_prompts, len(texts))
-        tiles_per_sample = out.grid_media.shape[0] // (shown * args.samples_per_prompt)  # videos: 3 frames
-        save_grid(out.grid_media, output_dir / "grid.png", columns=args.samples_per_prompt * tiles_per_sample,
-                  labels=texts[:shown], scale=max(1, 64 // out.grid_media.shape[-1]))
+    grids = _write_grids(output_dir, out.grid_media, list(shown), texts, args.samples_per_prompt, suite)
+    if suite is not None:
+        write_suite(output_dir, suite, task_report(suite, out.scores, out.prompt_index, args.bootstrap, args.seed))
+        print((output_dir / "suite.md").read_text())
     print((output_dir / "results.md").read_text())
-    print(f"wrote {output_dir}/results.{{md,csv,json}}, scores.csv, grid.png"
+    print(f"wrote {output_dir}/results.{{md,csv,json}}, scores.csv, {', '.join(grids)}"
+          + (", suite.{md,json}" if suite else "")
           + (f"; {len(out.image_files)} PNGs in {args.save_images}" if args.save_images else "")
           + (f"; {len(out.video_files)} videos in {args.save_images}" if out.video_files else ""))
     return result
+
+
+def _extra_columns(video_metrics, rewards):
+    """The per-chunk columns beside the rewards: video metrics, and the GenEval suite's strict and partial scores."""
+    hooks = [hook for hook in (getattr(rewards.models.get("geneval"), "extra_columns", None),) if hook is not None]
+    if video_metrics is not None:
+        hooks.append(lambda media, prompts: video_metrics(media))
+    if not hooks:
+        return None
+    return lambda media, prompts: {name: v for hook in hooks for name, v in hook(media, prompts).items()}
+
+
+def _write_grids(output_dir: Path, tiles, shown: list[int], texts: list[str], samples: int, suite) -> list[str]:
+    """grid.png (the shown prompts, seeds in columns; videos: first, middle and last frame), or one grid per task."""
+    from branchgrpo.eval.suites import write_task_grids
+    from branchgrpo.runtime.outputs import save_grid
+
+    if not tiles.numel():
+        return []
+    columns = samples * (tiles.shape[0] // (len(shown) * samples))  # videos: 3 tiles per sample
+    if suite is not None:
+        return write_task_grids(output_dir, suite, shown, tiles, columns)
+    save_grid(tiles, output_dir / "grid.png", columns=columns, labels=[texts[p] for p in shown],
+              scale=max(1, 64 // tiles.shape[-1]))
+    return ["grid.png"]
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -64,7 +64,7 @@ class Generated:
     scores: dict[str, torch.Tensor]  # reward (then media metric) -> [N] float32, sample order (prompt-major)
     prompt_index: torch.Tensor  # [N] long
     seed_index: torch.Tensor  # [N] long
-    grid_media: torch.Tensor  # the grid's tiles: one per sample of the first `grid_prompts` prompts (images), or
+    grid_media: torch.Tensor  # the grid's tiles: one per sample of the `grid_prompts` prompts (images), or
     # three (first, middle, last frame) per sample (videos); [G, C, H, W]
     image_files: list[str]
     video_files: list[str]
@@ -75,14 +75,16 @@ class Generated:
 def generate_and_score(adapter, media_kind: str, embeddings: dict[str, torch.Tensor], texts: list[str],
                        rewards: RewardSet, settings: SampleSettings, device: torch.device,
                        autocast: Callable | None = None,
-                       save_images: str | Path | None = None, grid_prompts: int = 8,
+                       save_images: str | Path | None = None, grid_prompts: Sequence[int] = range(8),
                        progress: Callable[[int, int], None] | None = None,
-                       media_metrics: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None) -> Generated:
+                       media_metrics: Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]] | None = None
+                       ) -> Generated:
     """Sample `samples_per_prompt` seeds of every prompt, decode, score with every reward; optionally write one PNG
     per sample (videos: its middle frame) and, for videos (`media_kind`: the backbone spec's `media`), one MP4 per
     sample. `media_metrics` (e.g. the video
     metrics of branchgrpo.eval.video_metrics) maps each decoded chunk to more per-sample columns beside the rewards."""
     S, P = settings.samples_per_prompt, len(texts)
+    grid_prompts = set(grid_prompts)
     sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu)
     plan = plans.group_plan(settings.steps, 1, sde_steps=None if settings.sampler == "sde" else [])
     scores = {name: [] for name in rewards.models}
@@ -97,15 +99,16 @@ def generate_and_score(adapter, media_kind: str, embeddings: dict[str, torch.Ten
                             adapter.latent_shape, device, batch_size=settings.batch_size)
         forwards += graph.num_forward_passes
         # media to the CPU chunk by chunk: a chunk of decoded videos can outgrow the GPU
+        chunk_texts = [texts[int(p)] for p in sample_prompt]
         chunk_scores, media = decode_and_score(lambda z: adapter.decode(z).cpu(), graph.node_latents(graph.leaves),
-                                               [texts[int(p)] for p in sample_prompt], rewards,
+                                               chunk_texts, rewards,
                                                settings.reward_batch_size,
                                                rewards.conditions(embeddings, sample_prompt))
         if media_metrics is not None:
-            chunk_scores.update(media_metrics(media))
+            chunk_scores.update(media_metrics(media, chunk_texts))
         for name, values in chunk_scores.items():
             scores.setdefault(name, []).append(values)
-        shown = [i for i, sample in enumerate(sample_ids) if sample // S < grid_prompts]
+        shown = [i for i, sample in enumerate(sample_ids) if sample // S in grid_prompts]
         grid += grid_tiles(media[shown], media_kind)
         if save_images is not None:
             images += save_pngs(still_frames(media, media_kind), sample_ids, S, Path(save_images))
