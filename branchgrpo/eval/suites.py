@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from branchgrpo.eval.report import summarize
-from branchgrpo.rewards.geneval_rules import parse_metadata
+from branchgrpo.rewards.geneval_rules import parse_metadata_lines
 from branchgrpo.rewards.ocr import check_ocr_prompts
 from branchgrpo.runtime.outputs import save_grid
 
@@ -55,18 +55,8 @@ def _require_file(path: Path, what: str) -> Path:
 
 def read_geneval(path: Path) -> Suite:
     _require_file(path, "GenEval's evaluation_metadata.jsonl")
-    texts, tasks = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"--suite_path {path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
-        spec = parse_metadata(record, where)
-        texts.append(spec.prompt)
-        tasks.append(spec.tag)
+    specs = [spec for _, spec in parse_metadata_lines(path.read_text(), f"--suite_path {path}")]
+    texts, tasks = [s.prompt for s in specs], [s.tag for s in specs]
     return Suite("geneval", str(path), texts, tasks, "geneval", {"geneval": {"metadata": str(path), "score": "correct"}})
 
 

@@ -115,6 +115,20 @@ def parse_metadata(record: Any, where: str) -> GenEvalPrompt:
                          tuple(_requirement(e, i, where, "exclude") for i, e in enumerate(exclude)))
 
 
+def parse_metadata_lines(text: str, where: str) -> list[tuple[str, GenEvalPrompt]]:
+    """Every record of a metadata JSONL's `text` in order, with its `where:line` (blank lines skipped)."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}:{number}: not valid JSON ({err})") from None
+        out.append((f"{where}:{number}", parse_metadata(record, f"{where}:{number}")))
+    return out
+
+
 def read_metadata(path: str | Path) -> dict[str, GenEvalPrompt]:
     """GenEval's metadata JSONL -> {prompt: its metadata}; a prompt listed twice with different metadata is refused
     (the reward finds an image's metadata by its prompt)."""
@@ -123,15 +137,7 @@ def read_metadata(path: str | Path) -> dict[str, GenEvalPrompt]:
         raise FileNotFoundError(f"reward 'geneval': metadata file {path} does not exist (GenEval's "
                                 "prompts/evaluation_metadata.jsonl, one JSON object per line)")
     out: dict[str, GenEvalPrompt] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"reward 'geneval': {path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err})") from None
-        spec = parse_metadata(record, where)
+    for where, spec in parse_metadata_lines(path.read_text(), f"reward 'geneval': {path}"):
         if out.get(spec.prompt, spec) != spec:
             raise ValueError(f"{where}: prompt {spec.prompt!r} is listed earlier with other metadata")
         out[spec.prompt] = spec
