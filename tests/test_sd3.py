@@ -249,3 +249,37 @@ def test_bad_checkpoints_and_sizes_are_one_line_errors(sd3_dir, tmp_path):
     with pytest.raises(ValueError, match=r"--w: 144 px are 9 patches per side, more than the 8 positions of "
                                          r"pos_embed_max_size .* takes --w up to 128"):
         load_sd3(str(sd3_dir), "cpu", height=HEIGHT, width=144)
+
+
+# ----- memory planner ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,layers,dual,params,table", [("sd3.5-medium", 24, 13, 2.243e9, 384 * 384 * 1536),
+                                                          ("sd3.5-large", 38, 0, 8.057e9, 192 * 192 * 2432)])
+def test_shipped_configs_build_the_released_transformers(name, layers, dual, params, table):
+    """Medium: 2.243B trained parameters plus its 384 x 384 positional table (a persistent buffer of 0.226B, in the
+    checkpoint but not trained) = the 2.47B the release names; Large: 8.06B (+ 0.09B) ~ 8.1B."""
+    from branchgrpo.config import config_from_flags
+
+    cfg = config_from_flags({"model": "sd3"}, validate="none")
+    config, source = cfg.model.spec.planner_config(cfg.model, name)
+    planned = cfg.model.spec.planner_model(cfg.model, config, torch.bfloat16)
+    model = planned.transformer
+    assert source == name and len(planned.blocks) == layers
+    assert sum(b.attn2 is not None for b in planned.blocks) == dual
+    assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.001e9
+    assert sum(b.numel() for b in model.buffers()) == table
+    assert planned.inputs(2)["hidden_states"].shape == (4, 16, 64, 64)  # 512 px, [cond; negative] rows
+
+
+def test_trace_of_the_tiny_transformer_replays_like_a_full_trace():
+    """SD3's last block returns no text states (None): the replayed trace accounts it like a traced one."""
+    from branchgrpo.config import config_from_flags
+    from branchgrpo.planner.trace import trace_activations
+    from branchgrpo.testing.sd3_tiny import TRANSFORMER_CONFIG
+
+    cfg = config_from_flags({"model": "sd3", "h": 64, "w": 64}, validate="none")
+    planned = cfg.model.spec.planner_model(cfg.model, dict(TRANSFORMER_CONFIG), torch.bfloat16, text_tokens=20)
+    fast, full = (trace_activations(planned.transformer, planned.blocks, planned.inputs(2), 2, replay=r)
+                  for r in (True, False))
+    assert fast == full and full.block_saved[0] > 0
