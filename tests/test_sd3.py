@@ -116,6 +116,29 @@ def test_guidance_off_needs_no_negative_and_matches_the_pipeline(pipe, cond, ada
     assert (guided - ours).abs().max() > 1e-2  # guidance changes the result
 
 
+def test_evaluation_skip_layer_guidance_matches_the_pipeline(sd3_dir, pipe, cond):
+    """--skip_layer_guidance through the evaluation loader: 10 steps put step 1 in the pipeline's window (1% to 20%);
+    the pipeline's sampling with skip_guidance_layers=[1] and ours agree, and differ from plain guidance."""
+    from branchgrpo.config.sections import ModelConfig
+
+    spec = get_backbone("sd3")
+    model_cfg = ModelConfig.for_backbone("sd3", str(sd3_dir), h=HEIGHT, w=WIDTH, skip_layer_guidance="1")
+    adapter = spec.load_for_eval(model_cfg, None, None, "cpu").adapter
+    assert adapter.skip_layer_guidance.active(sde.make_sigmas(10, 3.0)[:-1].float()).nonzero().flatten().tolist() == [1]
+    x, ours, _ = _rollout(adapter, cond, 10)
+    unshifted = torch.linspace(1.0, 0.0, 11)[:-1].tolist()
+    ref = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+               negative_prompt_embeds=cond["negative_prompt_embeds"],
+               negative_pooled_prompt_embeds=cond["negative_pooled_prompt_embeds"], latents=x.clone(),
+               sigmas=unshifted, num_inference_steps=10, guidance_scale=GUIDANCE, height=HEIGHT, width=WIDTH,
+               output_type="latent", max_sequence_length=T5_LEN, skip_guidance_layers=[1]).images
+    plain, _ = _pipeline_run(pipe, x, cond, 10)
+    assert (ours - ref).abs().max().item() <= PARITY_ATOL and (ref - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="--skip_layer_guidance: layer 5 does not exist; .* has layers 0-2"):
+        spec.load_for_eval(ModelConfig.for_backbone("sd3", str(sd3_dir), h=HEIGHT, w=WIDTH, skip_layer_guidance="5"),
+                           None, None, "cpu")
+
+
 def test_per_sample_sigmas_equal_per_sample_calls(adapter, cond):
     x = torch.randn(3, *adapter.latent_shape, generator=torch.Generator().manual_seed(3))
     sigmas = torch.tensor([1.0, 0.6, 0.13])

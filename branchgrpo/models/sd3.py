@@ -25,8 +25,9 @@ Both sizes are one backbone: which one runs is whatever `transformer/config.json
 layers, dual attention in layers 0-12; Large: 38 layers). The memory planner takes the shipped configs
 `--transformer_config sd3.5-medium` (default) or `sd3.5-large`.
 
-Not supported: running without T5 (the pipeline's `text_encoder_3=None`, zeros instead), skip-layer guidance (an
-inference option of the pipeline; the evaluation samples with plain CFG), IP-Adapters and ControlNets.
+Skip-layer guidance (the pipeline's `skip_guidance_layers`, an inference option) is offered to evaluation only
+(`--skip_layer_guidance 7,8,9`; `SkipLayerGuidance`): training and the held-out evaluation sample with plain CFG.
+Not supported: running without T5 (the pipeline's `text_encoder_3=None`, zeros instead), IP-Adapters, ControlNets.
 
 dtypes: master weights fp32 (`load_sd3(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
 cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 from branchgrpo.core.files import read_json
-from branchgrpo.core.flags import flag
+from branchgrpo.core.flags import flag, parse_int_list
 from branchgrpo.core.state_dicts import count_blocks
 from branchgrpo.models import register_backbone
 from branchgrpo.models.base import FlowAdapter
@@ -58,7 +59,7 @@ from branchgrpo.models.diffusers_backbone import (
     read_config,
 )
 from branchgrpo.models.guidance import guidance_on, guided_prediction
-from branchgrpo.models.spec import GuidanceFlags, SizeFlags, check_sizes, hub_id_hint
+from branchgrpo.models.spec import EvalModel, GuidanceFlags, SizeFlags, check_sizes, hub_id_hint
 from branchgrpo.models.support import FixtureSupport, PlannerModel, PlannerSupport
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -144,6 +145,27 @@ def read_shift(root: Path) -> float:
     return float(config.get("shift", DEFAULT_SHIFT))
 
 
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """The pipeline's skip-layer guidance: on the steps i of T with start < i / T < stop, the guided velocity gains
+    scale x (v_cond - v_cond with `layers` skipped). The rollout hands each sample its sigma, not its step: on the
+    static-shift grid (the checkpoint's shift, the evaluation's default) i / T = 1 - t with sigma = s t / (1 + (s - 1)
+    t), which locates the window; a margin far below 1 / T absorbs float32 rounding at its edges."""
+
+    layers: tuple[int, ...]
+    scale: float
+    shift: float
+    start: float = 0.01  # the pipeline's skip_layer_guidance_start
+    stop: float = 0.2  # and _stop, fractions of the steps
+
+    def active(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the samples whose step lies inside the window."""
+        sigma = sigmas.double()
+        progress = 1.0 - sigma / (self.shift - (self.shift - 1.0) * sigma)
+        margin = 1e-5
+        return (progress > self.start + margin) & (progress < self.stop - margin)
+
+
 class SD3Adapter(DiffusersExportMixin, FlowAdapter):
     """SD3Transformer2DModel + its VAE at a fixed image size (see the module docstring for the conventions)."""
 
@@ -166,6 +188,8 @@ class SD3Adapter(DiffusersExportMixin, FlowAdapter):
         self.shift_factor = float(vae_config.shift_factor or 0.0)
         module_names = [n for n, _ in transformer.named_modules()]
         self.default_lora_targets = tuple(t for t in LORA_TARGETS if any(n.endswith("." + t) for n in module_names))
+        #: evaluation only (`SD3Spec.load_for_eval`); None: plain classifier-free guidance
+        self.skip_layer_guidance: SkipLayerGuidance | None = None
 
     @property
     def uses_cfg(self) -> bool:
@@ -202,7 +226,13 @@ class SD3Adapter(DiffusersExportMixin, FlowAdapter):
             raise ValueError(f"negative_prompt_embeds {tuple(negative['encoder_hidden_states'].shape)} and "
                              f"prompt_embeds {tuple(inputs['encoder_hidden_states'].shape)} differ; encode both with "
                              "the same --t5_sequence_length")
-        return guided_prediction(forward, inputs, negative, self.guidance_scale)
+        guided = guided_prediction(forward, inputs, negative, self.guidance_scale)
+        slg = self.skip_layer_guidance
+        rows = slg.active(sigmas).nonzero().flatten() if slg is not None else []
+        if len(rows):  # one more conditional forward with the layers skipped, for the samples inside the window
+            rows_in = {key: value[rows] for key, value in inputs.items()}
+            guided[rows] += slg.scale * (forward(**rows_in) - forward(**rows_in, skip_layers=list(slg.layers)))
+        return guided
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -325,6 +355,10 @@ class SD3Config(GuidanceFlags, SizeFlags):
     t5_sequence_length: int | None = flag(None, "SD3.5: T5-XXL tokens per prompt after CLIP's 77 (the peers' recipes "
                                           "train with 128, diffusers' default is 256; read when prompts are encoded: "
                                           "preprocessing and evaluation)")
+    skip_layer_guidance: str = flag("", "SD3.5, evaluation only: transformer layers skipped by skip-layer guidance, "
+                                    "e.g. 7,8,9 (Stability's choice for Medium); empty: off")
+    skip_layer_guidance_scale: float = flag(2.8, "SD3.5, evaluation only: the skip-layer guidance scale (the "
+                                            "pipeline's default), on the steps i of T with 0.01 T < i < 0.2 T")
 
     DEFAULTS = {"h": 512, "w": 512, "guidance_scale": 4.5, "t5_sequence_length": 128}
 
@@ -334,10 +368,23 @@ class SD3Config(GuidanceFlags, SizeFlags):
         if length is not None and not 1 <= length <= MAX_T5_TOKENS:
             raise ValueError(f"--t5_sequence_length: {length} is not in [1, {MAX_T5_TOKENS}] (the T5 context the "
                              "SD3 pipeline takes)")
+        self.skip_layers()
+        if self.skip_layer_guidance_scale <= 0:
+            raise ValueError(f"--skip_layer_guidance_scale: need > 0, got {self.skip_layer_guidance_scale}")
 
     def conditions(self) -> dict[str, tuple[bool, str]]:
         # training reads the embeddings preprocessing stored; the flag acts where prompts are encoded
-        return {"t5_sequence_length": (False, "preprocessing and evaluation (training reads the stored embeddings)")}
+        evaluation = (False, "python -m branchgrpo.cli.eval (training samples with plain guidance)")
+        return {"t5_sequence_length": (False, "preprocessing and evaluation (training reads the stored embeddings)"),
+                "skip_layer_guidance": evaluation, "skip_layer_guidance_scale": evaluation}
+
+    def skip_layers(self) -> tuple[int, ...]:
+        """--skip_layer_guidance as layer indices (ValueError naming it)."""
+        text = self.skip_layer_guidance.strip()
+        layers = tuple(parse_int_list(text, "--skip_layer_guidance")) if text else ()
+        if any(layer < 0 for layer in layers):
+            raise ValueError(f"--skip_layer_guidance: layer indices are >= 0, got '{text}'")
+        return layers
 
 
 @register_backbone
@@ -361,6 +408,20 @@ class SD3Spec(DiffusersSpec, PlannerSupport, FixtureSupport):
         size = model_cfg.backbone.resolved
         return load_sd3(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
                         width=size("w"), guidance_scale=size("guidance_scale"), transformer_path=transformer_path)
+
+    def load_for_eval(self, model_cfg, weights, layout, device, dtype=torch.float32) -> EvalModel:
+        """The diffusers backbones' evaluation loading, plus skip-layer guidance when --skip_layer_guidance is set."""
+        loaded = super().load_for_eval(model_cfg, weights, layout, device, dtype)
+        section, adapter = model_cfg.backbone, loaded.adapter
+        layers = section.skip_layers()
+        if layers:
+            num_layers = len(adapter.blocks())
+            if max(layers) >= num_layers:
+                raise ValueError(f"--skip_layer_guidance: layer {max(layers)} does not exist; the transformer of "
+                                 f"{model_cfg.pretrained_model_name_or_path} has layers 0-{num_layers - 1}")
+            adapter.skip_layer_guidance = SkipLayerGuidance(layers, section.skip_layer_guidance_scale,
+                                                            adapter.native_shift)
+        return loaded
 
     def prompt_encoder(self, model_path, device, settings):
         return build_prompt_encoder(model_path, device, settings)

@@ -10,7 +10,8 @@
 # Environment (defaults): MODEL_PATH (data/sd3, diffusers layout); CHECKPOINT (none: the base model; a checkpoint-N
 # folder, a run's output dir, or a weights folder); USE_EMA (0; 1 evaluates ema/); PROMPTS (assets/prompts.txt);
 # NUM_PROMPTS (0 = all); SAMPLES (4 seeds per prompt); SEED (1234); STEPS (40); GUIDANCE (4.5); H, W (512); SHIFT (3);
-# T5_SEQUENCE_LENGTH (128: use the one the run's embeddings were encoded with); NEGATIVE_PROMPT (empty);
+# T5_SEQUENCE_LENGTH (128: use the one the run's embeddings were encoded with); NEGATIVE_PROMPT (empty); SKIP_LAYERS
+# (unset: plain CFG; e.g. 7,8,9: skip-layer guidance on those layers, SLG_SCALE 2.8);
 # HPS_CKPT_DIR (hps_ckpt); REWARDS (all); OUTPUT_DIR (outputs/eval/sd3_<checkpoint name or base>); SAVE_IMAGES
 # (unset: no per-sample PNGs); PYTHON. Extra arguments are passed to `python -m branchgrpo.cli.eval` and win.
 set -euo pipefail
@@ -29,7 +30,7 @@ NAME="base"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/sd3_${NAME}}"
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W T5_SEQUENCE_LENGTH
-bg_require_number GUIDANCE SHIFT
+bg_require_number GUIDANCE SHIFT SLG_SCALE
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Stable Diffusion 3.5 there in diffusers layout (docs/sd3.md)"
 bg_require_parts "$MODEL_PATH" docs/sd3.md vae text_encoder text_encoder_2 text_encoder_3 tokenizer tokenizer_2 \
@@ -48,6 +49,7 @@ ARGS=(
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
 [[ -n "${NEGATIVE_PROMPT:-}" ]] && ARGS+=(--negative_prompt "$NEGATIVE_PROMPT")
+[[ -n "${SKIP_LAYERS:-}" ]] && ARGS+=(--skip_layer_guidance "$SKIP_LAYERS" --skip_layer_guidance_scale "${SLG_SCALE:-2.8}")
 [[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
 [[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
 [[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
