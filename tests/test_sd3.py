@@ -306,3 +306,28 @@ def test_trace_of_the_tiny_transformer_replays_like_a_full_trace():
     fast, full = (trace_activations(planned.transformer, planned.blocks, planned.inputs(2), 2, replay=r)
                   for r in (True, False))
     assert fast == full and full.block_saved[0] > 0
+
+
+def test_training_config_refuses_another_backbone_and_wrong_sizes_before_loading(sd3_dir, tmp_path):
+    """Config validation reads only JSON files (model_index.json, the transformer's and VAE's configs)."""
+    from branchgrpo.config import parse_train_config
+
+    def parse(folder, *flags):
+        return parse_train_config(["--model", "sd3", "--pretrained_model_name_or_path", str(folder),
+                                   "--data_json_path", str(tmp_path), *flags])
+
+    flux = tmp_path / "flux"
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (flux / "transformer" / "config.json").write_text(json.dumps({"in_channels": 64, "patch_size": 1}))
+    with pytest.raises(ValueError, match="flux: model_index.json names FluxPipeline, not StableDiffusion3Pipeline"):
+        parse(flux)
+    with pytest.raises(ValueError, match="--h: 144 px are 9 patches per side"):
+        parse(sd3_dir, "--h", "144")
+    with pytest.raises(ValueError, match="--t5_sequence_length: 600 is not in"):
+        parse(sd3_dir, "--t5_sequence_length", "600")
+    with pytest.raises(ValueError, match="--skip_layer_guidance: 'x' is not an integer"):
+        parse(sd3_dir, "--skip_layer_guidance", "7,x")
+    with pytest.raises(ValueError, match="--w: 512 px are 32 patches per side"):  # the default 512: too big here
+        parse(sd3_dir, "--h", "128")
+    assert parse(sd3_dir, "--h", "128", "--w", "64").model.backbone.resolved("guidance_scale") == 4.5
