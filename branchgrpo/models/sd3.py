@@ -204,7 +204,7 @@ class SD3Adapter(DiffusersExportMixin, FlowAdapter):
         device = latents.device
         dtype = next(self.transformer.parameters()).dtype
 
-        def rows(key: str) -> torch.Tensor:
+        def embedding(key: str) -> torch.Tensor:
             if key not in cond:
                 raise KeyError(f"SD3.5 needs cond['{key}'] (written by the sd3 preprocess script; the negative "
                                "prompt's as a dataset-wide extra); without guidance (guidance_scale <= 1) only the "
@@ -213,25 +213,26 @@ class SD3Adapter(DiffusersExportMixin, FlowAdapter):
 
         # The timestep stays fp32 even for a bf16 transformer: bf16 would round 1000 * sigma to 3 significant digits.
         inputs = dict(hidden_states=latents.to(dtype), timestep=sigmas.to(device=device, dtype=torch.float32) * 1000.0,
-                      encoder_hidden_states=rows("prompt_embeds"), pooled_projections=rows("pooled_prompt_embeds"))
+                      encoder_hidden_states=embedding("prompt_embeds"),
+                      pooled_projections=embedding("pooled_prompt_embeds"))
 
         def forward(**batched) -> torch.Tensor:
             return self.transformer(**batched, return_dict=False)[0].float()
 
         if not self.uses_cfg:
             return forward(**inputs)
-        negative = {"encoder_hidden_states": rows("negative_prompt_embeds"),
-                    "pooled_projections": rows("negative_pooled_prompt_embeds")}
+        negative = {"encoder_hidden_states": embedding("negative_prompt_embeds"),
+                    "pooled_projections": embedding("negative_pooled_prompt_embeds")}
         if negative["encoder_hidden_states"].shape != inputs["encoder_hidden_states"].shape:
             raise ValueError(f"negative_prompt_embeds {tuple(negative['encoder_hidden_states'].shape)} and "
                              f"prompt_embeds {tuple(inputs['encoder_hidden_states'].shape)} differ; encode both with "
                              "the same --t5_sequence_length")
         guided = guided_prediction(forward, inputs, negative, self.guidance_scale)
         slg = self.skip_layer_guidance
-        rows = slg.active(sigmas).nonzero().flatten() if slg is not None else []
-        if len(rows):  # one more conditional forward with the layers skipped, for the samples inside the window
-            rows_in = {key: value[rows] for key, value in inputs.items()}
-            guided[rows] += slg.scale * (forward(**rows_in) - forward(**rows_in, skip_layers=list(slg.layers)))
+        in_window = slg.active(sigmas).nonzero().flatten() if slg is not None else []
+        if len(in_window):  # one more conditional forward with the layers skipped, for the samples inside the window
+            rows = {key: value[in_window] for key, value in inputs.items()}
+            guided[in_window] += slg.scale * (forward(**rows) - forward(**rows, skip_layers=list(slg.layers)))
         return guided
 
     @torch.no_grad()
@@ -291,9 +292,9 @@ def load_text_encoders(root: Path, device: torch.device, dtype: torch.dtype):
                 load(CLIPTextModelWithProjection, "text_encoder_2", "OpenCLIP bigG text encoder", dtype=dtype),
                 load(T5EncoderModel, "text_encoder_3", "T5 text encoder", dtype=dtype)]
     encoders = [e.to(device=device, dtype=dtype).eval().requires_grad_(False) for e in encoders]
-    clip_width = encoders[0].config.hidden_size + encoders[1].config.hidden_size
-    if clip_width > encoders[2].config.d_model:
-        raise ValueError(f"{root}: the CLIP towers' widths add up to {clip_width}, more than T5's {encoders[2].config.d_model} "
+    clip_width, t5_width = encoders[0].config.hidden_size + encoders[1].config.hidden_size, encoders[2].config.d_model
+    if clip_width > t5_width:
+        raise ValueError(f"{root}: the CLIP towers' widths add up to {clip_width}, more than T5's {t5_width} "
                          "(text_encoder_3/); expected SD3.5's text encoders (768 + 1280 <= 4096)")
     return tokenizers, encoders
 

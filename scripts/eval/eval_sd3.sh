@@ -49,7 +49,8 @@ ARGS=(
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
 [[ -n "${NEGATIVE_PROMPT:-}" ]] && ARGS+=(--negative_prompt "$NEGATIVE_PROMPT")
-[[ -n "${SKIP_LAYERS:-}" ]] && ARGS+=(--skip_layer_guidance "$SKIP_LAYERS" --skip_layer_guidance_scale "${SLG_SCALE:-2.8}")
+[[ -n "${SKIP_LAYERS:-}" ]] && ARGS+=(--skip_layer_guidance "$SKIP_LAYERS"
+                                     --skip_layer_guidance_scale "${SLG_SCALE:-2.8}")
 [[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
 [[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
 [[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")

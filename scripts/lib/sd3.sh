@@ -26,7 +26,7 @@ bg_bool USE_LORA 1
 bg_require_int H W TRAIN_BATCH_SIZE MAX_STEPS MICRO GRAD_ACCUM ROLLOUT_BATCH LORA_RANK
 bg_require_number GUIDANCE SHIFT LR MAX_GRAD_NORM LORA_ALPHA
 bg_python
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Stable Diffusion 3.5 Medium or Large there in diffusers layout (docs/sd3.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put SD3.5 Medium or Large there in diffusers layout (docs/sd3.md)"
 bg_require_parts "$MODEL_PATH" docs/sd3.md transformer vae
 bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_sd3_rl_embeddings.sh first"
 if [[ "$REWARD" == *hps* ]]; then
