@@ -3,6 +3,7 @@ test module, without editing the package; its flag parses (command line and YAML
 another backbone is selected, appears in --help of training and evaluation, and survives resume comparisons. What it
 does not implement (the planner's, the benchmark's and the fixtures' protocols) is refused in one line."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -40,6 +41,13 @@ def registered():
     del models._REGISTRY[SharpSpec.name]
 
 
+def sized_backbones() -> dict[str, int]:
+    """name -> default --h of every registered backbone that takes --h, in registry order (the built-in ones, then
+    those registered by tests): the list other backbones' messages name, whichever backbones the package ships."""
+    return {name: spec.Config.DEFAULTS["h"] for name, spec in models.backbones().items()
+            if "h" in {f.name for f in dataclasses.fields(spec.Config)}}
+
+
 def parse(tmp_path, *args):
     return parse_train_config([*args, "--data_json_path", str(tmp_path)])
 
@@ -62,7 +70,9 @@ def test_its_section_checks_its_values(registered, tmp_path):
 
 def test_its_flag_is_reported_under_another_backbone(registered, tmp_path, caplog):
     cfg = parse(tmp_path, "--model", "toy", "--sharpness", "0.5", "--h", "64")
-    assert cfg.inapplicable_flags() == ["--h (acts only with --model flux, wan, wan_i2v or test_sharp)",
+    *first, last = sized_backbones()
+    assert first[:3] == ["flux", "wan", "wan_i2v"] and last == "test_sharp"
+    assert cfg.inapplicable_flags() == [f"--h (acts only with --model {', '.join(first)} or test_sharp)",
                                         "--sharpness (acts only with --model test_sharp)"]
     assert "--sharpness (acts only with --model test_sharp)" in caplog.text
     # the evaluation and benchmark CLIs refuse it instead (they build their model section with `for_backbone`)
@@ -78,7 +88,9 @@ def test_its_flag_appears_in_help(registered):
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     section = text[text.index("--model test_sharp:"):]
     assert "--sharpness SHARPNESS" in section and "how much the backbone sharpens" in section
-    assert "(default: flux 720, wan 480, wan_i2v 480, test_sharp 8)" in text  # the shared --h: each one's own value
+    defaults = ", ".join(f"{name} {h}" for name, h in sized_backbones().items())
+    assert defaults.startswith("flux 720, wan 480, wan_i2v 480, ") and defaults.endswith(", test_sharp 8")
+    assert f"(default: {defaults})" in text  # the shared --h: each one's own value
     assert "--sharpness SHARPNESS" in eval_parser().format_help()
 
 

@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "wan", "wan_i2v"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "wan", "wan_i2v", "sd3"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    backbone = "wan_i2v" if "wan_i2v" in script else "wan" if "wan" in script else "flux"
+    backbone = next(b for b in ("wan_i2v", "wan", "sd3", "flux") if b in script)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
@@ -101,6 +101,23 @@ def test_wan_i2v_launchers(shim):
     assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["learning_rate"], cfg["use_lora"]) == \
         ("wan_i2v", "dancegrpo", 16, 2e-6, True)
     assert dance["plan"]["trained_edges_per_leaf"] == 11
+
+
+def test_sd3_launchers(shim):
+    """The peers' SD3.5 settings (512 x 512, CFG 4.5, 10 steps, LoRA 32/64 at lr 3e-4) in every algorithm's launcher."""
+    recipe = dict(model="sd3", h=512, w=512, guidance_scale=4.5, shift=3.0, sampling_steps=10, use_lora=True,
+                  lora_rank=32, lora_alpha=64.0, learning_rate=3e-4, parallel="fsdp")
+    branch = launch(shim, "finetune_sd3_branchgrpo_8gpus.sh", VARIANT="deppru")  # the paper's depths, on 10 steps
+    assert {k: branch["cfg"][k] for k in recipe} == recipe and branch["cfg"]["algo"] == "branchgrpo"
+    assert (branch["plan"]["leaves"], branch["cfg"]["depth_pruning"]) == (16, "7,8")
+    full = launch(shim, "finetune_sd3_branchgrpo_8gpus.sh", USE_LORA="0")["cfg"]
+    assert (full["use_lora"], full["learning_rate"]) == (False, 1e-5)
+    dance = launch(shim, "finetune_sd3_dancegrpo_8gpus.sh", TF="0.6")
+    assert (dance["cfg"]["algo"], dance["cfg"]["num_generations"], dance["plan"]["trained_edges_per_leaf"]) == \
+        ("dancegrpo", 16, 5)  # floor(0.6 x 9) of the 9 stochastic steps
+    assert launch(shim, "finetune_sd3_mixgrpo_8gpus.sh")["plan"]["trained_edges_per_leaf"] == 3
+    g2 = launch(shim, "finetune_sd3_g2rpo_8gpus.sh")
+    assert (g2["cfg"]["algo"], g2["cfg"]["model"], g2["plan"]["leaves"]) == ("g2rpo", "sd3", 5 * 12 * 3 + 1)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

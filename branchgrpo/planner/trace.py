@@ -120,10 +120,10 @@ class _BlockReplay:
             saved = self.state.saved[i]
             if key in self.cache:
                 out_spec, out_meta, record = self.cache[key]
-                outs = [torch.empty(shape, dtype=dtype, device="meta").requires_grad_(grad)
-                        for shape, dtype, grad in out_meta]
-                out_keys = [t.untyped_storage()._cdata for t in outs]
-                self.state.keep.extend(tensors + outs)
+                outs = [None if meta is None else torch.empty(meta[0], dtype=meta[1], device="meta").requires_grad_(
+                    meta[2]) for meta in out_meta]
+                out_keys = _storage_keys(outs)
+                self.state.keep.extend(tensors + [t for t in outs if t is not None])
                 for (kind, where), nbytes in record:
                     if kind == "input":
                         saved[in_keys[where]] = nbytes
@@ -139,16 +139,23 @@ class _BlockReplay:
             finally:
                 self.state.active.pop()
             outs, out_spec = tree_flatten(output)
-            out_keys = [t.untyped_storage()._cdata for t in outs]
+            out_keys = _storage_keys(outs)
             record = []
             for k, nbytes in saved.items():
                 kind = ("input", in_keys.index(k)) if k in in_keys else (
                     ("output", out_keys.index(k)) if k in out_keys else ("internal", 0))
                 record.append((kind, nbytes))
-            self.cache[key] = (out_spec, [(tuple(t.shape), t.dtype, t.requires_grad) for t in outs], record)
+            # a block may return None beside tensors (SD3's last block has no text output)
+            self.cache[key] = (out_spec, [None if t is None else (tuple(t.shape), t.dtype, t.requires_grad)
+                                          for t in outs], record)
             return output
 
         return run
+
+
+def _storage_keys(outputs: list) -> list:
+    """The storage of each tensor among a block's flattened outputs (None for the non-tensors)."""
+    return [t.untyped_storage()._cdata if isinstance(t, torch.Tensor) else None for t in outputs]
 
 
 def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: dict, batch: int,
