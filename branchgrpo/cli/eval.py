@@ -220,8 +220,9 @@ def run(args) -> dict:
                                                         if getattr(args, name) is not None},
                                        **spec.encoder_sizes(model_cfg.backbone))
     embeddings = encode_prompts(spec, loaded.prompt_source, prompts.items, device, encoder_settings)
-    mu = adapter.mu() if args.time_shift == "dynamic" else None
-    settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
+    dynamic = args.time_shift == "dynamic"
+    settings = SampleSettings(steps=args.steps, shift=args.shift, mu=adapter.mu() if dynamic else None,
+                              shift_terminal=adapter.shift_terminal if dynamic else None, sampler=args.sampler,
                               kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,
                               samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
                               chunk_prompts=args.chunk_prompts, reward_batch_size=args.reward_batch_size)
