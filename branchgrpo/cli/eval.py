@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sde_kernel", choices=("dance", "flow"), default="dance", help="--sampler sde: kernel")
     g.add_argument("--eta", type=float, default=0.3, help="--sampler sde: noise level")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help=f"{takers('max_sequence_length')}: T5/UMT5 tokens per prompt (default 512)")
+                   help=f"{takers('max_sequence_length')}: text-encoder tokens per prompt (default 512)")
     g.add_argument("--negative_prompt", default=None,
                    help=f"{takers('negative_prompt')}: the classifier-free-guidance negative prompt (default: the "
                    "backbone's own; use the one the run was trained with)")
