@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "wan", "wan_i2v"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "wan", "wan_i2v", "qwen_image"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    backbone = "wan_i2v" if "wan_i2v" in script else "wan" if "wan" in script else "flux"
+    backbone = next((b for b in ("wan_i2v", "wan", "qwen_image") if b in script), "flux")
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
@@ -101,6 +101,23 @@ def test_wan_i2v_launchers(shim):
     assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["learning_rate"], cfg["use_lora"]) == \
         ("wan_i2v", "dancegrpo", 16, 2e-6, True)
     assert dance["plan"]["trained_edges_per_leaf"] == 11
+
+
+def test_qwen_image_launchers(shim):
+    branch = launch(shim, "finetune_qwen_image_branchgrpo_8gpus.sh")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["w"], cfg["guidance_scale"], cfg["time_shift"], cfg["use_lora"],
+            cfg["lora_rank"], cfg["learning_rate"], cfg["gradient_accumulation_steps"]) == \
+        ("qwen_image", "branchgrpo", 512, 512, 4.0, "dynamic", True, 64, 3e-4, 3)
+    assert (branch["plan"]["leaves"], branch["plan"]["forward_passes"]) == (16, 203)
+    full = launch(shim, "finetune_qwen_image_branchgrpo_8gpus.sh", USE_LORA="0", GUIDANCE="1")["cfg"]
+    assert (full["use_lora"], full["learning_rate"], full["gradient_accumulation_steps"], full["guidance_scale"]) == \
+        (False, 1e-5, 1, 1.0)
+    dance = launch(shim, "finetune_qwen_image_dancegrpo_8gpus.sh", TF="0.6")
+    assert (dance["cfg"]["algo"], dance["cfg"]["num_generations"], dance["plan"]["trained_edges_per_leaf"]) == \
+        ("dancegrpo", 12, 11)
+    g2 = launch(shim, "finetune_qwen_image_g2rpo_8gpus.sh")["cfg"]
+    assert (g2["algo"], g2["sampling_steps"], g2["clip_range"]) == ("g2rpo", 16, 1e-4)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):
