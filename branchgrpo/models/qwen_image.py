@@ -280,10 +280,10 @@ def load_qwen_image(model_path: str | Path, device: torch.device | str = "cpu", 
 
 
 def build_prompt_encoder(model_path: str | Path | None, device: torch.device | str, args):
-    """`encode(texts) -> {"prompt_embeds": [n, max_sequence_length, D], "prompt_embeds_mask": [n, max_sequence_length]}`,
-    per prompt equal to `QwenImagePipeline.encode_prompt(prompt=texts, max_sequence_length=...)` (the pipeline pads to
-    the longest prompt of its batch; we pad every prompt to max_sequence_length, mask 0 on the padding).
-    `encode.extras()` gives the dataset-wide negative-prompt embedding and mask (`args.negative_prompt`, default " ")."""
+    """`encode(texts) -> {"prompt_embeds": [n, L, D], "prompt_embeds_mask": [n, L]}` (L = max_sequence_length), per
+    prompt equal to `QwenImagePipeline.encode_prompt(prompt=texts, max_sequence_length=L)` (the pipeline pads to the
+    longest prompt of its batch; we pad every prompt to L, mask 0 on the padding). `encode.extras()` gives the
+    dataset-wide negative-prompt embedding and mask (`args.negative_prompt`, default " ")."""
     root = check_qwen_folder(model_path, ("text_encoder", "tokenizer"))
     max_len = int(getattr(args, "max_sequence_length", 512))
     if not 1 <= max_len <= MAX_TEXT_LEN:

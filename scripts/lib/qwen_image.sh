@@ -25,7 +25,10 @@ TIME_SHIFT="${TIME_SHIFT:-dynamic}"
 bg_bool USE_LORA 1
 bg_require_int H W TRAIN_BATCH_SIZE MAX_STEPS MICRO GRAD_ACCUM ROLLOUT_BATCH LORA_RANK
 bg_require_number GUIDANCE SHIFT LR MAX_GRAD_NORM LORA_ALPHA
-[[ "$TIME_SHIFT" == static || "$TIME_SHIFT" == dynamic ]] || { echo "error: TIME_SHIFT must be static or dynamic, got '$TIME_SHIFT'" >&2; exit 2; }
+if [[ "$TIME_SHIFT" != static && "$TIME_SHIFT" != dynamic ]]; then
+  echo "error: TIME_SHIFT must be static or dynamic, got '$TIME_SHIFT'" >&2
+  exit 2
+fi
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Qwen/Qwen-Image there in diffusers layout (docs/qwen_image.md)"
 bg_require_parts "$MODEL_PATH" docs/qwen_image.md transformer vae
