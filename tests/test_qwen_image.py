@@ -183,11 +183,16 @@ def test_padding_never_changes_a_prediction(adapter, cond):
 
 
 def test_guidance_needs_the_negative_embedding(adapter, cond):
+    from branchgrpo.models.base import check_embedding_keys
+
     x = torch.randn(1, *adapter.latent_shape)
     plain = {k: cond[k][:1] for k in ("prompt_embeds", "prompt_embeds_mask")}
     with pytest.raises(KeyError, match="negative_prompt_embeds"):
         adapter.velocity(x, torch.tensor([0.5]), plain)
+    with pytest.raises(ValueError, match="emb/index.json: prompt embeddings lack .*negative_prompt_embeds"):
+        check_embedding_keys(adapter, list(plain), "emb/index.json")  # what the trainer checks before a rollout
     adapter.guidance_scale = 1.0
+    check_embedding_keys(adapter, list(plain), "emb/index.json")
     with torch.no_grad():
         assert torch.isfinite(adapter.velocity(x, torch.tensor([0.5]), plain)).all()
 

@@ -148,7 +148,6 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
     name = "qwen_image"
     transformer_class_name = TRANSFORMER_CLASS
     pipeline_class_name = PIPELINE_CLASS
-    embedding_keys = ("prompt_embeds", "prompt_embeds_mask")
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, height: int, width: int, guidance_scale: float = 4.0,
                  scheduler_config: dict | None = None):
@@ -175,6 +174,12 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
     def uses_cfg(self) -> bool:
         """QwenImagePipeline's rule: true CFG only when the scale exceeds 1 (and a negative prompt is given)."""
         return guidance_on(self.guidance_scale)
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        """What the embedding store must hold (checked before training): the negative prompt's only with CFG."""
+        negative = ("negative_prompt_embeds", "negative_prompt_embeds_mask") if self.uses_cfg else ()
+        return ("prompt_embeds", "prompt_embeds_mask", *negative)
 
     # ----- sampling ------------------------------------------------------------------------------------------------
 
