@@ -332,3 +332,20 @@ def test_spec_answers_for_qwen_image(qwen_dir):
     spec = get_backbone("qwen_image")
     assert spec.dynamic_shift and spec.media == "image"
     assert spec.encoder_sizes(SimpleNamespace()) == {} and spec.image_size(SimpleNamespace()) is None
+
+
+def test_planner_builds_the_release_on_the_meta_device():
+    """The shipped config is the release's transformer/config.json (with its `pooled_projection_dim`, which the class
+    does not take): 60 blocks, 20.4B parameters (within 2%), and the inputs of a true-CFG forward."""
+    from branchgrpo.config import config_from_flags
+    from branchgrpo.planner.trace import lora_parameters
+
+    cfg = config_from_flags({"model": "qwen_image", "h": 512, "w": 512}, validate="none")
+    config, source = cfg.model.spec.planner_config(cfg.model)
+    assert source == "qwen-image" and "pooled_projection_dim" in config
+    planned = cfg.model.spec.planner_model(cfg.model, config, torch.bfloat16)
+    assert len(planned.blocks) == 60
+    assert abs(sum(p.numel() for p in planned.transformer.parameters()) - 20.4e9) < 0.02 * 20.4e9
+    assert 0 < lora_parameters(planned.transformer, planned.lora_targets, 64) < 0.01 * 20.4e9
+    inputs = planned.inputs(3)
+    assert inputs["hidden_states"].shape == (6, 1024, 64) and len(inputs["img_shapes"]) == 6  # [cond; negative]
