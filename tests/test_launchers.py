@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "wan", "wan_i2v", "sd3"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "wan", "wan_i2v", "sd3", "qwen_image"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    backbone = next(b for b in ("wan_i2v", "wan", "sd3", "flux") if b in script)
+    backbone = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image", "flux") if b in script)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
@@ -118,6 +118,21 @@ def test_sd3_launchers(shim):
     assert launch(shim, "finetune_sd3_mixgrpo_8gpus.sh")["plan"]["trained_edges_per_leaf"] == 3
     g2 = launch(shim, "finetune_sd3_g2rpo_8gpus.sh")
     assert (g2["cfg"]["algo"], g2["cfg"]["model"], g2["plan"]["leaves"]) == ("g2rpo", "sd3", 5 * 12 * 3 + 1)
+
+
+def test_qwen_image_launchers(shim):
+    branch = launch(shim, "finetune_qwen_image_branchgrpo_8gpus.sh")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["w"], cfg["guidance_scale"], cfg["time_shift"], cfg["use_lora"],
+            cfg["lora_rank"], cfg["learning_rate"], cfg["gradient_accumulation_steps"]) == \
+        ("qwen_image", "branchgrpo", 512, 512, 4.0, "dynamic", True, 64, 3e-4, 3)
+    assert (branch["plan"]["leaves"], branch["plan"]["forward_passes"]) == (16, 203)
+    full = launch(shim, "finetune_qwen_image_branchgrpo_8gpus.sh", USE_LORA="0", GUIDANCE="1")["cfg"]
+    assert (full["use_lora"], full["learning_rate"], full["gradient_accumulation_steps"], full["guidance_scale"]) == \
+        (False, 1e-5, 1, 1.0)
+    # the dancegrpo / mixgrpo / g2rpo launchers are the FLUX ones' algorithm flags on the same scripts/lib body
+    g2 = launch(shim, "finetune_qwen_image_g2rpo_8gpus.sh")["cfg"]
+    assert (g2["model"], g2["algo"], g2["sampling_steps"], g2["clip_range"]) == ("qwen_image", "g2rpo", 16, 1e-4)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

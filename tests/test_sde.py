@@ -92,6 +92,18 @@ def test_dynamic_shift_schedule_equals_diffusers_flux(size):
     torch.testing.assert_close(sde.make_sigmas(steps, mu=mu).float(), sched.sigmas.float(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mu,shift,terminal", [(None, 3.0, 0.1), (0.8, 1.0, 0.02), (0.3, 1.0, 0.3)])
+def test_shift_terminal_stretch_equals_diffusers(mu, shift, terminal):
+    """The stretch of a shifted schedule to a terminal sigma (diffusers' `shift_terminal`), static or dynamic."""
+    steps = 12
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=mu is not None, shift_terminal=terminal)
+    sched.set_timesteps(sigmas=torch.linspace(1, 1 / steps, steps).tolist(), mu=mu)
+    ours = sde.make_sigmas(steps, shift=shift, mu=mu, shift_terminal=terminal)
+    torch.testing.assert_close(ours.float(), sched.sigmas.float(), rtol=0, atol=1e-6)
+    assert ours[0] == 1.0 and ours[-2].item() == pytest.approx(terminal) and ours[-1] == 0.0
+    assert (ours[1:] < ours[:-1]).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Marginal preservation with an analytic velocity: data x0 ~ N(m, s^2) per element, so the marginal at sigma is
 # N((1 - sigma) m, (1 - sigma)^2 s^2 + sigma^2) and v(x) = E[eps - x0 | x] is affine in x.

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sde_kernel", choices=("dance", "flow"), default="dance", help="--sampler sde: kernel")
     g.add_argument("--eta", type=float, default=0.3, help="--sampler sde: noise level")
     g.add_argument("--max_sequence_length", type=int, default=None,
-                   help=f"{takers('max_sequence_length')}: T5/UMT5 tokens per prompt (default 512)")
+                   help=f"{takers('max_sequence_length')}: text-encoder tokens per prompt (default 512)")
     g.add_argument("--negative_prompt", default=None,
                    help=f"{takers('negative_prompt')}: the classifier-free-guidance negative prompt (default: the "
                    "backbone's own; use the one the run was trained with)")
@@ -266,8 +266,9 @@ def run(args) -> dict:
                                                         if getattr(args, name) is not None},
                                        **spec.encoder_sizes(model_cfg.backbone))
     embeddings = encode_prompts(spec, loaded.prompt_source, prompts.items, device, encoder_settings)
-    mu = adapter.mu() if args.time_shift == "dynamic" else None
-    settings = SampleSettings(steps=args.steps, shift=args.shift, mu=mu, sampler=args.sampler,
+    dynamic = args.time_shift == "dynamic"
+    settings = SampleSettings(steps=args.steps, shift=args.shift, mu=adapter.mu() if dynamic else None,
+                              shift_terminal=adapter.shift_terminal if dynamic else None, sampler=args.sampler,
                               kernel=sde.Kernel(args.sde_kernel, args.eta), seed=args.seed,
                               samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size,
                               chunk_prompts=args.chunk_prompts, reward_batch_size=args.reward_batch_size)

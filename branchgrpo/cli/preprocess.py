@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "): use the training run's")
     add_backbone_flags(sizes, {name for names in read.values() for name in names})
     p.add_argument("--output_dir", required=True, help="where shards and index.json go")
-    p.add_argument("--max_sequence_length", type=int, default=512, help="T5/UMT5 tokens per prompt (FLUX, Wan)")
-    p.add_argument("--negative_prompt", default=None, help="Wan: negative prompt for CFG (default: Wan's own)")
+    takers = {name: ", ".join(b for b, spec in specs.items() if name in spec.encoder_flags) or "none"
+              for name in ("max_sequence_length", "negative_prompt")}
+    p.add_argument("--max_sequence_length", type=int, default=512,
+                   help=f"text-encoder tokens per prompt ({takers['max_sequence_length']})")
+    p.add_argument("--negative_prompt", default=None, help=f"negative prompt for classifier-free guidance "
+                   f"({takers['negative_prompt']}; default: the backbone's own)")
     p.add_argument("--shard_size", type=int, default=1024, help="prompts per shard file")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per encoder forward")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda (each rank its local rank's GPU)")

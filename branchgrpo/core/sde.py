@@ -56,15 +56,29 @@ def flux_mu(
     return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
 
-def make_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
+def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Stretch a shifted schedule (its nonzero sigmas, the final 0 excluded) about sigma = 1 so that its last
+    nonzero sigma is `terminal`: 1 - sigma scales by (1 - terminal) / (1 - sigma_last). The `shift_terminal` of
+    diffusers' FlowMatchEulerDiscreteScheduler (LTX-Video, Qwen-Image: 0.02)."""
+    one_minus = 1.0 - sigmas
+    if one_minus[-1] == 0:  # a one-step schedule is the single sigma 1: nothing to stretch (diffusers divides by 0)
+        return sigmas
+    return 1.0 - one_minus * ((1.0 - terminal) / one_minus[-1])
+
+
+def make_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None,
+                shift_terminal: float | None = None) -> torch.Tensor:
     """sigma_0 = 1 > ... > sigma_T = 0 (float64, T + 1 values): linspace(1, 0, T + 1) warped by a shift.
 
-    `mu` given: FLUX's dynamic shift; otherwise the static shift (1.0 = no shift).
+    `mu` given: FLUX's dynamic shift; otherwise the static shift (1.0 = no shift). `shift_terminal` given: the
+    shifted sigma_0 .. sigma_{T-1} are then stretched so that sigma_{T-1} = shift_terminal (`stretch_to_terminal`).
     """
     if num_steps < 1:
         raise ValueError(f"--sampling_steps must be >= 1, got {num_steps}")
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     sigmas = dynamic_shift(s, mu) if mu is not None else static_shift(s, shift)
+    if shift_terminal is not None:
+        sigmas[:-1] = stretch_to_terminal(sigmas[:-1], shift_terminal)
     sigmas[-1] = 0.0
     return sigmas
 

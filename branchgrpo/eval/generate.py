@@ -31,6 +31,7 @@ class SampleSettings:
     steps: int = 20
     shift: float = 3.0
     mu: float | None = None  # the dynamic shift (None: the static --shift)
+    shift_terminal: float | None = None  # the dynamic schedule's last nonzero sigma (None: not stretched)
     sampler: str = "ode"  # ode | sde
     kernel: sde.Kernel = field(default_factory=lambda: sde.Kernel("dance", 0.3))
     seed: int = 1234
@@ -85,7 +86,7 @@ def generate_and_score(adapter, media_kind: str, embeddings: dict[str, torch.Ten
     metrics of branchgrpo.eval.video_metrics) maps each decoded chunk to more per-sample columns beside the rewards."""
     S, P = settings.samples_per_prompt, len(texts)
     grid_prompts = set(grid_prompts)
-    sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu)
+    sigmas = sde.make_sigmas(settings.steps, settings.shift, settings.mu, settings.shift_terminal)
     plan = plans.group_plan(settings.steps, 1, sde_steps=None if settings.sampler == "sde" else [])
     scores = {name: [] for name in rewards.models}
     grid, images, videos, forwards = [], [], [], 0

@@ -20,6 +20,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.wan",
     "branchgrpo.models.wan_i2v",
     "branchgrpo.models.sd3",
+    "branchgrpo.models.qwen_image",
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

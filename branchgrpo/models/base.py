@@ -42,6 +42,9 @@ class FlowAdapter(abc.ABC):
     native_shift: float | None = None
     #: frames per second of the clips a video backbone generates (how rollout/eval samples are written)
     video_fps: int = 16
+    #: the checkpoint scheduler's `shift_terminal` (diffusers): with `--time_shift dynamic` the schedule is stretched
+    #: so that its last nonzero sigma is this value (`sde.make_sigmas`); None: not stretched
+    shift_terminal: float | None = None
 
     #: the trained network. Parallelism is applied to it in place (FSDP2) or by replacing the attribute (DDP).
     transformer: nn.Module

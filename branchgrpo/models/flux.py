@@ -159,10 +159,7 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
 
     def mu(self) -> float:
         """FluxPipeline's resolution-dependent shift for this image size (use with `sde.make_sigmas(T, mu=...)`)."""
-        keys = {"base_image_seq_len": "base_seq_len", "max_image_seq_len": "max_seq_len", "base_shift": "base_shift",
-                "max_shift": "max_shift"}
-        kwargs = {ours: self.scheduler_config[theirs] for theirs, ours in keys.items() if theirs in self.scheduler_config}
-        return sde.flux_mu(self.latent_shape[0], **kwargs)
+        return scheduler_mu(self.scheduler_config, self.latent_shape[0])
 
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """v = eps - x0 for packed latents [B, L, 64] at per-sample sigmas [B]; fp32 out."""
@@ -207,7 +204,16 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
         return self
 
 
-def _read_scheduler_config(root: Path) -> dict:
+def scheduler_mu(scheduler_config: dict, image_seq_len: int) -> float:
+    """The resolution-dependent shift mu the diffusers pipelines with packed latents (FLUX, Qwen-Image) compute for
+    `image_seq_len` tokens from their scheduler config's values (FLUX.1's defaults where absent, as they do)."""
+    keys = {"base_image_seq_len": "base_seq_len", "max_image_seq_len": "max_seq_len", "base_shift": "base_shift",
+            "max_shift": "max_shift"}
+    kwargs = {ours: scheduler_config[theirs] for theirs, ours in keys.items() if theirs in scheduler_config}
+    return sde.flux_mu(image_seq_len, **kwargs)
+
+
+def read_scheduler_config(root: Path) -> dict:
     path = root / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
@@ -229,7 +235,7 @@ def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype:
     folder = transformer_root / "transformer"
     transformer_config = read_config(folder, "FLUX transformer")
     check_flux_config(height, width, transformer_config, read_config(root / "vae", "FLUX VAE"), folder / CONFIG_FILE)
-    scheduler_config = _read_scheduler_config(root)
+    scheduler_config = read_scheduler_config(root)
     from diffusers import AutoencoderKL, FluxTransformer2DModel  # after the checks: importing takes seconds
 
     check_weights_match(FluxTransformer2DModel, folder, transformer_config, "FLUX transformer", describe_flux,

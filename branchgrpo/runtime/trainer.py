@@ -85,8 +85,10 @@ class Trainer:
         self.adapter = self.spec.load(cfg.model, self.device, cfg.parallel.master_dtype)
         check_embedding_keys(self.adapter, list(self.store.keys) + list(self.store.extras), cfg.data.data_json_path)
         self._warn_shift()
-        mu = self.adapter.mu() if cfg.sampling.time_shift == "dynamic" else None
-        self.sigmas = sde.make_sigmas(cfg.sampling.sampling_steps, cfg.sampling.shift, mu)
+        dynamic = cfg.sampling.time_shift == "dynamic"
+        self.sigmas = sde.make_sigmas(cfg.sampling.sampling_steps, cfg.sampling.shift,
+                                      self.adapter.mu() if dynamic else None,
+                                      self.adapter.shift_terminal if dynamic else None)
         self.kernel = self.algo.kernel
         self.prepared = prepare_model(self.adapter, cfg.model, cfg.parallel, self.spec.default_parallel,
                                       cfg.loss.kl_coef > 0, self.info)
