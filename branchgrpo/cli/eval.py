@@ -160,7 +160,7 @@ def _prompts(args, spec, model_cfg):
     from branchgrpo.data.preprocess import PromptList, read_prompts
 
     prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
-                           image_size=spec.image_size(model_cfg.backbone))
+                           image_size=spec.image_size(model_cfg.backbone), max_images=spec.max_images)
     keep = slice(args.num_prompts or None)
     return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
