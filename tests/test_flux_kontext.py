@@ -241,3 +241,20 @@ def test_edit_jsonl_lines_are_checked_against_the_source_size(tmp_path):
     assert prompts.texts == ["make it blue", "one in a list"] and prompts.skipped["wrong_size"] == 1
     several = read_prompts(tmp_path / "edits.jsonl", "jsonl", "skip", max_images=3)
     assert several.items[2].images == (tmp_path / "square.png",) * 2 and several.items[2].line == 4
+
+
+def test_the_edit_mask_is_stored_at_the_source_size(kontext_dir, spec, cond, tmp_path):
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(tmp_path / "source.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # the left half may change
+    mask.save(tmp_path / "mask.png")
+    (tmp_path / "edits.jsonl").write_text('{"prompt": "make the left half red", "image": "source.png", '
+                                          '"mask": "mask.png"}\n{"prompt": "no mask", "image": "source.png"}\n'
+                                          '{"prompt": "gone", "image": "source.png", "mask": "missing.png"}\n')
+    prompts = read_prompts(tmp_path / "edits.jsonl", "jsonl", "skip", image_size=(SIZE, SIZE))
+    assert prompts.items[0].mask == tmp_path / "mask.png" and prompts.skipped["missing_image"] == 1
+    with torch.no_grad():
+        stored = spec.prompt_encoder(str(kontext_dir), "cpu", _settings())(prompts.items)["edit_mask"]
+    assert stored.dtype == torch.uint8 and stored.shape == (2, 1, SIZE, SIZE)
+    assert stored[0, 0, :, : SIZE // 2].eq(1).all() and stored[0, 0, :, SIZE // 2 :].eq(0).all()
+    assert stored[1].eq(0).all() and cond["edit_mask"].eq(0).all()  # no mask given: no region

@@ -3,8 +3,9 @@
 Prompt files come in the format the backbone's spec declares (`BackboneSpec.prompt_format`, one of PROMPT_FORMATS):
 "text", one prompt per line (the encoder takes strings); or "jsonl", one JSON object per line with a prompt and its
 conditioning image(s): `{"prompt": "...", "image": "path/to/first_frame.png"}` (image-to-video's first frame, an edit's
-source image with the edit instruction as the prompt) or, for backbones that take several, `"images": [...]` (relative
-paths are resolved against the file's folder; the encoder takes `PromptRecord`s). A JSONL line that cannot be used -
+source image with the edit instruction as the prompt) or, for backbones that take several, `"images": [...]`, and for
+an edit optionally `"mask"`, an image whose white pixels mark the region the instruction may change (relative paths
+are resolved against the file's folder; the encoder takes `PromptRecord`s). A JSONL line that cannot be used -
 not a JSON object with a non-empty "prompt" and an "image" or "images" (at most as many as the backbone takes), an
 image that is missing, cannot be decoded, or whose aspect ratio is off the size the backbone resizes it to by more
 than ASPECT_TOLERANCE (the pipeline would stretch it) - is reported with its line number, and the whole file refused
@@ -52,6 +53,7 @@ class PromptRecord:
     sources: tuple[str, ...]  # the image paths as written in the file (what the manifest hashes: moving the folder
     # is no change)
     line: int  # 1-based line number in the file
+    mask: Path | None = None  # an edit's region mask (white: the region the instruction may change), if given
 
     @property
     def image(self) -> Path:
@@ -70,7 +72,8 @@ class PromptList:
 
     def fingerprint(self) -> str:
         """Content hash for the manifest (text files: of the prompts alone, as before JSONL existed)."""
-        lines = [t if isinstance(t, str) else "\t".join((t.text, *t.sources)) for t in self.items]
+        lines = [t if isinstance(t, str) else "\t".join((t.text, *t.sources, *([t.mask.name] if t.mask else [])))
+                 for t in self.items]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -126,7 +129,7 @@ def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse", image_size: 
             skipped["empty"] += 1
             continue
         record, problem = _parse_record(line, number, path.parent, max_images)
-        for image in record.images if problem is None else ():
+        for image in (*record.images, *([record.mask] if record.mask else [])) if problem is None else ():
             problem = problem or _check_image(image, image_size)
         if problem is not None:
             bad.append((number, *problem))
@@ -160,10 +163,17 @@ def _parse_record(line: str, number: int, folder: Path,
         return None, ("bad_line", f"expected {expected}")
     if len(sources) > max_images:
         return None, ("bad_line", f"{len(sources)} images, but this backbone takes at most {max_images}")
+    mask = entry.get("mask")
+    if mask is not None and not (isinstance(mask, str) and mask.strip()):
+        return None, ("bad_line", '"mask" must be the path of a mask image')
     sources = tuple(s.strip() for s in sources)
-    paths = tuple(Path(s).expanduser() for s in sources)
-    images = tuple(p if p.is_absolute() else folder / p for p in paths)
-    return PromptRecord(entry["prompt"].strip(), images, sources, number), None
+    images = tuple(_resolve(s, folder) for s in sources)
+    return PromptRecord(entry["prompt"].strip(), images, sources, number, mask and _resolve(mask.strip(), folder)), None
+
+
+def _resolve(source: str, folder: Path) -> Path:
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else folder / path
 
 
 def _check_image(image: Path, image_size: tuple[int, int] | None) -> tuple[str, str] | None:

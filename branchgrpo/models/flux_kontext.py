@@ -9,7 +9,9 @@ Conventions verified against diffusers 0.42 (FluxKontextPipeline; tests/test_flu
   - `source_image` [3, h_s, w_s] uint8: the source resized (PIL Lanczos, no crop: the pipeline's VaeImageProcessor)
     to the source size, i.e. exactly the pixels the VAE sees; read by the edit rewards (rewards/edit.py);
   - `image_latents` [(h_s / 16)(w_s / 16), 64] fp32: the VAE's mode of those pixels in [-1, 1], shifted and scaled
-    like the latents ((z - shift_factor) * scaling_factor) and 2x2-packed.
+    like the latents ((z - shift_factor) * scaling_factor) and 2x2-packed;
+  - `edit_mask` [1, h_s, w_s] uint8: 1 inside the region the instruction may change, from the line's "mask" image
+    (white pixels, resized nearest), all 0 when the line gives none; read by `source_consistency` with `masked`.
 - The source size is fixed per run (the stored latents have one shape): `--source_size preferred` (default) is the
   pipeline's choice for an image of the run's aspect ratio, the closest of Kontext's preferred resolutions (about
   1 megapixel: 1024 x 1024 for a square run); `generation` is the run's --h/--w (smaller, cheaper runs). Source
@@ -55,7 +57,8 @@ from branchgrpo.models.support import PlannerModel
 PIPELINE = "FluxKontextPipeline"
 SOURCE_SIZES = ("preferred", "generation")  # --source_size
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides FLUX's text
-SOURCE_IMAGE_KEY = "source_image"  # the resized source, uint8, for the edit rewards
+SOURCE_IMAGE_KEY = "source_image"  # the resized source, uint8, for the edit rewards (rewards/edit.py)
+MASK_KEY = "edit_mask"  # the edit region, uint8, for the same
 
 
 def source_resolution(height: int, width: int, source_size: str) -> tuple[int, int]:
@@ -80,6 +83,19 @@ def check_kontext_folder(root: Path) -> None:
     if name != PIPELINE:
         raise ValueError(f"{root}: its model_index.json names {name!r}, not {PIPELINE}: --model flux_kontext expects "
                          "a diffusers-layout FLUX.1-Kontext-dev folder (FLUX.1-dev is --model flux; docs/editing.md)")
+
+
+def edit_mask(path: Path | None, height: int, width: int) -> torch.Tensor:
+    """uint8 [1, height, width]: 1 where the mask image at `path` is bright (the edit region), resized nearest; all
+    0 without one."""
+    if path is None:
+        return torch.zeros(1, height, width, dtype=torch.uint8)
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as handle:
+        gray = handle.convert("L").resize((width, height), resample=Image.NEAREST)
+    return torch.from_numpy((np.asarray(gray) > 127).astype(np.uint8))[None]
 
 
 class FluxKontextAdapter(FluxAdapter):
@@ -152,6 +168,7 @@ def build_kontext_encoder(model_path, device, args, h: int, w: int, source_size:
         out["image_latents"] = torch.cat([pack_latents((z - shift) * scale) for z in latents])
         # exactly the pixels the VAE saw (they are x / 255 in [-1, 1])
         out[SOURCE_IMAGE_KEY] = torch.cat([((image + 1.0) * 127.5).round().to(torch.uint8) for image in pixels])
+        out[MASK_KEY] = torch.stack([edit_mask(record.mask, source_h, source_w) for record in records])
         return out
 
     return encode
