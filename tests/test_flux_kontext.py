@@ -258,3 +258,25 @@ def test_the_edit_mask_is_stored_at_the_source_size(kontext_dir, spec, cond, tmp
     assert stored.dtype == torch.uint8 and stored.shape == (2, 1, SIZE, SIZE)
     assert stored[0, 0, :, : SIZE // 2].eq(1).all() and stored[0, 0, :, SIZE // 2 :].eq(0).all()
     assert stored[1].eq(0).all() and cond["edit_mask"].eq(0).all()  # no mask given: no region
+
+
+@pytest.mark.slow
+def test_one_training_iteration_has_ratio_one_at_theta_old(kontext_dir, spec, tmp_path):
+    """The trainer on stored edit embeddings, one process on CPU: re-scoring at theta_old gives ratio exactly 1 and
+    the source-consistency reward gets each leaf's own source."""
+    from branchgrpo.data.preprocess import run_preprocess
+    from trainer_utils import train
+
+    encoder = spec.prompt_encoder(str(kontext_dir), "cpu", _settings())
+    index = run_preprocess(ASSET_PROMPTS, tmp_path / "emb", "flux_kontext", encoder, shard_size=8,
+                           prompt_format="jsonl", image_size=(SIZE, SIZE))
+    out = tmp_path / "run"
+    train(["--model", "flux_kontext", "--pretrained_model_name_or_path", str(kontext_dir), "--data_json_path",
+           str(index), "--output_dir", str(out), "--h", str(SIZE), "--w", str(SIZE), "--source_size", "generation",
+           "--reward", "source_consistency=1.0", "--device", "cpu", "--sampling_steps", "4", "--tree_split_points",
+           "0,1", "--train_batch_size", "2", "--max_train_steps", "1", "--num_eval_prompts", "1", "--report_to",
+           "none", "--checkpointing_steps", "0", "--learning_rate", "1e-3", "--rollout_batch_size", "4",
+           "--train_micro_batch_size", "4"])
+    entry = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert entry["first_ratio_min"] == 1.0 == entry["first_ratio_max"]
+    assert 0.0 < entry["reward_mean"] < 1.0
