@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -280,3 +281,25 @@ def test_one_training_iteration_has_ratio_one_at_theta_old(kontext_dir, spec, tm
     entry = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert entry["first_ratio_min"] == 1.0 == entry["first_ratio_max"]
     assert 0.0 < entry["reward_mean"] < 1.0
+
+
+@pytest.mark.slow
+def test_eval_cli_on_an_edit_jsonl_writes_source_and_result_grids(kontext_dir, tmp_path):
+    from branchgrpo.cli.eval import main as eval_main
+
+    out = tmp_path / "eval"
+    assert eval_main(["--model", "flux_kontext", "--pretrained_model_name_or_path", str(kontext_dir), "--h", "32",
+                      "--w", "32", "--source_size", "generation", "--max_sequence_length", str(MAX_SEQ),
+                      "--num_prompts", "2", "--samples_per_prompt", "2", "--steps", "2", "--time_shift", "dynamic",
+                      "--rewards", "source_consistency", "--bootstrap", "50", "--output_dir", str(out),
+                      "--device", "cpu", "--num_threads", "1"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    consistency = result["metrics"]["source_consistency"]
+    assert consistency["n"] == 4 and 0 < consistency["mean"] < 1 and consistency["ci95_normal"][0] < consistency["mean"]
+    with Image.open(out / "grid.png") as grid:  # rows: source | 2 results, 32 px tiles at scale 2, 12 px labels
+        assert grid.size == (3 * 64, 2 * (64 + 12))
+        source = torch.from_numpy(np.asarray(grid.convert("RGB"))[12:76:2, 0:64:2].copy())
+    with torch.no_grad():
+        stored = get_backbone("flux_kontext").prompt_encoder(str(kontext_dir), "cpu", _settings())(
+            read_prompts(ASSET_PROMPTS, "jsonl").items[:1])["source_image"][0]
+    assert torch.equal(source.permute(2, 0, 1), stored)  # the first tile of the first row is the first source

@@ -198,7 +198,7 @@ def _video_metrics(args, spec, device):
 def run(args) -> dict:
     from branchgrpo.core import sde
     from branchgrpo.eval.checkpoints import load_eval_model
-    from branchgrpo.eval.generate import SampleSettings, encode_prompts, generate_and_score
+    from branchgrpo.eval.generate import SampleSettings, encode_prompts, generate_and_score, with_condition_tiles
     from branchgrpo.eval.report import summarize, write_results
     from branchgrpo.runtime.outputs import save_grid
 
@@ -256,8 +256,12 @@ def run(args) -> dict:
     if out.grid_media.numel():
         shown = min(args.grid_prompts, len(texts))
         tiles_per_sample = out.grid_media.shape[0] // (shown * args.samples_per_prompt)  # videos: 3 frames
-        save_grid(out.grid_media, output_dir / "grid.png", columns=args.samples_per_prompt * tiles_per_sample,
-                  labels=texts[:shown], scale=max(1, 64 // out.grid_media.shape[-1]))
+        grid, columns = out.grid_media, args.samples_per_prompt * tiles_per_sample
+        if spec.grid_condition in embeddings:  # e.g. an edit's source, first in each row
+            grid = with_condition_tiles(grid, embeddings[spec.grid_condition][:shown], columns)
+            columns += 1
+        save_grid(grid, output_dir / "grid.png", columns=columns, labels=texts[:shown],
+                  scale=max(1, 64 // grid.shape[-1]))
     print((output_dir / "results.md").read_text())
     print(f"wrote {output_dir}/results.{{md,csv,json}}, scores.csv, grid.png"
           + (f"; {len(out.image_files)} PNGs in {args.save_images}" if args.save_images else "")

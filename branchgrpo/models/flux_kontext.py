@@ -196,6 +196,7 @@ class FluxKontextSpec(FluxSpec):
     # the stored source latents depend on the source size: the encoder takes the run's size flags
     encoder_flags = FluxSpec.encoder_flags + ("h", "w", "source_size")
     eval_rewards = ("source_consistency", "clip_directional")
+    grid_condition = SOURCE_IMAGE_KEY  # evaluation grids read source | results
     tiny = "branchgrpo.testing.flux_kontext_tiny:make_tiny_flux_kontext"
     planner_configs = ("flux1-kontext-dev",)
     comparison_flags = ()  # the method comparison trains text-to-image prompts

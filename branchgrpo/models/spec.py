@@ -123,6 +123,9 @@ class BackboneSpec:
     prompt_format: ClassVar[str] = "text"
     #: conditioning images a "jsonl" prompt line may give (`"image"`, or `"images": [...]` up to this many)
     max_images: ClassVar[int] = 1
+    #: a per-prompt image of its conditioning (a key its prompt encoder stores, uint8 [3, h, w]) that the evaluation
+    #: grid shows before each prompt's samples, e.g. an edit's source; None: the grid shows the samples alone
+    grid_condition: ClassVar[str | None] = None
     #: what the evaluation CLI's `--rewards default` / `all` mean for this backbone
     eval_rewards: ClassVar[tuple[str, ...]] = ()
     #: the weight layouts of a training checkpoint `load_for_eval` reads (names as branchgrpo.eval.checkpoints
