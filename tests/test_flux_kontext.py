@@ -303,3 +303,18 @@ def test_eval_cli_on_an_edit_jsonl_writes_source_and_result_grids(kontext_dir, t
         stored = get_backbone("flux_kontext").prompt_encoder(str(kontext_dir), "cpu", _settings())(
             read_prompts(ASSET_PROMPTS, "jsonl").items[:1])["source_image"][0]
     assert torch.equal(source.permute(2, 0, 1), stored)  # the first tile of the first row is the first source
+
+
+def test_full_export_loads_as_the_kontext_transformer(adapter, cond, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    with torch.no_grad():  # make the weights differ from the checkpoint's
+        for p in adapter.transformer.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    adapter.export(str(tmp_path / "out"))
+    loaded = FluxTransformer2DModel.from_pretrained(str(tmp_path / "out"), subfolder="transformer")
+    x, sigmas = torch.randn(2, *adapter.latent_shape), torch.tensor([0.7, 0.2])
+    with torch.no_grad():
+        ours = adapter.velocity(x, sigmas, cond)
+        adapter.transformer = loaded
+        torch.testing.assert_close(adapter.velocity(x, sigmas, cond), ours, atol=0, rtol=0)
