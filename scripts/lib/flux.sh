@@ -1,9 +1,9 @@
 # Shared body of the FLUX launchers: documented defaults, input checks, then torchrun. The launcher that sources it
 # sets ALGO_ARGS (its algorithm's flags) and NAME before sourcing; everything here can be overridden by environment
-# variables, and the launcher's own arguments ("$@") are appended last, so they win. A launcher of another FLUX-family
-# backbone (FLUX.1-Kontext) also sets FLUX_BACKBONE (the --model; default flux), FLUX_CHECKPOINT and FLUX_DOC (what
-# its messages name), FLUX_DATA_JSON, FLUX_REWARD and FLUX_SIZE (its defaults of DATA_JSON, REWARD and H/W) and
-# BACKBONE_ARGS (its own flags, after the common ones).
+# variables, and the launcher's own arguments ("$@") are appended last, so they win. The launchers of another
+# FLUX-family backbone (FLUX.1-Kontext, scripts/lib/flux_kontext.sh) run these with FLUX_BACKBONE (the --model;
+# default flux), FLUX_CHECKPOINT and FLUX_DOC (what the messages name), FLUX_DATA_JSON, FLUX_REWARD and FLUX_SIZE (the
+# defaults of DATA_JSON, REWARD and H/W) in the environment and the backbone's own flags before theirs.
 #
 # Environment (defaults): NPROC (8) per node; NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29517);
 # MODEL_PATH (data/flux, diffusers layout); DATA_JSON (data/rl_embeddings/index.json); EVAL_DATA_JSON (optional);
@@ -53,4 +53,4 @@ COMMON_ARGS=(
 
 export TOKENIZERS_PARALLELISM=false
 echo "[$NAME] $NPROC process(es) x $(( ${NNODES:-1} )) node(s) -> $OUTPUT_DIR"
-bg_launch branchgrpo.cli.train "${COMMON_ARGS[@]}" ${BACKBONE_ARGS[@]+"${BACKBONE_ARGS[@]}"} "${ALGO_ARGS[@]}" "$@"
+bg_launch branchgrpo.cli.train "${COMMON_ARGS[@]}" "${ALGO_ARGS[@]}" "$@"
