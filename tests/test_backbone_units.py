@@ -71,7 +71,7 @@ def test_its_section_checks_its_values(registered, tmp_path):
 def test_its_flag_is_reported_under_another_backbone(registered, tmp_path, caplog):
     cfg = parse(tmp_path, "--model", "toy", "--sharpness", "0.5", "--h", "64")
     *first, last = sized_backbones()
-    assert first[:3] == ["flux", "wan", "wan_i2v"] and last == "test_sharp"
+    assert {"flux", "wan", "wan_i2v"} <= set(first) and last == "test_sharp"
     assert cfg.inapplicable_flags() == [f"--h (acts only with --model {', '.join(first)} or test_sharp)",
                                         "--sharpness (acts only with --model test_sharp)"]
     assert "--sharpness (acts only with --model test_sharp)" in caplog.text
@@ -89,7 +89,8 @@ def test_its_flag_appears_in_help(registered):
     section = text[text.index("--model test_sharp:"):]
     assert "--sharpness SHARPNESS" in section and "how much the backbone sharpens" in section
     defaults = ", ".join(f"{name} {h}" for name, h in sized_backbones().items())
-    assert defaults.startswith("flux 720, wan 480, wan_i2v 480, ") and defaults.endswith(", test_sharp 8")
+    assert all(part in defaults.split(", ") for part in ("flux 720", "wan 480", "wan_i2v 480"))
+    assert defaults.endswith(", test_sharp 8")
     assert f"(default: {defaults})" in text  # the shared --h: each one's own value
     assert "--sharpness SHARPNESS" in eval_parser().format_help()
 

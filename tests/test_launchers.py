@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "wan", "wan_i2v", "sd3", "qwen_image"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,8 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    backbone = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image", "flux") if b in script)
+    name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image", "kontext", "flux") if b in script)
+    backbone = {"kontext": "flux_kontext"}.get(name, name)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
                     OUTPUT_DIR=str(shim / "out"), **env)
@@ -133,6 +134,21 @@ def test_qwen_image_launchers(shim):
     # the dancegrpo / mixgrpo / g2rpo launchers are the FLUX ones' algorithm flags on the same scripts/lib body
     g2 = launch(shim, "finetune_qwen_image_g2rpo_8gpus.sh")["cfg"]
     assert (g2["model"], g2["algo"], g2["sampling_steps"], g2["clip_range"]) == ("qwen_image", "g2rpo", 16, 1e-4)
+
+
+def test_kontext_launchers(shim):
+    branch = launch(shim, "finetune_kontext_branchgrpo_8gpus.sh", USE_LORA="1")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["w"], cfg["source_size"], cfg["guidance_scale"],
+            cfg["time_shift"], cfg["reward"], cfg["use_lora"]) == \
+        ("flux_kontext", "branchgrpo", 512, 512, "generation", 2.5, "dynamic",
+         "clip_directional=1.0,source_consistency=0.5", True)
+    assert (branch["plan"]["leaves"], cfg["tree_split_points"]) == (16, "0,3,6,9")
+    dance = launch(shim, "finetune_kontext_dancegrpo_8gpus.sh", "--h", "1024", "--w", "1024", SOURCE_SIZE="preferred",
+                   GUIDANCE="3")
+    cfg = dance["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["h"], cfg["source_size"], cfg["guidance_scale"]) == \
+        ("flux_kontext", "dancegrpo", 12, 1024, "preferred", 3.0)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

@@ -173,3 +173,24 @@ def test_api_key_from_environment_is_sent_and_never_shown(monkeypatch, caplog):
     assert secret not in str(caught.value) and "wrong-key" not in str(caught.value)
     assert "Bearer <api key>" in str(caught.value)  # the server echoed the key; the message hides it
     assert secret not in caplog.text and "wrong-key" not in caplog.text
+
+
+def test_edit_template_shows_the_source_then_the_result():
+    """The editing judge sends both images, source first (the test server scores the change in red from the first
+    to the last image), reading each sample's source through the reward conditioning."""
+    from branchgrpo.rewards.base import RewardSet
+
+    results = _images()
+    sources = (results * 255).round().to(torch.uint8)
+    sources[:, 0] = 25  # red 0.1 in every source
+    with judge_server("ok") as (_, url):
+        judge = _judge(url, template="edit10")
+        assert judge.conditioning == ("source_image",) and TEMPLATES["edit10"].sees_source
+        scores = RewardSet({"vlm_judge": judge}, {"vlm_judge": 1.0}).score(results, _prompts(4),
+                                                                            {"source_image": sources})["vlm_judge"]
+        unchanged = judge(sources.float() / 255, _prompts(4), {"source_image": sources})
+        with pytest.raises(ValueError, match="source_image"):
+            judge(results, _prompts(4))
+    torch.testing.assert_close(scores, torch.tensor(RED, dtype=torch.float32) / 255 - 25 / 255, atol=1e-4, rtol=0)
+    assert unchanged.tolist() == [0.0] * 4
+    assert not hasattr(_judge("http://127.0.0.1:9/v1"), "conditioning")  # the text-to-image templates read none

@@ -201,7 +201,7 @@ def _prompts(args, spec, model_cfg, suite):
     if suite is not None:
         return PromptList(list(suite.texts), list(suite.texts), {})
     prompts = read_prompts(args.prompts or spec.default_prompts(), spec.prompt_format,
-                           image_size=spec.image_size(model_cfg.backbone))
+                           image_size=spec.image_size(model_cfg.backbone), max_images=spec.max_images)
     keep = slice(args.num_prompts or None)
     return PromptList(prompts.items[keep], prompts.texts[keep], prompts.skipped)
 
@@ -304,7 +304,8 @@ def run(args) -> dict:
     sample_ids = [int(p) * args.samples_per_prompt + int(s) for p, s in zip(out.prompt_index, out.seed_index)]
     result = write_results(output_dir, header, metrics, rewards.skipped, texts, out.scores, out.prompt_index,
                            out.seed_index, sample_ids, out.image_files, out.video_files)
-    grids = _write_grids(output_dir, out.grid_media, list(shown), texts, args.samples_per_prompt, suite)
+    condition = embeddings.get(spec.grid_condition) if spec.grid_condition else None  # e.g. an edit's source
+    grids = _write_grids(output_dir, out.grid_media, list(shown), texts, args.samples_per_prompt, suite, condition)
     if suite is not None:
         write_suite(output_dir, suite, task_report(suite, out.scores, out.prompt_index, args.bootstrap, args.seed))
         print((output_dir / "suite.md").read_text())
@@ -326,14 +327,20 @@ def _extra_columns(video_metrics, rewards):
     return lambda media, prompts: {name: v for hook in hooks for name, v in hook(media, prompts).items()}
 
 
-def _write_grids(output_dir: Path, tiles, shown: list[int], texts: list[str], samples: int, suite) -> list[str]:
-    """grid.png (the shown prompts, seeds in columns; videos: first, middle and last frame), or one grid per task."""
+def _write_grids(output_dir: Path, tiles, shown: list[int], texts: list[str], samples: int, suite,
+                 condition=None) -> list[str]:
+    """grid.png (the shown prompts, seeds in columns; videos: first, middle and last frame; with a `condition` per
+    prompt, e.g. an edit's source, that image first in each row), or one grid per task."""
+    from branchgrpo.eval.generate import with_condition_tiles
     from branchgrpo.eval.suites import write_task_grids
     from branchgrpo.runtime.outputs import save_grid
 
     if not tiles.numel():
         return []
     columns = samples * (tiles.shape[0] // (len(shown) * samples))  # videos: 3 tiles per sample
+    if condition is not None:
+        tiles = with_condition_tiles(tiles, condition[torch.tensor(shown, device=condition.device)], columns)
+        columns += 1
     if suite is not None:
         return write_task_grids(output_dir, suite, shown, tiles, columns)
     save_grid(tiles, output_dir / "grid.png", columns=columns, labels=[texts[p] for p in shown],

@@ -81,7 +81,8 @@ def _preprocess(argv: list[str]) -> None:
         for name, value in sizes.items():
             setattr(args, name, value)
         # read (and, for JSONL, every image decoded and checked) before the encoders load: bad lines fail in seconds
-        prompts = read_prompts(args.prompts, spec.prompt_format, args.bad_lines, spec.image_size(args))
+        prompts = read_prompts(args.prompts, spec.prompt_format, args.bad_lines, spec.image_size(args),
+                               spec.max_images)
         encode = spec.prompt_encoder(args.model_path, info.device, args)
         run_preprocess(
             prompts,

@@ -1,12 +1,15 @@
 """The backbone-independent half of preprocessing: read prompts, split them in shards, encode, write, resume.
 
 Prompt files come in the format the backbone's spec declares (`BackboneSpec.prompt_format`, one of PROMPT_FORMATS):
-"text", one prompt per line (the encoder takes strings); or "jsonl", one JSON object per line,
-`{"prompt": "...", "image": "path/to/first_frame.png"}` (image-to-video; relative image paths are resolved against the
-file's folder; the encoder takes `PromptRecord`s). A JSONL line that cannot be used - not a JSON object with a
-non-empty "prompt" and an "image", an image that is missing, cannot be decoded, or whose aspect ratio is off the
-video's by more than ASPECT_TOLERANCE (the pipeline would stretch it) - is reported with its line number, and the
-whole file refused (`bad_lines="refuse"`, the default) or the line left out (`"skip"`, counted in the index).
+"text", one prompt per line (the encoder takes strings); or "jsonl", one JSON object per line with a prompt and its
+conditioning image(s): `{"prompt": "...", "image": "path/to/first_frame.png"}` (image-to-video's first frame, an edit's
+source image with the edit instruction as the prompt) or, for backbones that take several, `"images": [...]`, and for
+an edit optionally `"mask"`, an image whose white pixels mark the region the instruction may change (relative paths
+are resolved against the file's folder; the encoder takes `PromptRecord`s). A JSONL line that cannot be used -
+not a JSON object with a non-empty "prompt" and an "image" or "images" (at most as many as the backbone takes), an
+image that is missing, cannot be decoded, or whose aspect ratio is off the size the backbone resizes it to by more
+than ASPECT_TOLERANCE (the pipeline would stretch it) - is reported with its line number, and the whole file refused
+(`bad_lines="refuse"`, the default) or the line left out (`"skip"`, counted in the index).
 
 Each rank encodes the shards `s` with `s % world_size == rank`; finished shards are skipped, so a killed run resumes
 where it stopped. A manifest records the prompt file's content hash and the shard size: resuming with a different
@@ -45,10 +48,17 @@ ASPECT_TOLERANCE = 0.1
 class PromptRecord:
     """One usable line of a JSONL prompt file."""
 
-    text: str  # the prompt
-    image: Path  # the conditioning image (resolved against the prompt file's folder)
-    source: str  # the image path as written in the file (what the manifest hashes: moving the folder is no change)
+    text: str  # the prompt (an edit's instruction)
+    images: tuple[Path, ...]  # the conditioning images (resolved against the prompt file's folder), at least one
+    sources: tuple[str, ...]  # the image paths as written in the file (what the manifest hashes: moving the folder
+    # is no change)
     line: int  # 1-based line number in the file
+    mask: Path | None = None  # an edit's region mask (white: the region the instruction may change), if given
+
+    @property
+    def image(self) -> Path:
+        """The (first) conditioning image: the one image of a backbone that takes one."""
+        return self.images[0]
 
 
 @dataclass
@@ -62,7 +72,8 @@ class PromptList:
 
     def fingerprint(self) -> str:
         """Content hash for the manifest (text files: of the prompts alone, as before JSONL existed)."""
-        lines = [t if isinstance(t, str) else f"{t.text}\t{t.source}" for t in self.items]
+        lines = [t if isinstance(t, str) else "\t".join((t.text, *t.sources, *([t.mask.name] if t.mask else [])))
+                 for t in self.items]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -87,10 +98,10 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], dict[str, int]]:
 
 
 def read_prompts(path: str | Path, prompt_format: str = "text", bad_lines: str = "refuse",
-                 image_size: tuple[int, int] | None = None) -> PromptList:
-    """The prompt file in `prompt_format` (PROMPT_FORMATS). JSONL: each line's image is opened and decoded once here,
-    and, given the video's `image_size` (h, w), its aspect ratio checked; bad lines are refused or skipped as
-    `bad_lines` says (BAD_LINES)."""
+                 image_size: tuple[int, int] | None = None, max_images: int = 1) -> PromptList:
+    """The prompt file in `prompt_format` (PROMPT_FORMATS). JSONL: each line's images (at most `max_images`) are
+    opened and decoded once here, and, given the `image_size` (h, w) the backbone resizes them to, their aspect ratio
+    checked; bad lines are refused or skipped as `bad_lines` says (BAD_LINES)."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt format '{prompt_format}': expected one of {PROMPT_FORMATS}")
     if bad_lines not in BAD_LINES:
@@ -98,12 +109,12 @@ def read_prompts(path: str | Path, prompt_format: str = "text", bad_lines: str =
     if prompt_format == "text":
         texts, skipped = read_prompt_file(path)
         return PromptList(texts, texts, skipped)
-    return read_jsonl_prompts(path, bad_lines, image_size)
+    return read_jsonl_prompts(path, bad_lines, image_size, max_images)
 
 
-def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse",
-                       image_size: tuple[int, int] | None = None) -> PromptList:
-    """`{"prompt": ..., "image": ...}` lines -> PromptRecords (see `read_prompts`)."""
+def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse", image_size: tuple[int, int] | None = None,
+                       max_images: int = 1) -> PromptList:
+    """`{"prompt": ..., "image": ...}` (or `"images": [...]`) lines -> PromptRecords (see `read_prompts`)."""
     path = require_file(path, "--prompts", "prompt file", ' (JSONL expected: one {"prompt": ..., "image": '
                         '"path/to/first_frame.png"} per line)')
     records, bad = [], []
@@ -117,9 +128,9 @@ def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse",
         if not line:
             skipped["empty"] += 1
             continue
-        record, problem = _parse_record(line, number, path.parent)
-        if problem is None:
-            problem = _check_image(record.image, image_size)
+        record, problem = _parse_record(line, number, path.parent, max_images)
+        for image in (*record.images, *([record.mask] if record.mask else [])) if problem is None else ():
+            problem = problem or _check_image(image, image_size)
         if problem is not None:
             bad.append((number, *problem))
             continue
@@ -136,17 +147,33 @@ def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse",
     return PromptList(records, [r.text for r in records], skipped)
 
 
-def _parse_record(line: str, number: int, folder: Path) -> tuple[PromptRecord | None, tuple[str, str] | None]:
+def _parse_record(line: str, number: int, folder: Path,
+                  max_images: int) -> tuple[PromptRecord | None, tuple[str, str] | None]:
     try:
         entry = json.loads(line)
     except json.JSONDecodeError as err:
         return None, ("bad_line", f"not valid JSON ({err.msg})")
+    expected = '{"prompt": "<non-empty text>", "image": "<path>"}' + \
+        (f' or "images": [<1 to {max_images} paths>]' if max_images > 1 else "")
     if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip() \
-            or not isinstance(entry.get("image"), str) or not entry["image"].strip():
-        return None, ("bad_line", 'expected {"prompt": "<non-empty text>", "image": "<path>"}')
-    source = entry["image"].strip()
-    image = Path(source).expanduser()
-    return PromptRecord(entry["prompt"].strip(), image if image.is_absolute() else folder / image, source, number), None
+            or ("image" in entry) == ("images" in entry):
+        return None, ("bad_line", f"expected {expected}")
+    sources = [entry["image"]] if "image" in entry else entry["images"]
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s.strip() for s in sources):
+        return None, ("bad_line", f"expected {expected}")
+    if len(sources) > max_images:
+        return None, ("bad_line", f"{len(sources)} images, but this backbone takes at most {max_images}")
+    mask = entry.get("mask")
+    if mask is not None and not (isinstance(mask, str) and mask.strip()):
+        return None, ("bad_line", '"mask" must be the path of a mask image')
+    sources = tuple(s.strip() for s in sources)
+    images = tuple(_resolve(s, folder) for s in sources)
+    return PromptRecord(entry["prompt"].strip(), images, sources, number, mask and _resolve(mask.strip(), folder)), None
+
+
+def _resolve(source: str, folder: Path) -> Path:
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else folder / path
 
 
 def _check_image(image: Path, image_size: tuple[int, int] | None) -> tuple[str, str] | None:
@@ -165,9 +192,9 @@ def _check_image(image: Path, image_size: tuple[int, int] | None) -> tuple[str, 
         want_h, want_w = image_size
         change = abs((width / height) / (want_w / want_h) - 1.0)
         if change > ASPECT_TOLERANCE:
-            return "wrong_size", (f"image {image} is {width} x {height}, an aspect ratio {change:.0%} off the video's "
-                                  f"{want_w} x {want_h} (at most {ASPECT_TOLERANCE:.0%}: it would be stretched); "
-                                  "crop it to the video's shape")
+            return "wrong_size", (f"image {image} is {width} x {height}, an aspect ratio {change:.0%} off the "
+                                  f"{want_w} x {want_h} it is resized to (at most {ASPECT_TOLERANCE:.0%}: it would "
+                                  "be stretched); crop it to that shape")
     return None
 
 
@@ -190,18 +217,19 @@ def run_preprocess(
     prompt_format: str = "text",
     bad_lines: str = "refuse",
     image_size: tuple[int, int] | None = None,
+    max_images: int = 1,
 ) -> Path | None:
     """Encode every prompt of `prompts_path` (a file, or a `PromptList` already read) into `output_dir`; returns the
     index path on rank 0.
 
     `encoder_settings` (e.g. max_sequence_length, dtype) go into the manifest, so that resuming with other settings
     is refused at once instead of after re-encoding, when shards of two shapes or dtypes would not index together.
-    `prompt_format`, `bad_lines`, `image_size`: how the prompt file is read (`read_prompts`)."""
+    `prompt_format`, `bad_lines`, `image_size`, `max_images`: how the prompt file is read (`read_prompts`)."""
     if shard_size < 1 or batch_size < 1:
         raise ValueError("--shard_size and --batch_size must be >= 1")
     output_dir = Path(output_dir)
     prompts = prompts_path if isinstance(prompts_path, PromptList) else \
-        read_prompts(prompts_path, prompt_format, bad_lines, image_size)
+        read_prompts(prompts_path, prompt_format, bad_lines, image_size, max_images)
     texts, items, skipped = prompts.texts, prompts.items, prompts.skipped
     manifest = _manifest(prompts, shard_size, model, encoder_settings)
     manifest_path = output_dir / "manifest.json"

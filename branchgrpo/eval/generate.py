@@ -21,6 +21,7 @@ import torch
 from branchgrpo.core import plans, sde
 from branchgrpo.data.embeddings import with_extras
 from branchgrpo.models.base import velocity_fn
+from branchgrpo.rewards._image import as_unit_images, resized_to
 from branchgrpo.rewards.base import RewardSet, decode_and_score, parse_reward_spec
 from branchgrpo.core.rollout import NoiseKeys, run_rollout
 from branchgrpo.runtime.outputs import still_frames
@@ -129,6 +130,14 @@ def grid_tiles(media: torch.Tensor, kind: str) -> list[torch.Tensor]:
         return list(media)
     frames = media.shape[2]
     return [video[:, f] for video in media for f in (0, frames // 2, frames - 1)]
+
+
+def with_condition_tiles(tiles: torch.Tensor, conditions: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """The grid's tiles [P * per_prompt, C, H, W] with each prompt's conditioning image (uint8 [P, 3, h, w], e.g. an
+    edit's source, resized to the tiles' size) before its own: a row of the grid reads source | results."""
+    images = resized_to(as_unit_images(conditions.cpu()), *tiles.shape[-2:]).to(tiles.dtype)
+    rows = [torch.cat([images[p : p + 1], tiles[p * per_prompt : (p + 1) * per_prompt]]) for p in range(len(images))]
+    return torch.cat(rows)
 
 
 def _sample_name(sample: int, samples_per_prompt: int) -> str:

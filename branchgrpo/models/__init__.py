@@ -17,6 +17,7 @@ from branchgrpo.models.spec import MEDIA_KINDS, BackboneConfig, BackboneSpec
 BUILTIN_BACKBONES = (
     "branchgrpo.models.toy",
     "branchgrpo.models.flux",
+    "branchgrpo.models.flux_kontext",
     "branchgrpo.models.wan",
     "branchgrpo.models.wan_i2v",
     "branchgrpo.models.sd3",

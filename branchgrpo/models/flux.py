@@ -107,6 +107,16 @@ def describe_flux(shapes) -> str:
             f"{embed[0] if embed else '?'}")
 
 
+def token_ids(rows: int, cols: int, device, first: float = 0.0) -> torch.Tensor:
+    """(first, row, col) of each token of a rows x cols grid of packed tokens, [rows * cols, 3] float32: FLUX's
+    rotary position ids (`first` 0 for the generated image; FLUX.1-Kontext gives its source image 1)."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 0] = first
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
 def pack_latents(z: torch.Tensor) -> torch.Tensor:
     """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: each 2x2 patch becomes one token, channels-major within the token."""
     b, c, h, w = z.shape
@@ -151,11 +161,7 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
 
     def image_ids(self, device: torch.device) -> torch.Tensor:
         """(0, row, col) of each packed token, [L, 3] float32, as FluxPipeline builds them."""
-        rows, cols = self.latent_h // 2, self.latent_w // 2
-        ids = torch.zeros(rows, cols, 3, device=device)
-        ids[..., 1] = torch.arange(rows, device=device)[:, None]
-        ids[..., 2] = torch.arange(cols, device=device)[None, :]
-        return ids.reshape(rows * cols, 3)
+        return token_ids(self.latent_h // 2, self.latent_w // 2, device)
 
     def mu(self) -> float:
         """FluxPipeline's resolution-dependent shift for this image size (use with `sde.make_sigmas(T, mu=...)`)."""
@@ -163,21 +169,26 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
 
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """v = eps - x0 for packed latents [B, L, 64] at per-sample sigmas [B]; fp32 out."""
-        batch = latents.shape[0]
         assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
-        assert sigmas.shape == (batch,), sigmas.shape
-        device = latents.device
+        assert sigmas.shape == (latents.shape[0],), sigmas.shape
+        return self.transformer_output(latents, self.image_ids(latents.device), sigmas, cond)
+
+    def transformer_output(self, tokens: torch.Tensor, ids: torch.Tensor, sigmas: torch.Tensor,
+                           cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's output for image tokens [B, L', 64] with their ids [L', 3] (the generated image's
+        tokens, and those of any image appended after them), at sigmas [B], with the prompt of `cond`; fp32."""
+        batch, device = tokens.shape[0], tokens.device
         dtype = next(self.transformer.parameters()).dtype
         prompt_embeds = cond["prompt_embeds"].to(device=device, dtype=dtype)
         guidance = torch.full((batch,), self.guidance_scale, device=device) if self.has_guidance else None
         out = self.transformer(
-            hidden_states=latents.to(dtype),
+            hidden_states=tokens.to(dtype),
             timestep=sigmas.to(device=device, dtype=dtype),  # sigma in [0, 1]; the model scales by 1000
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"].to(device=device, dtype=dtype),
             encoder_hidden_states=prompt_embeds,
             txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device),
-            img_ids=self.image_ids(device),
+            img_ids=ids,
             return_dict=False,
         )[0]
         return out.float()
@@ -225,10 +236,12 @@ def read_scheduler_config(root: Path) -> dict:
 
 def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               vae_dtype: torch.dtype | None = None, height: int = 720, width: int = 720,
-              guidance_scale: float = 3.5, transformer_path: str | Path | None = None) -> FluxAdapter:
+              guidance_scale: float = 3.5, transformer_path: str | Path | None = None,
+              adapter_class: type[FluxAdapter] | None = None, **adapter_kwargs) -> FluxAdapter:
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`; default bf16 on CUDA,
     fp32 on CPU) from a local diffusers-layout folder; nothing is downloaded. `transformer_path`: a folder whose
-    `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`)."""
+    `transformer/` is loaded instead of the base's (a full export of a training run; the rest from `model_path`).
+    `adapter_class` (default FluxAdapter) is built with `adapter_kwargs` besides the parts and sizes."""
     check_image_size(height, width)
     root = check_flux_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
     transformer_root = root if transformer_path is None else Path(transformer_path)
@@ -246,7 +259,8 @@ def load_flux(model_path: str | Path, device: torch.device | str = "cpu", dtype:
     transformer = load_part(FluxTransformer2DModel, transformer_root, "transformer", "FLUX transformer",
                             torch_dtype=dtype)
     vae = load_part(AutoencoderKL, root, "vae", "FLUX VAE", torch_dtype=vae_dtype)
-    adapter = FluxAdapter(transformer, vae, height, width, guidance_scale, scheduler_config)
+    adapter = (adapter_class or FluxAdapter)(transformer, vae, height, width, guidance_scale, scheduler_config,
+                                             **adapter_kwargs)
     return adapter.to(device)
 
 

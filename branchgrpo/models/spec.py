@@ -121,6 +121,11 @@ class BackboneSpec:
     #: its prompt files (branchgrpo.data.preprocess.PROMPT_FORMATS): "text" (one prompt per line; the encoder takes
     #: strings) or "jsonl" (lines {"prompt": ..., "image": ...}; the encoder takes `PromptRecord`s)
     prompt_format: ClassVar[str] = "text"
+    #: conditioning images a "jsonl" prompt line may give (`"image"`, or `"images": [...]` up to this many)
+    max_images: ClassVar[int] = 1
+    #: a per-prompt image of its conditioning (a key its prompt encoder stores, uint8 [3, h, w]) that the evaluation
+    #: grid shows before each prompt's samples, e.g. an edit's source; None: the grid shows the samples alone
+    grid_condition: ClassVar[str | None] = None
     #: what the evaluation CLI's `--rewards default` / `all` mean for this backbone
     eval_rewards: ClassVar[tuple[str, ...]] = ()
     #: the weight layouts of a training checkpoint `load_for_eval` reads (names as branchgrpo.eval.checkpoints
@@ -158,8 +163,8 @@ class BackboneSpec:
         return {name: section.resolved(name) for name in names}
 
     def image_size(self, values) -> tuple[int, int] | None:
-        """(h, w) of the frames its conditioning images are resized to (JSONL prompt files are checked against it),
-        or None when its encoder reads no size."""
+        """(h, w) its conditioning images are resized to (the aspect ratios of JSONL prompt files' images are checked
+        against it), or None when its encoder reads no size. Default: the size flags its encoder reads."""
         sizes = self.encoder_sizes(values)
         return (sizes["h"], sizes["w"]) if {"h", "w"} <= set(sizes) else None
 

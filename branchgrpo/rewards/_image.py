@@ -136,3 +136,16 @@ def image_size_of(size) -> int:
             raise ValueError(f"non-square CLIP input size {size} is not supported")
         return int(size[0])
     return int(size)
+
+
+def as_unit_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (as conditioning images are stored) or float in [0, 1] -> float32 in [0, 1]."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def resized_to(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Images at (height, width) (bilinear, antialiased), unchanged when they already are: conditioning images are
+    stored at their own size and compared with media of another at the media's."""
+    if images.shape[-2:] == (height, width):
+        return images
+    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)

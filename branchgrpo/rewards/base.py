@@ -50,6 +50,7 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.video",
     "branchgrpo.rewards.videoalign",
     "branchgrpo.rewards.first_frame",
+    "branchgrpo.rewards.edit",
     "branchgrpo.rewards.ocr",
     "branchgrpo.rewards.vlm_judge",
     "branchgrpo.rewards.geneval",

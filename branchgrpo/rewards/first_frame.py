@@ -23,15 +23,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from branchgrpo.rewards._image import as_unit_images, resized_to
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, LocalPath, register_reward
 from branchgrpo.rewards.video import check_videos, frame_indices
 
 CONDITION_KEY = "first_frame"
-
-
-def as_unit_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (as stored) or float in [0, 1] -> float32 in [0, 1]."""
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 class FirstFrameConsistency:
@@ -59,7 +55,7 @@ class FirstFrameConsistency:
                              f"{tuple(image.shape)}")
         index = frame_indices(total, self.num_frames).to(media.device)
         frames = media.float().index_select(2, index).permute(0, 2, 1, 3, 4)  # [B, K, 3, H, W]
-        image = _resized(image, height, width)  # stored at the video's size; another size is compared at it
+        image = resized_to(image, height, width)  # stored at the video's size; another size is compared at it
         if self.features is None:
             return (1.0 - (frames - image[:, None]).abs().flatten(2).mean(dim=2).mean(dim=1)).cpu()
         num = index.numel()
@@ -68,13 +64,6 @@ class FirstFrameConsistency:
         embeds = F.normalize(embeds, dim=-1)
         frame_embeds, image_embeds = embeds[: batch * num].reshape(batch, num, -1), embeds[batch * num:]
         return (frame_embeds * image_embeds[:, None]).sum(dim=-1).mean(dim=1)
-
-
-def _resized(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Images at (height, width) (bilinear, antialiased), unchanged when they already are."""
-    if images.shape[-2:] == (height, width):
-        return images
-    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 @register_reward("first_frame_consistency")

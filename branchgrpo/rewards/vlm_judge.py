@@ -5,7 +5,11 @@ Each image goes as a base64 PNG data URL in one chat-completions request with th
 - "unifiedreward": UnifiedReward's pointwise question (as Flow-GRPO sends it to UnifiedReward-7b-v1.5, the
   `<image>` placeholder line included), answered with `Final Score: x` for x in 1..5; reward x / 5;
 - "score10": a generic question for any instruction-following VLM, answered with `Score: x` for x in 0..10;
-  reward x / 10.
+  reward x / 10;
+- "edit10": for image editing, the source image and then the edited one in the same request, with the edit
+  instruction as the prompt: how well the edit follows the instruction while keeping everything else, answered with
+  `Score: x` for x in 0..10; reward x / 10. The source is each sample's `source_image` (rewards/edit.py), read
+  through the conditioning extension of the reward call, resized to the edited image's size.
 An answer without a score (or a reply that is not a chat completion) scores 0 and is counted (`num_unparseable`),
 with one warning line per call that has any, as are images with non-finite pixels (`num_invalid`, not sent).
 
@@ -35,6 +39,7 @@ import torch
 
 from branchgrpo.rewards._pixels import to_uint8_images
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
+from branchgrpo.rewards.edit import SOURCE_KEY, source_images
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class JudgeTemplate:
     question: str  # with a {prompt} field
     score_pattern: str  # group 1: the score
     scale: float  # reward = score / scale
+    sees_source: bool = False  # the request shows each sample's source image before it (image editing)
 
     def parse(self, answer: str) -> float | None:
         """The reward in the judge's answer, or None when the answer holds no score in range."""
@@ -75,6 +81,17 @@ TEMPLATES = {
                   "\nText Caption: [{prompt}]"),
         score_pattern=r"Score:\s*(\d+(?:\.\d+)?)",
         scale=10.0,
+    ),
+    "edit10": JudgeTemplate(
+        question=("You are shown two images: the first is the source image, the second is the result of editing it "
+                  "with the instruction below. Rate from 0 to 10 how well the result carries out the instruction "
+                  "while keeping everything the instruction does not ask to change as in the source (identity, "
+                  "layout, background, style) and how good it looks; an unchanged source scores 0, an edit that "
+                  "also changes what it should keep scores low. Reply with one line 'Score: N' and nothing else."
+                  "\nInstruction: [{prompt}]"),
+        score_pattern=r"Score:\s*(\d+(?:\.\d+)?)",
+        scale=10.0,
+        sees_source=True,
     ),
 }
 
@@ -121,19 +138,26 @@ class VlmJudge:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.num_unparseable = 0  # answers without a score, since construction
         self.num_invalid = 0  # images with non-finite pixels (not sent)
+        if template.sees_source:
+            self.conditioning = (SOURCE_KEY,)  # the per-prompt tensor it reads (rewards/base.py)
 
-    def request_body(self, image_HWC: np.ndarray, prompt: str) -> dict:
-        content = [{"type": "image_url", "image_url": {"url": png_data_url(image_HWC)}},
-                   {"type": "text", "text": self.template.question.format(prompt=prompt)}]
+    def request_body(self, image_HWC: np.ndarray, prompt: str, source_HWC: np.ndarray | None = None) -> dict:
+        shown = [image_HWC] if source_HWC is None else [source_HWC, image_HWC]
+        content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in shown]
+        content.append({"type": "text", "text": self.template.question.format(prompt=prompt)})
         return {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
                 "max_tokens": self.max_tokens}
 
     @torch.no_grad()
-    def __call__(self, media: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, media: torch.Tensor, prompts: Sequence[str],
+                 conditions: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         images, finite = to_uint8_images(media, self.name)
         if len(prompts) != len(images):
             raise ValueError(f"reward 'vlm_judge': {len(images)} images but {len(prompts)} prompts")
-        bodies = {i: self.request_body(images[i], prompts[i]) for i in range(len(images)) if finite[i]}
+        sources = [None] * len(images)
+        if self.template.sees_source:
+            sources, _ = to_uint8_images(source_images(media.float(), conditions, self.name), self.name)
+        bodies = {i: self.request_body(images[i], prompts[i], sources[i]) for i in range(len(images)) if finite[i]}
         answers = asyncio.run(self._ask_all(bodies)) if bodies else {}
         scores, unparseable = [], []
         for i in range(len(images)):
@@ -218,7 +242,8 @@ def build_vlm_judge(
     max_tokens: int = 512,
 ) -> VlmJudge:
     """A VLM judge at `url` (an OpenAI-compatible base URL such as http://127.0.0.1:8000/v1) serving `model`;
-    `template`: unifiedreward | score10; `concurrency`: requests in flight; `timeout_s`: per request; `retries`:
+    `template`: unifiedreward | score10 | edit10 (image editing: sees each sample's source image too);
+    `concurrency`: requests in flight; `timeout_s`: per request; `retries`:
     extra attempts after a timeout, connection error or HTTP 5xx/429, `backoff_s` apart (doubling);
     `api_key_env`: the environment variable holding an API key. Nothing is loaded locally (`device` and `model_dir`
     are not read)."""

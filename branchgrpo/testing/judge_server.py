@@ -5,7 +5,9 @@ double of a VLM judge (the vlm_judge reward's tests, or a smoke run without a GP
 
 The answer's score is a deterministic function of the image it receives: with r the mean of its red channel in
 [0, 1], "Final Score: 1 + 4 r" when the question asks for a 'Final Score' (UnifiedReward's template), else
-"Score: 10 r". Modes, to exercise the client's failure handling:
+"Score: 10 r". A request showing two images (an editing judge: source, then result) is judged by the result's r
+minus the source's, clamped to [0, 1]: an unchanged source scores 0. Modes, to exercise the client's failure
+handling:
     ok       answer every request
     slow     the first request for each distinct image waits --delay_s before answering; later ones answer at once
     flaky    the first request for each distinct image gets HTTP 500; later ones are answered
@@ -75,7 +77,8 @@ def make_app(mode: str, delay_s: float, api_key: str | None):
             return web.json_response({"error": {"message": message}}, status=401)
         body = await request.json()
         parts = body["messages"][0]["content"]
-        image = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+        shown = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+        image = shown[-1]  # the judged image; an editing request shows its source first
         question = next(p["text"] for p in parts if p["type"] == "text")
         first_time = image not in seen
         seen.add(image)
@@ -83,7 +86,8 @@ def make_app(mode: str, delay_s: float, api_key: str | None):
             return web.json_response({"error": {"message": "internal error"}}, status=500)
         if mode == "hang" or (mode == "slow" and first_time):
             await asyncio.sleep(delay_s)
-        red = red_mean(image)
+        red = red_mean(image) - (red_mean(shown[0]) if len(shown) > 1 else 0.0)  # an edit: the change in red
+        red = min(max(red, 0.0), 1.0)
         if mode == "garbage" and red < 0.5:
             return web.Response(text="<html>bad gateway page</html>", content_type="text/html")
         if mode == "garbage" and red < 0.75:
