@@ -27,6 +27,7 @@ from branchgrpo.config import TrainConfig, changed_flags, check_resume_config
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.runtime.ema import EMA
+from branchgrpo.runtime.entry import RunHalted
 from branchgrpo.runtime.guards import DivergenceGuard, NonFiniteGuard, Observation
 from branchgrpo.runtime.heldout import Evaluator
 from branchgrpo.runtime.metrics import IterationResults, finite_samples, iteration_metrics
@@ -48,7 +49,8 @@ from branchgrpo.runtime.outputs import (
 )
 from branchgrpo.runtime.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.runtime.preemption import Preempted, Preemption
-from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
+from branchgrpo.rewards.base import (RewardUnavailable, build_reward_set, decode_and_score, parse_reward_options,
+                                    score_latents)
 from branchgrpo.core.rollout import NoiseKeys, RolloutSetup
 from branchgrpo.runtime.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
 from branchgrpo.runtime.watchdog import Watchdog
@@ -82,6 +84,8 @@ class Trainer:
         r = cfg.reward
         self.rewards = build_reward_set(r.reward, r.reward_combine, self.device, parse_reward_options(r.reward_options),
                                         model_dir=r.reward_model_dir)
+        for store in dict.fromkeys((self.store, eval_store)):  # e.g. the OCR reward's quoted targets
+            self.rewards.check_prompts([p["text"] for p in store.prompts], str(store.index_path))
         self.adapter = self.spec.load(cfg.model, self.device, cfg.parallel.master_dtype)
         check_embedding_keys(self.adapter, list(self.store.keys) + list(self.store.extras), cfg.data.data_json_path)
         self._warn_shift()
@@ -164,6 +168,12 @@ class Trainer:
         except Preempted:  # a stop signal's deadline passed inside an iteration or evaluation: save the boundary
             self.preempt.restore(self.optimizer)
             return self._stop(self.preempt.pending_evaluation is not None or self.step > self.checkpoints.saved_step)
+        except RewardUnavailable as err:  # a reward server is gone: the checkpoint of the last boundary, one line
+            self.preempt.restore(self.optimizer)
+            saved = self.save(prune=False) if self.step > self.checkpoints.saved_step else None
+            raise RunHalted(f"{err}; stopped after {self.step} iterations"
+                            f"{f', after writing {saved}' if saved else ''}; continue with --resume_from_checkpoint "
+                            "latest once the reward is back") from None
         except RuntimeError as err:  # a collective timed out after this rank stalled: one line, where and who
             raise err if self.watchdog is None else self.watchdog.explain(err)
         finally:
