@@ -211,6 +211,7 @@ def run(args) -> dict:
     prompts = _prompts(args, spec, model_cfg)
     texts = prompts.texts
     rewards = _rewards(args, spec, device)  # first: a bad option fails before the backbone is loaded
+    rewards.check_prompts(texts, str(args.prompts or spec.default_prompts()))  # e.g. the OCR reward's quoted targets
     video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
     loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,
