@@ -284,6 +284,12 @@ class RewardSet:
         return sum(self.weights[name] * value for name, value in maxima.items())
 
     @property
+    def out_of_process(self) -> bool:
+        """Whether a reward of the set is scored by another process (an `out_of_process` attribute: a server), so
+        that its scoring can overlap the rollout (branchgrpo.runtime.overlap)."""
+        return any(getattr(model, "out_of_process", False) for model in self.models.values())
+
+    @property
     def condition_keys(self) -> tuple[str, ...]:
         """The per-prompt tensors the set's rewards read (their `conditioning`), in order, without repeats."""
         keys = [key for model in self.models.values() for key in getattr(model, "conditioning", ())]

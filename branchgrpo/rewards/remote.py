@@ -113,6 +113,7 @@ class RemoteReward:
     """One reward of a reward server (module docstring)."""
 
     name = "remote"
+    out_of_process = True  # scoring waits on the server: it can overlap the rollout
 
     def __init__(self, url: str, reward: str, encoding: str, timeout_s: float, retries: int, backoff_s: float):
         self.url, self.reward, self.encoding = url, reward, encoding

@@ -112,6 +112,7 @@ class VlmJudge:
 
     name = "vlm_judge"
     reward_max = 1.0
+    out_of_process = True  # scoring waits on the judge's server: it can overlap the rollout
 
     def __init__(self, endpoint: str, model: str, template: JudgeTemplate, concurrency: int, timeout_s: float,
                  retries: int, backoff_s: float, api_key: str | None, max_tokens: int):
