@@ -5,6 +5,7 @@ overlap on equals the one with it off."""
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from branchgrpo.core import plans, sde
 from branchgrpo.core.graph import concat_graphs
 from branchgrpo.core.rollout import NoiseKeys, run_rollout
-from branchgrpo.runtime.overlap import LeafScorer, overlap_chunk
+from branchgrpo.runtime.overlap import LeafScorer, overlap_chunks
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, train
 
 KERNEL = sde.Kernel("dance", 0.3)
@@ -72,24 +73,25 @@ def test_leaves_are_scored_in_the_batches_of_sequential_scoring():
 
 
 def test_when_the_overlap_is_on():
-    assert overlap_chunk("auto", 2, out_of_process=False, separable=True, is_main=False) == 0
-    assert overlap_chunk("auto", 2, out_of_process=True, separable=True, is_main=False) == 2
-    assert overlap_chunk("on", 3, out_of_process=False, separable=True, is_main=False) == 3
-    assert overlap_chunk("off", 3, out_of_process=True, separable=True, is_main=False) == 0
-    assert overlap_chunk("auto", 2, out_of_process=True, separable=False, is_main=False) == 0
+    assert overlap_chunks("auto", 2, out_of_process=False, separable=True, is_main=False) == 0
+    assert overlap_chunks("auto", 2, out_of_process=True, separable=True, is_main=False) == 2
+    assert overlap_chunks("on", 3, out_of_process=False, separable=True, is_main=False) == 3
+    assert overlap_chunks("off", 3, out_of_process=True, separable=True, is_main=False) == 0
+    assert overlap_chunks("auto", 2, out_of_process=True, separable=False, is_main=False) == 0
     with pytest.raises(ValueError, match="--overlap_scoring on: this algorithm's rollout couples"):
-        overlap_chunk("on", 2, out_of_process=True, separable=False, is_main=False)
+        overlap_chunks("on", 2, out_of_process=True, separable=False, is_main=False)
 
 
 @pytest.mark.slow
 def test_training_with_the_overlap_equals_training_without(tmp_path, caplog):
-    """The toy, 3 prompts per iteration (a last chunk of 1 with chunks of 2), 4 leaves each and reward batches of 3
+    """The toy, 3 prompts per iteration (chunks of 1 and 2 prompts), 4 leaves each and reward batches of 3
     (cut across chunks): the same metrics and bitwise the same weights with the overlap on as off."""
+    caplog.set_level(logging.INFO, logger="branchgrpo.runtime.overlap")
     emb = make_toy_embeddings(tmp_path / "emb")
-    common = dict(train_batch_size=3, reward_batch_size=3, overlap_chunk_prompts=2, max_train_steps=2)
+    common = dict(train_batch_size=3, reward_batch_size=3, overlap_chunks=2, max_train_steps=2)
     for mode in ("off", "on"):
         train(fast_args(emb, tmp_path / mode, overlap_scoring=mode, **common))
-    assert caplog.text.count("scoring overlaps the rollout: chunks of 2 prompt(s)") == 1  # on, and only there
+    assert caplog.text.count("scoring overlaps the rollout: the prompts rolled out in 2 chunks") == 1  # on, and only there
     logs = [[{k: v for k, v in json.loads(line).items() if "time" not in k and k != "peak_memory_mb"}
              for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()] for mode in ("off", "on")]
     assert logs[0] and logs[0] == logs[1]

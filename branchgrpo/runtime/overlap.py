@@ -1,8 +1,8 @@
-"""Scoring that overlaps the rollout (--overlap_scoring, --overlap_chunk_prompts).
+"""Scoring that overlaps the rollout (--overlap_scoring, --overlap_chunks).
 
 Sequentially, an iteration rolls out all its prompts, then decodes and scores their leaves: the transformer idles
-while a reward server works, and the other way round. Overlapped, the batch's prompts are rolled out in chunks of
---overlap_chunk_prompts, one after the other; the leaves of each finished chunk are decoded and scored on a worker
+while a reward server works, and the other way round. Overlapped, the batch's prompts are rolled out in
+--overlap_chunks chunks of near-equal size, one after the other; the leaves of each finished chunk are decoded and scored on a worker
 thread while the next chunk is rolled out (for a remote reward: its requests are in flight while the transformer
 works), and the chunks' graphs are joined into the batch's graph (`core.graph.concat_graphs`).
 
@@ -10,8 +10,9 @@ Same results as sequential scoring: a prompt's rollout depends on its own noise 
 leaves come out in the same prompt-major order, and they are scored in the same batches of --reward_batch_size
 (`LeafScorer` cuts the stream of finished leaves where sequential scoring cuts the whole list), so every reward
 model sees the same inputs - bitwise the same rewards on CPU, where the velocity of a row does not depend on the
-other rows of its batch. Smaller rollout batches cost some transformer throughput: the chunk size trades that
-against the overlap. On with "auto" only when a reward scores in another process (`RewardSet.out_of_process`):
+other rows of its batch. With K chunks the wait for the last chunk's scores is about 1/K of the scoring time, but
+smaller rollout batches cost transformer throughput (and, on CPU, the scoring thread's Python work competes with the
+rollout's): K trades one against the other (docs/benchmarks.md measures it). On with "auto" only when a reward scores in another process (`RewardSet.out_of_process`):
 in-process rewards share the device and the cores with the rollout, so there is little to overlap.
 """
 
@@ -32,8 +33,8 @@ MODES = ("auto", "on", "off")
 ScoreBatch = Callable[[torch.Tensor, Sequence[str], dict], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
-def overlap_chunk(mode: str, chunk_prompts: int, out_of_process: bool, separable: bool, is_main: bool) -> int:
-    """Prompts per rolled-out chunk, 0 for sequential scoring. `separable`: the algorithm's rollout of a batch is its
+def overlap_chunks(mode: str, num_chunks: int, out_of_process: bool, separable: bool, is_main: bool) -> int:
+    """Chunks of prompts rolled out in turn, 0 for sequential scoring. `separable`: the algorithm's rollout of a batch is its
     prompts' rollouts side by side (else chunks would change it: "on" is refused, "auto" stays sequential)."""
     if mode not in MODES:
         raise ValueError(f"--overlap_scoring: expected one of {', '.join(MODES)}, got '{mode}'")
@@ -45,8 +46,8 @@ def overlap_chunk(mode: str, chunk_prompts: int, out_of_process: bool, separable
                              "branching), so chunks of prompts cannot be rolled out alone; use off or auto")
         return 0
     if is_main:
-        log.info("scoring overlaps the rollout: chunks of %d prompt(s) (--overlap_chunk_prompts)", chunk_prompts)
-    return chunk_prompts
+        log.info("scoring overlaps the rollout: the prompts rolled out in %d chunks (--overlap_chunks)", num_chunks)
+    return num_chunks
 
 
 class LeafScorer:
@@ -92,17 +93,19 @@ def _cat_rows(dicts: list[dict]) -> dict:
     return {key: torch.cat([d[key] for d in dicts]) for key in keys}
 
 
-def rollout_while_scoring(num_prompts: int, chunk_prompts: int, rollout: Callable[[slice], RolloutGraph],
+def rollout_while_scoring(num_prompts: int, num_chunks: int, rollout: Callable[[slice], RolloutGraph],
                           hand_in: Callable[[RolloutGraph, slice, LeafScorer], None], scorer: LeafScorer
                           ) -> tuple[RolloutGraph, float]:
-    """Roll out the batch's prompts chunk by chunk (`rollout(prompts)`), handing each finished chunk's leaves to
+    """Roll out the batch's prompts in `num_chunks` chunks of near-equal size (at most one per prompt), one after the
+    other (`rollout(prompts)`), handing each finished chunk's leaves to
     `scorer` (`hand_in(graph, prompts, scorer)`) before the next chunk starts. Returns the batch's graph and the
     time (time.time()) its last chunk was rolled out; the scores come from `scorer.result()`."""
     import time
 
     graphs = []
-    for start in range(0, num_prompts, chunk_prompts):
-        prompts = slice(start, min(start + chunk_prompts, num_prompts))
+    num_chunks = min(num_chunks, num_prompts)
+    for chunk in range(num_chunks):
+        prompts = slice(chunk * num_prompts // num_chunks, (chunk + 1) * num_prompts // num_chunks)
         graphs.append(rollout(prompts))
         hand_in(graphs[-1], prompts, scorer)
         scorer.raise_failure()  # a reward that failed stops the iteration now, not after the whole rollout

@@ -37,7 +37,7 @@ from branchgrpo.core.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
 from branchgrpo.runtime.optim import build_lr_scheduler, build_optimizer
-from branchgrpo.runtime.overlap import LeafScorer, overlap_chunk, rollout_while_scoring
+from branchgrpo.runtime.overlap import LeafScorer, overlap_chunks, rollout_while_scoring
 from branchgrpo.runtime.outputs import (
     EvalLog,
     MetricsLog,
@@ -88,9 +88,9 @@ class Trainer:
                                         model_dir=r.reward_model_dir)
         for store in dict.fromkeys((self.store, eval_store)):  # e.g. the OCR reward's quoted targets
             self.rewards.check_prompts([p["text"] for p in store.prompts], str(store.index_path))
-        self.overlap_chunk = overlap_chunk(r.overlap_scoring, r.overlap_chunk_prompts, self.rewards.out_of_process,
-                                           self.algo.prompt_separable, self.info.is_main)
-        self.scoring_pool = ThreadPoolExecutor(1, thread_name_prefix="score") if self.overlap_chunk else None
+        self.overlap_chunks = overlap_chunks(r.overlap_scoring, r.overlap_chunks, self.rewards.out_of_process,
+                                             self.algo.prompt_separable, self.info.is_main)
+        self.scoring_pool = ThreadPoolExecutor(1, thread_name_prefix="score") if self.overlap_chunks else None
         self.adapter = self.spec.load(cfg.model, self.device, cfg.parallel.master_dtype)
         check_embedding_keys(self.adapter, list(self.store.keys) + list(self.store.extras), cfg.data.data_json_path)
         self._warn_shift()
@@ -230,7 +230,7 @@ class Trainer:
         distributed.mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
-        if self.overlap_chunk:  # leaves scored while the next chunk of prompts rolls out (branchgrpo.runtime.overlap)
+        if self.overlap_chunks:  # leaves scored while the next chunk of prompts rolls out (branchgrpo.runtime.overlap)
             graph, t1, (scores, media) = self.rollout_while_scoring(embeddings, batch, it)
         else:
             graph = self.rollout(embeddings, batch, it)
@@ -306,7 +306,7 @@ class Trainer:
             scorer.add(*self._leaf_inputs(graph, batch.texts, batch.embeddings, prompts.start))
 
         scorer = LeafScorer(self.scoring_pool, score_batch, self.cfg.reward.reward_batch_size)
-        graph, rolled_out = rollout_while_scoring(len(batch.keys), self.overlap_chunk,
+        graph, rolled_out = rollout_while_scoring(len(batch.keys), self.overlap_chunks,
                                                   partial(self.rollout, embeddings, batch, it), hand_in, scorer)
         return graph, rolled_out, scorer.result()
 
