@@ -29,21 +29,19 @@ import asyncio
 import base64
 import io
 import json
-import logging
 import math
+from functools import partial
 from typing import Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
+from branchgrpo.rewards._http import request_with_retries
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, RewardUnavailable, register_reward
-
-log = logging.getLogger(__name__)
 
 PROTOCOL = 1
 ENCODINGS = ("float32", "uint8", "png")
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 # --- the wire format of media (the server decodes with the same functions) ------------------------------------------
@@ -118,7 +116,6 @@ class RemoteReward:
     def __init__(self, url: str, reward: str, encoding: str, timeout_s: float, retries: int, backoff_s: float):
         self.url, self.reward, self.encoding = url, reward, encoding
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.num_retried = 0  # requests that needed more than one attempt, since construction
         self.reward_max = self._check_server()
 
     def _check_server(self) -> float | None:
@@ -156,34 +153,11 @@ class RemoteReward:
         """The reply body of one request, with its retries (module docstring)."""
         import aiohttp
 
-        url, last = self.url + path, ""
+        check = partial(_score_problem, reward=self.reward, num=expect_scores) if expect_scores else None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    self.num_retried += attempt == 1
-                    log.warning("reward 'remote': %s failed (%s); attempt %d of %d", url, last, attempt + 1,
-                                self.retries + 1)
-                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-                try:
-                    async with session.request(method, url, json=body) as response:
-                        text = await response.text(errors="replace")
-                    if response.status == 200:
-                        problem = _score_problem(text, self.reward, expect_scores) if expect_scores else None
-                        if problem is None:
-                            return text
-                        last = problem
-                        continue
-                    last = f"HTTP {response.status}: {' '.join(text.split())[:200]}"
-                    if response.status == 400:  # the request itself was refused, as in-process scoring would
-                        raise ValueError(f"reward 'remote': {url} refused the request: {last}")
-                    if response.status not in RETRY_STATUSES:
-                        raise RewardUnavailable(f"reward 'remote': {url} answered {last}")
-                except asyncio.TimeoutError:
-                    last = f"no answer within timeout_s={self.timeout_s:g}"
-                except aiohttp.ClientError as err:
-                    last = f"{type(err).__name__}: {err}"
-        raise RewardUnavailable(f"reward 'remote': {url} failed {self.retries + 1} times "
-                                f"(timeout_s={self.timeout_s:g}, retries={self.retries}); last: {last}")
+            return await request_with_retries(session, method, self.url + path, body, who="reward 'remote'",
+                                              retries=self.retries, backoff_s=self.backoff_s,
+                                              timeout_s=self.timeout_s, check=check, input_statuses=frozenset({400}))
 
 
 def _score_problem(text: str, reward: str, num: int) -> str | None:
