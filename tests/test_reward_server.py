@@ -155,7 +155,7 @@ def test_two_process_training_with_a_served_reward_matches_in_process(tmp_path):
     """2 ranks under torchrun, the reward served by a separate process: the same rewards, per iteration and at
     evaluation, as the same run scoring in process."""
     emb = make_toy_embeddings(tmp_path / "emb")
-    common = dict(train_batch_size=1, max_train_steps=2)
+    common = dict(train_batch_size=2, max_train_steps=2)  # served: overlapped scoring, 2 chunks of 1 prompt
     local = torchrun(fast_args(emb, tmp_path / "local", **common))
     assert local.returncode == 0, local.stderr[-3000:]
     with server() as (_, url):

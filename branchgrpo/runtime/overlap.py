@@ -19,6 +19,7 @@ in-process rewards share the device and the cores with the rollout, so there is 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -94,19 +95,19 @@ def _cat_rows(dicts: list[dict]) -> dict:
 
 
 def rollout_while_scoring(num_prompts: int, num_chunks: int, rollout: Callable[[slice], RolloutGraph],
-                          hand_in: Callable[[RolloutGraph, slice, LeafScorer], None], scorer: LeafScorer
-                          ) -> tuple[RolloutGraph, float]:
+                          leaf_inputs: Callable[..., tuple], scorer: LeafScorer
+                          ) -> tuple[RolloutGraph, float, tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Roll out the batch's prompts in `num_chunks` chunks of near-equal size (at most one per prompt), one after the
-    other (`rollout(prompts)`), handing each finished chunk's leaves to
-    `scorer` (`hand_in(graph, prompts, scorer)`) before the next chunk starts. Returns the batch's graph and the
-    time (time.time()) its last chunk was rolled out; the scores come from `scorer.result()`."""
-    import time
-
+    other (`rollout(prompts)`), handing each finished chunk's leaves to `scorer` (`leaf_inputs(graph, first)`:
+    their latents, prompts and conditions, the chunk's prompts being the batch's from row `first`) before the next
+    chunk starts. Returns the batch's graph, the time (time.time()) its last chunk was rolled out, and the scores and
+    media of its leaves in order."""
     graphs = []
     num_chunks = min(num_chunks, num_prompts)
     for chunk in range(num_chunks):
         prompts = slice(chunk * num_prompts // num_chunks, (chunk + 1) * num_prompts // num_chunks)
         graphs.append(rollout(prompts))
-        hand_in(graphs[-1], prompts, scorer)
+        scorer.add(*leaf_inputs(graphs[-1], first=prompts.start))
         scorer.raise_failure()  # a reward that failed stops the iteration now, not after the whole rollout
-    return concat_graphs(graphs), time.time()
+    rolled_out = time.time()
+    return concat_graphs(graphs), rolled_out, scorer.result()

@@ -230,12 +230,7 @@ class Trainer:
         distributed.mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
-        if self.overlap_chunks:  # leaves scored while the next chunk of prompts rolls out (branchgrpo.runtime.overlap)
-            graph, t1, (scores, media) = self.rollout_while_scoring(embeddings, batch, it)
-        else:
-            graph = self.rollout(embeddings, batch, it)
-            t1 = time.time()
-            scores, media = self.score(graph, batch.texts, batch.embeddings)
+        graph, t1, (scores, media) = self.rollout_and_score(embeddings, batch, it)
         t2 = time.time()
         finite = finite_samples(graph)
         self.divergence.keep_if_sound(it, finite)  # the trainable state that sampled finitely, before it changes
@@ -278,6 +273,23 @@ class Trainer:
         with using_module(self.adapter, self.prepared.bare):
             return self.algo.rollout(it, setup, batch.indices[prompts], scorer)
 
+    def rollout_and_score(self, embeddings: dict, batch, it: int):
+        """(graph, the time its rollout ended, (scores, media)): the leaves scored after the rollout, or while the next
+        chunk of prompts rolls out (--overlap_scoring). A reward that cannot score on one rank (its server is gone)
+        stops the iteration on every rank, so that all of them write the checkpoint together."""
+        failure, result = None, None
+        try:
+            if self.overlap_chunks:
+                result = self.rollout_while_scoring(embeddings, batch, it)
+            else:
+                graph = self.rollout(embeddings, batch, it)
+                result = graph, time.time(), self.score(graph, batch.texts, batch.embeddings)
+        except RewardUnavailable as err:
+            failure = err
+        if distributed.all_reduce_max(torch.tensor(int(failure is not None))).item():  # collective
+            raise failure or RewardUnavailable("a reward failed on another rank; see its error line")
+        return result
+
     def _leaf_inputs(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None, first: int = 0):
         """(latents, prompts, conditions) of the graph's leaves, whose prompts are rows `first + graph.prompt`."""
         leaves = graph.leaves
@@ -302,13 +314,9 @@ class Trainer:
         def score_batch(latents, prompts, conditions):
             return decode_and_score(decode, latents, prompts, self.rewards, len(prompts), conditions)
 
-        def hand_in(graph: RolloutGraph, prompts: slice, scorer: LeafScorer) -> None:
-            scorer.add(*self._leaf_inputs(graph, batch.texts, batch.embeddings, prompts.start))
-
-        scorer = LeafScorer(self.scoring_pool, score_batch, self.cfg.reward.reward_batch_size)
-        graph, rolled_out = rollout_while_scoring(len(batch.keys), self.overlap_chunks,
-                                                  partial(self.rollout, embeddings, batch, it), hand_in, scorer)
-        return graph, rolled_out, scorer.result()
+        return rollout_while_scoring(len(batch.keys), self.overlap_chunks, partial(self.rollout, embeddings, batch, it),
+                                     partial(self._leaf_inputs, texts=batch.texts, per_prompt=batch.embeddings),
+                                     LeafScorer(self.scoring_pool, score_batch, self.cfg.reward.reward_batch_size))
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
