@@ -130,7 +130,7 @@ class RewardConfig(Section):
     overlap_scoring: str = flag("auto", "decode and score finished chunks of prompts while the next chunk is rolled "
                                 "out (same rewards); auto = on when a reward is scored by another process (remote)",
                                 ("auto", "on", "off"))
-    overlap_chunks: int = flag(2, "when scoring overlaps the rollout: the batch's prompts are rolled out in this many "
+    overlap_chunks: int = flag(4, "when scoring overlaps the rollout: the batch's prompts are rolled out in this many "
                                "chunks (at most one per prompt)")
     max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves with a finite "
                                          "sample but no finite reward counts towards --max_nonfinite_iterations")
