@@ -308,11 +308,12 @@ class Trainer:
     @torch.no_grad()
     def rollout_while_scoring(self, embeddings: dict, batch, it: int):
         """(graph, time its rollout ended, (scores, media)): the rollout in chunks of prompts, each chunk's leaves
-        decoded and scored on a worker thread while the next chunk rolls out (branchgrpo.runtime.overlap)."""
-        decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")
+        decoded and scored on a worker thread while the next chunk rolls out (branchgrpo.runtime.overlap). The stop
+        signals' cut points stay on this thread (the rollout's forwards): with several ranks a cut point is a
+        collective, which the worker's calls would interleave with this thread's."""
 
         def score_batch(latents, prompts, conditions):
-            return decode_and_score(decode, latents, prompts, self.rewards, len(prompts), conditions)
+            return decode_and_score(self.adapter.decode, latents, prompts, self.rewards, len(prompts), conditions)
 
         return rollout_while_scoring(len(batch.keys), self.overlap_chunks, partial(self.rollout, embeddings, batch, it),
                                      partial(self._leaf_inputs, texts=batch.texts, per_prompt=batch.embeddings),
