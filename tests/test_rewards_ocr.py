@@ -142,3 +142,29 @@ def test_missing_model_file_is_named(tmp_path):
     pytest.importorskip("rapidocr")
     with pytest.raises(FileNotFoundError, match="rec_model_path .*missing.onnx does not exist"):
         build_reward("ocr", rec_model_path=str(tmp_path / "missing.onnx"))
+
+
+@pytest.mark.slow  # builds the OCR engine twice and preprocesses prompts
+def test_prompts_without_quotes_are_refused_at_start_up(tmp_path, capsys):
+    """Under --reward ocr=1.0, a prompt file with a prompt that has no double-quoted text is refused before any model
+    is loaded, naming the file and the prompt's line: in training (the preprocessed index) and in evaluation."""
+    pytest.importorskip("rapidocr", reason="the OCR reward needs rapidocr + onnxruntime (requirements-rewards.txt)")
+    from branchgrpo.cli.eval import main as eval_main
+    from branchgrpo.cli.train import main as train_main
+    from branchgrpo.data.preprocess import run_preprocess
+    from branchgrpo.models.toy import build_prompt_encoder
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a sign that says "one"\na bold three\n')
+    code = eval_main(["--model", "toy", "--prompts", str(prompts), "--rewards", "ocr", "--output_dir",
+                      str(tmp_path / "eval")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"error: reward 'ocr': {prompts}:2: prompt 'a bold three' has no text in "
+                                          "double quotes"), error
+    toy_prompts = tmp_path / "toy_prompts.txt"  # the toy's vocabulary has no quotes: its prompts have no target
+    toy_prompts.write_text("one\na bold three\n")
+    index = run_preprocess(toy_prompts, tmp_path / "emb", "toy", build_prompt_encoder(None, "cpu"), shard_size=8)
+    code = train_main(["--model", "toy", "--device", "cpu", "--reward", "ocr=1.0", "--data_json_path", str(index),
+                       "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"error: reward 'ocr': {index}:1: prompt 'one' has no text"), error

@@ -167,6 +167,12 @@ class Algorithm(abc.ABC):
         intermediate rewards (they start a rollout that pauses at its splits)."""
         return setup.start(self.plan(iteration), self.branch_innovation).finish()
 
+    @property
+    def prompt_separable(self) -> bool:
+        """Whether `rollout` of a batch equals the rollouts of chunks of its prompts side by side (each prompt's graph
+        depends on its own plan and noise only): then scoring can overlap the rollout (branchgrpo.runtime.overlap)."""
+        return True
+
     def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
         """After the rewards: update adaptive state from the iteration's statistics; returns figures to log."""
         return {}

@@ -234,6 +234,10 @@ class BranchGRPO(Algorithm):
                 policy.at_split(split, scorer)
         return rollout.finish()
 
+    @property
+    def prompt_separable(self) -> bool:
+        return not self.policies  # a dynamic-branching policy looks across the batch (budgets, guided splits)
+
     def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
         """Feed the iteration's results to the policies; returns what they log."""
         obs = Observation(self, graph, leaf_rewards, prompt_ids)

@@ -9,13 +9,15 @@
     python -m branchgrpo.cli.eval --model wan --pretrained_model_name_or_path data/wan --num_frames 33 \\
         --reward_model_dir hps_ckpt --output_dir outputs/eval/wan_base
     python -m branchgrpo.cli.eval --model flux --pretrained_model_name_or_path data/flux --suite geneval \\
-        --suite_path geneval/prompts/evaluation_metadata.jsonl --reward_model_dir hps_ckpt --output_dir outputs/eval/geneval
+        --suite_path geneval/prompts/evaluation_metadata.jsonl --reward_model_dir hps_ckpt \\
+        --output_dir outputs/eval/geneval
 
 Writes to --output_dir: results.md (table), results.csv, results.json (mean, std and two 95% CIs per reward,
 per-prompt means, per-sample scores), scores.csv and grid.png (videos: first, middle and last frame of each sample);
 with --suite (geneval | ocr | drawbench | hpsv2, eval/suites.py) also suite.md / suite.json (per-task means with 95%
-CIs, the mean over tasks) and one grid_<task>.png per task; with --save_images DIR one PNG per sample (a video's middle frame; the input of `python -m
-branchgrpo.cli.diversity`) and, for videos, one MP4 per sample. See docs/evaluation.md.
+CIs, the mean over tasks) and one grid_<task>.png per task; with --save_images DIR one PNG per sample (a video's
+middle frame; the input of `python -m branchgrpo.cli.diversity`) and, for videos, one MP4 per sample. See
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -257,6 +259,8 @@ def run(args) -> dict:
     prompts = _prompts(args, spec, model_cfg, suite)
     texts = prompts.texts
     rewards = _rewards(args, spec, device, suite)  # first: a bad option fails before the backbone is loaded
+    # e.g. the OCR reward's quoted targets
+    rewards.check_prompts(texts, str((suite and suite.path) or args.prompts or spec.default_prompts()))
     video_metrics = _video_metrics(args, spec, device)
     bf16 = args.dtype == "bf16" or (args.dtype is None and device.type == "cuda")
     loaded = load_eval_model(spec, model_cfg, args.checkpoint, args.use_ema, device,

@@ -127,17 +127,24 @@ class RewardConfig(Section):
     reward_model_dir: str = flag("hps_ckpt", "folder holding reward checkpoints (see hps_ckpt/README.md)")
     reward_options: str = flag("", "JSON {reward: {option: value}} passed to the reward factories")
     reward_batch_size: int = flag(16, "leaves decoded and scored per call")
+    overlap_scoring: str = flag("auto", "decode and score finished chunks of prompts while the next chunk is rolled "
+                                "out (same rewards); auto = on when a reward is scored by another process (remote)",
+                                ("auto", "on", "off"))
+    overlap_chunks: int = flag(4, "when scoring overlaps the rollout: the batch's prompts are rolled out in this many "
+                               "chunks (at most one per prompt)")
     max_nonfinite_fraction: float = flag(0.5, "an iteration with more than this fraction of leaves with a finite "
                                          "sample but no finite reward counts towards --max_nonfinite_iterations")
     max_nonfinite_iterations: int = flag(3, "stop (with a checkpoint) after this many such iterations in a row "
                                          "(0 = never)")
 
-    RESUMABLE = frozenset({"max_nonfinite_fraction", "max_nonfinite_iterations"})
+    RESUMABLE = frozenset({"max_nonfinite_fraction", "max_nonfinite_iterations", "overlap_scoring",
+                           "overlap_chunks"})  # the overlap changes no result
 
     def validate(self) -> None:
         from branchgrpo.rewards.base import check_reward_flags, parse_reward_options, parse_reward_spec
 
         require_positive(self, "reward_batch_size")
+        require_positive(self, "overlap_chunks")
         require(0 <= self.max_nonfinite_fraction <= 1,
                 f"--max_nonfinite_fraction: need a fraction in [0, 1], got {self.max_nonfinite_fraction}")
         require_non_negative(self, "max_nonfinite_iterations")

@@ -15,6 +15,7 @@ Nodes are numbered so that a parent always precedes its children; within a rollo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -234,3 +235,37 @@ def plan_counts(plan: GraphPlan, trained: torch.Tensor | None = None) -> dict[st
         "train_forward_passes": trained_parents,
         "train_forward_passes_per_leaf": trained_parents / leaves,
     }
+
+
+def _same_plan(a: GraphPlan, b: GraphPlan) -> bool:
+    return a is b or (a.num_steps == b.num_steps and all(
+        torch.equal(getattr(a, name), getattr(b, name))
+        for name in ("parent", "step", "kind", "std_scale", "shares_noise", "group", "root_slot")))
+
+
+def concat_graphs(graphs: Sequence[RolloutGraph]) -> RolloutGraph:
+    """The graphs of consecutive chunks of a batch's prompts, rolled out one after the other, as one graph of the
+    whole batch: the same per-node tensors as one rollout of the batch (node ids prompt-major, parents, prompts and
+    latent rows shifted); `latents` keeps each chunk's rows in chunk order, which `latent_row` maps."""
+    if len(graphs) == 1:
+        return graphs[0]
+    first = graphs[0]
+    node_start = torch.tensor([0] + [g.num_nodes for g in graphs[:-1]]).cumsum(0).tolist()
+    prompt_start = torch.tensor([0] + [g.num_prompts for g in graphs[:-1]]).cumsum(0).tolist()
+    row_start = torch.tensor([0] + [g.latents.shape[0] for g in graphs[:-1]]).cumsum(0).tolist()
+
+    def shifted(name: str, start: list[int]) -> torch.Tensor:  # ids >= 0 shifted, -1 kept
+        return torch.cat([torch.where(getattr(g, name) >= 0, getattr(g, name) + s, getattr(g, name))
+                          for g, s in zip(graphs, start)])
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(g, name) for g in graphs])
+
+    shared = all(g.prompt_plans is None and _same_plan(g.plan, first.plan) for g in graphs)
+    plans = None if shared else tuple(p for g in graphs for p in (g.prompt_plans or (g.plan,) * g.num_prompts))
+    return RolloutGraph(plan=first.plan, num_prompts=sum(g.num_prompts for g in graphs), sigmas=first.sigmas,
+                        parent=shifted("parent", node_start), step=cat("step"), depth=cat("depth"), kind=cat("kind"),
+                        prompt=torch.cat([g.prompt + s for g, s in zip(graphs, prompt_start)]), group=cat("group"),
+                        log_prob=cat("log_prob"), std=cat("std"), latents=cat("latents"),
+                        latent_row=shifted("latent_row", row_start),
+                        num_forward_passes=sum(g.num_forward_passes for g in graphs), prompt_plans=plans)

@@ -54,7 +54,13 @@ BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.ocr",
     "branchgrpo.rewards.vlm_judge",
     "branchgrpo.rewards.geneval",
+    "branchgrpo.rewards.remote",
 )
+
+
+class RewardUnavailable(RuntimeError):
+    """A reward that cannot score now for a reason outside the run (its server is gone or keeps failing): the
+    trainer stops with a checkpoint of the last iteration boundary instead of a traceback."""
 
 
 class RewardModel(Protocol):
@@ -279,6 +285,12 @@ class RewardSet:
         return sum(self.weights[name] * value for name, value in maxima.items())
 
     @property
+    def out_of_process(self) -> bool:
+        """Whether a reward of the set is scored by another process (an `out_of_process` attribute: a server), so
+        that its scoring can overlap the rollout (branchgrpo.runtime.overlap)."""
+        return any(getattr(model, "out_of_process", False) for model in self.models.values())
+
+    @property
     def condition_keys(self) -> tuple[str, ...]:
         """The per-prompt tensors the set's rewards read (their `conditioning`), in order, without repeats."""
         keys = [key for model in self.models.values() for key in getattr(model, "conditioning", ())]
@@ -321,6 +333,15 @@ class RewardSet:
             if out[name].numel() != media.shape[0]:
                 raise RuntimeError(f"reward '{name}' returned {out[name].numel()} scores for {media.shape[0]} inputs")
         return out
+
+    def check_prompts(self, prompts: Sequence[str], source: str | None = None) -> None:
+        """Start-up check of the prompts a run will score: a reward that constrains its prompts exposes
+        `check_prompts(prompts, source)` (OCR: a double-quoted target) and refuses the first bad one with a ValueError
+        naming `source`:N, N the prompt's 1-based position in `source`."""
+        for model in self.models.values():
+            check = getattr(model, "check_prompts", None)
+            if check is not None:
+                check(prompts, source)
 
     def weighted_sum(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * scores[name] for name in self.weights)

@@ -15,10 +15,11 @@ with one warning line per call that has any, as are images with non-finite pixel
 
 Transport failures are not scores: a request that times out (`timeout_s`), cannot connect, or gets HTTP 5xx / 429 is
 retried up to `retries` times with exponential backoff (`backoff_s`, doubled each time); when every attempt fails,
-or on any other HTTP error (a wrong model name, a missing key), the call raises one RuntimeError line naming the
-endpoint, never a hang. At most `concurrency` requests are in flight. `api_key_env` names an environment variable
-holding the API key (sent as a bearer token, never logged or printed); the key itself is never an option, so it stays
-out of config.json. The HTTP client is aiohttp (requirements-rewards.txt).
+or on any other HTTP error (a wrong model name, a missing key), the call raises one line naming the endpoint
+(`RewardUnavailable`, a RuntimeError: the trainer stops with a checkpoint), never a hang (rewards/_http.py). At most
+`concurrency` requests are in flight. `api_key_env` names an environment variable holding the API key (sent as a
+bearer token, never logged or printed); the key itself is never an option, so it stays out of config.json. The HTTP
+client is aiohttp (requirements-rewards.txt).
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from branchgrpo.rewards._http import request_with_retries
 from branchgrpo.rewards._pixels import to_uint8_images
 from branchgrpo.rewards.base import DEFAULT_MODEL_DIR, register_reward
 from branchgrpo.rewards.edit import SOURCE_KEY, source_images
 
 log = logging.getLogger(__name__)
-
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,7 @@ class VlmJudge:
 
     name = "vlm_judge"
     reward_max = 1.0
+    out_of_process = True  # scoring waits on the judge's server: it can overlap the rollout
 
     def __init__(self, endpoint: str, model: str, template: JudgeTemplate, concurrency: int, timeout_s: float,
                  retries: int, backoff_s: float, api_key: str | None, max_tokens: int):
@@ -201,25 +202,10 @@ class VlmJudge:
 
     async def _ask(self, session, body: dict) -> str | None:
         """One request with its retries: the answer text, None for a 200 reply that is not a chat completion."""
-        import aiohttp
-
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with session.post(self.endpoint, json=body) as response:
-                    text = await response.text(errors="replace")
-                    if response.status == 200:
-                        return answer_text(text)
-                    last = f"HTTP {response.status}: {self._redact(' '.join(text.split())[:200])}"
-                    if response.status not in RETRY_STATUSES:
-                        raise RuntimeError(f"reward 'vlm_judge': {self.endpoint} answered {last}")
-            except asyncio.TimeoutError:
-                last = f"no answer within timeout_s={self.timeout_s}"
-            except aiohttp.ClientError as err:
-                last = f"{type(err).__name__}: {err}"
-        raise RuntimeError(f"reward 'vlm_judge': {self.endpoint} failed {self.retries + 1} times; last: {last}")
+        text = await request_with_retries(session, "POST", self.endpoint, body, who="reward 'vlm_judge'",
+                                          retries=self.retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s,
+                                          redact=self._redact)
+        return answer_text(text)
 
 
 def _check_positive(name: str, value, minimum) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from branchgrpo.config import TrainConfig, changed_flags, check_resume_config
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import PromptSampler
 from branchgrpo.runtime.ema import EMA
+from branchgrpo.runtime.entry import RunHalted
 from branchgrpo.runtime.guards import DivergenceGuard, NonFiniteGuard, Observation
 from branchgrpo.runtime.heldout import Evaluator
 from branchgrpo.runtime.metrics import IterationResults, finite_samples, iteration_metrics
@@ -35,6 +37,7 @@ from branchgrpo.core.graph import RolloutGraph
 from branchgrpo.models.base import check_embedding_keys, velocity_fn
 from branchgrpo.models.lora import adapter_weights
 from branchgrpo.runtime.optim import build_lr_scheduler, build_optimizer
+from branchgrpo.runtime.overlap import LeafScorer, overlap_chunks, rollout_while_scoring
 from branchgrpo.runtime.outputs import (
     EvalLog,
     MetricsLog,
@@ -48,7 +51,8 @@ from branchgrpo.runtime.outputs import (
 )
 from branchgrpo.runtime.parallel import configure_torch, full_state_dict, prepare_model, using_module
 from branchgrpo.runtime.preemption import Preempted, Preemption
-from branchgrpo.rewards.base import build_reward_set, decode_and_score, parse_reward_options, score_latents
+from branchgrpo.rewards.base import (RewardUnavailable, build_reward_set, decode_and_score, parse_reward_options,
+                                    score_latents)
 from branchgrpo.core.rollout import NoiseKeys, RolloutSetup
 from branchgrpo.runtime.update import PolicyUpdate, RatioDrift, optimizer_steps_per_iteration, ratio_deviation, select_edges
 from branchgrpo.runtime.watchdog import Watchdog
@@ -82,6 +86,11 @@ class Trainer:
         r = cfg.reward
         self.rewards = build_reward_set(r.reward, r.reward_combine, self.device, parse_reward_options(r.reward_options),
                                         model_dir=r.reward_model_dir)
+        for store in dict.fromkeys((self.store, eval_store)):  # e.g. the OCR reward's quoted targets
+            self.rewards.check_prompts([p["text"] for p in store.prompts], str(store.index_path))
+        self.overlap_chunks = overlap_chunks(r.overlap_scoring, r.overlap_chunks, self.rewards.out_of_process,
+                                             self.algo.prompt_separable, self.info.is_main)
+        self.scoring_pool = ThreadPoolExecutor(1, thread_name_prefix="score") if self.overlap_chunks else None
         self.adapter = self.spec.load(cfg.model, self.device, cfg.parallel.master_dtype)
         check_embedding_keys(self.adapter, list(self.store.keys) + list(self.store.extras), cfg.data.data_json_path)
         self._warn_shift()
@@ -166,6 +175,12 @@ class Trainer:
         except Preempted:  # a stop signal's deadline passed inside an iteration or evaluation: save the boundary
             self.preempt.restore(self.optimizer)
             return self._stop(self.preempt.pending_evaluation is not None or self.step > self.checkpoints.saved_step)
+        except RewardUnavailable as err:  # a reward server is gone: the checkpoint of the last boundary, one line
+            self.preempt.restore(self.optimizer)
+            saved = self.save(prune=False) if self.step > self.checkpoints.saved_step else None
+            raise RunHalted(f"{err}; stopped after {self.step} iterations"
+                            f"{f', after writing {saved}' if saved else ''}; continue with --resume_from_checkpoint "
+                            "latest once the reward is back") from None
         except RuntimeError as err:  # a collective timed out after this rank stalled: one line, where and who
             raise err if self.watchdog is None else self.watchdog.explain(err)
         finally:
@@ -217,9 +232,7 @@ class Trainer:
         distributed.mark("iteration start", it)
         batch = self.sampler.next_batch()
         embeddings = with_extras(batch.embeddings, self.store.extras, self.device)
-        graph = self.rollout(embeddings, batch, it)
-        t1 = time.time()
-        scores, media = self.score(graph, batch.texts, batch.embeddings)
+        graph, t1, (scores, media) = self.rollout_and_score(embeddings, batch, it)
         t2 = time.time()
         finite = finite_samples(graph)
         self.divergence.keep_if_sound(it, finite)  # the trainable state that sampled finitely, before it changes
@@ -245,34 +258,76 @@ class Trainer:
         for guard in self.guards:
             guard.observe(seen)
 
-    def rollout(self, embeddings: dict, batch, it: int) -> RolloutGraph:
+    def rollout(self, embeddings: dict, batch, it: int, prompts: slice = slice(None)) -> RolloutGraph:
+        """The rollout graph of the batch's `prompts` (all, or a chunk of them: overlapped scoring)."""
         s, r = self.cfg.sampling, self.cfg.reward
-        noise = NoiseKeys(self.cfg.run.seed, it, batch.keys,
-                          shared_root_key=self.info.rank if s.init_same_noise else None)
-        setup = RolloutSetup(self._velocity(embeddings), self.sigmas, self.kernel, noise, self.adapter.latent_shape,
-                             self.device, s.rollout_batch_size)
-        scorer = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
-                         batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
+        keys, first = batch.keys[prompts], prompts.start or 0
+        noise = NoiseKeys(self.cfg.run.seed, it, keys, shared_root_key=self.info.rank if s.init_same_noise else None)
+        prompt_of = None if len(keys) == len(batch.keys) else torch.arange(first, first + len(keys), device=self.device)
+        setup = RolloutSetup(self._velocity(embeddings, prompt_of), self.sigmas, self.kernel, noise,
+                             self.adapter.latent_shape, self.device, s.rollout_batch_size)
+        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
+                        batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
+
+        def scorer(latents: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+            return score(latents, prompt_index + first)
+
         with using_module(self.adapter, self.prepared.bare):
-            return self.algo.rollout(it, setup, batch.indices, scorer)
+            return self.algo.rollout(it, setup, batch.indices[prompts], scorer)
+
+    def rollout_and_score(self, embeddings: dict, batch, it: int):
+        """(graph, the time its rollout ended, (scores, media)): the leaves scored after the rollout, or while the next
+        chunk of prompts rolls out (--overlap_scoring). A reward that cannot score on one rank (its server is gone)
+        stops the iteration on every rank, so that all of them write the checkpoint together."""
+        failure, result = None, None
+        try:
+            if self.overlap_chunks:
+                result = self.rollout_while_scoring(embeddings, batch, it)
+            else:
+                graph = self.rollout(embeddings, batch, it)
+                result = graph, time.time(), self.score(graph, batch.texts, batch.embeddings)
+        except RewardUnavailable as err:
+            failure = err
+        if distributed.all_reduce_max(torch.tensor(int(failure is not None))).item():  # collective
+            raise failure or RewardUnavailable("a reward failed on another rank; see its error line")
+        return result
+
+    def _leaf_inputs(self, graph: RolloutGraph, texts: list[str], per_prompt: dict | None, first: int = 0):
+        """(latents, prompts, conditions) of the graph's leaves, whose prompts are rows `first + graph.prompt`."""
+        leaves = graph.leaves
+        index = graph.prompt[leaves] + first
+        conditions = self.rewards.conditions(per_prompt, index)  # e.g. I2V's first frame; mostly {}
+        return graph.node_latents(leaves), [texts[int(p)] for p in index], conditions
 
     @torch.no_grad()
     def score(self, graph: RolloutGraph, texts: list[str],
               per_prompt: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The leaves' rewards ({reward: float32 [leaves]}) and their decoded media."""
-        leaves = graph.leaves
-        prompts = [texts[int(p)] for p in graph.prompt[leaves]]
-        conditions = self.rewards.conditions(per_prompt, graph.prompt[leaves])  # e.g. I2V's first frame; mostly {}
         decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
-        return decode_and_score(decode, graph.node_latents(leaves), prompts, self.rewards,
-                                self.cfg.reward.reward_batch_size, conditions)
+        latents, prompts, conditions = self._leaf_inputs(graph, texts, per_prompt)
+        return decode_and_score(decode, latents, prompts, self.rewards, self.cfg.reward.reward_batch_size, conditions)
+
+    @torch.no_grad()
+    def rollout_while_scoring(self, embeddings: dict, batch, it: int):
+        """(graph, time its rollout ended, (scores, media)): the rollout in chunks of prompts, each chunk's leaves
+        decoded and scored on a worker thread while the next chunk rolls out (branchgrpo.runtime.overlap). The stop
+        signals' cut points stay on this thread (the rollout's forwards): with several ranks a cut point is a
+        collective, which the worker's calls would interleave with this thread's."""
+
+        def score_batch(latents, prompts, conditions):
+            return decode_and_score(self.adapter.decode, latents, prompts, self.rewards, len(prompts), conditions)
+
+        return rollout_while_scoring(len(batch.keys), self.overlap_chunks, partial(self.rollout, embeddings, batch, it),
+                                     partial(self._leaf_inputs, texts=batch.texts, per_prompt=batch.embeddings),
+                                     LeafScorer(self.scoring_pool, score_batch, self.cfg.reward.reward_batch_size))
 
     # ---------------------------------------------------------------------------------------------------------
     # Helpers
     # ---------------------------------------------------------------------------------------------------------
-    def _velocity(self, embeddings: dict):
+    def _velocity(self, embeddings: dict, prompt_of: torch.Tensor | None = None):
         """The velocity of rollouts and evaluations, with a cut point for stop signals before each call."""
-        return self.preempt.guarded(velocity_fn(self.adapter, embeddings, self.prepared.autocast), "forward")
+        return self.preempt.guarded(velocity_fn(self.adapter, embeddings, self.prepared.autocast, prompt_of),
+                                    "forward")
 
     def _warn_shift(self) -> None:
         native, s = self.adapter.native_shift, self.cfg.sampling

@@ -1,0 +1,5 @@
+import sys
+
+from branchgrpo.serve_reward.server import main
+
+sys.exit(main())
