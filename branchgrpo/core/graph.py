@@ -119,6 +119,9 @@ class RolloutGraph:
     num_forward_passes: int = 0
     #: one plan per prompt when the prompts' graphs differ (dynamic branching); None: `plan` for every prompt
     prompt_plans: tuple[GraphPlan, ...] | None = None
+    #: fp32 [M, *latent_shape] or None: rows aligned with `latents`, the behaviour kernel's mean of the SDE edge into
+    #: each node (zeros for the other nodes); kept only when the loss needs it (--ratio_norm)
+    means: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:

@@ -248,7 +248,7 @@ class Trainer:
         noise = NoiseKeys(self.cfg.run.seed, it, batch.keys,
                           shared_root_key=self.info.rank if s.init_same_noise else None)
         setup = RolloutSetup(self._velocity(embeddings), self.sigmas, self.kernel, noise, self.adapter.latent_shape,
-                             self.device, s.rollout_batch_size)
+                             self.device, s.rollout_batch_size, keep_means=self.cfg.loss.ratio_norm)
         scorer = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
                          batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
         with using_module(self.adapter, self.prepared.bare):
