@@ -15,8 +15,6 @@ from branchgrpo.algorithms.base import Algorithm, GlobalStdFlags, GroupFlags, Ti
 from branchgrpo.core.graph import GraphPlan, RolloutGraph
 from branchgrpo.core.plans import group_plan
 
-_FLOW = ["--algo", "flow_grpo", "--num_generations", "16", "--timestep_fraction", "0.99", "--clip_range", "1e-4"]
-
 
 @dataclass
 class FlowGRPOConfig(GroupFlags, TimestepFractionFlags, GlobalStdFlags):
@@ -30,9 +28,10 @@ class FlowGRPO(Algorithm):
     name = "flow_grpo"
     Config = FlowGRPOConfig
     default_kernel = "flow"
+    # f = 1: the reference's 0.99 drops only its last transition, the deterministic one here
     presets = {
-        "flow_grpo": ("Flow-GRPO", [*_FLOW, "--sde_kernel", "flow", "--eta", "0.7"]),
-        "flow_grpo_cps": ("Flow-GRPO (CPS)", [*_FLOW, "--sde_kernel", "cps", "--eta", "0.8"]),
+        "flow_grpo": ("Flow-GRPO", ["--algo", "flow_grpo", "--num_generations", "16", "--sde_kernel", "flow", "--eta",
+                                    "0.7", "--timestep_fraction", "1.0"]),
     }
 
     def plan(self, iteration: int) -> GraphPlan:

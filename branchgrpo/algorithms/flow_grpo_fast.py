@@ -45,12 +45,13 @@ class FlowGRPOFast(Algorithm):
     name = "flow_grpo_fast"
     Config = FlowGRPOFastConfig
     default_kernel = "flow"
+    # the CPS row is the reference's FLUX recipe (cps, eta 0.8, w 3)
     presets = {
         "flow_grpo_fast": ("Flow-GRPO-Fast", ["--algo", "flow_grpo_fast", "--num_generations", "16", "--sde_kernel",
-                                              "flow", "--eta", "0.7", "--sde_window_size", "2", "--clip_range", "1e-4"]),
+                                              "flow", "--eta", "0.7", "--sde_window_size", "2"]),
         "flow_grpo_fast_cps": ("Flow-GRPO-Fast (CPS)", ["--algo", "flow_grpo_fast", "--num_generations", "16",
                                                         "--sde_kernel", "cps", "--eta", "0.8", "--sde_window_size",
-                                                        "3", "--clip_range", "1e-4"]),
+                                                        "3"]),
     }
 
     def window_start(self, iteration: int) -> int:
