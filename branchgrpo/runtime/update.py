@@ -1,4 +1,5 @@
-"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges.
+"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges (with
+`--ratio_norm`, over GRPO-Guard's normalised log-ratio, the loss reweighted per step).
 
 Batch semantics (logged at start-up):
 - Edges sharing a parent (split siblings, G2RPO's members) are re-scored from ONE forward of that parent, so they
@@ -243,7 +244,6 @@ class PolicyUpdate:
         out["stats"] = policy_stats(ratio.detach(), log_prob.detach(), old, self.loss_cfg.clip_range, live)
         out["nonfinite"] = (~finite & (weight > 0)).sum().double()
         return loss, out
-
 
     def _normalized_log_ratio(self, graph: RolloutGraph, mb: dict, step: sde.StepResult) -> torch.Tensor:
         """--ratio_norm: GRPO-Guard's log-ratio of the micro-batch's edges (losses.normalized_log_ratio), against
