@@ -104,10 +104,7 @@ class SamplingConfig(Section):
                 "prediction), so there is no last-step transition to train")
         require(eta > 0, f"--eta 0 makes every step deterministic: nothing to explore or train (algo {algo})")
         require_positive(self, "rollout_batch_size")
-        self.kernel(default_kernel)  # the kernel's own checks (cps: eta <= 1)
-
-    def conditions(self, run) -> dict[str, tuple[bool, str]]:
-        return {"cps_log_prob": (self.kernel_kind(run.unit.default_kernel) == "cps", "--sde_kernel cps")}
+        self.kernel(default_kernel)  # the kernel's own checks (cps: eta <= 1; --cps_log_prob reference: cps only)
 
 
 @dataclass
