@@ -156,3 +156,14 @@ def test_flow_grpo_fast_resumes_bitwise(emb, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert without_timings(metrics(straight)) == without_timings(metrics(resumed))
     assert len({e["rollout_nfe"] for e in metrics(straight)}) > 1  # the window really moved between iterations
+
+
+def test_a_run_written_before_the_kernel_and_loss_options_still_resumes(tmp_path):
+    """--cps_log_prob and --ratio_norm are section flags added after earlier runs were written: absent from a saved
+    run and left at their defaults they reproduce it; set, they are a different experiment."""
+    from branchgrpo.config import changed_flags, parse_train_config
+
+    base = ["--algo", "branchgrpo", "--data_json_path", str(tmp_path)]
+    saved = {k: v for k, v in parse_train_config(base).flags.items() if k not in ("cps_log_prob", "ratio_norm")}
+    assert changed_flags(saved, parse_train_config(base)) == ""
+    assert changed_flags(saved, parse_train_config([*base, "--ratio_norm"])) == "--ratio_norm None -> True"
