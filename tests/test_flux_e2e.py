@@ -3,6 +3,7 @@ processes) -> finetune launcher (2 processes, FSDP2; again with LoRA) -> the exp
 change its output. Plus the launchers' and trainer's errors for missing or wrong inputs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def tiny(tmp_path_factory):
     return root
 
 
-def finetune(tiny, out, extra=(), reward="hps=1.0"):
+def finetune(tiny, out, extra=(), reward="hps=1.0", script="finetune_flux_branchgrpo_8gpus.sh", **launcher_env):
     configs = str(tiny / "hps" / "open_clip_configs")
     reward_options = {"hps": {"arch": "ViT-H-14-tiny", "model_config_dir": configs},
                       # CLIP score from an open_clip file: the tiny HPS checkpoint stands in for a CLIP one
@@ -49,13 +50,14 @@ def finetune(tiny, out, extra=(), reward="hps=1.0"):
                                "model_config_dir": configs}}
     reward_options = {k: v for k, v in reward_options.items() if k in reward}
     env = dict(NPROC="2", MODEL_PATH=str(tiny / "flux"), DATA_JSON=str(tiny / "emb" / "index.json"),
-               HPS_CKPT_DIR=str(tiny / "hps"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD=reward)
+               HPS_CKPT_DIR=str(tiny / "hps"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD=reward,
+               **launcher_env)
     args = ["--h", "64", "--w", "64", "--sampling_steps", "6", "--tree_split_points", "0,2", "--max_train_steps", "2",
             "--device", "cpu", "--mixed_precision", "fp32", "--learning_rate", "1e-3", "--max_grad_norm", "1.0",
             "--num_eval_prompts", "2", "--eval_samples_per_prompt", "1", "--train_batch_size", "1",
             "--reward_options", json.dumps(reward_options), "--report_to", "none", "--checkpointing_steps", "2",
             *extra]
-    return run(["bash", "scripts/finetune/finetune_flux_branchgrpo_8gpus.sh", *args], env=env)
+    return run(["bash", f"scripts/finetune/{script}", *args], env=env)
 
 
 def _transformer_output(transformer, seed=0):
@@ -105,6 +107,27 @@ def test_lora_finetune_exports_an_adapter_diffusers_loads(tiny, tmp_path):
     before = _transformer_output(pipe.transformer)
     pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")  # offline, diffusers < 0.39
     assert not torch.allclose(_transformer_output(pipe.transformer), before)
+
+
+@pytest.mark.parametrize("script,env,extra", [
+    # full weights under FSDP2; --global_std all-reduces the rewards' sums over the 2 ranks
+    ("finetune_flux_flow_grpo_8gpus.sh", {"USE_LORA": "0"}, ["--learning_rate", "1e-3", "--max_grad_norm", "1.0"]),
+    # LoRA, the cps kernel, and GRPO-Guard's ratio normalisation on the one-split tree
+    ("finetune_flux_flow_grpo_fast_8gpus.sh", {}, ["--learning_rate", "1e-2", "--lora_rank", "4", "--lora_alpha", "8",
+                                                   "--ratio_norm", "--sde_window_range", "0,3"]),
+])
+def test_flow_grpo_launchers_train_two_processes(tiny, tmp_path, script, env, extra):
+    out = tmp_path / script.split(".")[0]
+    proc = finetune(tiny, out, ["--num_generations", "2", *extra], script=script, **env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es), parallel=fsdp" in proc.stderr
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(entries) == 2 and all(math.isfinite(e["loss"]) and e["grad_norm"] > 0 for e in entries)
+    assert all(e["first_ratio_min"] == pytest.approx(1.0, abs=1e-5) for e in entries)
+    folder = out / "checkpoints" / "checkpoint-2" / "model"
+    lora = bool(extra.count("--lora_rank"))
+    assert (folder / "pytorch_lora_weights.safetensors").exists() == lora
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists() != lora
 
 
 def test_launcher_reports_missing_inputs(tmp_path):

@@ -156,3 +156,19 @@ def test_extra_flags_win_over_the_launcher_defaults(shim):
     cfg = launch(shim, "finetune_flux_branchgrpo_8gpus.sh", "--learning_rate", "3e-6", "--tree_split_points",
                  "0,4,8")["cfg"]
     assert (cfg["learning_rate"], cfg["tree_split_points"]) == (3e-6, "0,4,8")
+
+
+def test_flux_flow_grpo_launchers(shim):
+    flow = launch(shim, "finetune_flux_flow_grpo_8gpus.sh")
+    cfg = flow["cfg"]
+    assert (cfg["algo"], cfg["sampling_steps"], cfg["time_shift"], cfg["num_generations"], cfg["sde_kernel"],
+            cfg["eta"], cfg["h"], cfg["guidance_scale"], cfg["global_std"]) == \
+        ("flow_grpo", 6, "dynamic", 24, "flow", 0.9, 512, 3.5, True)
+    assert (cfg["use_lora"], cfg["learning_rate"], cfg["clip_range"], cfg["kl_coef"], cfg["max_grad_norm"]) == \
+        (True, 3e-4, 1e-4, 0.0, 1.0)
+    assert (flow["plan"]["leaves"], flow["plan"]["trained_edges_per_leaf"]) == (24, 5)  # every non-final step
+    fast = launch(shim, "finetune_flux_flow_grpo_fast_8gpus.sh", USE_LORA="0")
+    cfg = fast["cfg"]
+    assert (cfg["algo"], cfg["sde_kernel"], cfg["eta"], cfg["sde_window_size"], cfg["global_std"], cfg["use_lora"]) \
+        == ("flow_grpo_fast", "cps", 0.8, 3, False, False)
+    assert (fast["plan"]["leaves"], fast["plan"]["trained_edges_per_leaf"]) == (24, 3)  # the window alone

@@ -84,3 +84,37 @@ def test_ratio_drift_warns_once_from_a_tenth_of_the_clip_range(caplog):
     assert "iteration 2" in first and "0.0015" in first and "150% of --clip_range 0.001" in first, first
     assert "--recompute_old_log_prob re-scores" in first
     assert "30%" in second and "even with --recompute_old_log_prob" in second, second
+
+
+def test_ratio_norm_is_mean_of_noise_times_mean_change():
+    """GRPO-Guard's RatioNorm against the issue's two forms, in float64, on random tensors: with s the step's std it
+    equals mean(eps (mu_theta - mu_old)) for the stored noise eps; with edges of other stds at the step (split edges'
+    lambda) it equals s [(log p - log p_old) + mean((mu - mu_old)^2) / (2 s^2)] from Gaussian densities."""
+    from branchgrpo.core.losses import normalized_log_ratio, step_mean_std
+
+    g = torch.Generator().manual_seed(0)
+    E, shape = 6, (3, 5)
+    old_mean = torch.randn(E, *shape, generator=g)
+    mean = old_mean + 0.05 * torch.randn(E, *shape, generator=g)
+    eps = torch.randn(E, *shape, generator=g)
+    step = torch.tensor([0, 0, 3, 3, 3, 7])
+    std = torch.tensor([0.2, 0.2, 0.05, 0.05, 0.05, 0.4])
+    sample = old_mean + std.reshape(-1, 1, 1) * eps
+    got = normalized_log_ratio(mean, old_mean, sample, std, step_mean_std(std, step, 8))
+    want = (eps.double() * (mean.double() - old_mean.double())).flatten(1).mean(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+    assert torch.equal(normalized_log_ratio(old_mean, old_mean, sample, std, std), torch.zeros(E))  # ratio 1
+
+    scaled = std * torch.tensor([1.0, 2.5, 1.0, 1.0, 3.0, 1.0])  # two edges with a split's lambda
+    sample = old_mean + scaled.reshape(-1, 1, 1) * eps
+    s = torch.tensor([(0.2 + 0.5) / 2] * 2 + [(0.05 + 0.05 + 0.15) / 3] * 3 + [0.4], dtype=torch.float64)
+    torch.testing.assert_close(step_mean_std(scaled, step, 8).double(), s, rtol=1e-6, atol=0)
+
+    def log_p(mu):
+        sd = scaled.double().reshape(-1, 1, 1).expand(E, *shape)
+        return torch.distributions.Normal(mu.double(), sd).log_prob(sample.double()).flatten(1).mean(1)
+
+    square = ((mean.double() - old_mean.double()) ** 2).flatten(1).mean(1)
+    want = s * ((log_p(mean) - log_p(old_mean)) + square / (2 * s * s))
+    got = normalized_log_ratio(mean, old_mean, sample, scaled, step_mean_std(scaled, step, 8))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)

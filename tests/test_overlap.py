@@ -13,7 +13,7 @@ import torch
 
 from branchgrpo.core import plans, sde
 from branchgrpo.core.graph import concat_graphs
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core.rollout import NoiseKeys, RolloutSetup
 from branchgrpo.runtime.overlap import LeafScorer, overlap_chunks
 from trainer_utils import exported_weights, fast_args, make_toy_embeddings, train
 
@@ -33,8 +33,9 @@ def _velocity(first: int = 0):
 
 
 def _rollout(plan, keys, first=0):
-    return run_rollout(plan, _velocity(first), sde.make_sigmas(8, 3.0), KERNEL, NoiseKeys(5, 2, keys), (2, 3),
-                       batch_size=4, branch_innovation=0.5)
+    setup = RolloutSetup(_velocity(first), sde.make_sigmas(8, 3.0), KERNEL, NoiseKeys(5, 2, keys), (2, 3),
+                         batch_size=4, keep_means=True)  # the kernel means too (--ratio_norm)
+    return setup.start(plan, 0.5).finish()
 
 
 @pytest.mark.parametrize("per_prompt", [False, True])
@@ -49,6 +50,8 @@ def test_chunks_rolled_out_alone_join_into_the_batch_graph(per_prompt):
     kept = torch.nonzero(whole.latent_row >= 0).flatten()
     assert torch.equal(torch.nonzero(joined.latent_row >= 0).flatten(), kept)
     assert torch.equal(joined.node_latents(kept), whole.node_latents(kept))
+    assert torch.equal(joined.means[joined.latent_row[kept]], whole.means[whole.latent_row[kept]])
+    assert whole.means.abs().sum() > 0
     assert joined.num_forward_passes == whole.num_forward_passes and joined.num_prompts == 5
     assert (joined.prompt_plans is None) == (not per_prompt)
     assert not torch.equal(whole.node_latents(whole.leaves)[:4], whole.node_latents(whole.leaves)[4:8])

@@ -4,6 +4,9 @@
     dancegrpo   G independent SDE chains       group z-score, broadcast            random timestep fraction
     mixgrpo     G chains, SDE only in window   group z-score, broadcast            the window's SDE edges
     g2rpo       ODE anchor + singular combs    per-(k, granularity) z, summed      the single SDE edges
+    flow_grpo   G chains (flow kernel)         group mean / iteration std          the first floor(f (T-1)) steps
+    flow_grpo_fast  ODE prefix, one split      group mean / iteration std          the window's SDE edges
+                    into G, w SDE steps
 
 The trainer, `plan`, the comparison harness and the config parser find algorithms only here. Adding one: write a
 module with an `Algorithm` subclass decorated with `@register_algorithm` (see docs/architecture.md), and add the
@@ -23,6 +26,8 @@ BUILTIN_ALGORITHMS = (
     "branchgrpo.algorithms.mixgrpo",
     "branchgrpo.algorithms.branchgrpo",
     "branchgrpo.algorithms.g2rpo",
+    "branchgrpo.algorithms.flow_grpo",
+    "branchgrpo.algorithms.flow_grpo_fast",
 )
 _REGISTRY: dict[str, type[Algorithm]] = {}
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from branchgrpo.core import advantages as adv
-from branchgrpo.core import sde
+from branchgrpo.core import distributed, sde
 from branchgrpo.core.flags import flag, require
 from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts, skeleton_graph
 from branchgrpo.core.rollout import RolloutSetup
@@ -97,6 +98,48 @@ class WindowFlags(AlgorithmConfig):
         return WindowSchedule(size=self.mix_sde_window_size, interval=self.mix_window_interval,
                               stride=self.mix_window_stride, start=self.mix_window_start,
                               max_start=self.window_max_start(num_steps))
+
+
+@dataclass
+class TimestepFractionFlags(AlgorithmConfig):
+    """Units that train a fraction f of each chain's floor(f (T - 1)) SDE steps (DanceGRPO: a random subset;
+    Flow-GRPO: the first ones, in order)."""
+
+    timestep_fraction: float = flag(1.0, "fraction f of each chain's SDE steps trained, floor(f (T - 1)) of them "
+                                    "(dancegrpo: a random subset; flow_grpo: the first ones)")
+
+    def num_trained_steps(self, num_steps: int) -> int:
+        return int(self.timestep_fraction * (num_steps - 1) + 1e-9)
+
+    def validate_fraction(self, num_steps: int) -> None:
+        f = self.timestep_fraction
+        require(0 < f <= 1, f"--timestep_fraction: need a value in (0, 1], got {f}")
+        require(self.num_trained_steps(num_steps) >= 1, f"--timestep_fraction {f} trains no step of {num_steps - 1}")
+
+
+@dataclass
+class GlobalStdFlags(AlgorithmConfig):
+    """Flow-GRPO's advantages: each reward minus its prompt group's mean, divided by the std of every reward of the
+    iteration (all ranks), or by the group's own std."""
+
+    global_std: bool = flag(True, "flow_grpo, flow_grpo_fast: divide by the std of all the iteration's rewards (every "
+                            "rank; the reference recipe's default) instead of each prompt group's own")
+
+    def group_advantages(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
+        """Group-mean advantages over the iteration's std (then a collective: every rank calls it), or group
+        z-scores."""
+        return adv.group_advantages(graph, leaf_rewards, iteration_std(leaf_rewards) if self.global_std else None)
+
+
+def iteration_std(leaf_rewards: torch.Tensor) -> float:
+    """Unbiased std of the finite rewards of every rank (the same number on each; a collective: every rank calls
+    it), from all-reduced float64 sums."""
+    r = leaf_rewards.to(torch.float64).cpu()
+    r = r[torch.isfinite(r)]
+    sums = distributed.all_reduce_sum(torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), r.sum()]))
+    count, mean = float(sums[0]), float(sums[1]) / max(float(sums[0]), 1.0)
+    squares = distributed.all_reduce_sum(((r - mean) ** 2).sum().reshape(1))  # two passes: no cancellation
+    return math.sqrt(float(squares[0]) / (count - 1)) if count >= 2 else 0.0
 
 
 def window_flag_names() -> tuple[str, ...]:

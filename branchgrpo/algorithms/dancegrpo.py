@@ -9,8 +9,7 @@ import torch
 
 from branchgrpo.core import advantages as adv
 from branchgrpo.algorithms import register_algorithm
-from branchgrpo.algorithms.base import Algorithm, GroupFlags
-from branchgrpo.core.flags import flag, require
+from branchgrpo.algorithms.base import Algorithm, GroupFlags, TimestepFractionFlags
 from branchgrpo.core.graph import GraphPlan, RolloutGraph
 from branchgrpo.core.plans import group_plan
 from branchgrpo.core.pruning import timestep_fraction_mask
@@ -19,14 +18,10 @@ _DANCE = ["--algo", "dancegrpo", "--num_generations", "16", "--sde_kernel", "dan
 
 
 @dataclass
-class DanceGRPOConfig(GroupFlags):
-    timestep_fraction: float = flag(1.0, "dancegrpo: fraction of each trajectory's SDE steps trained (random subset)")
-
+class DanceGRPOConfig(GroupFlags, TimestepFractionFlags):
     def validate(self, sampling) -> None:
-        super().validate(sampling)
-        T, f = sampling.sampling_steps, self.timestep_fraction
-        require(0 < f <= 1, f"--timestep_fraction: need a value in (0, 1], got {f}")
-        require(int(f * (T - 1) + 1e-9) >= 1, f"--timestep_fraction {f} trains no step of {T - 1}")
+        GroupFlags.validate(self, sampling)
+        self.validate_fraction(sampling.sampling_steps)
 
 
 @register_algorithm

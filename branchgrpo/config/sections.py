@@ -70,10 +70,13 @@ class SamplingConfig(Section):
     shift: float = flag(3.0, "static SD3 time shift of the sigma schedule (1 = none)")
     time_shift: str = flag("static", "sigma schedule warp: static (--shift) or dynamic (FLUX's resolution-dependent "
                            "mu)", ("static", "dynamic"))
-    sde_kernel: str = flag("auto", "diffusion coefficient: dance (g = eta) or flow (g = eta sqrt(sigma/(1-sigma))); "
-                           "auto = the algorithm's own (dance for branchgrpo/dancegrpo, flow for mixgrpo/g2rpo)",
-                           ("auto", "dance", "flow"))
-    eta: float | None = flag(None, "SDE noise level; default 0.3 for the dance kernel, 0.7 for the flow kernel")
+    sde_kernel: str = flag("auto", "transition kernel: dance (g = eta), flow (g = eta sqrt(sigma/(1-sigma))) or cps "
+                           "(coefficients-preserving, std = sigma_next sin(eta pi/2)); auto = the algorithm's own "
+                           "(dance for branchgrpo/dancegrpo, flow for the others)", ("auto", "dance", "flow", "cps"))
+    eta: float | None = flag(None, "SDE noise level; default 0.3 for the dance kernel, 0.7 for flow, 0.8 for cps")
+    cps_log_prob: str = flag("gaussian", "cps: log-prob scale - gaussian (element-averaged density, like the other "
+                             "kernels) or reference (the peers' -mean((x'-mean)^2): log-ratios 2 std^2 times ours, so "
+                             "their --clip_range is used as is; docs/design_notes.md)", ("gaussian", "reference"))
     init_same_noise: bool = flag(False, "every rollout root of a rank starts from the same initial noise")
     rollout_batch_size: int = flag(32, "latents per velocity call in the rollout (nodes of one depth are batched)")
     max_leaves: int = flag(4096, "refuse graphs with more leaves per prompt than this (raise it knowingly)")
@@ -85,12 +88,12 @@ class SamplingConfig(Section):
     def eta_value(self, default_kernel: str) -> float:
         if self.eta is not None:
             return self.eta
-        return 0.3 if self.kernel_kind(default_kernel) == "dance" else 0.7
+        return {"dance": 0.3, "flow": 0.7, "cps": 0.8}[self.kernel_kind(default_kernel)]
 
     def kernel(self, default_kernel: str):
         from branchgrpo.core import sde
 
-        return sde.Kernel(self.kernel_kind(default_kernel), self.eta_value(default_kernel))
+        return sde.Kernel(self.kernel_kind(default_kernel), self.eta_value(default_kernel), self.cps_log_prob)
 
     def validate(self, algo: str, default_kernel: str) -> None:
         T, eta = self.sampling_steps, self.eta_value(default_kernel)
@@ -101,6 +104,7 @@ class SamplingConfig(Section):
                 "prediction), so there is no last-step transition to train")
         require(eta > 0, f"--eta 0 makes every step deterministic: nothing to explore or train (algo {algo})")
         require_positive(self, "rollout_batch_size")
+        self.kernel(default_kernel)  # the kernel's own checks (cps: eta <= 1; --cps_log_prob reference: cps only)
 
 
 @dataclass
@@ -110,6 +114,9 @@ class LossConfig(Section):
     clip_range: float = flag(1e-3, "PPO clip epsilon of the ratio")
     adv_clip_max: float = flag(5.0, "advantages are clipped to +-this")
     kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled)")
+    ratio_norm: bool = flag(False, "GRPO-Guard RatioNorm: each step's log-ratio re-centred and rescaled to std_t "
+                            "[log r + mean((mu - mu_old)^2) / (2 std_t^2)] (= mean(eps (mu - mu_old))), and the "
+                            "policy loss divided by the step's sigma - sigma_next; keeps the rollout's means")
 
     def validate(self) -> None:
         require(self.clip_range > 0, f"--clip_range: need > 0, got {self.clip_range}")

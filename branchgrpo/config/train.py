@@ -286,10 +286,10 @@ def changed_flags(saved: dict, cfg: TrainConfig) -> str:
     """The flags of `cfg` that differ from a run's `saved` flags, except the sections' RESUMABLE ones, as
     "--name old -> new, ..." ('' when the runs are the same experiment)."""
     resumable = cfg.resumable
-    # a unit's flag added after the run was written (by the unit, or by a unit registered since), left at its
+    # a flag added after the run was written (by a section, a unit, or a unit registered since), left at its
     # default, reproduces the old behaviour
-    added = {name for name, entry in flag_catalogue().items() if (entry.algorithms or entry.backbones)
-             and name not in saved and cfg.flags.get(name) == entry.field.default}
+    added = {name for name, entry in flag_catalogue().items()
+             if name not in saved and cfg.flags.get(name) == entry.field.default}
     changed = {k: (saved.get(k), v) for k, v in cfg.flags.items()
                if k not in resumable and k not in added and saved.get(k) != v}
     return ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))

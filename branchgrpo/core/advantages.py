@@ -2,7 +2,8 @@
 
 - `tree_advantages` (BranchGRPO): reward fusion over path log-probs (paper Eq. 3), then depth-wise normalisation
   within each prompt's tree (Eq. 4); each edge inherits its child node's advantage.
-- `group_advantages` (DanceGRPO, MixGRPO, G2RPO): leaf rewards z-scored within (prompt, leaf group); a node's
+- `group_advantages` (DanceGRPO, MixGRPO, G2RPO, Flow-GRPO): leaf rewards z-scored within (prompt, leaf group) - or
+  centred there and divided by the std of all the iteration's rewards (Flow-GRPO's default); a node's
   advantage is the sum over its leaf descendants. For a chain (one leaf) that is the leaf's z-score broadcast to
   every step; for a G2RPO member it is the sum over granularities (Multi-Granularity Advantage Integration).
 
@@ -20,8 +21,10 @@ import torch
 from branchgrpo.core.graph import RolloutGraph
 
 
-def standardize(values: torch.Tensor, keys: torch.Tensor, min_std: float = 1e-6, eps: float = 1e-8) -> torch.Tensor:
-    """(v - mean_k) / (std_k + eps) within groups of equal key, over finite values (unbiased std).
+def standardize(values: torch.Tensor, keys: torch.Tensor, min_std: float = 1e-6, eps: float = 1e-8,
+                scale: float | None = None) -> torch.Tensor:
+    """(v - mean_k) / (std_k + eps) within groups of equal key, over finite values (unbiased std); `scale` given:
+    every group is divided by that one std instead (Flow-GRPO's global std).
 
     Groups with fewer than two finite values or std < `min_std` give 0 (never NaN); non-finite inputs stay NaN.
     """
@@ -35,7 +38,7 @@ def standardize(values: torch.Tensor, keys: torch.Tensor, min_std: float = 1e-6,
     mean = total / count.clamp(min=1)
     dev = torch.where(finite, v - mean[inverse], torch.zeros_like(v))
     var = zero.index_add(0, inverse, dev * dev) / (count - 1).clamp(min=1)
-    std = var.sqrt()
+    std = var.sqrt() if scale is None else torch.full((num_groups,), float(scale), dtype=torch.float64)
     ok = (count >= 2) & (std >= min_std)
     z = torch.where(ok[inverse], dev / (std[inverse] + eps), torch.zeros_like(v))
     return torch.where(finite, z, torch.full_like(v, float("nan")))
@@ -97,15 +100,16 @@ def tree_advantages(graph: RolloutGraph, leaf_rewards: torch.Tensor, alpha: floa
     return standardize(values, keys)
 
 
-def group_advantages(graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
-    """Leaf z-scores within (prompt, leaf group), summed over each node's leaf descendants: A [N] (float64).
+def group_advantages(graph: RolloutGraph, leaf_rewards: torch.Tensor, std: float | None = None) -> torch.Tensor:
+    """Leaf z-scores within (prompt, leaf group), summed over each node's leaf descendants: A [N] (float64). `std`
+    given: the leaves are centred on their group's mean and divided by that std (Flow-GRPO's global std).
 
     Leaves with group -1 (G2RPO's anchor) are left out; nodes without a scored leaf below get NaN.
     """
     leaves = graph.leaves
     group = graph.group[leaves]
     keys = graph.prompt[leaves] * (int(graph.group.max()) + 2) + group + 1
-    z = standardize(leaf_rewards, keys)
+    z = standardize(leaf_rewards, keys, scale=std)
     z = torch.where(group >= 0, z, torch.full_like(z, float("nan")))
     pos, anc = leaf_ancestor_pairs(graph)
     valid = torch.isfinite(z)[pos]

@@ -120,6 +120,9 @@ class RolloutGraph:
     num_forward_passes: int = 0
     #: one plan per prompt when the prompts' graphs differ (dynamic branching); None: `plan` for every prompt
     prompt_plans: tuple[GraphPlan, ...] | None = None
+    #: fp32 [M, *latent_shape] or None: rows aligned with `latents`, the behaviour kernel's mean of the SDE edge into
+    #: each node (zeros for the other nodes); kept only when the loss needs it (--ratio_norm)
+    means: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -263,9 +266,11 @@ def concat_graphs(graphs: Sequence[RolloutGraph]) -> RolloutGraph:
 
     shared = all(g.prompt_plans is None and _same_plan(g.plan, first.plan) for g in graphs)
     plans = None if shared else tuple(p for g in graphs for p in (g.prompt_plans or (g.plan,) * g.num_prompts))
+    means = cat("means") if first.means is not None else None  # rows aligned with `latents`, like them
     return RolloutGraph(plan=first.plan, num_prompts=sum(g.num_prompts for g in graphs), sigmas=first.sigmas,
                         parent=shifted("parent", node_start), step=cat("step"), depth=cat("depth"), kind=cat("kind"),
                         prompt=torch.cat([g.prompt + s for g, s in zip(graphs, prompt_start)]), group=cat("group"),
                         log_prob=cat("log_prob"), std=cat("std"), latents=cat("latents"),
                         latent_row=shifted("latent_row", row_start),
-                        num_forward_passes=sum(g.num_forward_passes for g in graphs), prompt_plans=plans)
+                        num_forward_passes=sum(g.num_forward_passes for g in graphs), prompt_plans=plans,
+                        means=means)

@@ -1,4 +1,5 @@
-"""The clipped GRPO surrogate over edges (paper Eq. 5), the optional KL to a reference, and diagnostics. Pure."""
+"""The clipped GRPO surrogate over edges (paper Eq. 5), GRPO-Guard's normalised log-ratio, the optional KL to a
+reference, and diagnostics. Pure."""
 
 from __future__ import annotations
 
@@ -19,6 +20,29 @@ def clipped_surrogate(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(unclipped, clipped), ratio
+
+
+def step_mean_std(std: torch.Tensor, step: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """s_t [E]: the mean of `std` over the edges of the same `step` (< num_bins), for each edge; no host sync."""
+    total = torch.zeros(num_bins, dtype=std.dtype, device=std.device).index_add(0, step, std)
+    count = torch.zeros(num_bins, dtype=std.dtype, device=std.device).index_add(0, step, torch.ones_like(std))
+    return (total / count.clamp(min=1))[step]
+
+
+def normalized_log_ratio(mean: torch.Tensor, old_mean: torch.Tensor, sample: torch.Tensor, std: torch.Tensor,
+                         step_std: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm [E]: s [ (log p - log p_old) + mean((mu - mu_old)^2) / (2 s^2) ], with s = `step_std`
+    (the step's mean std) and the Gaussian log-probs of `sample` x' = mu_old + std eps under the current and the
+    behaviour means. Expanded, log p - log p_old = mean(eps d) / std - mean(d^2) / (2 std^2) with d = mu - mu_old, so
+    the ratio's drift term is taken out and, where s = std, the result is mean(eps d) exactly: that closed form is
+    what is computed (no difference of two nearly equal log-densities), whatever scale the kernel reports its
+    log-probs on. At theta_old (d = 0) it is 0: ratio 1."""
+    delta = (mean.float() - old_mean.float()).flatten(1)
+    std_B, s_B = std.float(), step_std.float()
+    eps = (sample.float() - old_mean.float()).flatten(1) / std_B[:, None]
+    cross = (eps * delta).mean(dim=1)
+    square = (delta * delta).mean(dim=1)
+    return (s_B / std_B) * cross + 0.5 * square * (1.0 / s_B - s_B / (std_B * std_B))
 
 
 def guard_non_finite(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

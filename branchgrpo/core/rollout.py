@@ -209,6 +209,7 @@ class RolloutSetup:
     latent_shape: Sequence[int]
     device: torch.device | str = "cpu"
     batch_size: int = 64
+    keep_means: bool = False  # also keep each SDE edge's kernel mean (`RolloutGraph.means`, for --ratio_norm)
 
     def start(self, plan: GraphPlan | Sequence[GraphPlan], branch_innovation: float | Mapping[int, float] = 1.0,
               pause_at_splits: bool = False, keep_all_latents: bool = False) -> Rollout:
@@ -264,7 +265,7 @@ class Rollout:
         root_keys = zip(self.nodes["prompt"][roots].tolist(), self.nodes["root_slot"][roots].tolist())
         self.level_x = torch.stack([keyed_normal(self.shape, setup.noise.root(b, slot), self.device)
                                     for b, slot in root_keys])
-        self.stored, self.stored_ids, self.sde_out = [], [], []
+        self.stored, self.stored_ids, self.sde_out, self.sde_means = [], [], [], []
         self.forward_passes, self.depth, self.done = 0, 0, False
         self.paused: tuple | None = None  # (split, evaluated latents, velocities) while stopped at a split
 
@@ -322,6 +323,8 @@ class Rollout:
             else:
                 self.level_x[rows] = out.sample
             self.sde_out.append((lv.sde_ids, out.log_prob, out.std))
+            if self.setup.keep_means:
+                self.sde_means.append(out.mean)
         self.depth += 1
 
     def _split(self, lv: _Depth, ev_x: torch.Tensor, v: torch.Tensor) -> Split:
@@ -361,6 +364,13 @@ class Rollout:
         latent_row = torch.full((num_nodes,), -1, dtype=torch.long)
         ids = torch.cat(self.stored_ids)
         latent_row[ids] = torch.arange(ids.numel())  # latents are stored level by level
+        latents = torch.cat(self.stored)
+        means = None
+        if self.setup.keep_means:
+            means = torch.zeros_like(latents)
+            if self.sde_means:
+                sde_ids = torch.cat([i for i, _, _ in self.sde_out])
+                means[latent_row[sde_ids].to(means.device)] = torch.cat(self.sde_means)
         graph = RolloutGraph(
             plan=self.plans[0],
             num_prompts=len(self.plans),
@@ -373,8 +383,9 @@ class Rollout:
             group=nodes["group"],
             log_prob=log_prob,
             std=std,
-            latents=torch.cat(self.stored),
+            latents=latents,
             latent_row=latent_row,
+            means=means,
             num_forward_passes=self.forward_passes,
             prompt_plans=None if self.shared_plan and complete else tuple(self.plans),
         )

@@ -9,10 +9,20 @@ The reverse SDE that keeps the flow's marginals, with diffusion coefficient g(si
 
 (the bracket is v - g^2/2 * score, with score = -(x + (1 - sigma) v) / sigma for this interpolation).
 Two diffusion kernels share the formula: "dance" (DanceGRPO / BranchGRPO) g = eta; "flow" (Flow-GRPO / MixGRPO /
-G2RPO) g = eta sqrt(sigma / (1 - sigma)). With eta = 0 the SDE step is exactly the Euler ODE step.
+G2RPO) g = eta sqrt(sigma / (1 - sigma)). A third kernel, "cps" (coefficients-preserving sampling), is not an
+Euler-Maruyama step: with s = sigma, s' = sigma_next, std = s' sin(eta pi / 2), x0_hat = x - s v, x1_hat = x + (1 - s) v,
+
+    mean = (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat,    x' = mean + std xi
+
+so that, given the true x0 and noise, x' = (1 - s') x0 + (noise of total variance s'^2): the coefficients of the
+flow's interpolation at s' are kept exactly. With eta = 0 every kernel's step is exactly the Euler ODE step.
 
 Log-probs are Gaussian densities of x' under N(mean, std^2), averaged over the latent elements (not summed) and
 computed in fp32, as every peer does: the PPO clip ranges of 1e-5..1e-3 are calibrated for that normalisation.
+The peers' CPS code scores a transition as -mean((x' - mean)^2) instead (no 1 / (2 std^2), no constants): its log-ratios
+are 2 std^2 times ours, so a clip range eps_ref of theirs acts like eps_ref / (2 std^2) here - a different value at
+every step (about 2.2x eps_ref at std 0.48, 55x at std 0.095). `Kernel(log_prob="reference")` (`--cps_log_prob
+reference`) scores on their scale, to reproduce their runs with their clip ranges.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-KERNELS = ("dance", "flow")
+KERNELS = ("dance", "flow", "cps")
+LOG_PROB_SCALES = ("gaussian", "reference")
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -90,20 +101,30 @@ def make_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None,
 
 @dataclass(frozen=True)
 class Kernel:
-    """The diffusion coefficient g(sigma) of the reverse SDE."""
+    """The transition kernel of an SDE step: the diffusion coefficient g(sigma) of the reverse SDE ("dance",
+    "flow"), or coefficients-preserving sampling ("cps"), and the scale its log-probs are reported on."""
 
     kind: str = "dance"
     eta: float = 0.3
+    #: "gaussian": the element-averaged Gaussian log-density; "reference": the peers' CPS score -mean((x' - mean)^2)
+    log_prob: str = "gaussian"
 
     def __post_init__(self) -> None:
         if self.kind not in KERNELS:
             raise ValueError(f"--sde_kernel: expected one of {KERNELS}, got '{self.kind}'")
         if not (self.eta >= 0.0 and math.isfinite(self.eta)):
             raise ValueError(f"--eta must be a finite number >= 0, got {self.eta}")
+        if self.kind == "cps" and self.eta > 1.0:  # std = s' sin(eta pi / 2) must stay <= s'
+            raise ValueError(f"--eta: the cps kernel needs a value in [0, 1], got {self.eta}")
+        if self.log_prob not in LOG_PROB_SCALES:
+            raise ValueError(f"--cps_log_prob: expected one of {LOG_PROB_SCALES}, got '{self.log_prob}'")
+        if self.log_prob == "reference" and self.kind != "cps":
+            raise ValueError(f"--cps_log_prob reference: only the cps kernel has it (--sde_kernel is {self.kind})")
 
     def diffusion(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         """g(sigma) per sample. The "flow" kernel diverges at sigma = 1; there (only at the first step of a
         schedule) its denominator uses the next sigma instead, as Flow-GRPO does."""
+        assert self.kind != "cps", "the cps kernel is not an Euler-Maruyama step (see cps_mean_std)"
         if self.kind == "dance":
             return torch.full_like(sigma, self.eta)
         denom = 1.0 - torch.where(sigma >= 1.0, sigma_next, sigma)
@@ -144,6 +165,9 @@ def sde_mean_std(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std ([B]) of the Euler-Maruyama transition; `std_scale` multiplies the kernel's std (a split
     step's lambda) - the scaled std is the std of the transition, used for sampling and for every log-prob."""
+    if kernel.kind == "cps":
+        mean, std_B = cps_mean_std(x, v, sigma, sigma_next, kernel.eta)
+        return mean, std_B * _per_sample(std_scale, x)
     x, v = x.float(), v.float()
     sigma_B, sigma_next_B = _per_sample(sigma, x), _per_sample(sigma_next, x)
     d_B = sigma_next_B - sigma_B
@@ -152,6 +176,21 @@ def sde_mean_std(
     mean = x + _bcast(d_B, x) * drift
     std_B = g_B * torch.sqrt(torch.clamp(-d_B, min=0.0)) * _per_sample(std_scale, x)
     return mean, std_B
+
+
+def cps_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients-preserving sampling: mean (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat and std ([B])
+    s' sin(eta pi / 2), with x0_hat = x - s v and x1_hat = x + (1 - s) v the data and noise predictions.
+
+    Computed as the Euler ODE step minus k x1_hat, k = s' - sqrt(s'^2 - std^2) = std^2 / (s' + sqrt(s'^2 - std^2))
+    (the same mean: (1 - s') x0_hat + s' x1_hat is the ODE step), so that eta = 0 is exactly the ODE step."""
+    x, v = x.float(), v.float()
+    sigma_B, sigma_next_B = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    std_B = sigma_next_B * math.sin(eta * math.pi / 2.0)
+    x1_hat = x + _bcast(1.0 - sigma_B, x) * v
+    root_B = torch.sqrt(torch.clamp(sigma_next_B * sigma_next_B - std_B * std_B, min=0.0))
+    k_B = torch.where(std_B > 0, std_B * std_B / (sigma_next_B + root_B).clamp(min=1e-30), torch.zeros_like(std_B))
+    return ode_step(x, v, sigma_B, sigma_next_B) - _bcast(k_B, x) * x1_hat, std_B
 
 
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -184,8 +223,15 @@ def sde_step(
     sample = sample.float()
     stochastic = std_B > 0
     safe_std = torch.where(stochastic, std_B, torch.ones_like(std_B))
-    log_prob = torch.where(stochastic, gaussian_log_prob(sample, mean, safe_std), torch.zeros_like(std_B))
+    log_prob = torch.where(stochastic, transition_log_prob(sample, mean, safe_std, kernel), torch.zeros_like(std_B))
     return StepResult(sample, mean, std_B, log_prob)
+
+
+def transition_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+    """The kernel's log-prob of `sample` ([B]): the Gaussian one, or the peers' CPS scale -mean((x' - mean)^2)."""
+    if kernel.log_prob == "reference":
+        return -((sample.float() - mean.float()) ** 2).flatten(1).mean(dim=1)
+    return gaussian_log_prob(sample, mean, std)
 
 
 def gaussian_kl_equal_std(mean_a: torch.Tensor, mean_b: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -265,7 +265,8 @@ class Trainer:
         noise = NoiseKeys(self.cfg.run.seed, it, keys, shared_root_key=self.info.rank if s.init_same_noise else None)
         prompt_of = None if len(keys) == len(batch.keys) else torch.arange(first, first + len(keys), device=self.device)
         setup = RolloutSetup(self._velocity(embeddings, prompt_of), self.sigmas, self.kernel, noise,
-                             self.adapter.latent_shape, self.device, s.rollout_batch_size)
+                             self.adapter.latent_shape, self.device, s.rollout_batch_size,
+                             keep_means=self.cfg.loss.ratio_norm)
         score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
                         batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
 

@@ -1,4 +1,5 @@
-"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges.
+"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges (with
+`--ratio_norm`, over GRPO-Guard's normalised log-ratio, the loss reweighted per step).
 
 Batch semantics (logged at start-up):
 - Edges sharing a parent (split siblings, G2RPO's members) are re-scored from ONE forward of that parent, so they
@@ -33,8 +34,10 @@ from branchgrpo.core.losses import (
     guard_non_finite,
     kl_penalty,
     merge_stats,
+    normalized_log_ratio,
     policy_stats,
     read_stats,
+    step_mean_std,
 )
 from branchgrpo.models.base import FlowAdapter, gather_cond
 from branchgrpo.runtime.parallel import clip_grad_norm, gradient_sync
@@ -108,6 +111,10 @@ class PolicyUpdate:
                            "sample_rows": graph.latent_row[children], "std_scale": std_scale[children],
                            "old": edges.old_log_prob[idx], "advantage": edges.advantage[idx],
                            "weight": edges.weight[idx]})
+            if self.loss_cfg.ratio_norm:  # GRPO-Guard: the edges' steps (for s_t) and sigma - sigma_next
+                parent_sigma = graph.sigmas[graph.step[edges.parent[idx]]]
+                tables[-1].update(step=graph.step[children],
+                                  dt=(parent_sigma - graph.sigmas[graph.step[children]]).float())
         rows = [t[k] for t in tables for k in ("x_rows", "sample_rows") if k in t]
         assert not rows or bool((torch.cat(rows) >= 0).all()), "latent of a node that was not kept"
         to_device_once(tables, self.device)
@@ -146,7 +153,10 @@ class PolicyUpdate:
         with torch.enable_grad(), gradient_sync(self.model, enabled=False):
             for mb, idx in zip(tables, batches):
                 if idx.numel():
-                    mb["old"] = self.micro_batch_forward(graph, embeddings, mb).log_prob.detach().float()
+                    old = self.micro_batch_forward(graph, embeddings, mb)
+                    mb["old"] = old.log_prob.detach().float()
+                    if self.loss_cfg.ratio_norm:  # RatioNorm's behaviour means, from the same forward
+                        mb["old_mean"] = old.mean.detach()
         live = [(idx, mb["old"]) for mb, idx in zip(tables, batches) if idx.numel()]
         if live:  # the host copy, in one read
             edges.old_log_prob[torch.cat([i for i, _ in live])] = torch.cat([o for _, o in live]).cpu()
@@ -215,7 +225,12 @@ class PolicyUpdate:
         step = self.micro_batch_forward(graph, embeddings, mb)
         old, adv, weight = mb["old"], mb["advantage"], mb["weight"]
         log_prob, ok = guard_non_finite(step.log_prob, old)
+        if self.loss_cfg.ratio_norm:
+            log_prob, old = self._normalized_log_ratio(graph, mb, step), torch.zeros_like(old)
+            ok = ok & torch.isfinite(log_prob)
         loss_e, ratio = clipped_surrogate(log_prob, old, adv, self.loss_cfg.clip_range)
+        if self.loss_cfg.ratio_norm:  # GRPO-Guard's reweighting across steps: the policy loss over sigma - sigma_next
+            loss_e = loss_e / mb["dt"]
         out = {}
         if self.loss_cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad(), self.reference():
@@ -229,6 +244,17 @@ class PolicyUpdate:
         out["stats"] = policy_stats(ratio.detach(), log_prob.detach(), old, self.loss_cfg.clip_range, live)
         out["nonfinite"] = (~finite & (weight > 0)).sum().double()
         return loss, out
+
+    def _normalized_log_ratio(self, graph: RolloutGraph, mb: dict, step: sde.StepResult) -> torch.Tensor:
+        """--ratio_norm: GRPO-Guard's log-ratio of the micro-batch's edges (losses.normalized_log_ratio), against
+        the behaviour means the rollout kept (or --recompute_old_log_prob re-scored)."""
+        if "old_mean" in mb:
+            old_mean = mb["old_mean"]
+        else:
+            assert graph.means is not None, "--ratio_norm: the rollout kept no means (RolloutSetup keep_means)"
+            old_mean = graph.means[mb["sample_rows"]]
+        step_std = step_mean_std(step.std, mb["step"], graph.sigmas.numel())
+        return normalized_log_ratio(step.mean, old_mean, graph.latents[mb["sample_rows"]], step.std, step_std)
 
 
 def ratio_deviation(ratio_min: float, ratio_max: float) -> float:

@@ -10,7 +10,8 @@
 #     bash scripts/bench/compare_methods.sh                                  # FLUX.1-dev, one torchrun per method
 #
 # Environment (defaults): MODEL (toy | flux); ITERATIONS (100); METHODS (all; comma list of dancegrpo_tf1.0,
-# dancegrpo_tf0.6, mixgrpo, branchgrpo, branchgrpo_widpru, branchgrpo_deppru, branchgrpo_mix, g2rpo); OUTPUT_DIR
+# dancegrpo_tf0.6, mixgrpo, branchgrpo, branchgrpo_widpru, branchgrpo_deppru, branchgrpo_mix, g2rpo, flow_grpo,
+# flow_grpo_fast, flow_grpo_fast_cps); OUTPUT_DIR
 # (outputs/compare for the toy, outputs/compare_flux for flux); EVAL_EVERY (ITERATIONS / 5); NUM_THREADS (1);
 # SKIP_SETUP=1 skips env_setup.sh; PYTHON.
 # flux only: NPROC (8 processes per method, torchrun), MODEL_PATH (data/flux), DATA_JSON

@@ -3,7 +3,7 @@
 # its offline reward on a CPU, in about ten minutes on 2 cores. Sets up the environment first if needed.
 #
 #   bash scripts/finetune/finetune_toy_branchgrpo.sh                     # BranchGRPO, outputs/toy_branchgrpo/
-#   ALGO=dancegrpo bash scripts/finetune/finetune_toy_branchgrpo.sh      # or mixgrpo, g2rpo
+#   ALGO=dancegrpo bash scripts/finetune/finetune_toy_branchgrpo.sh      # or mixgrpo, g2rpo, flow_grpo(_fast)
 #   bash scripts/finetune/finetune_toy_branchgrpo.sh --max_train_steps 20 --width_pruning_mode 1
 #
 # Environment: ALGO (branchgrpo), OUTPUT_DIR (outputs/toy_$ALGO), NPROC (1 process; >1 runs torchrun with gloo),
@@ -23,7 +23,7 @@ if [[ -n "${CONFIG:-}" ]]; then
   bg_require_file "$CONFIG" "CONFIG: the YAML file of flag values it names"
 else
   CONFIG="configs/toy_${ALGO}.yaml"
-  bg_require_file "$CONFIG" "ALGO: no toy config for ALGO=$ALGO (expected branchgrpo, dancegrpo, mixgrpo or g2rpo)"
+  bg_require_file "$CONFIG" "ALGO: no toy config for ALGO=$ALGO (configs/toy_*.yaml lists those there are)"
 fi
 bg_check_inputs
 [[ "$SKIP_SETUP" == 1 ]] || bash env_setup.sh
