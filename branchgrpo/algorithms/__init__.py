@@ -4,6 +4,7 @@
     dancegrpo   G independent SDE chains       group z-score, broadcast            random timestep fraction
     mixgrpo     G chains, SDE only in window   group z-score, broadcast            the window's SDE edges
     g2rpo       ODE anchor + singular combs    per-(k, granularity) z, summed      the single SDE edges
+    diffusion_nft  G ODE chains (or a tree)    group mean / global std -> r        the final samples (its own loss)
 
 The trainer, `plan`, the comparison harness and the config parser find algorithms only here. Adding one: write a
 module with an `Algorithm` subclass decorated with `@register_algorithm` (see docs/architecture.md), and add the
@@ -23,6 +24,7 @@ BUILTIN_ALGORITHMS = (
     "branchgrpo.algorithms.mixgrpo",
     "branchgrpo.algorithms.branchgrpo",
     "branchgrpo.algorithms.g2rpo",
+    "branchgrpo.algorithms.diffusion_nft",
 )
 _REGISTRY: dict[str, type[Algorithm]] = {}
 
