@@ -41,7 +41,7 @@ def tiny(tmp_path_factory):
     return root
 
 
-def finetune(tiny, out, extra=(), reward="hps=1.0"):
+def finetune(tiny, out, extra=(), reward="hps=1.0", script="finetune_flux_branchgrpo_8gpus.sh"):
     configs = str(tiny / "hps" / "open_clip_configs")
     reward_options = {"hps": {"arch": "ViT-H-14-tiny", "model_config_dir": configs},
                       # CLIP score from an open_clip file: the tiny HPS checkpoint stands in for a CLIP one
@@ -55,7 +55,7 @@ def finetune(tiny, out, extra=(), reward="hps=1.0"):
             "--num_eval_prompts", "2", "--eval_samples_per_prompt", "1", "--train_batch_size", "1",
             "--reward_options", json.dumps(reward_options), "--report_to", "none", "--checkpointing_steps", "2",
             *extra]
-    return run(["bash", "scripts/finetune/finetune_flux_branchgrpo_8gpus.sh", *args], env=env)
+    return run(["bash", f"scripts/finetune/{script}", *args], env=env)
 
 
 def _transformer_output(transformer, seed=0):
@@ -105,6 +105,25 @@ def test_lora_finetune_exports_an_adapter_diffusers_loads(tiny, tmp_path):
     before = _transformer_output(pipe.transformer)
     pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")  # offline, diffusers < 0.39
     assert not torch.allclose(_transformer_output(pipe.transformer), before)
+
+
+def test_diffusion_nft_trains_lora_under_fsdp2_with_a_sharded_old_policy(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "nft"
+    proc = finetune(tiny, out, ["--num_generations", "2", "--nft_timestep_fraction", "0.5", "--lora_rank", "4",
+                                "--lora_alpha", "8", "--learning_rate", "1e-2"],
+                    script="finetune_flux_diffusion_nft_8gpus.sh")  # LoRA by default
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es), parallel=fsdp" in proc.stderr
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(entries) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) and e["grad_norm"] > 0 for e in entries)
+    folder = out / "checkpoints" / "checkpoint-2"
+    lora = load_file(str(folder / "model" / "pytorch_lora_weights.safetensors"))
+    shards = [torch.load(folder / "state" / f"rank{r}.pt", weights_only=True)["old_policy"]["shadow"] for r in (0, 1)]
+    # theta_old is a copy of this rank's shards of the LoRA tensors only: the ranks' shards add up to the adapter
+    assert shards[0].keys() == shards[1].keys() and all(".lora_" in k for k in shards[0])
+    assert sum(t.numel() for shard in shards for t in shard.values()) == sum(t.numel() for t in lora.values())
 
 
 def test_launcher_reports_missing_inputs(tmp_path):
