@@ -6,7 +6,8 @@ implicit negative one towards the bad (branchgrpo.core.nft). No log-prob, no rat
 unit brings its own training objective (`NFTObjective`), which the common PolicyUpdate drives, and keeps theta_old,
 a second copy of the trained weights moved softly towards theta after every iteration.
 
-Samplers (`--nft_sampler`): `ode`, G independent Euler ODE chains per prompt (the reference's); `tree`, the
+Samplers (`--nft_sampler`): `ode`, G independent Euler ODE chains per prompt (the reference's); `dpm2`, the same
+chains by the 2nd-order multistep DPM-Solver++ (as many forwards, a smaller discretisation error); `tree`, the
 BranchGRPO tree with its splits as the only stochastic steps (ODE between them) - K^|S| correlated samples for about
 (nodes with children) forwards instead of T per sample.
 """
@@ -25,6 +26,7 @@ from branchgrpo.core import nft
 from branchgrpo.core.flags import flag, parse_int_list, require
 from branchgrpo.core.graph import GraphPlan, RolloutGraph, plan_counts
 from branchgrpo.core.plans import group_plan, tree_plan
+from branchgrpo.core.rollout import RolloutSetup, multistep_rollout
 from branchgrpo.core.seeding import keyed_normal, keyed_permutation, mix_key
 
 _NFT = ["--algo", "diffusion_nft", "--nft_beta", "1.0", "--kl_coef", "1e-4"]
@@ -32,9 +34,9 @@ _NFT = ["--algo", "diffusion_nft", "--nft_beta", "1.0", "--kl_coef", "1e-4"]
 
 @dataclass
 class DiffusionNFTConfig(GroupFlags):
-    nft_sampler: str = flag("ode", "diffusion_nft: sampler of the training data: ode (G Euler chains per prompt) or "
-                            "tree (the BranchGRPO tree of --nft_split_points, SDE at the splits, ODE between)",
-                            ("ode", "tree"))
+    nft_sampler: str = flag("ode", "diffusion_nft: sampler of the training data: ode (G Euler chains per prompt), "
+                            "dpm2 (G chains, 2nd-order multistep DPM-Solver++) or tree (the BranchGRPO tree of "
+                            "--nft_split_points, SDE at the splits, ODE between)", ("ode", "dpm2", "tree"))
     nft_beta: float = flag(1.0, "diffusion_nft: beta of the implicit policies v+- (1.0; 0.1 in the OCR and "
                            "multi-reward recipes)")
     nft_timestep_fraction: float = flag(1.0, "diffusion_nft: fraction of the sampler's T timesteps each sample is "
@@ -60,7 +62,7 @@ class DiffusionNFTConfig(GroupFlags):
 
     def validate(self, sampling) -> None:
         T = sampling.sampling_steps
-        if self.nft_sampler == "ode":
+        if self.nft_sampler != "tree":
             super().validate(sampling)
         require(self.nft_beta > 0, f"--nft_beta: need > 0, got {self.nft_beta}")
         f = self.nft_timestep_fraction
@@ -75,7 +77,7 @@ class DiffusionNFTConfig(GroupFlags):
     def conditions(self) -> dict[str, tuple[bool, str]]:
         tree = self.nft_sampler == "tree"
         return {"nft_split_points": (tree, "--nft_sampler tree"), "nft_branch_factor": (tree, "--nft_sampler tree"),
-                "num_generations": (not tree, "--nft_sampler ode")}
+                "num_generations": (not tree, "--nft_sampler ode or dpm2")}
 
 
 @register_algorithm
@@ -95,6 +97,11 @@ class DiffusionNFT(Algorithm):
         if self.cfg.nft_sampler == "tree":
             return tree_plan(self.num_steps, self.cfg.split_points(), self.cfg.nft_branch_factor, sde_steps=())
         return group_plan(self.num_steps, self.cfg.num_generations, sde_steps=())
+
+    def rollout(self, iteration: int, setup: RolloutSetup, prompt_ids: list[int], scorer=None) -> RolloutGraph:
+        if self.cfg.nft_sampler == "dpm2":
+            return multistep_rollout(setup, self.plan(iteration))
+        return super().rollout(iteration, setup, prompt_ids, scorer)
 
     def estimate(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
         """A on the leaves (NaN elsewhere): the reward minus its prompt's mean, over the std of every finite reward
