@@ -135,7 +135,8 @@ def test_counts_samplers_and_bad_flags():
     assert (tree["leaves"], tree["forward_passes"], tree["trainable_edges"]) == (4, 17, 6)
     for flags, named in ((dict(nft_beta=0.0), "--nft_beta"), (dict(nft_timestep_fraction=0.1), "--nft_timestep"),
                          (dict(nft_sampler="tree", nft_split_points="0,5"), "--nft_split_points"),
-                         (dict(nft_sampler="tree", nft_split_points="0,2", nft_branch_factor=1), "--nft_branch_factor")):
+                         (dict(nft_sampler="tree", nft_split_points="0,2", nft_branch_factor=1),
+                          "--nft_branch_factor")):
         with pytest.raises(ValueError, match=named):
             _unit(**flags)
 
@@ -153,8 +154,8 @@ NFT = dict(algo="diffusion_nft", num_generations=3, kl_coef=1e-4, nft_timestep_f
 @pytest.mark.parametrize("sampler", ["ode", "dpm2", "tree"])
 def test_the_toy_trains_every_tensor_and_theta_old_follows(sampler, emb, tmp_path):
     out = tmp_path / sampler
-    summary = train(fast_args(emb, out, nft_sampler=sampler, nft_split_points="0,2", max_train_steps=3, checkpointing_steps=3,
-                              **dict(NFT, nft_decay="linear")))
+    summary = train(fast_args(emb, out, nft_sampler=sampler, nft_split_points="0,2", max_train_steps=3,
+                              checkpointing_steps=3, **dict(NFT, nft_decay="linear")))
     entries = metrics(out)
     assert all(e["loss"] is not None and math.isfinite(e["loss"]) and e["grad_norm"] > 0 for e in entries)
     assert entries[0]["train_nfe"] == 3 and entries[0]["train_forward_rows"] == 3 * (4 if sampler == "tree" else 3) * 2

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from branchgrpo.bench.dynamic import mean_ci
 from branchgrpo.bench.report import md_table
 
 SEED_COLUMNS = (
@@ -24,18 +25,9 @@ INTERVALS = ("eval_reward_after", "eval_reward_delta", "train_wall_s", "diversit
 
 
 def interval(values: list[float | None]) -> tuple[float | None, float | None]:
-    """(mean, half-width of the 95% interval: t_{0.975, n-1} s / sqrt(n)) over the known values; the half-width is
-    None for fewer than two."""
-    from scipy.stats import t
-
-    known = [v for v in values if v is not None and math.isfinite(v)]
-    if not known:
-        return None, None
-    mean = sum(known) / len(known)
-    if len(known) < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in known) / (len(known) - 1))
-    return mean, float(t.ppf(0.975, len(known) - 1)) * sd / math.sqrt(len(known))
+    """(mean, half-width of the 95% interval) over the known values (`bench.dynamic.mean_ci`: Student's t over the
+    seeds); the half-width is None for fewer than two."""
+    return mean_ci([v for v in values if v is not None and math.isfinite(v)])
 
 
 def first_reaching(curve: dict, target: float) -> tuple[float | None, float | None]:

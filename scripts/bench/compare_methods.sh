@@ -36,7 +36,8 @@ bg_python
 [[ -z "${EVAL_EVERY:-}" || "${EVAL_EVERY}" =~ ^[1-9][0-9]*$ ]] || { echo "error: EVAL_EVERY must be a positive integer" >&2; BG_MISSING=1; }
 
 ARGS=(--model "$MODEL" --iterations "$ITERATIONS" --methods "$METHODS" --num_threads "$NUM_THREADS")
-[[ -z "${SEEDS:-}" || "${SEEDS}" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: SEEDS must be a comma list of integers, got '$SEEDS'" >&2; BG_MISSING=1; }
+[[ -z "${SEEDS:-}" || "${SEEDS}" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
+  { echo "error: SEEDS must be a comma list of integers, got '$SEEDS'" >&2; BG_MISSING=1; }
 [[ -n "${EVAL_EVERY:-}" ]] && ARGS+=(--eval_every "$EVAL_EVERY")
 [[ -n "${SEEDS:-}" ]] && ARGS+=(--seeds "$SEEDS")
 TRAINER_ARGS=()
