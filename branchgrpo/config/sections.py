@@ -109,7 +109,8 @@ class LossConfig(Section):
 
     clip_range: float = flag(1e-3, "PPO clip epsilon of the ratio")
     adv_clip_max: float = flag(5.0, "advantages are clipped to +-this")
-    kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled)")
+    kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled); "
+                          "diffusion_nft: of its velocity penalty mean ||v_theta - v_ref||^2")
 
     def validate(self) -> None:
         require(self.clip_range > 0, f"--clip_range: need > 0, got {self.clip_range}")
