@@ -18,7 +18,7 @@ from branchgrpo.runtime.outputs import read_jsonl
 
 TIME_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s")
 TABLE_COLUMNS = (
-    ("run", "method"), ("label", "Table 1 row"), ("leaves_per_prompt", "leaves / prompt"),
+    ("method", "method"), ("seed", "seed"), ("label", "Table 1 row"), ("leaves_per_prompt", "leaves / prompt"),
     ("rollout_nfe", "NFE pi_old (rollout forwards / leaf)"), ("train_nfe", "NFE pi_theta (trained edges / leaf)"),
     ("rollout_forwards_per_prompt", "rollout forwards / prompt"), ("trained_edges_per_prompt",
                                                                     "trained edges / prompt"),
@@ -162,11 +162,10 @@ def plot_reward_vs_time(rows: list[dict], path: Path) -> Path:
     for row in rows:
         c = row["curve"]
         evals = [float("nan") if v is None else v for v in c["eval_reward"]]
-        (line,) = ax_eval.plot(c["eval_time_s"], evals, "o-", label=row["label"] + (f" (seed {row['seed']})"
-                                                                                   if row["run"] != row["method"]
-                                                                                   else ""))
+        label = row["label"] + (f" (seed {row['seed']})" if row["run"] != row["method"] else "")
+        (line,) = ax_eval.plot(c["eval_time_s"], evals, "o-", label=label)
         ax_roll.plot(c["time_s"], _moving_average(c["reward_mean"], window), "-", color=line.get_color(),
-                     label=row["label"])
+                     label=label)
     rollout_title = "rollout reward, mean over leaves" + (f" ({window}-iteration moving average)" if window > 1
                                                           else "")
     for ax, title in ((ax_eval, "held-out eval reward (ODE sampler)"), (ax_roll, rollout_title)):
