@@ -107,7 +107,7 @@ class PolicyUpdate:
             return self.adapter.velocity(x, sigma, cond).float()
 
     def old_policy(self):
-X
+        """Context manager: inside it the model holds theta_old (units with `keeps_old_policy`)."""
         assert self.old_policy_copy is not None, "this objective needs an old-policy copy (Algorithm.keeps_old_policy)"
         return self.old_policy_copy.swapped_in(self.model)
 
