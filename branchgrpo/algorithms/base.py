@@ -195,7 +195,8 @@ class Algorithm(abc.ABC):
 
     def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
                prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:
-        """Bool mask over nodes: the edges (child ends) trained this iteration; always a subset of SDE edges."""
+        """Bool mask over nodes: the edges (child ends) trained this iteration; a subset of SDE edges for the edge
+        objective (a unit with its own objective may select other nodes: DiffusionNFT's final samples)."""
         return graph.stochastic.clone()
 
     def rollout(self, iteration: int, setup: RolloutSetup, prompt_ids: list[int], scorer=None) -> RolloutGraph:
