@@ -135,6 +135,7 @@ def test_counts_samplers_and_bad_flags():
     assert (tree["leaves"], tree["forward_passes"], tree["trainable_edges"]) == (4, 17, 6)
     for flags, named in ((dict(nft_beta=0.0), "--nft_beta"), (dict(nft_timestep_fraction=0.1), "--nft_timestep"),
                          (dict(nft_sampler="tree", nft_split_points="0,5"), "--nft_split_points"),
+                         (dict(init_same_noise=True), "--init_same_noise"),
                          (dict(nft_sampler="tree", nft_split_points="0,2", nft_branch_factor=1),
                           "--nft_branch_factor")):
         with pytest.raises(ValueError, match=named):

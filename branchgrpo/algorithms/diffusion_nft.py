@@ -64,6 +64,8 @@ class DiffusionNFTConfig(GroupFlags):
         T = sampling.sampling_steps
         if self.nft_sampler != "tree":
             super().validate(sampling)
+            require(not sampling.init_same_noise, f"--init_same_noise with --nft_sampler {self.nft_sampler}: every "
+                    "chain would start from the same noise and, deterministic, end at the same sample")
         require(self.nft_beta > 0, f"--nft_beta: need > 0, got {self.nft_beta}")
         f = self.nft_timestep_fraction
         require(0 < f <= 1, f"--nft_timestep_fraction: need a value in (0, 1], got {f}")
