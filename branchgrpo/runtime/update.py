@@ -1,4 +1,7 @@
-"""The policy update of one iteration: the clipped GRPO surrogate (paper Eq. 5) over the selected edges.
+"""The policy update of one iteration: the loop around a training objective - by default (`EdgeObjective`) the
+clipped GRPO surrogate (paper Eq. 5) over the selected edges; a unit may bring its own (`Algorithm.objective`:
+DiffusionNFT's loss on final samples), which the same loop drives. What follows describes the edge objective; the
+loop's rules (accumulation, clipping every step, padding, skipped steps, cut points) hold for every objective.
 
 Batch semantics (logged at start-up):
 - Edges sharing a parent (split siblings, G2RPO's members) are re-scored from ONE forward of that parent, so they
