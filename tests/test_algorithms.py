@@ -90,8 +90,8 @@ def test_the_unit_owns_its_flags_checks_and_counts(registered, tmp_path, caplog)
     cfg = parse_train_config(["--algo", "branchgrpo", "--loo_baseline_weight", "0.5", "--num_generations", "6",
                               "--data_json_path", str(tmp_path)])
     assert cfg.inapplicable_flags() == [
-        "--num_generations (acts only with --algo dancegrpo, mixgrpo, g2rpo, flow_grpo, flow_grpo_fast or "
-        "test_rloo)",
+        "--num_generations (acts only with --algo dancegrpo, mixgrpo, g2rpo, flow_grpo, flow_grpo_fast, diffusion_nft "
+        "or test_rloo)",
         "--loo_baseline_weight (acts only with --algo test_rloo)"]
 
 

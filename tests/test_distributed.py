@@ -102,7 +102,9 @@ def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, 
         t.Trainer._export = export
         sys.exit(main(sys.argv[1:]))
     """))
-    args = fast_args(emb, out, parallel="fsdp", **dict(COMMON, train_batch_size=1, checkpointing_steps=1))
+    # the unbroken run's flags (`two_processes`): its metrics count --recompute_old_log_prob's forwards
+    args = fast_args(emb, out, parallel="fsdp", recompute_old_log_prob=True,
+                     **dict(COMMON, train_batch_size=1, checkpointing_steps=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(free_port()), str(script), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -126,7 +128,7 @@ def test_a_killed_two_process_fsdp_run_resumes_like_the_unbroken_one(emb, fsdp, 
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "checkpoint-1" and not (ckpts / "checkpoint-2").exists()
     resumed = torchrun(fast_args(emb, out, parallel="fsdp", resume_from_checkpoint="latest",
-                                 **dict(COMMON, train_batch_size=1, checkpointing_steps=1)))
+                                 recompute_old_log_prob=True, **dict(COMMON, train_batch_size=1, checkpointing_steps=1)))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert [e["step"] for e in metrics(out)] == [0, 1]
     assert without_timings(metrics(out)) == without_timings(metrics(fsdp))

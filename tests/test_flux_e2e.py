@@ -130,6 +130,25 @@ def test_flow_grpo_launchers_train_two_processes(tiny, tmp_path, script, env, ex
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists() != lora
 
 
+def test_diffusion_nft_trains_lora_under_fsdp2_with_a_sharded_old_policy(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "nft"
+    proc = finetune(tiny, out, ["--num_generations", "2", "--nft_timestep_fraction", "0.5", "--lora_rank", "4",
+                                "--lora_alpha", "8", "--learning_rate", "1e-2"],
+                    script="finetune_flux_diffusion_nft_8gpus.sh")  # LoRA by default
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es), parallel=fsdp" in proc.stderr
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(entries) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) and e["grad_norm"] > 0 for e in entries)
+    folder = out / "checkpoints" / "checkpoint-2"
+    lora = load_file(str(folder / "model" / "pytorch_lora_weights.safetensors"))
+    shards = [torch.load(folder / "state" / f"rank{r}.pt", weights_only=True)["old_policy"]["shadow"] for r in (0, 1)]
+    # theta_old is a copy of this rank's shards of the LoRA tensors only: the ranks' shards add up to the adapter
+    assert shards[0].keys() == shards[1].keys() and all(".lora_" in k for k in shards[0])
+    assert sum(t.numel() for shard in shards for t in shard.values()) == sum(t.numel() for t in lora.values())
+
+
 def test_launcher_reports_missing_inputs(tmp_path):
     env = dict(NPROC="2", MODEL_PATH=str(tmp_path / "no_flux"), DATA_JSON=str(tmp_path / "no.json"),
                HPS_CKPT_DIR=str(tmp_path / "no_hps"), OUTPUT_DIR=str(tmp_path / "o"))

@@ -79,6 +79,19 @@ def test_flux_baseline_launchers(shim):
     assert (g2["cfg"]["algo"], g2["cfg"]["sampling_steps"], g2["plan"]["leaves"]) == ("g2rpo", 16, 12 * 8 * 3 + 1)
 
 
+def test_flux_diffusion_nft_launcher(shim):
+    ode = launch(shim, "finetune_flux_diffusion_nft_8gpus.sh")
+    cfg, plan = ode["cfg"], ode["plan"]
+    assert (cfg["algo"], cfg["nft_sampler"], cfg["use_lora"], cfg["lora_rank"], cfg["lora_alpha"],
+            cfg["learning_rate"], cfg["max_grad_norm"], cfg["nft_beta"], cfg["kl_coef"], cfg["adv_clip_max"],
+            cfg["global_std"], cfg["nft_decay"]) == ("diffusion_nft", "ode", True, 32, 64.0, 3e-4, 1.0, 1.0, 1e-4, 5.0,
+                                                   True, "linear")
+    assert (plan["leaves"], plan["forward_passes_per_leaf"], plan["trained_edges_per_leaf"]) == (16, 20, 20)
+    tree = launch(shim, "finetune_flux_diffusion_nft_8gpus.sh", BETA="0.1", DECAY="delayed", SAMPLER="tree")
+    assert (tree["cfg"]["nft_beta"], tree["cfg"]["nft_decay"], tree["plan"]["leaves"],
+            tree["plan"]["forward_passes"]) == (0.1, "delayed", 16, 203)
+
+
 def test_wan_launchers(shim):
     branch = launch(shim, "finetune_wan_branchgrpo_8gpus.sh")
     cfg = branch["cfg"]

@@ -7,6 +7,7 @@
     flow_grpo   G chains (flow kernel)         group mean / iteration std          the first floor(f (T-1)) steps
     flow_grpo_fast  ODE prefix, one split      group mean / iteration std          the window's SDE edges
                     into G, w SDE steps
+    diffusion_nft  G ODE chains (or a tree)    group mean / global std -> r        the final samples (its own loss)
 
 The trainer, `plan`, the comparison harness and the config parser find algorithms only here. Adding one: write a
 module with an `Algorithm` subclass decorated with `@register_algorithm` (see docs/architecture.md), and add the
@@ -28,6 +29,7 @@ BUILTIN_ALGORITHMS = (
     "branchgrpo.algorithms.g2rpo",
     "branchgrpo.algorithms.flow_grpo",
     "branchgrpo.algorithms.flow_grpo_fast",
+    "branchgrpo.algorithms.diffusion_nft",
 )
 _REGISTRY: dict[str, type[Algorithm]] = {}
 

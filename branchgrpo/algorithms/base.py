@@ -10,7 +10,12 @@ calls, every iteration,
     select(graph, advantages, it, keys)     bool mask over nodes: the edges trained this iteration
     observe(graph, rewards, prompt_ids, it) adaptive state fed after the rewards; figures for the metrics
 
-and saves `state_dict()` in every checkpoint. Config sections shared by several units (the group size, the sliding
+and trains with `objective()`: None (the default) is the clipped surrogate over the selected rollout edges
+(runtime/update.py `EdgeObjective`); a unit whose training is not a ratio over edges (DiffusionNFT trains on the final
+samples) returns its own `TrainingObjective`, which the same PolicyUpdate drives. A unit with `keeps_old_policy`
+gets a second copy of the trained weights, theta_old, that samples its rollouts and is moved towards theta after
+every iteration with `old_policy_decay(step)` (saved and resumed with the run). The unit saves `state_dict()` in
+every checkpoint. Config sections shared by several units (the group size, the sliding
 SDE window) are mixins defined here.
 """
 
@@ -122,8 +127,8 @@ class GlobalStdFlags(AlgorithmConfig):
     """Flow-GRPO's advantages: each reward minus its prompt group's mean, divided by the std of every reward of the
     iteration (all ranks), or by the group's own std."""
 
-    global_std: bool = flag(True, "flow_grpo, flow_grpo_fast: divide by the std of all the iteration's rewards (every "
-                            "rank; the reference recipe's default) instead of each prompt group's own")
+    global_std: bool = flag(True, "flow_grpo, flow_grpo_fast, diffusion_nft: divide by the std of all the iteration's "
+                            "rewards (every rank; the reference recipes' default) instead of each prompt group's own")
 
     def group_advantages(self, graph: RolloutGraph, leaf_rewards: torch.Tensor) -> torch.Tensor:
         """Group-mean advantages over the iteration's std (then a collective: every rank calls it), or group
@@ -140,6 +145,36 @@ def iteration_std(leaf_rewards: torch.Tensor) -> float:
     count, mean = float(sums[0]), float(sums[1]) / max(float(sums[0]), 1.0)
     squares = distributed.all_reduce_sum(((r - mean) ** 2).sum().reshape(1))  # two passes: no cancellation
     return math.sqrt(float(squares[0]) / (count - 1)) if count >= 2 else 0.0
+
+
+class TrainingObjective(abc.ABC):
+    """What the PolicyUpdate (runtime/update.py) minimises in one iteration. The update owns the loop - micro-batches,
+    gradient accumulation windows, clipping, optimizer steps, preemption cut points - and hands itself to each call as
+    `update`, whose services the objective uses: `update.velocity(embeddings, x, sigma, prompt)` (the current policy,
+    fp32; the reference's inside `update.reference()`, theta_old's inside `update.old_policy()`), `update.windows(
+    batches, weight)` (pads micro-batches to the same count on every rank and groups them into optimizer steps),
+    `update.seed`, `update.rank`, `update.device`, `update.optim_cfg`. `edges` are the rollout's selected edges
+    (`runtime.update.select_edges`: child node, parent, clipped advantage, weight, behaviour log-prob)."""
+
+    @abc.abstractmethod
+    def prepare(self, update, graph: RolloutGraph, embeddings: dict, edges, iteration: int):
+        """Before the loop: (batches, tables, windows) - row indices per micro-batch and their device tables (the
+        same number on every rank; empty = padding) and `update.windows`' optimizer-step windows."""
+
+    @abc.abstractmethod
+    def loss(self, update, graph: RolloutGraph, embeddings: dict, mb: dict, normaliser: float):
+        """(loss to backward: the micro-batch's weighted sum / `normaliser`, statistics to `accumulate` or None for
+        padding, which still runs one forward so that every rank's collectives stay in step)."""
+
+    @abc.abstractmethod
+    def accumulate(self, acc: dict, out: dict) -> dict:
+        """`acc` updated with a micro-batch's statistics (0-d tensors on the device: read back once, at the end)."""
+
+    @abc.abstractmethod
+    def figures(self, read: dict) -> dict:
+        """The iteration's figures for the metrics from the accumulated statistics read back as floats: at least
+        nonfinite_edges, clip_fraction, approx_kl, kl, ratio_min/max, first_ratio_min/max (1 where there is no
+        ratio), train_forward_rows (forwards with a backward) and extra_forward_rows (forwards without one)."""
 
 
 def window_flag_names() -> tuple[str, ...]:
@@ -159,6 +194,9 @@ class Algorithm(abc.ABC):
     #: rows of the method comparison (branchgrpo.bench.compare): id -> (table label, trainer flags); "{interval}"
     #: stands for the sliding-schedule interval of the run
     presets: ClassVar[dict[str, tuple[str, list[str]]]] = {}
+    #: the run keeps theta_old, a second copy of the trained weights (a copy of the LoRA tensors under LoRA, of this
+    #: rank's shards under FSDP2) that samples the rollouts and moves towards theta by `old_policy_decay`
+    keeps_old_policy: ClassVar[bool] = False
 
     def __init__(self, cfg, sampling, *, seed: int = 0, max_train_steps: int = 1):
         cfg.validate(sampling)
@@ -200,7 +238,8 @@ class Algorithm(abc.ABC):
 
     def select(self, graph: RolloutGraph, advantages: torch.Tensor, iteration: int,
                prompt_keys: tuple[int, ...] = ()) -> torch.Tensor:
-        """Bool mask over nodes: the edges (child ends) trained this iteration; always a subset of SDE edges."""
+        """Bool mask over nodes: the edges (child ends) trained this iteration; a subset of SDE edges for the edge
+        objective (a unit with its own objective may select other nodes: DiffusionNFT's final samples)."""
         return graph.stochastic.clone()
 
     def rollout(self, iteration: int, setup: RolloutSetup, prompt_ids: list[int], scorer=None) -> RolloutGraph:
@@ -219,6 +258,14 @@ class Algorithm(abc.ABC):
     def observe(self, graph: RolloutGraph, leaf_rewards: torch.Tensor, prompt_ids: list[int], iteration: int) -> dict:
         """After the rewards: update adaptive state from the iteration's statistics; returns figures to log."""
         return {}
+
+    def objective(self, loss_cfg) -> TrainingObjective | None:
+        """The training objective; None: the clipped surrogate over the selected rollout edges."""
+        return None
+
+    def old_policy_decay(self, step: int) -> float:
+        """d of theta_old <- d theta_old + (1 - d) theta after `step` training iterations (`keeps_old_policy`)."""
+        raise NotImplementedError(f"algorithm '{self.name}' keeps no old policy")
 
     # --- counts and state ------------------------------------------------------------------------------------
     def counts(self, iteration: int = 0) -> dict:

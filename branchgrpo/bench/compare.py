@@ -53,13 +53,24 @@ def method_flags(name: str, iterations: int) -> list[str]:
     return [interval if f == "{interval}" else f for f in methods()[name][1]]
 
 
+def run_id(name: str, seed: int | None) -> str:
+    """A run's key and folder under runs/: the method's name, or `<method>/seed<seed>` when seeds are given."""
+    return name if seed is None else f"{name}/seed{seed}"
+
+
+def method_of(run: str) -> str:
+    return run.split("/", 1)[0]
+
+
 def method_args(name: str, iterations: int, eval_every: int, output_dir: Path, common: list[str],
-                extra: list[str]) -> list[str]:
-    """The full trainer argument list of one method (the harness's flags first, the user's extra flags last)."""
-    return [*common, *method_flags(name, iterations), "--max_train_steps", str(iterations),
+                extra: list[str], seed: int | None = None) -> list[str]:
+    """The full trainer argument list of one method (the harness's flags first, the user's extra flags last);
+    `seed`: the run's --seed (None: the common flags' own)."""
+    seeded = [] if seed is None else ["--seed", str(seed)]
+    return [*common, *method_flags(name, iterations), *seeded, "--max_train_steps", str(iterations),
             "--validation_steps", str(eval_every),
             "--checkpointing_steps", "0", "--checkpoints_total_limit", "1", "--report_to", "none",
-            "--output_dir", str(output_dir / "runs" / name), *extra]
+            "--output_dir", str(output_dir / "runs" / run_id(name, seed)), *extra]
 
 
 def builtin_embeddings(model: str, output_dir: Path) -> tuple[Path, Path] | None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from branchgrpo.bench.compare import method_of
 from branchgrpo.core.files import read_json
 from branchgrpo.bench.report import md_table, write_csv
 from branchgrpo.runtime.outputs import read_jsonl
 
 TIME_KEYS = ("iter_time_s", "rollout_time_s", "reward_time_s", "train_time_s")
 TABLE_COLUMNS = (
-    ("method", "method"), ("label", "Table 1 row"), ("leaves_per_prompt", "leaves / prompt"),
+    ("method", "method"), ("seed", "seed"), ("label", "Table 1 row"), ("leaves_per_prompt", "leaves / prompt"),
     ("rollout_nfe", "NFE pi_old (rollout forwards / leaf)"), ("train_nfe", "NFE pi_theta (trained edges / leaf)"),
     ("rollout_forwards_per_prompt", "rollout forwards / prompt"), ("trained_edges_per_prompt",
                                                                     "trained edges / prompt"),
@@ -25,6 +26,8 @@ TABLE_COLUMNS = (
     ("rollout_time_s", "rollout s"), ("reward_time_s", "reward s"), ("train_time_s", "train s"),
     ("eval_reward_before", "eval reward before"), ("eval_reward_after", "eval reward after"),
     ("eval_reward_delta", "eval gain"), ("train_wall_s", "training time s"),
+    ("forwards_per_iteration", "forward-pass equivalents / iteration"),
+    ("diversity_ratio", "diversity / base"), ("kid", "KID to base"),
 )
 
 
@@ -54,20 +57,35 @@ def plan_nfe(run_dir: Path, iterations: int) -> tuple[float, float]:
             _mean([c["trained_edges_per_leaf"] for c in counts]))
 
 
+def forward_equivalents(entry: dict, sizes: dict) -> float:
+    """One iteration's compute on a rank in forward-pass equivalents: the rollout's forwards, each training forward
+    with its backward as 3, and the forwards without a backward (KL reference, theta_old, recomputed log-probs)."""
+    rollout = entry["rollout_nfe"] * sizes["leaves"] * sizes["prompts_per_rank"]
+    return rollout + 3 * entry["train_forward_rows"] + entry["extra_forward_rows"]
+
+
 def collect(output_dir: Path, runs: dict[str, list[str]], methods: dict, flags: dict[str, list[str]],
             baseline: str) -> list[dict]:
+    """One row per run (`runs`: run id -> trainer arguments; the id is the method's name or `<method>/seed<s>`)."""
     rows = []
-    for name, args in runs.items():
+    for run, args in runs.items():
+        name = method_of(run)
         run_dir = Path(args[args.index("--output_dir") + 1])
         entries = _jsonl(run_dir / "metrics.jsonl")
         if not (run_dir / "summary.json").is_file() or not entries:
-            print(f"[compare] {name}: no finished run in {run_dir}; left out of the table")
+            print(f"[compare] {run}: no finished run in {run_dir}; left out of the table")
             continue
         summary = read_json(run_dir / "summary.json")
         evals = _jsonl(run_dir / "eval.jsonl")
         timed = entries[1:] if len(entries) > 1 else entries
         leaves = summary["sizes"]["leaves"]  # per prompt, as the NFEs count them (G2RPO's anchor leaf included)
-        row = {"method": name, "label": methods[name][0], "flags": " ".join(flags[name]),
+        forwards = [forward_equivalents(e, summary["sizes"]) for e in entries]
+        final = evals[-1] if evals else {}
+        row = {"method": name, "run": run, "seed": read_json(run_dir / "config.json")["seed"],
+               "label": methods[name][0], "flags": " ".join(flags[name]),
+               "forwards_per_iteration": _mean(forwards),
+               # against the base model's samples of the same prompts and seeds (the step-0 evaluation)
+               "diversity_ratio": final.get("monitor_diversity_ratio"), "kid": final.get("monitor_kid"),
                "iterations": len(entries), "leaves_per_prompt": leaves,
                "rollout_nfe": _mean([e["rollout_nfe"] for e in entries]),
                "train_nfe": _mean([e["train_nfe"] for e in entries])}
@@ -80,23 +98,27 @@ def collect(output_dir: Path, runs: dict[str, list[str]], methods: dict, flags: 
                    reward_first=entries[0]["reward_mean"], reward_last=entries[-1]["reward_mean"],
                    train_wall_s=sum(e["iter_time_s"] for e in entries), wall_time_s=summary["wall_time_s"],
                    peak_memory_mb=summary.get("peak_memory_mb"), world_size=summary.get("world_size"),
-                   curve=_curve(entries, evals))
+                   curve=_curve(entries, evals, forwards))
         rows.append(row)
-    base = next((r for r in rows if r["method"] == baseline), None)
+    base = next((r for r in rows if r["method"] == baseline), None)  # its first seed's run
     for row in rows:
         row["iter_time_ratio"] = row["iter_time_s"] / base["iter_time_s"] if base else None
     return rows
 
 
-def _curve(entries: list[dict], evals: list[dict]) -> dict:
-    """Reward against cumulative training time (iteration times summed; evaluation time left out)."""
-    elapsed, clock = [0.0], 0.0
-    for e in entries:
+def _curve(entries: list[dict], evals: list[dict], forwards: list[float]) -> dict:
+    """Reward against cumulative training time (iteration times summed; evaluation time left out) and cumulative
+    compute (forward-pass equivalents)."""
+    elapsed, clock, compute, total = [0.0], 0.0, [0.0], 0.0
+    for e, f in zip(entries, forwards):
         clock += e["iter_time_s"]
+        total += f
         elapsed.append(clock)
+        compute.append(total)
+    at = [min(v["step"], len(entries)) for v in evals]
     return {"time_s": elapsed[1:], "reward_mean": [e["reward_mean"] for e in entries],
-            "eval_time_s": [elapsed[min(v["step"], len(entries))] for v in evals],
-            "eval_reward": [v["eval_reward"] for v in evals]}
+            "eval_step": [v["step"] for v in evals], "eval_time_s": [elapsed[i] for i in at],
+            "eval_compute": [compute[i] for i in at], "eval_reward": [v["eval_reward"] for v in evals]}
 
 
 def write_outputs(output_dir: Path, rows: list[dict], runs: dict, methods: dict, header: dict) -> None:
@@ -107,15 +129,23 @@ def write_outputs(output_dir: Path, rows: list[dict], runs: dict, methods: dict,
               [t + [r["plan_rollout_nfe"], r["plan_train_nfe"], r["iterations"], r["flags"]]
                for t, r in zip(table, rows)])
     (output_dir / "methods.json").write_text(json.dumps(
-        {name: {"label": methods[name][0], "trainer_args": args} for name, args in runs.items()}, indent=1))
+        {run: {"label": methods[method_of(run)][0], "trainer_args": args} for run, args in runs.items()}, indent=1))
     lines = [f"# Method comparison: {header['model']}, {header['iterations']} iterations per method", "",
              f"Same model, prompts, seeds, learning rate, batch and evaluation for every method (common flags: "
              f"`{' '.join(header['common_flags'])}`" + (f"; extra: `{' '.join(header['extra_flags'])}`"
                                                        if header["extra_flags"] else "") + "). "
-             f"Times are means over iterations 2..N; held-out evaluation every {header['eval_every']} iterations.",
+             f"Times are means over iterations 2..N; held-out evaluation every {header['eval_every']} iterations. "
+             "Forward-pass equivalents per iteration and rank: rollout forwards + 3 x training forwards (forward and "
+             "backward) + forwards without a backward (KL reference, DiffusionNFT's theta_old); diversity and KID: "
+             "the last evaluation's samples against the base model's (step 0) of the same prompts and seeds.",
              "", md_table([h for _, h in TABLE_COLUMNS], table), "", "Method flags:", "",
-             md_table(["method", "flags"], [(r["method"], f"`{r['flags']}`") for r in rows]), "",
+             md_table(["method", "flags"], [(r["method"], f"`{r['flags']}`") for r in rows
+                                            if r is next(q for q in rows if q["method"] == r["method"])]), "",
              "![reward vs wall-clock time](reward_vs_time.png)", ""]
+    if len({r["seed"] for r in rows}) > 1:
+        from branchgrpo.bench.compare_seeds import seed_summary
+
+        lines += seed_summary(output_dir, rows, header["baseline"])
     (output_dir / "table.md").write_text("\n".join(lines))
     plot_reward_vs_time(rows, output_dir / "reward_vs_time.png")
 
@@ -132,9 +162,10 @@ def plot_reward_vs_time(rows: list[dict], path: Path) -> Path:
     for row in rows:
         c = row["curve"]
         evals = [float("nan") if v is None else v for v in c["eval_reward"]]
-        (line,) = ax_eval.plot(c["eval_time_s"], evals, "o-", label=row["label"])
+        label = row["label"] + (f" (seed {row['seed']})" if row["run"] != row["method"] else "")
+        (line,) = ax_eval.plot(c["eval_time_s"], evals, "o-", label=label)
         ax_roll.plot(c["time_s"], _moving_average(c["reward_mean"], window), "-", color=line.get_color(),
-                     label=row["label"])
+                     label=label)
     rollout_title = "rollout reward, mean over leaves" + (f" ({window}-iteration moving average)" if window > 1
                                                           else "")
     for ax, title in ((ax_eval, "held-out eval reward (ODE sampler)"), (ax_roll, rollout_title)):

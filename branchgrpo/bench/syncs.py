@@ -25,7 +25,7 @@ _DATA_DEPENDENT = {"aten.nonzero", "aten._unique2", "aten.unique_dim", "aten.uni
                    "aten.masked_select", "aten.repeat_interleave"}
 
 
-HOST_SIDE = frozenset({"expand_plans", "_prepare", "_layout", "_noise_layout", "_plan", "layout",
+HOST_SIDE = frozenset({"expand_plans", "_prepare", "_layout", "_noise_layout", "_plan", "layout", "prepare", "windows",
                        "plan_micro_batches"})
 
 

@@ -15,9 +15,13 @@ evaluation for all. G2RPO's leaves are not free samples: it has G = 16 members a
 12 groups of 16. Sliding schedules (MixGRPO's window, DepPru's and Mix's windows) move every iterations // 10
 iterations, so that they slide within a short run as they do within the paper's 300 iterations.
 
-Each method writes a normal training run to `<output_dir>/runs/<method>/`; a finished run with identical flags is
-reused, so an interrupted comparison resumes. Results: table.json / table.md / table.csv, methods.json (every
-method's full flags) and reward_vs_time.png (eval and rollout reward against training wall-clock time).
+Each method writes a normal training run to `<output_dir>/runs/<method>/` (with `--seeds 1,2,3`: one per seed,
+`runs/<method>/seed<s>/`); a finished run with identical flags is reused, so an interrupted comparison resumes.
+Results: table.json / table.md / table.csv, methods.json (every run's full flags) and reward_vs_time.png (eval and
+rollout reward against training wall-clock time); with several seeds also seeds.json, a table of means with 95%
+intervals over the seeds (final eval reward, forward-pass equivalents - rollout forwards + 3 x training forwards +
+forwards without a backward -, compute and time to reach DanceGRPO tf1.0's final reward, diversity and KID against
+the base model's samples) and reward_vs_compute.png (eval reward against compute and against time).
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from branchgrpo.bench.compare import (
     method_args,
     method_flags,
     methods,
+    run_id,
     run_method,
 )
+from branchgrpo.core.flags import parse_int_list
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 
@@ -60,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(methods())}) or 'all'")
     p.add_argument("--iterations", type=int, default=100, help="training iterations per method (the default toy "
                    "run took 12.5 minutes for all methods on 2 CPU cores)")
+    p.add_argument("--seeds", default="", help="comma list of seeds: every method trains once per seed (runs/"
+                   "<method>/seed<s>/), and the table adds means with 95%% intervals over them, the compute and time "
+                   "to reach the baseline's final reward, and eval reward against compute (default: one run with the "
+                   "backbone's comparison seed)")
     p.add_argument("--eval_every", type=int, default=0, help="held-out evaluation every N iterations "
                    "(0: iterations // 5, at least 1)")
     p.add_argument("--output_dir", default="outputs/compare")
@@ -102,15 +112,18 @@ def run(argv=None) -> dict:
     embeddings = None if "--data_json_path" in extra else builtin_embeddings(args.model, output_dir)
     if embeddings is not None:
         common += ["--data_json_path", str(embeddings[0]), "--eval_data_json_path", str(embeddings[1])]
-    runs = {name: method_args(name, args.iterations, eval_every, output_dir, common, extra) for name in names}
+    seeds = parse_int_list(args.seeds, "--seeds") if args.seeds.strip() else [None]
+    runs = {run_id(name, seed): method_args(name, args.iterations, eval_every, output_dir, common, extra, seed)
+            for name in names for seed in seeds}
     start, load_start = time.time(), _load()
-    for name, method in runs.items():
+    for run, method in runs.items():
         if not args.collect_only:
-            run_method(name, method, args.launcher, args.nproc, args.num_threads)
+            run_method(run, method, args.launcher, args.nproc, args.num_threads)
     flags = {name: method_flags(name, args.iterations) for name in names}
     rows = collect(output_dir, runs, rows_by_name, flags, BASELINE)
     write_outputs(output_dir, rows, runs, rows_by_name, {"model": args.model, "iterations": args.iterations,
                                                    "eval_every": eval_every, "common_flags": common,
+                                                   "baseline": BASELINE, "seeds": seeds,
                                                    "extra_flags": extra, "harness_wall_time_s": time.time() - start,
                                                    "launcher": args.launcher, "num_threads": args.num_threads,
                                                    "cpu_count": os.cpu_count(), "load_average_start": load_start,

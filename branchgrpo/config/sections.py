@@ -113,7 +113,8 @@ class LossConfig(Section):
 
     clip_range: float = flag(1e-3, "PPO clip epsilon of the ratio")
     adv_clip_max: float = flag(5.0, "advantages are clipped to +-this")
-    kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled)")
+    kl_coef: float = flag(0.0, "beta of the closed-form KL to the reference (frozen base; LoRA: adapter disabled); "
+                          "diffusion_nft: of its velocity penalty mean ||v_theta - v_ref||^2")
     ratio_norm: bool = flag(False, "GRPO-Guard RatioNorm: each step's log-ratio re-centred and rescaled to std_t "
                             "[log r + mean((mu - mu_old)^2) / (2 std_t^2)] (= mean(eps (mu - mu_old))), and the "
                             "policy loss divided by the step's sigma - sigma_next; keeps the rollout's means")

@@ -409,6 +409,37 @@ def run_rollout(
     return setup.start(plan, branch_innovation, keep_all_latents=keep_all_latents).finish()
 
 
+@torch.no_grad()
+def multistep_rollout(setup: RolloutSetup, plan: GraphPlan) -> RolloutGraph:
+    """Chains of a plan without stochastic edges (`group_plan(T, G, sde_steps=())`) sampled by the 2nd-order
+    multistep DPM-Solver++ (`sde.dpm_solver_2m_step`) instead of Euler: one forward per chain and step, from the
+    same keyed initial noise; only the final samples are kept. A multistep solver carries each chain's previous
+    data prediction, which the depth-batched `Rollout` (one step per edge) has no place for."""
+    assert bool((plan.kind != SDE).all()) and bool((plan.num_children <= 1).all()), "chains of ODE steps only"
+    num_prompts = len(setup.noise.prompt_keys)
+    nodes = expand_plans([plan] * num_prompts)
+    roots = torch.nonzero(nodes["parent"] < 0).flatten()
+    device = torch.device(setup.device)
+    keys = zip(nodes["prompt"][roots].tolist(), nodes["root_slot"][roots].tolist())
+    x = torch.stack([keyed_normal(tuple(setup.latent_shape), setup.noise.root(b, slot), device) for b, slot in keys])
+    prompt = nodes["prompt"][roots].to(device)
+    sigmas = setup.sigmas.tolist()
+    previous = None
+    for i in range(plan.num_steps):
+        sigma_B = torch.full((x.shape[0],), sigmas[i], dtype=torch.float32, device=device)
+        x0 = sde.predict_x0(x, _evaluate(setup.velocity_fn, x, sigma_B, prompt, setup.batch_size), sigma_B)
+        x = sde.dpm_solver_2m_step(x, x0, previous, sigmas[i - 1] if i else None, sigmas[i], sigmas[i + 1])
+        previous = x0
+    n = nodes["parent"].numel()
+    leaves = torch.nonzero(nodes["is_leaf"]).flatten()  # chain by chain, in the roots' order
+    latent_row = torch.full((n,), -1, dtype=torch.long)
+    latent_row[leaves] = torch.arange(leaves.numel())
+    return RolloutGraph(plan=plan, num_prompts=num_prompts, sigmas=setup.sigmas, parent=nodes["parent"],
+                        step=nodes["step"], depth=nodes["depth"], kind=nodes["kind"], prompt=nodes["prompt"],
+                        group=nodes["group"], log_prob=torch.zeros(n), std=torch.zeros(n), latents=x,
+                        latent_row=latent_row, num_forward_passes=plan.num_steps * roots.numel())
+
+
 def _alive_subgraph(graph: RolloutGraph, alive: torch.Tensor) -> RolloutGraph:
     """The rollout graph without the nodes dropped at splits (never run): per-prompt reduced plans."""
     ids = torch.nonzero(alive).flatten()

@@ -193,6 +193,29 @@ def cps_mean_std(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, eta: float
     return ode_step(x, v, sigma_B, sigma_next_B) - _bcast(k_B, x) * x1_hat, std_B
 
 
+def _log_snr(sigma: float) -> float:
+    """lambda = log((1 - sigma) / sigma) of x_sigma = (1 - sigma) x0 + sigma eps (-inf at sigma = 1)."""
+    return math.log(1.0 - sigma) - math.log(sigma) if sigma < 1.0 else -math.inf
+
+
+def dpm_solver_2m_step(x: torch.Tensor, x0_pred: torch.Tensor, x0_prev: torch.Tensor | None, sigma_prev: float | None,
+                       sigma: float, sigma_next: float) -> torch.Tensor:
+    """One step of the 2nd-order multistep DPM-Solver++ (data prediction) from sigma to sigma_next, for a schedule
+    shared by the batch: x' = (s'/s) x + (1 - s') (1 - e^-h) D, h = lambda(s') - lambda(s), with D the data
+    prediction corrected by the previous step's, D = (1 + 1/(2 r)) x0 - 1/(2 r) x0_prev, r = h_prev / h. The first
+    step (no previous prediction, or one from sigma = 1 where lambda is -inf) is first order - from sigma = 1 exactly
+    the Euler step - and the step to sigma = 0 returns the data prediction (first order, as DPM-Solver++ ends)."""
+    x, x0_pred = x.float(), x0_pred.float()
+    if sigma_next <= 0.0:
+        return x0_pred
+    h = _log_snr(sigma_next) - _log_snr(sigma)
+    data = x0_pred
+    if x0_prev is not None and sigma_prev is not None and sigma_prev < 1.0:
+        half_inv_r = 0.5 * h / (_log_snr(sigma) - _log_snr(sigma_prev))
+        data = (1.0 + half_inv_r) * x0_pred - half_inv_r * x0_prev.float()
+    return (sigma_next / sigma) * x + (1.0 - sigma_next) * (-math.expm1(-h)) * data
+
+
 def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """log N(sample; mean, std^2) averaged over all non-batch elements, in fp32 -> [B]."""
     sample, mean = sample.float(), mean.float()

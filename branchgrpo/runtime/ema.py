@@ -34,10 +34,13 @@ class EMA:
         return _local(param.detach()).device if self.on_device else "cpu"
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """shadow <- d shadow + (1 - d) param, d = `decay` (a schedule's value: DiffusionNFT's old policy) or the
+        fixed --ema_decay."""
+        d = self.decay if decay is None else decay
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(_local(param.detach()).to(self._where(param), torch.float32), 1.0 - self.decay)
+                self.shadow[name].lerp_(_local(param.detach()).to(self._where(param), torch.float32), 1.0 - d)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:

@@ -106,6 +106,9 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim,
                                             cfg.optim.max_train_steps * self.sizes["optimizer_steps"])
         self.ema = EMA(self.prepared.model, cfg.optim.ema_decay, cfg.optim.ema_device) if cfg.optim.use_ema else None
+        # theta_old of a unit that keeps one (DiffusionNFT): a copy of the trained tensors beside them (this rank's
+        # shards under FSDP2, the adapter's under LoRA) that samples the rollouts and moves towards theta
+        self.old_policy = EMA(self.prepared.model, 0.0, "device") if self.algo.keeps_old_policy else None
         data_seed = cfg.run.seed if cfg.data.sampler_seed is None else cfg.data.sampler_seed
         self.sampler = PromptSampler(self.store, cfg.data.train_batch_size, self.info.rank, self.info.world_size,
                                      data_seed)
@@ -113,7 +116,8 @@ class Trainer:
                                    r.reward_batch_size, self.info.rank, self.info.world_size)
         self.updater = PolicyUpdate(self.adapter, self.prepared.model, self.optimizer, self.scheduler, cfg.optim,
                                     cfg.loss, cfg.run.seed, self.kernel, self.device, self.prepared.autocast,
-                                    self.prepared.reference, self.info.rank, self.preempt)
+                                    self.prepared.reference, self.info.rank, self.preempt,
+                                    objective=self.algo.objective(cfg.loss), old_policy=self.old_policy)
         self.evals = EvalLog(self.output_dir / "eval.jsonl" if self.info.is_main else None)
         self.clock = Stopwatch()
         self.nonfinite = NonFiniteGuard(r.max_nonfinite_fraction, r.max_nonfinite_iterations, self.info.is_main)
@@ -126,7 +130,7 @@ class Trainer:
         self.states = {"scheduler": self.scheduler, "algorithm": self.algo, "sampler": self.sampler,
                        "evals": self.evals, "wall_time_s": self.clock, "nonfinite": self.nonfinite,
                        "monitor": self.monitor, "skipped_steps": self.divergence, "preemption": self.preempt}
-        self.rank_states = {"rng": GlobalRNG(), "ema": self.ema}
+        self.rank_states = {"rng": GlobalRNG(), "ema": self.ema, "old_policy": self.old_policy}
         # what an iteration changes before its update ends, put back when a stop signal cuts it short (the EMA and
         # the non-finite counts change after the update; the wall clock keeps counting)
         self.boundary = dict({k: v for k, v in self.states.items() if k not in ("wall_time_s", "preemption")},
@@ -244,6 +248,8 @@ class Trainer:
         self.prepared.log_compiles()  # --compile: how many graphs so far, when that changed
         if self.ema is not None and (it + 1) % self.cfg.optim.ema_update_interval == 0:
             self.ema.update(self.prepared.model)
+        if self.old_policy is not None:
+            self.old_policy.update(self.prepared.model, self.algo.old_policy_decay(it + 1))
         t3 = time.time()
         self._maybe_save_rollout(graph, media, it)
         results = IterationResults(it, graph, scores, self.rewards.weighted_sum(scores), finite, trained, update,
@@ -273,7 +279,9 @@ class Trainer:
         def scorer(latents: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
             return score(latents, prompt_index + first)
 
-        with using_module(self.adapter, self.prepared.bare):
+        sampler = self.old_policy.swapped_in(self.prepared.model) if self.old_policy is not None \
+            else contextlib.nullcontext()  # theta_old collects the data of a unit that keeps one
+        with using_module(self.adapter, self.prepared.bare), sampler:
             return self.algo.rollout(it, setup, batch.indices[prompts], scorer)
 
     def rollout_and_score(self, embeddings: dict, batch, it: int):

@@ -11,9 +11,10 @@
 #
 # Environment (defaults): MODEL (toy | flux); ITERATIONS (100); METHODS (all; comma list of dancegrpo_tf1.0,
 # dancegrpo_tf0.6, mixgrpo, branchgrpo, branchgrpo_widpru, branchgrpo_deppru, branchgrpo_mix, g2rpo, flow_grpo,
-# flow_grpo_fast, flow_grpo_fast_cps); OUTPUT_DIR
-# (outputs/compare for the toy, outputs/compare_flux for flux); EVAL_EVERY (ITERATIONS / 5); NUM_THREADS (1);
-# SKIP_SETUP=1 skips env_setup.sh; PYTHON.
+# flow_grpo_fast, flow_grpo_fast_cps, diffusion_nft, diffusion_nft_tree); SEEDS (empty: one run per method; "1,2,3":
+# one per seed, with means and 95% intervals, eval reward against forward-pass equivalents and time, compute to reach
+# DanceGRPO's final reward); OUTPUT_DIR (outputs/compare for the toy, outputs/compare_flux for flux); EVAL_EVERY
+# (ITERATIONS / 5); NUM_THREADS (1); SKIP_SETUP=1 skips env_setup.sh; PYTHON.
 # flux only: NPROC (8 processes per method, torchrun), MODEL_PATH (data/flux), DATA_JSON
 # (data/rl_embeddings/index.json), EVAL_DATA_JSON (optional), HPS_CKPT_DIR (hps_ckpt), REWARD (hps=1.0), H, W (720),
 # MASTER_PORT (29517). Extra arguments go to every method's trainer (after the harness's flags, so they win).
@@ -35,7 +36,10 @@ bg_python
 [[ -z "${EVAL_EVERY:-}" || "${EVAL_EVERY}" =~ ^[1-9][0-9]*$ ]] || { echo "error: EVAL_EVERY must be a positive integer" >&2; BG_MISSING=1; }
 
 ARGS=(--model "$MODEL" --iterations "$ITERATIONS" --methods "$METHODS" --num_threads "$NUM_THREADS")
+[[ -z "${SEEDS:-}" || "${SEEDS}" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
+  { echo "error: SEEDS must be a comma list of integers, got '$SEEDS'" >&2; BG_MISSING=1; }
 [[ -n "${EVAL_EVERY:-}" ]] && ARGS+=(--eval_every "$EVAL_EVERY")
+[[ -n "${SEEDS:-}" ]] && ARGS+=(--seeds "$SEEDS")
 TRAINER_ARGS=()
 case "$MODEL" in
   toy)
