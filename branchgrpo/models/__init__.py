@@ -1,6 +1,6 @@
 """Backbones: the adapter contract (base.py), one spec per backbone (spec.py, with the optional protocols of
-support.py; toy.py, flux.py, wan.py, wan_i2v.py), classifier-free guidance (guidance.py) and the registry through
-which the config parser, trainer, preprocessing, evaluation, benchmark and make_tiny find them.
+support.py; toy.py, flux.py, flux_kontext.py, wan.py, wan_i2v.py), classifier-free guidance (guidance.py) and the
+registry through which the config parser, trainer, preprocessing, evaluation, benchmark and make_tiny find them.
 
 Adding a backbone: a module with a FlowAdapter subclass and a BackboneSpec subclass (its config section in `Config`)
 registered with `@register_backbone`, listed in BUILTIN_BACKBONES (see docs/architecture.md).
