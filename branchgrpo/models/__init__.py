@@ -19,6 +19,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.flux",
     "branchgrpo.models.wan",
     "branchgrpo.models.wan_i2v",
+    "branchgrpo.models.wan22",
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

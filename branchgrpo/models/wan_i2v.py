@@ -58,7 +58,7 @@ class WanI2VAdapter(WanAdapter):
     name = "wan_i2v"
     pipeline_class_name = "WanImageToVideoPipeline"
     embedding_keys = WanAdapter.embedding_keys + IMAGE_KEYS
-    image_to_video = True
+    image_to_video, image_tokens = True, True
     checkpoint_kind, checkpoint_layout = "Wan2.1-I2V", I2V_LAYOUT
     lora_targets = LORA_TARGETS + ("add_k_proj", "add_v_proj")
 
