@@ -151,18 +151,19 @@ class Wan22Adapter(WanAdapter):
             if not run:
                 continue
             index = rows_B.nonzero().squeeze(1)
-            if index.numel() == latents.shape[0]:  # every row: no gather (a rollout depth)
-                return self._expert_velocity(expert, inputs, negative, scale)
             stand_in = index.numel() == 0
+            every_row = index.numel() == latents.shape[0]  # a rollout depth: no gather, no scatter
             rows = index.new_zeros(1) if stand_in else index
 
             def pick(tensors: dict) -> dict:
-                return {key: value.index_select(0, rows) for key, value in tensors.items()}
+                return tensors if every_row else {key: value.index_select(0, rows) for key, value in tensors.items()}
 
             prediction = self._expert_velocity(expert, pick(inputs), pick(negative), scale)
             if stand_in:  # in the graph with weight 0: this rank's backward reaches the expert like the others'
                 velocity = velocity + torch.where(torch.zeros((), dtype=torch.bool, device=velocity.device),
                                                   prediction.sum(), 0.0)
+            elif every_row:  # added, not assigned: a stand-in term of the other expert stays in the graph
+                velocity = velocity + prediction
             else:
                 velocity = velocity.index_copy(0, index, prediction)
         return velocity
@@ -250,9 +251,13 @@ class Wan22Spec(WanSpec):
                           transformer_path=transformer_path, adapter_class=self.adapter_class)
 
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
-        """Both experts (all their parameters are held and sharded); one training forward runs one of them."""
+        """Both experts (all their parameters are held and sharded; those of an expert `--train_experts` leaves
+        out are frozen); one training forward runs one of them (traced: a trained one)."""
         high, low = (super(Wan22Spec, self).planner_model(model_cfg, config, dtype, device, text_tokens)
                      for _ in EXPERT_FOLDERS)
-        return high._replace(transformer=WanExperts(high.transformer, low.transformer), blocks=high.blocks + low.blocks,
-                             inputs=lambda batch: {"expert": "high", **high.inputs(batch)},
+        experts, trained = WanExperts(high.transformer, low.transformer), TRAIN_EXPERTS[model_cfg.backbone.train_experts]
+        for expert in EXPERT_FOLDERS:
+            getattr(experts, expert).requires_grad_(expert in trained)
+        return high._replace(transformer=experts, blocks=high.blocks + low.blocks,
+                             inputs=lambda batch: {"expert": trained[0], **high.inputs(batch)},
                              description=f"{high.description}; one of the two experts per forward")
