@@ -19,8 +19,10 @@ tests/test_wan.py):
 
 Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout; image-to-video is the `wan_i2v` backbone
 (models/wan_i2v.py), which subclasses this adapter (its transformer takes CLIP image tokens and 20 extra condition
-channels per step: the two hooks `model_input` / `image_inputs` below). Not supported (clear error at load): Wan2.2
-(two-expert `transformer_2` / `boundary_ratio`, per-token timesteps) and the first-last-frame model.
+channels per step: the two hooks `model_input` / `image_inputs` below); Wan2.2 T2V-A14B (two experts) is the
+`wan22` backbone (models/wan22.py), which subclasses it too (`transformer_inputs` / `negative_inputs` / `guided`
+below). Not supported (clear error at load): Wan2.2 I2V-A14B (two experts, no CLIP tokens), TI2V-5B (per-token
+timesteps) and the first-last-frame model.
 
 dtypes: master weights fp32 (`load_wan(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
 cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:

@@ -253,11 +253,15 @@ class Wan22Spec(WanSpec):
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
         """Both experts (all their parameters are held and sharded; those of an expert `--train_experts` leaves
         out are frozen); one training forward runs one of them (traced: a trained one)."""
-        high, low = (super(Wan22Spec, self).planner_model(model_cfg, config, dtype, device, text_tokens)
-                     for _ in EXPERT_FOLDERS)
-        experts, trained = WanExperts(high.transformer, low.transformer), TRAIN_EXPERTS[model_cfg.backbone.train_experts]
+        planned = {expert: super(Wan22Spec, self).planner_model(model_cfg, config, dtype, device, text_tokens)
+                   for expert in EXPERT_FOLDERS}
+        experts = WanExperts(planned["high"].transformer, planned["low"].transformer)
+        trained = TRAIN_EXPERTS[model_cfg.backbone.train_experts]
         for expert in EXPERT_FOLDERS:
             getattr(experts, expert).requires_grad_(expert in trained)
-        return high._replace(transformer=experts, blocks=high.blocks + low.blocks,
-                             inputs=lambda batch: {"expert": trained[0], **high.inputs(batch)},
-                             description=f"{high.description}; one of the two experts per forward")
+        # the traced expert's blocks first: the trace records the first block called and replays it for the others
+        order = list(trained) + [e for e in EXPERT_FOLDERS if e not in trained]
+        first = planned[order[0]]
+        return first._replace(transformer=experts, blocks=[b for e in order for b in planned[e].blocks],
+                              inputs=lambda batch: {"expert": order[0], **first.inputs(batch)},
+                              description=f"{first.description}; one of the two experts per forward")

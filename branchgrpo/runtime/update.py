@@ -170,7 +170,8 @@ class PolicyUpdate:
                     self.preemption.cut_point()
                 with gradient_sync(self.model, enabled=i == window[-1]):
                     loss, mb = self._micro_batch_loss(graph, embeddings, tables[i], max(num_edges, 1.0))
-                    loss.backward()
+                    if loss.requires_grad:  # not when its edges belong to a frozen part only (a Wan2.2 expert
+                        loss.backward()  # left out of training); the same on every rank: they run the same parts
                 step_loss = step_loss + loss.detach().double()
                 if mb:
                     stats = merge_stats(stats, mb.pop("stats"))
