@@ -182,7 +182,8 @@ class DiffusersExportMixin:
         """Write `out_dir/<part>/` (config.json + diffusion_pytorch_model.safetensors) per part, for
         `<transformer class>.from_pretrained`; LoRA layers, if any, are merged into the weights. Returns the first
         part's folder."""
-        state = _strip_wrapper_prefixes(state_dict if state_dict is not None else _unwrap(self.transformer).state_dict())
+        state = state_dict if state_dict is not None else _unwrap(self.transformer).state_dict()
+        state = _strip_wrapper_prefixes(state)
         _require_full(state, "export")
         folders = [write_diffusers_model(model, _part_state(state, prefix), Path(out_dir) / subfolder,
                                          self.transformer_class_name, dtype)
@@ -201,9 +202,10 @@ class DiffusersExportMixin:
         for subfolder, (prefix, model) in self.diffusers_parts().items():
             lora = _lora_layers(model, None if state is None else _part_state(state, prefix))
             metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
-            pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata,
-                                       weight_name=lora_file_name(subfolder))
-            files.append(Path(out_dir) / lora_file_name(subfolder))
+            name = lora_file_name(subfolder)
+            pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora,
+                                       transformer_lora_adapter_metadata=metadata, weight_name=name)
+            files.append(Path(out_dir) / name)
         return files[0]
 
 

@@ -175,6 +175,11 @@ class Wan22Adapter(WanAdapter):
         return self.guided(forward, inputs, negative, scale)
 
 
+def _architecture(config: dict) -> dict:
+    """A transformer config without its bookkeeping keys (`_class_name`, `_diffusers_version`, ...)."""
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 def load_wan22(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                vae_dtype: torch.dtype = torch.float32, height: int = 480, width: int = 832, num_frames: int = 81,
                guidance_scale: float = 4.0, guidance_scale_2: float = 3.0, train_experts: str = "both",
@@ -191,7 +196,7 @@ def load_wan22(model_path: str | Path, device: torch.device | str = "cpu", dtype
                for expert, folder in EXPERT_FOLDERS.items()}
     high, low = (configs[folder] for folder in EXPERT_FOLDERS.values())
     _check_supported(root, high, adapter_class)
-    if {k: v for k, v in high.items() if not k.startswith("_")} != {k: v for k, v in low.items() if not k.startswith("_")}:
+    if _architecture(high) != _architecture(low):
         raise ValueError(f"{transformer_root}: transformer/{CONFIG_FILE} and transformer_2/{CONFIG_FILE} differ; the "
                          "two Wan2.2 experts share one architecture")
     check_wan_config(num_frames, height, width, high, read_config(root / "vae", "Wan VAE"),
