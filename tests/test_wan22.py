@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from branchgrpo.models import get_backbone
 from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, load_wan
 from branchgrpo.models.wan22 import load_wan22
 
+REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 9, 32, 48
 PROMPTS = ["a red cat sitting on a wooden table", "an astronaut riding a horse in the desert at sunset"]
 MAX_SEQ = 16
@@ -235,3 +238,99 @@ def test_planner_counts_both_experts():
     per_expert = [sum(p.numel() for p in getattr(planned.transformer, e).parameters()) for e in ("high", "low")]
     assert per_expert[0] == per_expert[1] and abs(per_expert[0] / 14.3e9 - 1) < 0.02
     assert len(planned.blocks) == 80 and planned.inputs(1)["expert"] == "high"
+
+
+# ----- image-to-video: Wan2.2 I2V-A14B (boundary 0.9, 36 input channels, no CLIP image tokens) ---------------------
+
+I2V_FRAMES, I2V_HEIGHT, I2V_WIDTH = 9, 48, 80  # 5:3, within 10% of the asset frames' aspect ratio
+I2V_HIGH, I2V_LOW = 3.5, 2.0  # distinct, so that a row guided with the other expert's scale shows
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan22_i2v") / "wan22_i2v"
+    make_tiny("wan22_i2v", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def i2v_records():
+    from branchgrpo.data.preprocess import read_prompts
+
+    return read_prompts(REPO / "assets" / "i2v_prompts.jsonl", "jsonl", image_size=(I2V_HEIGHT, I2V_WIDTH)).items[:2]
+
+
+@pytest.fixture(scope="module")
+def i2v_cond(i2v_dir, i2v_records):
+    """Per-prompt conditioning as the preprocessing stores it: text, first frame, first-frame latents - no CLIP."""
+    from branchgrpo.data.embeddings import with_extras
+
+    encode = get_backbone("wan22_i2v").prompt_encoder(str(i2v_dir), "cpu", SimpleNamespace(
+        dtype="auto", h=I2V_HEIGHT, w=I2V_WIDTH, num_frames=I2V_FRAMES, max_sequence_length=MAX_SEQ))
+    with torch.no_grad():
+        return with_extras(encode(i2v_records), encode.extras(), "cpu")
+
+
+def _load_i2v(folder):
+    from branchgrpo.models.wan22 import Wan22I2VAdapter
+
+    return load_wan22(str(folder), "cpu", height=I2V_HEIGHT, width=I2V_WIDTH, num_frames=I2V_FRAMES,
+                      guidance_scale=I2V_HIGH, guidance_scale_2=I2V_LOW, adapter_class=Wan22I2VAdapter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [2, 3, 4])
+def test_i2v_rollout_matches_two_expert_i2v_pipeline_across_the_boundary(i2v_dir, i2v_cond, i2v_records, steps):
+    """Our rollout against WanImageToVideoPipeline (it encodes the image itself): at shift 5 each of 2, 3 and 4
+    steps has sigmas on both sides of t = 900."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    from branchgrpo.models.wan_i2v import load_image
+
+    assert "image_embeds" not in i2v_cond and i2v_cond["image_latents"].shape[1] == 16
+    adapter = _load_i2v(i2v_dir)
+    assert adapter.boundary_timestep == 900.0
+    sigmas = sde.make_sigmas(steps, shift=SHIFT)
+    assert 0 < int((sigmas[:-1] * 1000 >= 900).sum()) < steps
+    x, ours = _rollout(adapter, i2v_cond, steps)
+    pipe = WanImageToVideoPipeline.from_pretrained(str(i2v_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for row, record in enumerate(i2v_records):
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+        set_timesteps = scheduler.set_timesteps
+        unshifted = torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist()
+        scheduler.set_timesteps = lambda n, device=None, **kw: set_timesteps(n, device=device, sigmas=unshifted)
+        pipe.scheduler = scheduler
+        ref = pipe(image=load_image(record.image), prompt_embeds=i2v_cond["prompt_embeds"][row:row + 1],
+                   negative_prompt_embeds=i2v_cond["negative_prompt_embeds"][row:row + 1],
+                   latents=x[row:row + 1].clone(), num_inference_steps=steps, guidance_scale=I2V_HIGH,
+                   guidance_scale_2=I2V_LOW, height=I2V_HEIGHT, width=I2V_WIDTH, num_frames=I2V_FRAMES,
+                   output_type="latent").frames
+        assert (ours[row] - x[row]).abs().max() > 0.1
+        assert (ours[row:row + 1] - ref).abs().max().item() <= PARITY_ATOL
+
+
+def test_i2v_checkpoints_go_to_their_backbone(i2v_dir, wan22_dir):
+    from branchgrpo.models.wan_i2v import WanI2VAdapter
+
+    with pytest.raises(ValueError, match="Wan2.2 I2V-A14B.*--model wan22_i2v"):
+        load_wan22(str(i2v_dir), "cpu", height=I2V_HEIGHT, width=I2V_WIDTH, num_frames=I2V_FRAMES)
+    with pytest.raises(ValueError, match="Wan2.2 T2V-A14B.*--model wan22 "):
+        _load_i2v(wan22_dir)
+    with pytest.raises(FileNotFoundError, match="lacks image_encoder"):  # Wan2.1-I2V's loader and encoder
+        get_backbone("wan_i2v").prompt_encoder(str(i2v_dir), "cpu", SimpleNamespace(h=I2V_HEIGHT, w=I2V_WIDTH,
+                                                                                    num_frames=I2V_FRAMES))
+    with pytest.raises(ValueError, match="--model wan22_i2v"):
+        load_wan(str(i2v_dir), "cpu", height=I2V_HEIGHT, width=I2V_WIDTH, num_frames=I2V_FRAMES,
+                 adapter_class=WanI2VAdapter)
+
+
+def test_i2v_planner_counts_both_experts():
+    from branchgrpo.config.sections import ModelConfig
+
+    spec = get_backbone("wan22_i2v")
+    model_cfg = ModelConfig.for_backbone("wan22_i2v", None)
+    planned = spec.planner_model(model_cfg, spec.planner_config(model_cfg)[0], torch.bfloat16)
+    per_expert = sum(p.numel() for p in planned.transformer.low.parameters())
+    assert planned.transformer.high.config.in_channels == 36 and abs(per_expert / 14.3e9 - 1) < 0.02
+    assert model_cfg.backbone.resolved("guidance_scale") == 3.5 == model_cfg.backbone.resolved("guidance_scale_2")

@@ -177,11 +177,8 @@ def _check_supported(root: Path, transformer_config: dict, adapter_class: type["
     image_dim, in_channels = transformer_config.get("image_dim"), transformer_config.get("in_channels", 16)
     is_i2v = image_dim is not None or in_channels != transformer_config.get("out_channels", 16)
     wanted = adapter_class.two_experts, adapter_class.image_to_video
-    kind = WAN_KINDS.get((two_experts, is_i2v))
+    kind = WAN_KINDS[two_experts, is_i2v]
     if (two_experts, is_i2v) != wanted:
-        if kind is None:
-            raise ValueError(f"{root}: a Wan2.2 two-expert image-to-video checkpoint (I2V-A14B); not supported yet "
-                             "(docs/wan.md)")
         raise ValueError(f"{root}: holds a {kind[0]} (transformer_2 / boundary_ratio in model_index.json: "
                          f"{two_experts}; image_dim={image_dim}, in_channels={in_channels}); the {adapter_class.name} "
                          f"backbone takes a {WAN_KINDS[wanted][0]}: use --model {kind[1]} (docs/wan.md)")
@@ -196,7 +193,8 @@ def _check_supported(root: Path, transformer_config: dict, adapter_class: type["
 #: (two experts, image-to-video) -> (what the checkpoint is, the backbone that takes it)
 WAN_KINDS = {(False, False): ("text-to-video Wan transformer (Wan2.1)", "wan"),
              (False, True): ("image-to-video Wan transformer (Wan2.1)", "wan_i2v"),
-             (True, False): ("two-expert text-to-video Wan transformer pair (Wan2.2 A14B)", "wan22")}
+             (True, False): ("two-expert text-to-video Wan transformer pair (Wan2.2 T2V-A14B)", "wan22"),
+             (True, True): ("two-expert image-to-video Wan transformer pair (Wan2.2 I2V-A14B)", "wan22_i2v")}
 
 
 def condition_channels(vae_config, image_to_video: bool) -> int:

@@ -23,7 +23,12 @@ latent normalisation, prompt encoding):
 - Schedule: the official recipe samples 40 UniPC steps at shift 12.0; the checkpoint's scheduler shift is read into
   `native_shift` as for Wan2.1 (the trainer warns when --shift differs).
 
-Supported: Wan2.2-T2V-A14B in diffusers layout. Not supported (a clear error at load): Wan2.2-I2V-A14B and TI2V-5B.
+Image-to-video (`wan22_i2v`, Wan2.2-I2V-A14B, boundary 0.9): Wan2.1-I2V's channel conditioning (models/wan_i2v.py:
+[x ; first-frame mask ; first-frame latents], 16 + 4 + 16 = 36 input channels, built once per prompt by the
+preprocessing) through both experts, without CLIP image tokens (the checkpoint has no image encoder; diffusers'
+WanImageToVideoPipeline computes none when `boundary_ratio` is set).
+
+Supported: Wan2.2-T2V-A14B and I2V-A14B in diffusers layout. Not supported (a clear error at load): TI2V-5B.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from branchgrpo.models.diffusers_backbone import (
 )
 from branchgrpo.models.guidance import guidance_on
 from branchgrpo.models.support import PlannerModel
+from branchgrpo.models.wan_i2v import WanI2VAdapter, WanI2VSpec, build_i2v_encoder
 from branchgrpo.models.wan import (
     WAN_LAYOUT,
     WanAdapter,
@@ -238,6 +244,13 @@ class Wan22Config(WanConfig):
             raise ValueError(f"--train_experts: '{self.train_experts}' is not one of {', '.join(TRAIN_EXPERTS)}")
 
 
+@dataclass
+class Wan22I2VConfig(Wan22Config):
+    """Wan2.2 I2V-A14B's flags (Wan2.2 A14B's): the official recipe's guidance 3.5 for both experts."""
+
+    DEFAULTS = {**Wan22Config.DEFAULTS, "guidance_scale": 3.5, "guidance_scale_2": 3.5}
+
+
 @register_backbone
 class Wan22Spec(WanSpec):
     """Wan2.2 T2V-A14B (two experts), diffusers layout; tiny stand-in: `python -m branchgrpo.make_tiny wan22 DIR`."""
@@ -270,3 +283,42 @@ class Wan22Spec(WanSpec):
         return first._replace(transformer=experts, blocks=[b for e in order for b in planned[e].blocks],
                               inputs=lambda batch: {"expert": order[0], **first.inputs(batch)},
                               description=f"{first.description}; one of the two experts per forward")
+
+
+# ----- image-to-video: Wan2.2 I2V-A14B --------------------------------------------------------------------------------
+
+
+class Wan22I2VAdapter(Wan22Adapter, WanI2VAdapter):
+    """The two experts of Wan2.2 I2V-A14B: Wan2.1-I2V's channel conditioning ([x ; mask ; first-frame latents],
+    16 + 4 + 16 = 36 channels, `WanI2VAdapter.model_input`) without CLIP image tokens, which this checkpoint lacks."""
+
+    name = "wan22_i2v"
+    pipeline_class_name = "WanImageToVideoPipeline"
+    embedding_keys = WanAdapter.embedding_keys + ("image_latents",)
+    image_to_video, image_tokens = True, False
+    checkpoint_kind, checkpoint_layout = "Wan2.2-I2V-A14B", WAN22_LAYOUT
+
+    def image_inputs(self, cond: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+        return {}  # no CLIP image tokens: the condition is all in the channels
+
+
+@register_backbone
+class Wan22I2VSpec(Wan22Spec):
+    """Wan2.2 I2V-A14B (two experts, boundary 0.9), diffusers layout; prompts are JSONL lines with a first frame;
+    tiny stand-in: `python -m branchgrpo.make_tiny wan22_i2v DIR`."""
+
+    name = "wan22_i2v"
+    Config = Wan22I2VConfig
+    adapter_class = Wan22I2VAdapter
+    eval_rewards = WanI2VSpec.eval_rewards
+    encoder_flags = WanI2VSpec.encoder_flags
+    prompt_format = "jsonl"
+    tiny = "branchgrpo.testing.wan22_tiny:make_tiny_wan22_i2v"
+    planner_configs = ("wan2.2-i2v-a14b",)
+
+    def prompt_encoder(self, model_path, device, settings):
+        return build_i2v_encoder(model_path, device, settings, **self.encoder_sizes(settings), image_tokens=False,
+                                 layout=WAN22_LAYOUT, kind=Wan22I2VAdapter.checkpoint_kind)
+
+    def default_prompts(self) -> Path:
+        return WanI2VSpec.default_prompts(self)

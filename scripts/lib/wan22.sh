@@ -6,8 +6,8 @@
 # GUIDANCE_2 (3.0: the low-noise expert's); SHIFT (12: the official A14B sampling shift); TRAIN_EXPERTS (both | high |
 # low); USE_LORA (1: a full fine-tune of both experts does not fit 8 x 80 GB, docs/wan22.md). GUIDANCE_2 is
 # checked with the other numbers by scripts/lib/wan.sh.
-WAN_BACKBONE=wan22
-WAN_CHECKPOINT="Wan2.2-T2V-A14B"
+WAN_BACKBONE="${WAN_BACKBONE:-wan22}"  # wan22_i2v: set by its launchers, with its defaults
+WAN_CHECKPOINT="${WAN_CHECKPOINT:-Wan2.2-T2V-A14B}"
 GUIDANCE="${GUIDANCE:-4.0}"
 SHIFT="${SHIFT:-12}"
 USE_LORA="${USE_LORA:-1}"
