@@ -62,8 +62,9 @@ def test_its_section_checks_its_values(registered, tmp_path):
 
 def test_its_flag_is_reported_under_another_backbone(registered, tmp_path, caplog):
     cfg = parse(tmp_path, "--model", "toy", "--sharpness", "0.5", "--h", "64")
-    assert cfg.inapplicable_flags() == ["--h (acts only with --model flux, wan, wan_i2v, wan22 or test_sharp)",
-                                        "--sharpness (acts only with --model test_sharp)"]
+    assert cfg.inapplicable_flags() == [
+        "--h (acts only with --model flux, wan, wan_i2v, wan22, wan22_i2v or test_sharp)",
+        "--sharpness (acts only with --model test_sharp)"]
     assert "--sharpness (acts only with --model test_sharp)" in caplog.text
     # the evaluation and benchmark CLIs refuse it instead (they build their model section with `for_backbone`)
     with pytest.raises(ValueError, match=r"--sharpness: does not apply to --model flux \(its flags: --h, --w, "
@@ -78,7 +79,8 @@ def test_its_flag_appears_in_help(registered):
     text = " ".join(build_parser().format_help().split())  # argparse wraps lines
     section = text[text.index("--model test_sharp:"):]
     assert "--sharpness SHARPNESS" in section and "how much the backbone sharpens" in section
-    assert "(default: flux 720, wan 480, wan_i2v 480, wan22 480, test_sharp 8)" in text  # the shared --h: each one's own value
+    # the shared --h: each one's own value
+    assert "(default: flux 720, wan 480, wan_i2v 480, wan22 480, wan22_i2v 480, test_sharp 8)" in text
     assert "--sharpness SHARPNESS" in eval_parser().format_help()
 
 

@@ -14,9 +14,5 @@ ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_PO
 source scripts/lib/common.sh
 bg_branchgrpo_variant "$VARIANT"
 NAME="branchgrpo_${VARIANT}"
-WAN_BACKBONE=wan22_i2v
-WAN_CHECKPOINT="Wan2.2-I2V-A14B"
-GUIDANCE="${GUIDANCE:-3.5}"
-GUIDANCE_2="${GUIDANCE_2:-3.5}"
-SHIFT="${SHIFT:-5}"
+WAN_BACKBONE=wan22_i2v  # scripts/lib/wan22.sh then takes the I2V-A14B recipe's defaults
 source scripts/lib/wan22.sh

@@ -10,9 +10,5 @@ TF="${TF:-1.0}"
 ALGO_ARGS=(--algo dancegrpo --sampling_steps 20 --num_generations "${NUM_GENERATIONS:-16}" --eta 0.3 --sde_kernel dance
            --timestep_fraction "$TF" --init_same_noise)
 NAME="dancegrpo_tf${TF}"
-WAN_BACKBONE=wan22_i2v
-WAN_CHECKPOINT="Wan2.2-I2V-A14B"
-GUIDANCE="${GUIDANCE:-3.5}"
-GUIDANCE_2="${GUIDANCE_2:-3.5}"
-SHIFT="${SHIFT:-5}"
+WAN_BACKBONE=wan22_i2v  # scripts/lib/wan22.sh then takes the I2V-A14B recipe's defaults
 source scripts/lib/wan22.sh
