@@ -22,10 +22,11 @@ Conventions verified against diffusers 0.42 (WanImageToVideoPipeline; tests/test
   what `WanImageToVideoPipeline.load_lora_weights` reads as an I2V LoRA, as is).
 
 Supported: Wan2.1-I2V-14B-480P and -720P in diffusers layout (their 720P scheduler's shift is read as for T2V: pass
---shift to match it). Not supported (a clear error at load): Wan2.2 (no CLIP tokens; two experts / per-token
-timesteps), the first-last-frame model (two conditioning images), last-image conditioning, and Wan's own choice of
-the video size from the image's aspect ratio (sizes are fixed per run; the preprocessing refuses images whose aspect
-ratio is off the video's).
+--shift to match it); Wan2.2 I2V-A14B (two experts, no CLIP tokens) is the `wan22_i2v` backbone (models/wan22.py),
+whose adapter reuses `model_input` and whose encoder is `build_i2v_encoder(image_tokens=False)`. Not supported (a
+clear error at load): Wan2.2 TI2V-5B (per-token timesteps), the first-last-frame model (two conditioning images),
+last-image conditioning, and Wan's own choice of the video size from the image's aspect ratio (sizes are fixed per
+run; the preprocessing refuses images whose aspect ratio is off the video's).
 """
 
 from __future__ import annotations
