@@ -164,6 +164,23 @@ def test_kontext_launchers(shim):
         ("flux_kontext", "dancegrpo", 12, 1024, "preferred", 3.0)
 
 
+@pytest.mark.parametrize("script,model,guidance,shift,algo", [
+    ("finetune_wan22_branchgrpo_8gpus.sh", "wan22", (4.0, 3.0), 12.0, "branchgrpo"),
+    ("finetune_wan22_g2rpo_8gpus.sh", "wan22", (4.0, 3.0), 12.0, "g2rpo"),
+    ("finetune_wan22_i2v_dancegrpo_8gpus.sh", "wan22_i2v", (3.5, 3.5), 5.0, "dancegrpo")])
+def test_wan22_launchers(shim, script, model, guidance, shift, algo):
+    """The A14B recipes: each expert's guidance, the shift, LoRA on by default (a full fine-tune of both experts
+    does not fit 8 x 80 GB), both experts trained unless TRAIN_EXPERTS says otherwise. (The mixgrpo and the other
+    wan22_i2v launcher share the same scripts/lib/wan22.sh.)"""
+    cfg = launch(shim, script)["cfg"]
+    assert (cfg["model"], cfg["algo"], (cfg["guidance_scale"], cfg["guidance_scale_2"]), cfg["shift"]) == \
+        (model, algo, guidance, shift)
+    assert cfg["use_lora"] and cfg["train_experts"] == "both" and cfg["parallel"] == "fsdp"
+    if algo == "g2rpo":  # its SDE steps are all the high-noise expert's: train that one alone
+        one = launch(shim, script, "--guidance_scale_2", "2.5", TRAIN_EXPERTS="high", USE_LORA="0")["cfg"]
+        assert (one["train_experts"], one["use_lora"], one["guidance_scale_2"]) == ("high", False, 2.5)
+
+
 def test_extra_flags_win_over_the_launcher_defaults(shim):
     assert launch(shim, "finetune_flux_branchgrpo_8gpus.sh")["cfg"]["learning_rate"] == 1e-5
     cfg = launch(shim, "finetune_flux_branchgrpo_8gpus.sh", "--learning_rate", "3e-6", "--tree_split_points",

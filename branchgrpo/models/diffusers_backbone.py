@@ -138,77 +138,121 @@ def _require_full(state_dict: dict[str, torch.Tensor], what: str) -> None:
                          "full_state_dict=True, cpu_offload=True)))")
 
 
+def lora_file_name(subfolder: str) -> str:
+    """The LoRA file of a diffusers part: `pytorch_lora_weights.safetensors` for `transformer` (what the pipelines'
+    `load_lora_weights` reads by default), `pytorch_lora_weights_<subfolder>.safetensors` for another (e.g. Wan2.2's
+    `transformer_2`, read with `weight_name=...` and `load_into_transformer_2=True`)."""
+    return LORA_FILE if subfolder == "transformer" else f"pytorch_lora_weights_{subfolder}.safetensors"
+
+
+def _part_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The keys of one part of a state dict (those starting with `prefix`), the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 class DiffusersExportMixin:
-    """`add_lora`, `export` and `export_lora` for an adapter whose `transformer` is a diffusers ModelMixin."""
+    """`add_lora`, `export` and `export_lora` for an adapter whose `transformer` is a diffusers ModelMixin, or a
+    module holding several of them (`diffusers_parts`)."""
 
     transformer_class_name: str = ""  # e.g. "FluxTransformer2DModel", written into the exported config
     pipeline_class_name: str = ""  # e.g. "FluxPipeline", whose save_lora_weights writes the LoRA file
 
+    def diffusers_parts(self) -> dict[str, tuple[str, nn.Module]]:
+        """subfolder -> (its key prefix in the trained module's state dict, the diffusers model): each part takes
+        LoRA, is exported to its own subfolder of the pipeline layout and has its own LoRA file (`lora_file_name`).
+        One part by default: `transformer/`, the trained module itself."""
+        return {"transformer": ("", _unwrap(self.transformer))}
+
     def add_lora(self, rank: int, alpha: float | None = None, target_modules=None, dropout: float = 0.0):
-        """Inject peft LoRA layers (B = 0, so the model is unchanged) and freeze everything else. Returns the config."""
+        """Inject peft LoRA layers (B = 0, so the model is unchanged) into every part and freeze everything else.
+        Returns the config."""
         from peft import LoraConfig
 
         if rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {rank}")
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                             target_modules=list(target_modules or self.default_lora_targets), init_lora_weights=True)
-        _unwrap(self.transformer).add_adapter(config)  # diffusers' PeftAdapterMixin: the layout load_lora_weights reads
+        for _, model in self.diffusers_parts().values():
+            model.add_adapter(config)  # diffusers' PeftAdapterMixin: the layout load_lora_weights reads
         self.lora_config = config
         return config
 
     def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None,
                dtype: torch.dtype | None = None) -> Path:
-        """Write `out_dir/transformer/` (config.json + diffusion_pytorch_model.safetensors) for
-        `<transformer class>.from_pretrained`. LoRA layers, if any, are merged into the weights."""
-        import diffusers
-        from safetensors.torch import save_file
-
-        model = _unwrap(self.transformer)
-        state = _strip_wrapper_prefixes(state_dict if state_dict is not None else model.state_dict())
+        """Write `out_dir/<part>/` (config.json + diffusion_pytorch_model.safetensors) per part, for
+        `<transformer class>.from_pretrained`; LoRA layers, if any, are merged into the weights. Returns the first
+        part's folder."""
+        state = state_dict if state_dict is not None else _unwrap(self.transformer).state_dict()
+        state = _strip_wrapper_prefixes(state)
         _require_full(state, "export")
-        if any(".base_layer." in k or ".lora_" in k for k in state):  # a LoRA'd state dict: merge; plain: as is
-            state = merge_lora_state_dict(model, state)
-        folder = Path(out_dir) / "transformer"
-        folder.mkdir(parents=True, exist_ok=True)
-        # Written by hand: under FSDP2 the class is renamed (FSDP<name>) and save_config would say so.
-        config = {k: v for k, v in model.config.items() if not k.startswith("_")}
-        config = {"_class_name": self.transformer_class_name, "_diffusers_version": diffusers.__version__, **config}
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
-        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
-        save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        return folder
+        folders = [write_diffusers_model(model, _part_state(state, prefix), Path(out_dir) / subfolder,
+                                         self.transformer_class_name, dtype)
+                   for subfolder, (prefix, model) in self.diffusers_parts().items()]
+        return folders[0]
 
     def export_lora(self, out_dir: str, lora_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write `out_dir/pytorch_lora_weights.safetensors` for the pipeline's `load_lora_weights`. `lora_state_dict`:
-        None (take it from the module), a full state dict of the LoRA'd transformer, or peft-format LoRA weights."""
+        """Write the LoRA file of every part (`lora_file_name`) into `out_dir`, for the pipeline's `load_lora_weights`.
+        `lora_state_dict`: None (take it from the modules), a full state dict of the LoRA'd trained module, or
+        peft-format LoRA weights. Returns the first part's file."""
         import diffusers
-        from peft.utils import get_peft_model_state_dict
 
-        model = _unwrap(self.transformer)
-        if not getattr(model, "peft_config", None):
-            raise ValueError("export_lora: the transformer has no LoRA adapter (call add_lora first)")
-        if lora_state_dict is None:
-            lora = get_peft_model_state_dict(model)
-        else:
-            lora_state_dict = _strip_wrapper_prefixes(lora_state_dict)
-            if any(".base_layer." in k or ".default." in k for k in lora_state_dict):
-                lora = get_peft_model_state_dict(model, state_dict=lora_state_dict)
-            else:
-                lora = {k: v for k, v in lora_state_dict.items() if ".lora_" in k}
-        _require_full(lora, "export_lora")
-        lora = {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
-        metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
+        state = None if lora_state_dict is None else _strip_wrapper_prefixes(lora_state_dict)
         pipeline = getattr(diffusers, self.pipeline_class_name)
-        pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora, transformer_lora_adapter_metadata=metadata)
-        return Path(out_dir) / LORA_FILE
+        files = []
+        for subfolder, (prefix, model) in self.diffusers_parts().items():
+            lora = _lora_layers(model, None if state is None else _part_state(state, prefix))
+            metadata = model.peft_config["default"].to_dict()  # rank and alpha, so the loader restores the scaling
+            name = lora_file_name(subfolder)
+            pipeline.save_lora_weights(out_dir, transformer_lora_layers=lora,
+                                       transformer_lora_adapter_metadata=metadata, weight_name=name)
+            files.append(Path(out_dir) / name)
+        return files[0]
 
 
-def fuse_lora_file(transformer: nn.Module, folder: Path) -> None:
-    """Apply the LoRA that `export_lora` wrote into `folder` and fuse it into the weights (sampling then costs what
-    the base costs). diffusers' PeftAdapterMixin reads it, rank and alpha from the file's metadata."""
-    transformer.load_lora_adapter(str(folder), prefix="transformer", adapter_name="checkpoint", weight_name=LORA_FILE,
-                                  use_safetensors=True)
-    transformer.fuse_lora()
+def write_diffusers_model(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, class_name: str,
+                          dtype: torch.dtype | None = None) -> Path:
+    """`folder/` (config.json + diffusion_pytorch_model.safetensors) of `model` with the weights `state` (a full,
+    plain state dict of it; a LoRA'd one is merged)."""
+    import diffusers
+    from safetensors.torch import save_file
+
+    if any(".base_layer." in k or ".lora_" in k for k in state):  # a LoRA'd state dict: merge; plain: as is
+        state = merge_lora_state_dict(model, state)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Written by hand: under FSDP2 the class is renamed (FSDP<name>) and save_config would say so.
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config = {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **config}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _lora_layers(model: nn.Module, lora_state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of one LoRA'd diffusers model in the pipelines' naming, on the CPU: from the module (None),
+    from a full state dict of it, or from peft-format LoRA weights."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(model, "peft_config", None):
+        raise ValueError("export_lora: the transformer has no LoRA adapter (call add_lora first)")
+    if lora_state_dict is None:
+        lora = get_peft_model_state_dict(model)
+    elif any(".base_layer." in k or ".default." in k for k in lora_state_dict):
+        lora = get_peft_model_state_dict(model, state_dict=lora_state_dict)
+    else:
+        lora = {k: v for k, v in lora_state_dict.items() if ".lora_" in k}
+    _require_full(lora, "export_lora")
+    return {k: v.detach().to("cpu").contiguous() for k, v in lora.items()}
+
+
+def fuse_lora_files(adapter, folder: Path) -> None:
+    """Apply the LoRA files that `export_lora` wrote into `folder`, one per diffusers part, and fuse them into the
+    weights (sampling then costs what the base costs). diffusers' PeftAdapterMixin reads each, rank and alpha from
+    the file's metadata."""
+    for subfolder, (_, model) in adapter.diffusers_parts().items():
+        model.load_lora_adapter(str(folder), prefix="transformer", adapter_name="checkpoint",
+                                weight_name=lora_file_name(subfolder), use_safetensors=True)
+        model.fuse_lora()
 
 
 class DiffusersSpec(BackboneSpec):
@@ -241,7 +285,7 @@ class DiffusersSpec(BackboneSpec):
         adapter = self.load(model_cfg, device, dtype)
         if layout is None:
             return EvalModel(adapter, "base", base)
-        fuse_lora_file(adapter.transformer, Path(weights))
+        fuse_lora_files(adapter, Path(weights))
         return EvalModel(adapter, f"LoRA from {weights}", base)
 
 

@@ -19,8 +19,10 @@ tests/test_wan.py):
 
 Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout; image-to-video is the `wan_i2v` backbone
 (models/wan_i2v.py), which subclasses this adapter (its transformer takes CLIP image tokens and 20 extra condition
-channels per step: the two hooks `model_input` / `image_inputs` below). Not supported (clear error at load): Wan2.2
-(two-expert `transformer_2` / `boundary_ratio`, per-token timesteps) and the first-last-frame model.
+channels per step: the two hooks `model_input` / `image_inputs` below); Wan2.2 T2V-A14B (two experts) is the
+`wan22` backbone (models/wan22.py), which subclasses it too (`transformer_inputs` / `negative_inputs` / `guided`
+below). Not supported (clear error at load): Wan2.2 I2V-A14B (two experts, no CLIP tokens), TI2V-5B (per-token
+timesteps) and the first-last-frame model.
 
 dtypes: master weights fp32 (`load_wan(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
 cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:
@@ -162,26 +164,37 @@ def read_flow_shift(root: Path) -> float:
     return float(config.get("flow_shift", config.get("shift", DEFAULT_SHIFT)))
 
 
-def _check_supported(root: Path, transformer_config: dict, image_to_video: bool = False) -> None:
-    """Wan2.1 text-to-video (or, `image_to_video`, Wan2.1 image-to-video) only: read from model_index.json and the
-    transformer's config (before weights load)."""
+def _check_supported(root: Path, transformer_config: dict, adapter_class: type["WanAdapter"]) -> None:
+    """The checkpoint is the kind `adapter_class` takes - single transformer (Wan2.1) or two experts (Wan2.2 A14B:
+    `two_experts`), text- or image-to-video (`image_to_video`), with or without CLIP image tokens (`image_tokens`) -
+    read from model_index.json and the transformer's config (before weights load); else one line naming the folder
+    and the backbone that takes it."""
     index = _read_json(root / "model_index.json")
-    if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None \
-            or index.get("expand_timesteps"):
-        raise ValueError(f"{root}: a Wan2.2 checkpoint (two experts / per-token timesteps); only Wan2.1 text-to-video "
-                         "and image-to-video are supported (docs/wan.md)")
+    if index.get("expand_timesteps"):
+        raise ValueError(f"{root}: a Wan2.2 TI2V-5B checkpoint (expand_timesteps: per-token timesteps); not "
+                         "supported yet (docs/wan.md)")
+    two_experts = index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None
     image_dim, in_channels = transformer_config.get("image_dim"), transformer_config.get("in_channels", 16)
     is_i2v = image_dim is not None or in_channels != transformer_config.get("out_channels", 16)
-    if is_i2v and not image_to_video:
-        raise ValueError(f"{root}: an image-to-video Wan transformer (image_dim={image_dim}, "
-                         f"in_channels={in_channels}); the wan backbone is text-to-video: use --model wan_i2v "
-                         "(docs/wan.md)")
-    if image_to_video and image_dim is None:
-        raise ValueError(f"{root}: a text-to-video Wan transformer (no image_dim: it takes no CLIP image tokens); the "
-                         "wan_i2v backbone needs Wan2.1-I2V: use --model wan for this checkpoint (docs/wan.md)")
-    if image_to_video and transformer_config.get("pos_embed_seq_len") is not None:
+    wanted = adapter_class.two_experts, adapter_class.image_to_video
+    kind = WAN_KINDS[two_experts, is_i2v]
+    if (two_experts, is_i2v) != wanted:
+        raise ValueError(f"{root}: holds a {kind[0]} (transformer_2 / boundary_ratio in model_index.json: "
+                         f"{two_experts}; image_dim={image_dim}, in_channels={in_channels}); the {adapter_class.name} "
+                         f"backbone takes a {WAN_KINDS[wanted][0]}: use --model {kind[1]} (docs/wan.md)")
+    if adapter_class.image_tokens and image_dim is None:
+        raise ValueError(f"{root}: a Wan transformer without image_dim (it takes no CLIP image tokens); the "
+                         f"{adapter_class.name} backbone needs Wan2.1-I2V's CLIP image tokens (docs/wan.md)")
+    if is_i2v and transformer_config.get("pos_embed_seq_len") is not None:
         raise ValueError(f"{root}: a first-last-frame-to-video Wan transformer (pos_embed_seq_len set: two "
                          "conditioning images); only first-frame image-to-video is supported (docs/wan.md)")
+
+
+#: (two experts, image-to-video) -> (what the checkpoint is, the backbone that takes it)
+WAN_KINDS = {(False, False): ("text-to-video Wan transformer (Wan2.1)", "wan"),
+             (False, True): ("image-to-video Wan transformer (Wan2.1)", "wan_i2v"),
+             (True, False): ("two-expert text-to-video Wan transformer pair (Wan2.2 T2V-A14B)", "wan22"),
+             (True, True): ("two-expert image-to-video Wan transformer pair (Wan2.2 I2V-A14B)", "wan22_i2v")}
 
 
 def condition_channels(vae_config, image_to_video: bool) -> int:
@@ -199,8 +212,9 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
     transformer_class_name = "WanTransformer3DModel"
     pipeline_class_name = "WanPipeline"
     embedding_keys = ("prompt_embeds", "negative_prompt_embeds")
-    #: the transformer takes the image conditioning (models/wan_i2v.py); read by the loader's checks
-    image_to_video = False
+    #: the transformer takes the image conditioning (models/wan_i2v.py), CLIP image tokens among it; two experts
+    #: (Wan2.2 A14B, models/wan22.py); read by the loader's checks
+    image_to_video, image_tokens, two_experts = False, False, False
     #: what the loader's messages call the checkpoint, and the folder layout they list
     checkpoint_kind, checkpoint_layout = "Wan2.1-T2V", WAN_LAYOUT
     #: LoRA targets looked for in the transformer (those found become `default_lora_targets`)
@@ -255,8 +269,10 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         """Extra per-row keyword inputs of the transformer, the same for the cond and uncond rows: none here."""
         return {}
 
-    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """v = eps - x0 (guided when guidance_scale > 1) for latents [B, C, F, h, w] at per-sample sigmas [B]; fp32."""
+    def transformer_inputs(self, latents: torch.Tensor, sigmas: torch.Tensor,
+                           cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The transformer's keyword inputs [B, ...] for latents [B, C, F, h, w] at per-sample sigmas [B] (the
+        conditional rows; `guided` adds the negative ones)."""
         batch = latents.shape[0]
         assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
         assert sigmas.shape == (batch,), sigmas.shape
@@ -266,17 +282,30 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         text = cond["prompt_embeds"].to(device=device, dtype=dtype)
         # The timestep stays fp32 even for a bf16 transformer (as in WanPipeline): bf16 would round 1000 * sigma
         # to 3 significant digits. Wan embeds raw timesteps in [0, 1000].
-        inputs = dict(hidden_states=x, timestep=sigmas.to(device=device, dtype=torch.float32) * 1000.0,
-                      encoder_hidden_states=text, **self.image_inputs(cond, device, dtype))
+        return dict(hidden_states=x, timestep=sigmas.to(device=device, dtype=torch.float32) * 1000.0,
+                    encoder_hidden_states=text, **self.image_inputs(cond, device, dtype))
+
+    def negative_inputs(self, cond: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> dict:
+        """What the negative rows of classifier-free guidance replace: the negative prompt's embedding [B, L, D]."""
+        return {"encoder_hidden_states": self._negative(cond, inputs["encoder_hidden_states"])}
+
+    def guided(self, forward, inputs: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
+               scale: float) -> torch.Tensor:
+        """`forward(**inputs)`, guided with `scale` over the `negative` rows when the scale asks for guidance."""
+        if not guidance_on(scale):
+            return forward(**inputs)
+        # the image conditioning (wan_i2v) is the same on the conditional and the negative rows, as in the pipeline
+        return guided_prediction(forward, inputs, negative, scale)
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v = eps - x0 (guided when guidance_scale > 1) for latents [B, C, F, h, w] at per-sample sigmas [B]; fp32."""
+        inputs = self.transformer_inputs(latents, sigmas, cond)
 
         def forward(**rows) -> torch.Tensor:
             return self.transformer(**rows, return_dict=False)[0].float()
 
-        if not self.uses_cfg:
-            return forward(**inputs)
-        # the image conditioning (wan_i2v) is the same on the conditional and the negative rows, as in the pipeline
-        return guided_prediction(forward, inputs, {"encoder_hidden_states": self._negative(cond, text)},
-                                 self.guidance_scale)
+        negative = self.negative_inputs(cond, inputs) if self.uses_cfg else None
+        return self.guided(forward, inputs, negative, self.guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -313,10 +342,9 @@ def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: 
     transformer_root = root if transformer_path is None else Path(transformer_path)
     folder = transformer_root / "transformer"
     transformer_config = read_config(folder, "Wan transformer")
-    i2v = adapter_class.image_to_video
-    _check_supported(root, transformer_config, i2v)
+    _check_supported(root, transformer_config, adapter_class)
     check_wan_config(num_frames, height, width, transformer_config, read_config(root / "vae", "Wan VAE"),
-                     folder / CONFIG_FILE, i2v)
+                     folder / CONFIG_FILE, adapter_class.image_to_video)
     shift = read_flow_shift(root)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # after the checks: importing takes seconds
 
@@ -423,9 +451,10 @@ class WanSpec(DiffusersSpec, PlannerSupport, BenchSupport, FixtureSupport):
     adapter_class: type[WanAdapter] = WanAdapter
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
-        i2v, size = self.adapter_class.image_to_video, model_cfg.backbone.resolved
-        _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer, i2v)
-        check_wan_config(size("num_frames"), size("h"), size("w"), transformer, vae, config_path, i2v)
+        size = model_cfg.backbone.resolved
+        _check_supported(Path(model_cfg.pretrained_model_name_or_path), transformer, self.adapter_class)
+        check_wan_config(size("num_frames"), size("h"), size("w"), transformer, vae, config_path,
+                         self.adapter_class.image_to_video)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> WanAdapter:
         size = model_cfg.backbone.resolved

@@ -22,10 +22,11 @@ Conventions verified against diffusers 0.42 (WanImageToVideoPipeline; tests/test
   what `WanImageToVideoPipeline.load_lora_weights` reads as an I2V LoRA, as is).
 
 Supported: Wan2.1-I2V-14B-480P and -720P in diffusers layout (their 720P scheduler's shift is read as for T2V: pass
---shift to match it). Not supported (a clear error at load): Wan2.2 (no CLIP tokens; two experts / per-token
-timesteps), the first-last-frame model (two conditioning images), last-image conditioning, and Wan's own choice of
-the video size from the image's aspect ratio (sizes are fixed per run; the preprocessing refuses images whose aspect
-ratio is off the video's).
+--shift to match it); Wan2.2 I2V-A14B (two experts, no CLIP tokens) is the `wan22_i2v` backbone (models/wan22.py),
+whose adapter reuses `model_input` and whose encoder is `build_i2v_encoder(image_tokens=False)`. Not supported (a
+clear error at load): Wan2.2 TI2V-5B (per-token timesteps), the first-last-frame model (two conditioning images),
+last-image conditioning, and Wan's own choice of the video size from the image's aspect ratio (sizes are fixed per
+run; the preprocessing refuses images whose aspect ratio is off the video's).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class WanI2VAdapter(WanAdapter):
     name = "wan_i2v"
     pipeline_class_name = "WanImageToVideoPipeline"
     embedding_keys = WanAdapter.embedding_keys + IMAGE_KEYS
-    image_to_video = True
+    image_to_video, image_tokens = True, True
     checkpoint_kind, checkpoint_layout = "Wan2.1-I2V", I2V_LAYOUT
     lora_targets = LORA_TARGETS + ("add_k_proj", "add_v_proj")
 
@@ -71,9 +72,9 @@ class WanI2VAdapter(WanAdapter):
 
     def model_input(self, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """[x ; mask ; image_latents] along channels, in fp32 (cast with x by the caller, as the pipeline does)."""
-        if "image_latents" not in cond or "image_embeds" not in cond:
-            raise KeyError("Wan image-to-video needs cond['image_latents'] and cond['image_embeds'] (written per "
-                           "prompt by the wan_i2v preprocess script)")
+        if "image_latents" not in cond:
+            raise KeyError("Wan image-to-video needs cond['image_latents'] (written per prompt by its preprocess "
+                           "script)")
         image_latents = cond["image_latents"]
         if tuple(image_latents.shape[1:]) != self.latent_shape:
             raise ValueError(f"image_latents of shape {list(image_latents.shape[1:])} were encoded for another video "
@@ -83,6 +84,9 @@ class WanI2VAdapter(WanAdapter):
         return torch.cat([latents, mask, image_latents.to(device=latents.device, dtype=latents.dtype)], dim=1)
 
     def image_inputs(self, cond: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+        if "image_embeds" not in cond:
+            raise KeyError("Wan2.1 image-to-video needs cond['image_embeds'] (CLIP image tokens, written per prompt by "
+                           "the wan_i2v preprocess script)")
         text_tokens = cond["prompt_embeds"].shape[1]
         if text_tokens != TEXT_CONTEXT:
             raise ValueError(f"prompt_embeds hold {text_tokens} tokens; Wan image-to-video needs exactly "
@@ -127,25 +131,11 @@ def first_frame_latents(vae, frame_uint8: torch.Tensor, num_frames: int) -> torc
     return (latents - mean) / std
 
 
-def build_i2v_encoder(model_path: str | Path | None, device: torch.device | str, args, h: int, w: int,
-                      num_frames: int):
-    """`encode(records) -> {prompt_embeds, image_embeds, first_frame, image_latents}` for `PromptRecord`s (prompt +
-    image path), each equal to what WanImageToVideoPipeline builds from the same prompt and image (module
-    docstring); `encode.extras()` gives the negative-prompt embedding, as for text-to-video. The text encoder runs
-    in `args.dtype`; CLIP and the VAE run in fp32 (as Wan's own example loads them), and their outputs are stored
-    in fp32."""
-    from diffusers import AutoencoderKLWan
+def clip_image_tokens(root: Path, device: torch.device):
+    """images -> [n, 257, 1280] fp32: the CLIP vision tower's penultimate hidden states after its image processor
+    (`image_encoder/`, `image_processor/` of Wan2.1-I2V), as WanImageToVideoPipeline's `encode_image`."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    root = check_wan_folder(model_path, ("text_encoder", "tokenizer", "image_encoder", "image_processor", "vae"),
-                            I2V_LAYOUT, "Wan2.1-I2V")
-    max_len = getattr(args, "max_sequence_length", None)
-    if max_len is not None and max_len != TEXT_CONTEXT:
-        raise ValueError(f"--max_sequence_length: Wan image-to-video needs exactly {TEXT_CONTEXT} text tokens (its "
-                         f"attention splits the context at the last {TEXT_CONTEXT}), got {max_len}")
-    check_video_size(num_frames, h, w)
-    text_encode = build_prompt_encoder(root, device, args)
-    device = torch.device(device)
     processor = load_pretrained(
         lambda: CLIPImageProcessor.from_pretrained(str(root / "image_processor"), local_files_only=True),
         root / "image_processor", "CLIP image processor", "Wan2.1-I2V's image_processor/ (CLIPImageProcessor)")
@@ -153,6 +143,35 @@ def build_i2v_encoder(model_path: str | Path | None, device: torch.device | str,
         lambda: CLIPVisionModel.from_pretrained(str(root / "image_encoder"), local_files_only=True),
         root / "image_encoder", "CLIP image encoder", "Wan2.1-I2V's image_encoder/ (CLIPVisionModel)")
     clip = clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+    def embed(images) -> torch.Tensor:
+        pixels = processor(images=images, return_tensors="pt").pixel_values.to(device, torch.float32)
+        return clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].float()
+
+    return embed
+
+
+def build_i2v_encoder(model_path: str | Path | None, device: torch.device | str, args, h: int, w: int,
+                      num_frames: int, image_tokens: bool = True, layout: tuple[str, ...] = I2V_LAYOUT,
+                      kind: str = "Wan2.1-I2V"):
+    """`encode(records) -> {prompt_embeds, image_embeds, first_frame, image_latents}` for `PromptRecord`s (prompt +
+    image path), each equal to what WanImageToVideoPipeline builds from the same prompt and image (module
+    docstring); `encode.extras()` gives the negative-prompt embedding, as for text-to-video. The text encoder runs
+    in `args.dtype`; CLIP and the VAE run in fp32 (as Wan's own example loads them), and their outputs are stored
+    in fp32. `image_tokens` False (Wan2.2 I2V-A14B, `layout` / `kind` its folder): no CLIP, no `image_embeds`, and
+    any text length (nothing splits the context)."""
+    from diffusers import AutoencoderKLWan
+
+    clip_parts = ("image_encoder", "image_processor") if image_tokens else ()
+    root = check_wan_folder(model_path, ("text_encoder", "tokenizer", *clip_parts, "vae"), layout, kind)
+    max_len = getattr(args, "max_sequence_length", None)
+    if image_tokens and max_len is not None and max_len != TEXT_CONTEXT:
+        raise ValueError(f"--max_sequence_length: Wan image-to-video needs exactly {TEXT_CONTEXT} text tokens (its "
+                         f"attention splits the context at the last {TEXT_CONTEXT}), got {max_len}")
+    check_video_size(num_frames, h, w)
+    text_encode = build_prompt_encoder(root, device, args)
+    device = torch.device(device)
+    embed_images = clip_image_tokens(root, device) if image_tokens else None
     vae = load_part(AutoencoderKLWan, root, "vae", "Wan VAE", torch_dtype=torch.float32)
     vae = vae.to(device).eval().requires_grad_(False)
 
@@ -160,8 +179,8 @@ def build_i2v_encoder(model_path: str | Path | None, device: torch.device | str,
     def encode(records) -> dict[str, torch.Tensor]:
         out = text_encode([record.text for record in records])
         images = [load_image(record.image) for record in records]
-        pixels = processor(images=images, return_tensors="pt").pixel_values.to(device, torch.float32)
-        out["image_embeds"] = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].float()
+        if embed_images is not None:
+            out["image_embeds"] = embed_images(images)
         frames = torch.stack([resize_frame(image, h, w) for image in images])
         out["first_frame"] = frames
         # one video at a time: an 81-frame 480p VAE encode is the memory peak of preprocessing

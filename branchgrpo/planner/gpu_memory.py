@@ -40,8 +40,9 @@ def memory_model(cfg, counts: dict, gpus: int, reward_gb: float | None, config_n
     num_params = sum(p.numel() for p in model.parameters())
     trace = trace_activations(model, planned.blocks, planned.inputs(1), 1)
     lora = cfg.model.use_lora
+    # what trains: every parameter, or LoRA's, except in the parts the backbone built frozen
     trainable = (lora_parameters(model, cfg.model.lora_targets or planned.lora_targets, cfg.model.lora_rank)
-                 if lora else num_params)
+                 if lora else sum(p.numel() for p in model.parameters() if p.requires_grad))
     mode = par.parallel
     if mode == "auto":
         mode = "none" if gpus == 1 else spec.default_parallel

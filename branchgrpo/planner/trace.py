@@ -203,9 +203,11 @@ class _NeverCached(dict):
 
 
 def lora_parameters(model: nn.Module, targets, rank: int) -> int:
-    """Parameters LoRA of `rank` adds on the Linear layers whose names end with one of `targets`."""
+    """Parameters LoRA of `rank` adds on the Linear layers whose names end with one of `targets`, in the parts of
+    `model` that train (a frozen part, e.g. an expert left out of training, keeps its LoRA frozen)."""
     total = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+        if (isinstance(module, nn.Linear) and module.weight.requires_grad
+                and any(name == t or name.endswith("." + t) for t in targets)):
             total += rank * (module.in_features + module.out_features)
     return total

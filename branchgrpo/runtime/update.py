@@ -145,7 +145,8 @@ class PolicyUpdate:
                     self.preemption.cut_point()
                 with gradient_sync(self.model, enabled=i == window[-1]):
                     loss, mb = self.objective.loss(self, graph, embeddings, tables[i], max(weight, 1.0))
-                    loss.backward()
+                    if loss.requires_grad:  # not when its rows belong to a frozen part only (a Wan2.2 expert left
+                        loss.backward()  # out of training); the same on every rank: they run the same parts
                 step_loss = step_loss + loss.detach().double()
                 if mb:
                     stats = self.objective.accumulate(stats, mb)

@@ -20,7 +20,9 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
 
-MODEL_PATH="${MODEL_PATH:-data/wan}"
+WAN_BACKBONE="${WAN_BACKBONE:-wan}"  # wan22: scripts/eval/eval_wan22.sh
+WAN_CHECKPOINT="${WAN_CHECKPOINT:-Wan2.1-T2V-1.3B}"
+MODEL_PATH="${MODEL_PATH:-data/$WAN_BACKBONE}"
 PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
 HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
 CHECKPOINT="${CHECKPOINT:-}"
@@ -28,12 +30,12 @@ bg_bool USE_EMA 0
 NAME="base"
 [[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
 [[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/wan_${NAME}}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/${WAN_BACKBONE}_${NAME}}"
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
 bg_require_number GUIDANCE SHIFT
 bg_python
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V-1.3B there in diffusers layout (docs/wan.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/$WAN_BACKBONE.md)"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 [[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
@@ -42,7 +44,7 @@ bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 bg_check_inputs
 
 ARGS=(
-  --model wan --pretrained_model_name_or_path "$MODEL_PATH" --prompts "$PROMPTS"
+  --model "$WAN_BACKBONE" --pretrained_model_name_or_path "$MODEL_PATH" --prompts "$PROMPTS"
   --num_prompts "${NUM_PROMPTS:-0}" --samples_per_prompt "${SAMPLES:-4}" --seed "${SEED:-1234}"
   --steps "${STEPS:-20}" --guidance_scale "${GUIDANCE:-5.0}" --h "${H:-480}" --w "${W:-832}"
   --num_frames "${FRAMES:-33}" --shift "${SHIFT:-3}"
@@ -53,5 +55,5 @@ ARGS=(
 [[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 
 export TOKENIZERS_PARALLELISM=false
-echo "[eval wan] $NAME -> $OUTPUT_DIR"
+echo "[eval $WAN_BACKBONE] $NAME -> $OUTPUT_DIR"
 "$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"

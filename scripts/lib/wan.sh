@@ -26,7 +26,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-outputs/${WAN_BACKBONE}_${NAME}}"
 
 bg_bool USE_LORA 0
 bg_require_int H W FRAMES TRAIN_BATCH_SIZE MAX_STEPS MICRO GRAD_ACCUM ROLLOUT_BATCH LORA_RANK
-bg_require_number GUIDANCE SHIFT LR MAX_GRAD_NORM LORA_ALPHA
+bg_require_number GUIDANCE GUIDANCE_2 SHIFT LR MAX_GRAD_NORM LORA_ALPHA  # GUIDANCE_2: scripts/lib/wan22.sh
 bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/wan.md)"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae

@@ -22,16 +22,21 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
 
+# wan22_i2v (Wan2.2 I2V-A14B, no CLIP image encoder): scripts/preprocess/preprocess_wan22_i2v_rl_embeddings.sh
+WAN_BACKBONE="${WAN_BACKBONE:-wan_i2v}"
+WAN_CHECKPOINT="${WAN_CHECKPOINT:-Wan2.1-I2V-14B-480P (or -720P)}"
+WAN_PARTS="${WAN_PARTS-image_encoder image_processor}"  # set, even empty, by the wan22_i2v script
 NPROC="${NPROC:-8}"
-MODEL_PATH="${MODEL_PATH:-data/wan_i2v}"
+MODEL_PATH="${MODEL_PATH:-data/$WAN_BACKBONE}"
 PROMPTS="${PROMPTS:-assets/i2v_prompts.jsonl}"
-OUTPUT_DIR="${OUTPUT_DIR:-data/wan_i2v_embeddings}"
+OUTPUT_DIR="${OUTPUT_DIR:-data/${WAN_BACKBONE}_embeddings}"
 
 bg_require_int H W FRAMES
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: JSONL prompt file not found (one {\"prompt\": ..., \"image\": ...} per line, docs/wan.md)"
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-I2V-14B-480P (or -720P) there in diffusers layout (docs/wan.md)"
-bg_require_parts "$MODEL_PATH" docs/wan.md model_index.json text_encoder tokenizer image_encoder image_processor vae
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/wan.md)"
+# shellcheck disable=SC2086 - WAN_PARTS is a list of folder names
+bg_require_parts "$MODEL_PATH" docs/wan.md model_index.json text_encoder tokenizer $WAN_PARTS vae
 bg_check_inputs
 
 # Only an explicitly set NEGATIVE_PROMPT (possibly empty) overrides Wan's default.
@@ -39,6 +44,6 @@ NEGATIVE_ARGS=()
 [[ -n "${NEGATIVE_PROMPT+set}" ]] && NEGATIVE_ARGS=(--negative_prompt "$NEGATIVE_PROMPT")
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model wan_i2v --model_path "$MODEL_PATH" --prompts "$PROMPTS" \
+NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model "$WAN_BACKBONE" --model_path "$MODEL_PATH" --prompts "$PROMPTS" \
   --output_dir "$OUTPUT_DIR" --h "${H:-480}" --w "${W:-832}" --num_frames "${FRAMES:-33}" \
   --bad_lines "${BAD_LINES:-refuse}" ${NEGATIVE_ARGS[@]+"${NEGATIVE_ARGS[@]}"} "$@"

@@ -17,16 +17,18 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
 
+WAN_BACKBONE="${WAN_BACKBONE:-wan}"  # wan22: scripts/preprocess/preprocess_wan22_rl_embeddings.sh
+WAN_CHECKPOINT="${WAN_CHECKPOINT:-Wan2.1-T2V (e.g. Wan2.1-T2V-1.3B-Diffusers)}"
 NPROC="${NPROC:-8}"
-MODEL_PATH="${MODEL_PATH:-data/wan}"
+MODEL_PATH="${MODEL_PATH:-data/$WAN_BACKBONE}"
 PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
-OUTPUT_DIR="${OUTPUT_DIR:-data/wan_embeddings}"
+OUTPUT_DIR="${OUTPUT_DIR:-data/${WAN_BACKBONE}_embeddings}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 
 bg_require_int MAX_SEQUENCE_LENGTH
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: prompt file not found (one prompt per line; docs/wan.md says where to get prompts)"
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Wan2.1-T2V (e.g. Wan2.1-T2V-1.3B-Diffusers) there in diffusers layout (docs/wan.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/$WAN_BACKBONE.md)"
 bg_require_parts "$MODEL_PATH" docs/wan.md model_index.json text_encoder tokenizer
 bg_check_inputs
 
@@ -35,5 +37,5 @@ NEGATIVE_ARGS=()
 [[ -n "${NEGATIVE_PROMPT+set}" ]] && NEGATIVE_ARGS=(--negative_prompt "$NEGATIVE_PROMPT")
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model wan --model_path "$MODEL_PATH" --prompts "$PROMPTS" \
+NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model "$WAN_BACKBONE" --model_path "$MODEL_PATH" --prompts "$PROMPTS" \
   --output_dir "$OUTPUT_DIR" --max_sequence_length "$MAX_SEQUENCE_LENGTH" ${NEGATIVE_ARGS[@]+"${NEGATIVE_ARGS[@]}"} "$@"

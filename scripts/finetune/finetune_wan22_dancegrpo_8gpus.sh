@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# DanceGRPO on Wan2.2 T2V-A14B (two experts), one node of 8 GPUs: 20 steps, 16 videos per prompt, eta 0.3, a
+# timestep fraction TF (1.0) of the steps trained; the A14B recipe's shift 12 and guidance 4.0 / 3.0, LoRA by default.
+# Environment and defaults: scripts/lib/wan22.sh and scripts/lib/wan.sh (NUM_GENERATIONS: 16). Extra flags go to the
+# trainer.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+TF="${TF:-1.0}"
+ALGO_ARGS=(--algo dancegrpo --sampling_steps 20 --num_generations "${NUM_GENERATIONS:-16}" --eta 0.3 --sde_kernel dance
+           --timestep_fraction "$TF" --init_same_noise)
+NAME="dancegrpo_tf${TF}"
+source scripts/lib/wan22.sh
