@@ -202,3 +202,22 @@ def test_flux_flow_grpo_launchers(shim):
     assert (cfg["algo"], cfg["sde_kernel"], cfg["eta"], cfg["sde_window_size"], cfg["global_std"], cfg["use_lora"]) \
         == ("flow_grpo_fast", "cps", 0.8, 3, False, False)
     assert (fast["plan"]["leaves"], fast["plan"]["trained_edges_per_leaf"]) == (24, 3)  # the window alone
+
+
+def test_sd3_launchers_of_the_methods_the_field_compares_against(shim):
+    """Flow-GRPO (CFG 4.5, flow kernel 0.7, KL 0.04), Flow-GRPO-Fast (no CFG, CPS 0.8, window 3 in [0, 5)) and
+    DiffusionNFT (no CFG) on SD3.5 with the reference recipes' settings."""
+    flow = launch(shim, "finetune_sd3_flow_grpo_8gpus.sh")
+    cfg = flow["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["sde_kernel"], cfg["eta"], cfg["global_std"],
+            cfg["kl_coef"], cfg["guidance_scale"], cfg["sampling_steps"]) == \
+        ("sd3", "flow_grpo", 24, "flow", 0.7, True, 0.04, 4.5, 10)
+    assert flow["plan"]["trained_edges_per_leaf"] == 9  # floor(1.0 x 9) of the 9 stochastic steps
+    fast = launch(shim, "finetune_sd3_flow_grpo_fast_8gpus.sh")
+    cfg = fast["cfg"]
+    assert (cfg["algo"], cfg["sde_kernel"], cfg["eta"], cfg["sde_window_size"], cfg["sde_window_range"],
+            cfg["global_std"], cfg["guidance_scale"]) == ("flow_grpo_fast", "cps", 0.8, 3, "0,5", False, 1.0)
+    assert fast["plan"]["trained_edges_per_leaf"] == 3
+    nft = launch(shim, "finetune_sd3_diffusion_nft_8gpus.sh", SAMPLER="tree")["cfg"]
+    assert (nft["algo"], nft["nft_sampler"], nft["nft_split_points"], nft["guidance_scale"], nft["global_std"]) == \
+        ("diffusion_nft", "tree", "0,2,4,6", 1.0, True)
