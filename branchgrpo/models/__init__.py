@@ -22,6 +22,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.wan_i2v",
     "branchgrpo.models.sd3",
     "branchgrpo.models.qwen_image",
+    "branchgrpo.models.qwen_image_edit",
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 
