@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from branchgrpo.core.files import read_json
-from branchgrpo.core.flags import flag
 from branchgrpo.models import register_backbone
 from branchgrpo.models.diffusers_backbone import load_part
 from branchgrpo.models.flux import (
@@ -51,11 +50,10 @@ from branchgrpo.models.flux import (
     token_ids,
     vae_stand_in,
 )
-from branchgrpo.models.spec import REPO_ASSETS
+from branchgrpo.models.spec import REPO_ASSETS, SourceSizeFlags
 from branchgrpo.models.support import PlannerModel
 
 PIPELINE = "FluxKontextPipeline"
-SOURCE_SIZES = ("preferred", "generation")  # --source_size
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides FLUX's text
 SOURCE_IMAGE_KEY = "source_image"  # the resized source, uint8, for the edit rewards (rewards/edit.py)
 MASK_KEY = "edit_mask"  # the edit region, uint8, for the same
@@ -175,12 +173,9 @@ def build_kontext_encoder(model_path, device, args, h: int, w: int, source_size:
 
 
 @dataclass
-class FluxKontextConfig(FluxConfig):
-    """FLUX.1-Kontext's flags: FLUX's, guidance 2.5, and the size the source images are resized to."""
-
-    source_size: str | None = flag(None, "the size edit source images are resized to: 'preferred' (the Kontext "
-                                   "resolution the pipeline picks for the run's aspect ratio) or 'generation' "
-                                   "(--h x --w)", choices=SOURCE_SIZES)
+class FluxKontextConfig(SourceSizeFlags, FluxConfig):
+    """FLUX.1-Kontext's flags: FLUX's, guidance 2.5, and the size the source images are resized to ('preferred':
+    the closest of Kontext's preferred resolutions)."""
 
     DEFAULTS = {"h": 1024, "w": 1024, "guidance_scale": 2.5, "source_size": "preferred"}
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from branchgrpo.core.flags import flag
 from branchgrpo.models import register_backbone
 from branchgrpo.models.diffusers_backbone import load_part, load_pretrained
 from branchgrpo.models.flux import pack_latents
@@ -53,7 +52,7 @@ from branchgrpo.models.qwen_image import (
     negative_prompt,
     text_length,
 )
-from branchgrpo.models.spec import REPO_ASSETS, SizeFlags, check_sizes
+from branchgrpo.models.spec import REPO_ASSETS, SizeFlags, SourceSizeFlags, check_sizes
 from branchgrpo.models.support import PlannerModel
 
 PIPELINE = "QwenImageEditPipeline"
@@ -67,7 +66,6 @@ EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input ima
                  "<|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
 TEMPLATE_TOKENS = 64
 SOURCE_AREA = 1024 * 1024  # the pipeline's source area in pixels
-SOURCE_SIZES = ("preferred", "generation")  # --source_size
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides the text
 
 
@@ -183,12 +181,9 @@ def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: st
 
 
 @dataclass
-class QwenImageEditConfig(QwenImageConfig):
-    """Qwen-Image-Edit's flags: Qwen-Image's, and the size the source images are resized to."""
-
-    source_size: str | None = flag(None, "the size edit source images are resized to: 'preferred' (the size the "
-                                   "pipeline picks for the run's aspect ratio, about 1024 x 1024 in area) or "
-                                   "'generation' (--h x --w)", choices=SOURCE_SIZES)
+class QwenImageEditConfig(SourceSizeFlags, QwenImageConfig):
+    """Qwen-Image-Edit's flags: Qwen-Image's, and the size the source images are resized to ('preferred': the
+    pipeline's choice for the run's aspect ratio, about 1024 x 1024 in area)."""
 
     DEFAULTS = {**QwenImageConfig.DEFAULTS, "source_size": "preferred"}
 

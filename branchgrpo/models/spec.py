@@ -32,6 +32,7 @@ import torch
 from branchgrpo.core.flags import flag
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+SOURCE_SIZES = ("preferred", "generation")  # --source_size of the editing backbones (SourceSizeFlags)
 #: what a backbone's `decode` returns: images [B, C, H, W] or videos [B, C, F, H, W]
 MEDIA_KINDS = ("image", "video")
 
@@ -96,6 +97,15 @@ class GuidanceFlags(BackboneConfig):
 
     guidance_scale: float | None = flag(None, "guidance scale: the embedded guidance of a guidance-distilled "
                                         "backbone, or classifier-free guidance")
+
+
+@dataclass
+class SourceSizeFlags(BackboneConfig):
+    """The size edit source images are resized to, shared by the editing backbones (their DEFAULTS say which)."""
+
+    source_size: str | None = flag(None, "the size edit source images are resized to: 'preferred' (the size the "
+                                   "backbone's pipeline picks for an image of the run's aspect ratio, about 1 "
+                                   "megapixel) or 'generation' (--h x --w)", choices=SOURCE_SIZES)
 
 
 class BackboneSpec:
