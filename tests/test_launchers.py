@@ -26,7 +26,7 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image"):  # the launchers only check that the inputs exist
+    for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image", "qwen_image_edit"):  # the launchers only check that the inputs exist
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +37,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image", "kontext", "flux") if b in script)
+    name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image_edit", "qwen_image", "kontext", "flux") if b in script)
     backbone = {"kontext": "flux_kontext"}.get(name, name)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
@@ -149,6 +149,20 @@ def test_kontext_launchers(shim):
     cfg = dance["cfg"]
     assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["h"], cfg["source_size"], cfg["guidance_scale"]) == \
         ("flux_kontext", "dancegrpo", 12, 1024, "preferred", 3.0)
+
+
+def test_qwen_image_edit_launchers(shim):
+    branch = launch(shim, "finetune_qwen_image_edit_branchgrpo_8gpus.sh")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["w"], cfg["source_size"], cfg["guidance_scale"],
+            cfg["time_shift"], cfg["reward"], cfg["use_lora"], cfg["data_json_path"]) == \
+        ("qwen_image_edit", "branchgrpo", 512, 512, "generation", 4.0, "dynamic",
+         "clip_directional=1.0,source_consistency=0.5", True, str(shim / "qwen_image_edit.json"))
+    assert (branch["plan"]["leaves"], cfg["tree_split_points"]) == (16, "0,3,6,9")
+    dance = launch(shim, "finetune_qwen_image_edit_dancegrpo_8gpus.sh", SOURCE_SIZE="preferred", USE_LORA="0")
+    cfg = dance["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["source_size"], cfg["use_lora"]) == \
+        ("qwen_image_edit", "dancegrpo", 12, "preferred", False)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

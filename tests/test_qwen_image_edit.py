@@ -248,4 +248,4 @@ def test_planner_builds_the_release_on_the_meta_device():
     inputs = planned.inputs(3)
     assert inputs["hidden_states"].shape == (6, 1024 + 4096, 64) and len(inputs["img_shapes"]) == 6
     assert inputs["img_shapes"][0] == [(1, 32, 32), (1, 64, 64)]
-    assert inputs["encoder_hidden_states"].shape[1] == 512 + (1024 // 28) ** 2
+    assert inputs["encoder_hidden_states"].shape[1] == 512 + 37 ** 2  # 1024 px: 37 x 28-pixel vision tokens a side

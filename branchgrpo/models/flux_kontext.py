@@ -50,12 +50,11 @@ from branchgrpo.models.flux import (
     token_ids,
     vae_stand_in,
 )
-from branchgrpo.models.spec import REPO_ASSETS, SourceSizeFlags
+from branchgrpo.models.spec import SOURCE_IMAGE_KEY, EditSpec, SourceSizeFlags
 from branchgrpo.models.support import PlannerModel
 
 PIPELINE = "FluxKontextPipeline"
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides FLUX's text
-SOURCE_IMAGE_KEY = "source_image"  # the resized source, uint8, for the edit rewards (rewards/edit.py)
 MASK_KEY = "edit_mask"  # the edit region, uint8, for the same
 
 
@@ -181,27 +180,19 @@ class FluxKontextConfig(SourceSizeFlags, FluxConfig):
 
 
 @register_backbone
-class FluxKontextSpec(FluxSpec):
+class FluxKontextSpec(EditSpec, FluxSpec):
     """FLUX.1-Kontext-dev (instruction-based image editing), diffusers layout; prompts are JSONL lines with a source
     image; tiny stand-in: `python -m branchgrpo.make_tiny flux_kontext DIR`."""
 
     name = "flux_kontext"
     Config = FluxKontextConfig
-    prompt_format = "jsonl"
     # the stored source latents depend on the source size: the encoder takes the run's size flags
     encoder_flags = FluxSpec.encoder_flags + ("h", "w", "source_size")
-    eval_rewards = ("source_consistency", "clip_directional")
-    grid_condition = SOURCE_IMAGE_KEY  # evaluation grids read source | results
     tiny = "branchgrpo.testing.flux_kontext_tiny:make_tiny_flux_kontext"
     planner_configs = ("flux1-kontext-dev",)
-    comparison_flags = ()  # the method comparison trains text-to-image prompts
 
-    def source_size(self, values) -> tuple[int, int]:
-        sizes = self.encoder_sizes(values)
-        return source_resolution(sizes["h"], sizes["w"], sizes["source_size"])
-
-    def image_size(self, values) -> tuple[int, int]:
-        return self.source_size(values)
+    def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
+        return source_resolution(height, width, source_size)
 
     def check_files(self, model_cfg, transformer_root=None) -> None:
         root = model_cfg.pretrained_model_name_or_path
@@ -220,9 +211,6 @@ class FluxKontextSpec(FluxSpec):
 
     def prompt_encoder(self, model_path, device, settings):
         return build_kontext_encoder(model_path, device, settings, **self.encoder_sizes(settings))
-
-    def default_prompts(self) -> Path:
-        return REPO_ASSETS / "edit_prompts.jsonl"
 
     def tokens_per_sample(self, adapter: FluxKontextAdapter, cond) -> int:
         return super().tokens_per_sample(adapter, cond) + adapter.source_rows * adapter.source_cols

@@ -38,7 +38,7 @@ import torch
 from branchgrpo.models import register_backbone
 from branchgrpo.models.diffusers_backbone import load_part, load_pretrained
 from branchgrpo.models.flux import pack_latents
-from branchgrpo.models.flux_kontext import MASK_KEY, SOURCE_IMAGE_KEY, edit_mask
+from branchgrpo.models.flux_kontext import MASK_KEY, edit_mask
 from branchgrpo.models.qwen_image import (
     QWEN_LAYOUT,
     QwenImageAdapter,
@@ -52,7 +52,7 @@ from branchgrpo.models.qwen_image import (
     negative_prompt,
     text_length,
 )
-from branchgrpo.models.spec import REPO_ASSETS, SizeFlags, SourceSizeFlags, check_sizes
+from branchgrpo.models.spec import SOURCE_IMAGE_KEY, EditSpec, SizeFlags, SourceSizeFlags, check_sizes
 from branchgrpo.models.support import PlannerModel
 
 PIPELINE = "QwenImageEditPipeline"
@@ -189,27 +189,19 @@ class QwenImageEditConfig(SourceSizeFlags, QwenImageConfig):
 
 
 @register_backbone
-class QwenImageEditSpec(QwenImageSpec):
+class QwenImageEditSpec(EditSpec, QwenImageSpec):
     """Qwen-Image-Edit (instruction-based image editing), diffusers layout; prompts are JSONL lines with a source
     image; tiny stand-in: `python -m branchgrpo.make_tiny qwen_image_edit DIR`."""
 
     name = "qwen_image_edit"
     Config = QwenImageEditConfig
-    prompt_format = "jsonl"
     # the stored source latents and vision tokens depend on the source size: the encoder takes the run's size flags
     encoder_flags = QwenImageSpec.encoder_flags + ("h", "w", "source_size")
-    eval_rewards = ("source_consistency", "clip_directional")
-    grid_condition = SOURCE_IMAGE_KEY  # evaluation grids read source | results
     tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit"
     planner_configs = ("qwen-image-edit",)
-    comparison_flags = ()  # the method comparison trains text-to-image prompts
 
-    def source_size(self, values) -> tuple[int, int]:
-        sizes = self.encoder_sizes(values)
-        return source_resolution(sizes["h"], sizes["w"], sizes["source_size"])
-
-    def image_size(self, values) -> tuple[int, int]:
-        return self.source_size(values)
+    def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
+        return source_resolution(height, width, source_size)
 
     def check_files(self, model_cfg, transformer_root=None) -> None:
         root = model_cfg.pretrained_model_name_or_path
@@ -231,9 +223,6 @@ class QwenImageEditSpec(QwenImageSpec):
     def prompt_encoder(self, model_path, device, settings):
         return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings))
 
-    def default_prompts(self) -> Path:
-        return REPO_ASSETS / "edit_prompts.jsonl"
-
     def tokens_per_sample(self, adapter: QwenImageEditAdapter, cond) -> int:
         source = adapter.source_grid[1] * adapter.source_grid[2]
         return super().tokens_per_sample(adapter, cond) + (2 if adapter.uses_cfg else 1) * source
@@ -243,7 +232,7 @@ class QwenImageEditSpec(QwenImageSpec):
         `img_shapes`) and the source's vision tokens in the text."""
         source_h, source_w = self.source_size(model_cfg.backbone)
         source = (1, source_h // 16, source_w // 16)
-        vision = (source_h // 28) * (source_w // 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
+        vision = round(source_h / 28) * round(source_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
         model = super().planner_model(model_cfg, config, dtype, device, text_tokens + vision)
 
         def inputs(batch: int) -> dict:
