@@ -204,6 +204,24 @@ def test_one_training_iteration_has_ratio_one_at_theta_old_and_exports(edit_dir,
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
 
 
+@pytest.mark.slow
+def test_eval_cli_on_an_edit_jsonl_writes_source_and_result_grids(edit_dir, tmp_path):
+    from PIL import Image
+
+    from branchgrpo.cli.eval import main as eval_main
+
+    out = tmp_path / "eval"
+    assert eval_main(["--model", "qwen_image_edit", "--pretrained_model_name_or_path", str(edit_dir), "--h", "32",
+                      "--w", "32", "--source_size", "generation", "--max_sequence_length", str(MAX_SEQ),
+                      "--num_prompts", "2", "--samples_per_prompt", "2", "--steps", "2", "--time_shift", "dynamic",
+                      "--rewards", "source_consistency", "--bootstrap", "50", "--output_dir", str(out),
+                      "--device", "cpu", "--num_threads", "1"]) == 0
+    consistency = json.loads((out / "results.json").read_text())["metrics"]["source_consistency"]
+    assert consistency["n"] == 4 and 0 < consistency["mean"] < 1
+    with Image.open(out / "grid.png") as grid:  # rows: source | 2 results, 32 px tiles at scale 2, 12 px labels
+        assert grid.size == (3 * 64, 2 * (64 + 12))
+
+
 # ----- bad input ---------------------------------------------------------------------------------------------------
 
 
