@@ -267,3 +267,58 @@ def test_planner_builds_the_release_on_the_meta_device():
     assert inputs["hidden_states"].shape == (6, 1024 + 4096, 64) and len(inputs["img_shapes"]) == 6
     assert inputs["img_shapes"][0] == [(1, 32, 32), (1, 64, 64)]
     assert inputs["encoder_hidden_states"].shape[1] == 512 + 37 ** 2  # 1024 px: 37 x 28-pixel vision tokens a side
+
+
+# ----- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline), one source ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plus_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_image_edit_plus") / "qwen_image_edit_plus"
+    make_tiny("qwen_image_edit_plus", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plus_pipe(plus_dir):
+    from diffusers import QwenImageEditPlusPipeline
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(plus_dir), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.slow
+def test_edit_2509_rollouts_and_conditioning_match_the_plus_pipeline(plus_dir, plus_pipe, records):
+    """Edit-2509's encoding ("Picture 1:" before the instruction, Qwen2.5-VL on a 384 x 384 copy, the VAE on the
+    1024 x 1024 one) equals the pipeline's `encode_prompt`, and the rollouts of 2, 3 and 4 steps equal the pipeline's
+    (encoding the instruction, negative prompt and source itself)."""
+    spec = get_backbone("qwen_image_edit_plus")
+    with torch.no_grad():
+        cond = spec.prompt_encoder(str(plus_dir), "cpu", _settings())(records)
+    seen = plus_pipe.image_processor.resize(_source(records[0]), 384, 384)
+    with torch.no_grad():
+        ref, _ = plus_pipe.encode_prompt(records[0].text, image=[seen], device="cpu")
+    length = ref.shape[1]
+    assert int(cond["prompt_embeds_mask"][0].sum()) == length and length < 300  # 196 vision tokens, not 1369
+    torch.testing.assert_close(cond["prompt_embeds"][0, :length], ref[0], atol=1e-6, rtol=1e-5)
+    adapter = spec.load(ModelConfig.for_backbone("qwen_image_edit_plus", str(plus_dir), h=SIZE, w=SIZE), "cpu")
+    assert adapter.pipeline_class_name == "QwenImageEditPlusPipeline"
+    for steps in (2, 3, 4):
+        noise, ours, _ = _rollout(adapter, cond, steps)
+        out = plus_pipe(image=[_source(records[0])], prompt=records[0].text, negative_prompt=NEGATIVE,
+                        true_cfg_scale=4.0, latents=noise.clone(), num_inference_steps=steps, height=SIZE, width=SIZE,
+                        output_type="latent")
+        print(f"Edit-2509, steps {steps}: max abs diff {(ours - out.images).abs().max().item():.3g}")
+        assert (ours - noise).abs().max() > 0.1
+        assert (ours - out.images).abs().max().item() <= PARITY_ATOL
+
+
+def test_edit_2509_and_edit_folders_are_told_apart(edit_dir, tmp_path):
+    plus = get_backbone("qwen_image_edit_plus")
+    with pytest.raises(ValueError, match="a QwenImageEditPipeline checkpoint; --model qwen_image_edit_plus takes a "
+                                         "QwenImageEditPlusPipeline folder"):
+        plus.load(ModelConfig.for_backbone("qwen_image_edit_plus", str(edit_dir), h=SIZE, w=SIZE), "cpu")
+    other = _copy(edit_dir, tmp_path, "plus", "QwenImageEditPlusPipeline")
+    with pytest.raises(ValueError, match="a QwenImageEditPlusPipeline checkpoint; --model qwen_image_edit takes"):
+        get_backbone("qwen_image_edit").prompt_encoder(str(other), "cpu", _settings())

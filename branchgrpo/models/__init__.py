@@ -22,7 +22,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.wan_i2v",
     "branchgrpo.models.sd3",
     "branchgrpo.models.qwen_image",
-    "branchgrpo.models.qwen_image_edit",
+    "branchgrpo.models.qwen_image_edit",  # Qwen-Image-Edit and Edit-2509
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -66,18 +67,43 @@ EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input ima
                  "<|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
 TEMPLATE_TOKENS = 64
 SOURCE_AREA = 1024 * 1024  # the pipeline's source area in pixels
+# Edit-2509 (QwenImageEditPlusPipeline): the same system turn, each image named in the user turn, and Qwen2.5-VL sees
+# a smaller copy of the source (about 384 x 384 pixels) than the VAE.
+PLUS_PIPELINE = "QwenImageEditPlusPipeline"
+QWEN_IMAGE_EDIT_PLUS = QwenRelease("qwen_image_edit_plus", PLUS_PIPELINE, "Qwen/Qwen-Image-Edit-2509, instruction-based "
+                                   "editing", "docs/editing.md", (*QWEN_LAYOUT, "processor/"),
+                                   "data/qwen_image_edit_plus")
+PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
+PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+PLUS_VISION_AREA = 384 * 384
+
+
+class EditEncoding(NamedTuple):
+    """How a release puts the source before Qwen2.5-VL: its template, whether the user turn names the picture
+    (PICTURE), and the area of the copy the vision tower sees (None: the VAE's copy)."""
+
+    template: str
+    picture: bool
+    vision_area: int | None
+
+
+EDIT_ENCODING = EditEncoding(EDIT_TEMPLATE, False, None)
+PLUS_ENCODING = EditEncoding(PLUS_TEMPLATE, True, PLUS_VISION_AREA)
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides the text
 
 
 def source_resolution(height: int, width: int, source_size: str) -> tuple[int, int]:
     """(h, w) the source images of a run at --h/--w are resized to: the run's size, or the size the pipeline picks
     for an image of the run's aspect ratio."""
-    if source_size == "generation":
-        return height, width
+    return (height, width) if source_size == "generation" else area_size(SOURCE_AREA, width / height)
+
+
+def area_size(area: int, ratio: float) -> tuple[int, int]:
+    """(h, w) of about `area` pixels at aspect ratio `ratio` (w / h), sides multiples of 32: the pipelines' rule."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
-    source_w, source_h, _ = calculate_dimensions(SOURCE_AREA, width / height)
-    return int(source_h), int(source_w)
+    width, height, _ = calculate_dimensions(area, ratio)
+    return int(height), int(width)
 
 
 class QwenImageEditAdapter(QwenImageAdapter):
@@ -118,7 +144,8 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return source
 
 
-def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: str):
+def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: str,
+                       kind: QwenRelease = QWEN_IMAGE_EDIT, encoding: EditEncoding = EDIT_ENCODING):
     """`encode(records) -> {prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
     image_latents, source_image, edit_mask}` for `PromptRecord`s, each equal to what QwenImageEditPipeline builds from
     the same instruction, negative prompt and source image at the source size (module docstring). One record at a
@@ -127,7 +154,7 @@ def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: st
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.utils import load_image
 
-    root = check_qwen_folder(model_path, ("text_encoder", "processor", "vae"), QWEN_IMAGE_EDIT)
+    root = check_qwen_folder(model_path, ("text_encoder", "processor", "vae"), kind)
     max_len, negative = text_length(args), negative_prompt(args)
     source_h, source_w = source_resolution(h, w, source_size)
     device = torch.device(device)
@@ -146,7 +173,9 @@ def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: st
 
     def embed(text: str, image, record) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, L, D] and [1, L] for the text and the source image, L = vision tokens + max_len."""
-        inputs = processor(text=[EDIT_TEMPLATE.format(text)], images=image, padding=True, return_tensors="pt")
+        named = PICTURE.format(1) if encoding.picture else ""
+        inputs = processor(text=[encoding.template.format(named + text)], images=image, padding=True,
+                           return_tensors="pt")
         inputs = inputs.to(device)
         hidden = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
@@ -163,8 +192,13 @@ def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: st
 
     @torch.no_grad()
     def encode_one(record) -> dict[str, torch.Tensor]:
-        image = pixels.resize(load_image(str(record.image)), source_h, source_w)
-        source = pixels.preprocess(image, source_h, source_w)  # [1, 3, h, w] in [-1, 1]
+        original = load_image(str(record.image))
+        if encoding.vision_area is None:  # the VAE's copy
+            image = pixels.resize(original, source_h, source_w)
+            source = pixels.preprocess(image, source_h, source_w)  # [1, 3, h, w] in [-1, 1]
+        else:  # a smaller copy for the vision tower, the VAE's resized from the original
+            image = pixels.resize(original, *area_size(encoding.vision_area, source_w / source_h))
+            source = pixels.preprocess(original, source_h, source_w)
         z = vae.encode(source.unsqueeze(2).to(device)).latent_dist.mode()
         out = dict(zip(("prompt_embeds", "prompt_embeds_mask"), embed(record.text, image, record)))
         out.update(zip(("negative_prompt_embeds", "negative_prompt_embeds_mask"), embed(negative, image, record)))
@@ -199,6 +233,8 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
     encoder_flags = QwenImageSpec.encoder_flags + ("h", "w", "source_size")
     tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit"
     planner_configs = ("qwen-image-edit",)
+    kind, encoding = QWEN_IMAGE_EDIT, EDIT_ENCODING  # the release's folder checks and how it encodes the source
+    adapter_class: type = QwenImageEditAdapter
 
     def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
         return source_resolution(height, width, source_size)
@@ -206,22 +242,23 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
     def check_files(self, model_cfg, transformer_root=None) -> None:
         root = model_cfg.pretrained_model_name_or_path
         if root is not None and Path(root).is_dir():
-            check_qwen_folder(root, (), QWEN_IMAGE_EDIT)
+            check_qwen_folder(root, (), self.kind)
         super().check_files(model_cfg, transformer_root)
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
         size = model_cfg.backbone.resolved
-        check_qwen_config(size("h"), size("w"), transformer, vae, config_path, QWEN_IMAGE_EDIT)
+        check_qwen_config(size("h"), size("w"), transformer, vae, config_path, self.kind)
 
     def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> QwenImageEditAdapter:
         size = model_cfg.backbone.resolved
         return load_qwen_image(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
                                width=size("w"), guidance_scale=size("guidance_scale"),
-                               transformer_path=transformer_path, kind=QWEN_IMAGE_EDIT,
-                               adapter_class=QwenImageEditAdapter, source_size=self.source_size(model_cfg.backbone))
+                               transformer_path=transformer_path, kind=self.kind,
+                               adapter_class=self.adapter_class, source_size=self.source_size(model_cfg.backbone))
 
     def prompt_encoder(self, model_path, device, settings):
-        return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings))
+        return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings), kind=self.kind,
+                                  encoding=self.encoding)
 
     def tokens_per_sample(self, adapter: QwenImageEditAdapter, cond) -> int:
         source = adapter.source_grid[1] * adapter.source_grid[2]
@@ -232,7 +269,9 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
         `img_shapes`) and the source's vision tokens in the text."""
         source_h, source_w = self.source_size(model_cfg.backbone)
         source = (1, source_h // 16, source_w // 16)
-        vision = round(source_h / 28) * round(source_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
+        seen_h, seen_w = (source_h, source_w) if self.encoding.vision_area is None else area_size(
+            self.encoding.vision_area, source_w / source_h)
+        vision = round(seen_h / 28) * round(seen_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
         model = super().planner_model(model_cfg, config, dtype, device, text_tokens + vision)
 
         def inputs(batch: int) -> dict:
@@ -245,3 +284,22 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
 
         return model._replace(inputs=inputs, description=f"{model.description} + {source[1] * source[2]} source "
                                                          f"tokens ({source_w}x{source_h}; {vision} vision tokens)")
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    """Qwen-Image-Edit-2509: Qwen-Image-Edit's adapter (one source), exported for QwenImageEditPlusPipeline."""
+
+    name = "qwen_image_edit_plus"
+    pipeline_class_name = PLUS_PIPELINE
+
+
+@register_backbone
+class QwenImageEditPlusSpec(QwenImageEditSpec):
+    """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) with one source image per edit; tiny stand-in:
+    `python -m branchgrpo.make_tiny qwen_image_edit_plus DIR`."""
+
+    name = "qwen_image_edit_plus"
+    tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit_plus"
+    planner_configs = ("qwen-image-edit-2509",)
+    kind, encoding = QWEN_IMAGE_EDIT_PLUS, PLUS_ENCODING
+    adapter_class = QwenImageEditPlusAdapter

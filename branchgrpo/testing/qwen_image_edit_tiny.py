@@ -45,3 +45,14 @@ def make_tiny_qwen_image_edit(out_dir: str, seed: int = 0) -> Path:
     out = Path(out_dir)
     build_tiny_qwen_image_edit_pipeline(seed).save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def make_tiny_qwen_image_edit_plus(out_dir: str, seed: int = 0) -> Path:
+    """The same parts saved as a QwenImageEditPlusPipeline (Qwen-Image-Edit-2509: the same shapes, system template
+    and processor); returns the folder."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    out = Path(out_dir)
+    pipe = QwenImageEditPlusPipeline(**build_tiny_qwen_image_edit_pipeline(seed).components)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
