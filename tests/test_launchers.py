@@ -159,10 +159,11 @@ def test_qwen_image_edit_launchers(shim):
         ("qwen_image_edit", "branchgrpo", 512, 512, "generation", 4.0, "dynamic",
          "clip_directional=1.0,source_consistency=0.5", True, str(shim / "qwen_image_edit.json"))
     assert (branch["plan"]["leaves"], cfg["tree_split_points"]) == (16, "0,3,6,9")
-    dance = launch(shim, "finetune_qwen_image_edit_dancegrpo_8gpus.sh", SOURCE_SIZE="preferred", USE_LORA="0")
+    dance = launch(shim, "finetune_qwen_image_edit_dancegrpo_8gpus.sh", SOURCE_SIZE="preferred", USE_LORA="0",
+                   EDIT_MODEL="qwen_image_edit_plus")
     cfg = dance["cfg"]
     assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["source_size"], cfg["use_lora"]) == \
-        ("qwen_image_edit", "dancegrpo", 12, "preferred", False)
+        ("qwen_image_edit_plus", "dancegrpo", 12, "preferred", False)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

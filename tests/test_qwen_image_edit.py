@@ -251,22 +251,24 @@ def test_the_other_qwen_release_is_refused_before_loading(edit_dir, spec, tmp_pa
         spec.prompt_encoder(str(partial), "cpu", _settings())
 
 
-def test_planner_builds_the_release_on_the_meta_device():
-    """The shipped config (Qwen-Image-Edit's transformer is Qwen-Image's shape): 60 blocks, 20.4B parameters (within
-    2%); a true-CFG forward carries the generated and the source tokens with both grids, and the source's vision
-    tokens in the text."""
+@pytest.mark.parametrize("model,shipped,vision", [("qwen_image_edit", "qwen-image-edit", 37 ** 2),
+                                                   ("qwen_image_edit_plus", "qwen-image-edit-2509", 14 ** 2)])
+def test_planner_builds_the_release_on_the_meta_device(model, shipped, vision):
+    """The shipped configs (the edit releases' transformer is Qwen-Image's shape): 60 blocks, 20.4B parameters
+    (within 2%); a true-CFG forward carries the generated and the source tokens with both grids, and the source's
+    vision tokens in the text (of a 1024 x 1024 copy: 37 x 37; Edit-2509's 384 x 384 copy: 14 x 14)."""
     from branchgrpo.config import config_from_flags
 
-    cfg = config_from_flags({"model": "qwen_image_edit", "h": 512, "w": 512}, validate="none")
+    cfg = config_from_flags({"model": model, "h": 512, "w": 512}, validate="none")
     config, source = cfg.model.spec.planner_config(cfg.model)
-    assert source == "qwen-image-edit"
+    assert source == shipped
     planned = cfg.model.spec.planner_model(cfg.model, config, torch.bfloat16)
     assert len(planned.blocks) == 60
     assert abs(sum(p.numel() for p in planned.transformer.parameters()) - 20.4e9) < 0.02 * 20.4e9
     inputs = planned.inputs(3)
     assert inputs["hidden_states"].shape == (6, 1024 + 4096, 64) and len(inputs["img_shapes"]) == 6
     assert inputs["img_shapes"][0] == [(1, 32, 32), (1, 64, 64)]
-    assert inputs["encoder_hidden_states"].shape[1] == 512 + 37 ** 2  # 1024 px: 37 x 28-pixel vision tokens a side
+    assert inputs["encoder_hidden_states"].shape[1] == 512 + vision
 
 
 # ----- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline), one source ----------------------------------------------

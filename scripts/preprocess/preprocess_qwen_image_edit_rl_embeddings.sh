@@ -12,9 +12,9 @@
 #   bash scripts/preprocess/preprocess_qwen_image_edit_rl_embeddings.sh                 # defaults below, 8 GPUs
 #   NPROC=1 PROMPTS=my_edits.jsonl BAD_LINES=skip bash scripts/preprocess/preprocess_qwen_image_edit_rl_embeddings.sh
 #
-# Environment (defaults): NPROC (8) processes; MODEL_PATH (data/qwen_image_edit) a diffusers-layout
-# Qwen/Qwen-Image-Edit folder; PROMPTS (assets/edit_prompts.jsonl: 6 edits of 4 rendered sources, for smoke runs);
-# OUTPUT_DIR (data/qwen_image_edit_embeddings); H, W (512), SOURCE_SIZE (generation | preferred), as in the finetune
+# Environment (defaults): NPROC (8) processes; EDIT_MODEL (qwen_image_edit; qwen_image_edit_plus for
+# Qwen-Image-Edit-2509, one source per line); MODEL_PATH (data/$EDIT_MODEL) the release in diffusers layout; PROMPTS (assets/edit_prompts.jsonl: 6 edits of 4 rendered sources, for smoke runs);
+# OUTPUT_DIR (data/${EDIT_MODEL}_embeddings); H, W (512), SOURCE_SIZE (generation | preferred), as in the finetune
 # launchers; MAX_SEQUENCE_LENGTH (512: the instruction's tokens besides the source's); NEGATIVE_PROMPT (unset: " ";
 # set it, even to "", to override); BAD_LINES (refuse | skip); MASTER_ADDR, MASTER_PORT for torchrun; PYTHON to
 # force an interpreter. Extra arguments are passed to `python -m branchgrpo.cli.preprocess` (e.g. --shard_size,
@@ -25,15 +25,16 @@ cd "$REPO_ROOT"
 source scripts/lib/common.sh
 
 NPROC="${NPROC:-8}"
-MODEL_PATH="${MODEL_PATH:-data/qwen_image_edit}"
+EDIT_MODEL="${EDIT_MODEL:-qwen_image_edit}"
+MODEL_PATH="${MODEL_PATH:-data/$EDIT_MODEL}"
 PROMPTS="${PROMPTS:-assets/edit_prompts.jsonl}"
-OUTPUT_DIR="${OUTPUT_DIR:-data/qwen_image_edit_embeddings}"
+OUTPUT_DIR="${OUTPUT_DIR:-data/${EDIT_MODEL}_embeddings}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH:-512}"
 
 bg_require_int H W MAX_SEQUENCE_LENGTH
 bg_python
 bg_require_file "$PROMPTS" "PROMPTS: JSONL edit file not found (one {\"prompt\": ..., \"image\": ...} per line, docs/editing.md)"
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Qwen/Qwen-Image-Edit there in diffusers layout (docs/editing.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Qwen-Image-Edit ($EDIT_MODEL) there in diffusers layout (docs/editing.md)"
 bg_require_parts "$MODEL_PATH" docs/editing.md model_index.json text_encoder processor vae
 bg_check_inputs
 
@@ -42,7 +43,7 @@ NEGATIVE_ARGS=()
 [[ -n "${NEGATIVE_PROMPT+set}" ]] && NEGATIVE_ARGS=(--negative_prompt "$NEGATIVE_PROMPT")
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model qwen_image_edit --model_path "$MODEL_PATH" \
+NPROC="$NPROC" bg_launch branchgrpo.cli.preprocess --model "$EDIT_MODEL" --model_path "$MODEL_PATH" \
   --prompts "$PROMPTS" --output_dir "$OUTPUT_DIR" --h "${H:-512}" --w "${W:-512}" \
   --source_size "${SOURCE_SIZE:-generation}" --max_sequence_length "$MAX_SEQUENCE_LENGTH" \
   --bad_lines "${BAD_LINES:-refuse}" ${NEGATIVE_ARGS[@]+"${NEGATIVE_ARGS[@]}"} "$@"
