@@ -22,6 +22,9 @@ Conventions verified against diffusers 0.42 (QwenImageEditPipeline; tests/test_q
 - At every step the transformer sees [x ; source tokens] along the sequence with `img_shapes` = [(1, h/16, w/16),
   (1, h_s/16, w_s/16)] (the source's rotary grid follows the generated one's), and its prediction is sliced back to
   the generated tokens. The source latents enter unchanged (no noise) at every sigma.
+- Edit-2509 (`qwen_image_edit_plus`, QwenImageEditPlusPipeline), one source per edit: the same, except that the
+  template's user turn names the picture ("Picture 1: " + its vision tokens, then the instruction) and the vision
+  tower sees a copy of about 384 x 384 pixels resized from the original (the VAE's copy too is resized from it).
 - True CFG with the per-token norm rescale, the schedule (mu from the generated tokens only, shift_terminal), the
   velocity sign, decode, LoRA targets and exports are Qwen-Image's: the transformer is a QwenImageTransformer2DModel
   of Qwen-Image's shape. Exports load with `QwenImageTransformer2DModel.from_pretrained` and
