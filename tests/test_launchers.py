@@ -26,7 +26,8 @@ def shim(tmp_path_factory):
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
                       f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
-    for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image"):  # the launchers only check that the inputs exist
+    # the launchers only check that the inputs exist
+    for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image", "qwen_image_edit"):
         for part in ("transformer", "vae"):
             (root / backbone / part).mkdir(parents=True)
         (root / f"{backbone}.json").write_text("{}")
@@ -37,7 +38,7 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
-    name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image", "kontext", "flux") if b in script)
+    name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image_edit", "qwen_image", "kontext", "flux") if b in script)
     backbone = {"kontext": "flux_kontext"}.get(name, name)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
@@ -179,6 +180,21 @@ def test_wan22_launchers(shim, script, model, guidance, shift, algo):
     if algo == "g2rpo":  # its SDE steps are all the high-noise expert's: train that one alone
         one = launch(shim, script, "--guidance_scale_2", "2.5", TRAIN_EXPERTS="high", USE_LORA="0")["cfg"]
         assert (one["train_experts"], one["use_lora"], one["guidance_scale_2"]) == ("high", False, 2.5)
+
+
+def test_qwen_image_edit_launchers(shim):
+    branch = launch(shim, "finetune_qwen_image_edit_branchgrpo_8gpus.sh")
+    cfg = branch["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["w"], cfg["source_size"], cfg["guidance_scale"],
+            cfg["time_shift"], cfg["reward"], cfg["use_lora"], cfg["data_json_path"]) == \
+        ("qwen_image_edit", "branchgrpo", 512, 512, "generation", 4.0, "dynamic",
+         "clip_directional=1.0,source_consistency=0.5", True, str(shim / "qwen_image_edit.json"))
+    assert (branch["plan"]["leaves"], cfg["tree_split_points"]) == (16, "0,3,6,9")
+    dance = launch(shim, "finetune_qwen_image_edit_dancegrpo_8gpus.sh", SOURCE_SIZE="preferred", USE_LORA="0",
+                   EDIT_MODEL="qwen_image_edit_plus")
+    cfg = dance["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["num_generations"], cfg["source_size"], cfg["use_lora"]) == \
+        ("qwen_image_edit_plus", "dancegrpo", 12, "preferred", False)
 
 
 def test_extra_flags_win_over_the_launcher_defaults(shim):

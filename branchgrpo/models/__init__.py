@@ -23,6 +23,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.sd3",
     "branchgrpo.models.qwen_image",
     "branchgrpo.models.wan22",
+    "branchgrpo.models.qwen_image_edit",  # Qwen-Image-Edit and Edit-2509
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from branchgrpo.core.files import read_json
-from branchgrpo.core.flags import flag
 from branchgrpo.models import register_backbone
 from branchgrpo.models.diffusers_backbone import load_part
 from branchgrpo.models.flux import (
@@ -51,13 +50,11 @@ from branchgrpo.models.flux import (
     token_ids,
     vae_stand_in,
 )
-from branchgrpo.models.spec import REPO_ASSETS
+from branchgrpo.models.spec import SOURCE_IMAGE_KEY, EditSpec, SourceSizeFlags
 from branchgrpo.models.support import PlannerModel
 
 PIPELINE = "FluxKontextPipeline"
-SOURCE_SIZES = ("preferred", "generation")  # --source_size
 SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides FLUX's text
-SOURCE_IMAGE_KEY = "source_image"  # the resized source, uint8, for the edit rewards (rewards/edit.py)
 MASK_KEY = "edit_mask"  # the edit region, uint8, for the same
 
 
@@ -175,38 +172,27 @@ def build_kontext_encoder(model_path, device, args, h: int, w: int, source_size:
 
 
 @dataclass
-class FluxKontextConfig(FluxConfig):
-    """FLUX.1-Kontext's flags: FLUX's, guidance 2.5, and the size the source images are resized to."""
-
-    source_size: str | None = flag(None, "the size edit source images are resized to: 'preferred' (the Kontext "
-                                   "resolution the pipeline picks for the run's aspect ratio) or 'generation' "
-                                   "(--h x --w)", choices=SOURCE_SIZES)
+class FluxKontextConfig(SourceSizeFlags, FluxConfig):
+    """FLUX.1-Kontext's flags: FLUX's, guidance 2.5, and the size the source images are resized to ('preferred':
+    the closest of Kontext's preferred resolutions)."""
 
     DEFAULTS = {"h": 1024, "w": 1024, "guidance_scale": 2.5, "source_size": "preferred"}
 
 
 @register_backbone
-class FluxKontextSpec(FluxSpec):
+class FluxKontextSpec(EditSpec, FluxSpec):
     """FLUX.1-Kontext-dev (instruction-based image editing), diffusers layout; prompts are JSONL lines with a source
     image; tiny stand-in: `python -m branchgrpo.make_tiny flux_kontext DIR`."""
 
     name = "flux_kontext"
     Config = FluxKontextConfig
-    prompt_format = "jsonl"
     # the stored source latents depend on the source size: the encoder takes the run's size flags
     encoder_flags = FluxSpec.encoder_flags + ("h", "w", "source_size")
-    eval_rewards = ("source_consistency", "clip_directional")
-    grid_condition = SOURCE_IMAGE_KEY  # evaluation grids read source | results
     tiny = "branchgrpo.testing.flux_kontext_tiny:make_tiny_flux_kontext"
     planner_configs = ("flux1-kontext-dev",)
-    comparison_flags = ()  # the method comparison trains text-to-image prompts
 
-    def source_size(self, values) -> tuple[int, int]:
-        sizes = self.encoder_sizes(values)
-        return source_resolution(sizes["h"], sizes["w"], sizes["source_size"])
-
-    def image_size(self, values) -> tuple[int, int]:
-        return self.source_size(values)
+    def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
+        return source_resolution(height, width, source_size)
 
     def check_files(self, model_cfg, transformer_root=None) -> None:
         root = model_cfg.pretrained_model_name_or_path
@@ -225,9 +211,6 @@ class FluxKontextSpec(FluxSpec):
 
     def prompt_encoder(self, model_path, device, settings):
         return build_kontext_encoder(model_path, device, settings, **self.encoder_sizes(settings))
-
-    def default_prompts(self) -> Path:
-        return REPO_ASSETS / "edit_prompts.jsonl"
 
     def tokens_per_sample(self, adapter: FluxKontextAdapter, cond) -> int:
         return super().tokens_per_sample(adapter, cond) + adapter.source_rows * adapter.source_cols

@@ -32,6 +32,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -79,26 +80,42 @@ TINY_TRANSFORMER_CONFIG = dict(
 )
 
 
-def check_qwen_folder(model_path: str | Path | None, parts: tuple[str, ...]) -> Path:
+class QwenRelease(NamedTuple):
+    """What the checks of a Qwen-Image-family backbone name: its --model, the pipeline its folders hold, the release,
+    its docs page, its folder layout and its default folder."""
+
+    model: str
+    pipeline: str
+    release: str
+    docs: str
+    layout: tuple[str, ...]
+    default_folder: str
+
+
+QWEN_IMAGE = QwenRelease("qwen_image", PIPELINE_CLASS, "Qwen/Qwen-Image, text-to-image", "docs/qwen_image.md",
+                         QWEN_LAYOUT, "data/qwen_image")
+
+
+def check_qwen_folder(model_path: str | Path | None, parts: tuple[str, ...], kind: QwenRelease = QWEN_IMAGE) -> Path:
     """Fail before loading anything heavy when the folder, one of the needed subfolders, or the pipeline is wrong."""
-    layout = ", ".join(QWEN_LAYOUT)
+    layout, name = ", ".join(kind.layout), kind.release.split(",")[0].split("/")[-1]
     if model_path is None:
-        raise ValueError(f"--pretrained_model_name_or_path / --model_path: no Qwen-Image folder given (diffusers "
+        raise ValueError(f"--pretrained_model_name_or_path / --model_path: no {name} folder given (diffusers "
                          f"layout: {layout})")
     root = Path(model_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"Qwen-Image checkpoint folder {root} does not exist"
-                                f"{hub_id_hint(root, 'data/qwen_image')}; expected a diffusers-layout Qwen-Image "
-                                f"folder holding {layout} (see docs/qwen_image.md)")
+        raise FileNotFoundError(f"{name} checkpoint folder {root} does not exist"
+                                f"{hub_id_hint(root, kind.default_folder)}; expected a diffusers-layout {name} "
+                                f"folder holding {layout} (see {kind.docs})")
     missing = [p for p in parts if not (root / p).exists()]
     if missing:
-        raise FileNotFoundError(f"Qwen-Image checkpoint folder {root} lacks {', '.join(missing)}; expected a "
-                                f"diffusers-layout Qwen-Image folder holding {layout} (see docs/qwen_image.md)")
+        raise FileNotFoundError(f"{name} checkpoint folder {root} lacks {', '.join(missing)}; expected a "
+                                f"diffusers-layout {name} folder holding {layout} (see {kind.docs})")
     index = root / "model_index.json"
-    pipeline = _read_json(index).get("_class_name", PIPELINE_CLASS)
-    if pipeline != PIPELINE_CLASS:
-        raise ValueError(f"{index}: a {pipeline} checkpoint; --model qwen_image takes a {PIPELINE_CLASS} folder "
-                         "(Qwen/Qwen-Image, text-to-image; see docs/qwen_image.md)")
+    pipeline = _read_json(index).get("_class_name", kind.pipeline)
+    if pipeline != kind.pipeline:
+        raise ValueError(f"{index}: a {pipeline} checkpoint; --model {kind.model} takes a {kind.pipeline} folder "
+                         f"({kind.release}; see {kind.docs})")
     return root
 
 
@@ -113,18 +130,19 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def check_qwen_config(height: int, width: int, transformer: dict, vae: dict, config_path: Path) -> None:
+def check_qwen_config(height: int, width: int, transformer: dict, vae: dict, config_path: Path,
+                      kind: QwenRelease = QWEN_IMAGE) -> None:
     """--h/--w and the transformer's options against the checkpoint's configs (read as JSON), before any weight is
     read: the class, options of later releases, sides multiples of 2 x the VAE's factor (2x2 packing), and a
     transformer that takes 4 x the VAE's latent channels."""
     name = transformer.get("_class_name", TRANSFORMER_CLASS)
     if name != TRANSFORMER_CLASS:
-        raise ValueError(f"{config_path}: a {name}; --model qwen_image expects a {TRANSFORMER_CLASS} (Qwen-Image's "
-                         "transformer/ folder)")
+        raise ValueError(f"{config_path}: a {name}; --model {kind.model} expects a {TRANSFORMER_CLASS} "
+                         f"({kind.release.split(',')[0]}'s transformer/ folder)")
     options = [o for o in UNSUPPORTED_OPTIONS if transformer.get(o)]
     if options or transformer.get("guidance_embeds"):
         raise ValueError(f"{config_path}: sets {', '.join(options or ['guidance_embeds'])}: a later Qwen-Image "
-                         "variant (edit / layered / distilled); only Qwen-Image text-to-image is supported")
+                         f"variant (layered / distilled / 2511); --model {kind.model} takes {kind.release}")
     factor = 2 ** len(vae.get("temperal_downsample", (False, True, True)))  # absent VAE config: Qwen-Image's 8
     for flag, value in (("--h", height), ("--w", width)):
         if value % (2 * factor):
@@ -205,10 +223,22 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
 
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """v = eps - x0 (true CFG when guidance_scale > 1) for packed latents [B, L, 64] at per-sample sigmas [B]."""
-        batch = latents.shape[0]
         assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
+        return self.guided_velocity(latents, sigmas, cond, [self.grid])
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The generated image's rotary grid (frames, rows, columns of packed tokens)."""
+        return (1, self.latent_h // 2, self.latent_w // 2)
+
+    def guided_velocity(self, tokens: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor],
+                        shapes: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The (true-CFG) prediction for the generated tokens, the first `latent_shape[0]` of `tokens` [B, N, 64]
+        whose image grids are `shapes` (the generated image's first; tokens after it condition, e.g. an edit's
+        source latents)."""
+        batch, generated = tokens.shape[0], self.latent_shape[0]
         assert sigmas.shape == (batch,), sigmas.shape
-        device = latents.device
+        device = tokens.device
         dtype = next(self.transformer.parameters()).dtype
         texts = [cond["prompt_embeds"].to(device=device, dtype=dtype)]
         masks = [cond["prompt_embeds_mask"].to(device)]
@@ -218,13 +248,12 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
         # the padding every row shares carries no information (masked keys, positions independent of the mask)
         used = int(torch.nonzero(torch.stack([m.bool().any(0) for m in masks]).any(0)).max()) + 1
         texts, masks = [t[:, :used] for t in texts], [m[:, :used].bool() for m in masks]
-        inputs = dict(hidden_states=latents.to(dtype), timestep=sigmas.to(device=device, dtype=dtype),
+        inputs = dict(hidden_states=tokens.to(dtype), timestep=sigmas.to(device=device, dtype=dtype),
                       encoder_hidden_states=texts[0], encoder_hidden_states_mask=masks[0])
-        grid = (1, self.latent_h // 2, self.latent_w // 2)
 
         def forward(**rows) -> torch.Tensor:
-            shapes = [[grid]] * rows["hidden_states"].shape[0]
-            return self.transformer(**rows, img_shapes=shapes, return_dict=False)[0].float()
+            out = self.transformer(**rows, img_shapes=[shapes] * rows["hidden_states"].shape[0], return_dict=False)[0]
+            return out[:, :generated].float()
 
         if not self.uses_cfg:
             return forward(**inputs)
@@ -255,17 +284,19 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
 
 def load_qwen_image(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype | None = None, height: int = 1024, width: int = 1024,
-                    guidance_scale: float = 4.0, transformer_path: str | Path | None = None) -> QwenImageAdapter:
+                    guidance_scale: float = 4.0, transformer_path: str | Path | None = None,
+                    kind: QwenRelease = QWEN_IMAGE, adapter_class: type = QwenImageAdapter,
+                    **adapter_options) -> QwenImageAdapter:
     """Load transformer (in `dtype`: fp32 master weights by default) and VAE (`vae_dtype`; default bf16 on CUDA,
     fp32 on CPU) from a local diffusers-layout Qwen-Image folder; nothing is downloaded. `transformer_path`: a folder
     whose `transformer/` is loaded instead of the base's (a full export of a training run; the rest from
-    `model_path`)."""
-    root = check_qwen_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"))
+    `model_path`). `kind`, `adapter_class`, `adapter_options`: a Qwen-Image-family release's checks and adapter."""
+    root = check_qwen_folder(model_path, ("vae",) if transformer_path is not None else ("transformer", "vae"), kind)
     transformer_root = root if transformer_path is None else Path(transformer_path)
     folder = transformer_root / "transformer"
     transformer_config = read_config(folder, "Qwen-Image transformer")
     check_qwen_config(height, width, transformer_config, read_config(root / "vae", "Qwen-Image VAE"),
-                      folder / CONFIG_FILE)
+                      folder / CONFIG_FILE, kind)
     scheduler_config = read_scheduler_config(root)
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel  # after the checks: slow imports
 
@@ -278,10 +309,42 @@ def load_qwen_image(model_path: str | Path, device: torch.device | str = "cpu", 
     transformer = load_part(QwenImageTransformer2DModel, transformer_root, "transformer", "Qwen-Image transformer",
                             torch_dtype=dtype)
     vae = load_part(AutoencoderKLQwenImage, root, "vae", "Qwen-Image VAE", torch_dtype=vae_dtype)
-    return QwenImageAdapter(transformer, vae, height, width, guidance_scale, scheduler_config).to(device)
+    return adapter_class(transformer, vae, height, width, guidance_scale, scheduler_config,
+                         **adapter_options).to(device)
 
 
 # ----- prompt encoding ---------------------------------------------------------------------------------------------
+
+
+def text_length(args) -> int:
+    """--max_sequence_length, checked against the pipeline's limit."""
+    max_len = int(getattr(args, "max_sequence_length", 512))
+    if not 1 <= max_len <= MAX_TEXT_LEN:
+        raise ValueError(f"--max_sequence_length must be in [1, {MAX_TEXT_LEN}] for Qwen-Image, got {max_len}")
+    return max_len
+
+
+def negative_prompt(args) -> str:
+    """--negative_prompt, or Qwen-Image's default (an empty string is a valid one)."""
+    negative = getattr(args, "negative_prompt", None)
+    return DEFAULT_NEGATIVE_PROMPT if negative is None else negative
+
+
+def load_text_encoder(root: Path, device: torch.device, args):
+    """(Qwen2.5-VL in --dtype, frozen, on `device`; its dtype) from the checked folder's text_encoder/."""
+    name = getattr(args, "dtype", "auto")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name not in ENCODER_DTYPES:
+        raise ValueError(f"--dtype must be auto, fp32 or bf16 for Qwen-Image's text encoder, got '{name}'")
+    dtype = ENCODER_DTYPES[name]
+    from transformers import Qwen2_5_VLForConditionalGeneration  # slow import
+
+    encoder = load_pretrained(
+        lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root / "text_encoder"), local_files_only=True,
+                                                                    dtype=dtype),
+        root / "text_encoder", "Qwen2.5-VL text encoder", "the text_encoder/ folder in transformers layout")
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), dtype
 
 
 def build_prompt_encoder(model_path: str | Path | None, device: torch.device | str, args):
@@ -290,27 +353,14 @@ def build_prompt_encoder(model_path: str | Path | None, device: torch.device | s
     longest prompt of its batch; we pad every prompt to L, mask 0 on the padding). `encode.extras()` gives the
     dataset-wide negative-prompt embedding and mask (`args.negative_prompt`, default " ")."""
     root = check_qwen_folder(model_path, ("text_encoder", "tokenizer"))
-    max_len = int(getattr(args, "max_sequence_length", 512))
-    if not 1 <= max_len <= MAX_TEXT_LEN:
-        raise ValueError(f"--max_sequence_length must be in [1, {MAX_TEXT_LEN}] for Qwen-Image, got {max_len}")
+    max_len = text_length(args)
     device = torch.device(device)
-    name = getattr(args, "dtype", "auto")
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    if name not in ENCODER_DTYPES:
-        raise ValueError(f"--dtype must be auto, fp32 or bf16 for Qwen-Image's text encoder, got '{name}'")
-    dtype = ENCODER_DTYPES[name]
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration  # after the checks: slow imports
+    from transformers import AutoTokenizer  # after the checks: slow imports
 
     tokenizer = load_pretrained(lambda: AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True),
                                 root / "tokenizer", "Qwen2 tokenizer", "Qwen-Image's tokenizer/ in transformers layout")
-    encoder = load_pretrained(
-        lambda: Qwen2_5_VLForConditionalGeneration.from_pretrained(str(root / "text_encoder"), local_files_only=True,
-                                                                    dtype=dtype),
-        root / "text_encoder", "Qwen2.5-VL text encoder", "Qwen-Image's text_encoder/ in transformers layout")
-    encoder = encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    negative = getattr(args, "negative_prompt", None)
-    negative = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
+    encoder, dtype = load_text_encoder(root, device, args)
+    negative = negative_prompt(args)
 
     @torch.no_grad()
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:

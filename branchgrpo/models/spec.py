@@ -32,6 +32,8 @@ import torch
 from branchgrpo.core.flags import flag
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets"
+SOURCE_SIZES = ("preferred", "generation")  # --source_size of the editing backbones (SourceSizeFlags)
+SOURCE_IMAGE_KEY = "source_image"  # an edit's resized source, uint8 [3, h, w], stored per prompt (rewards/edit.py)
 #: what a backbone's `decode` returns: images [B, C, H, W] or videos [B, C, F, H, W]
 MEDIA_KINDS = ("image", "video")
 
@@ -96,6 +98,15 @@ class GuidanceFlags(BackboneConfig):
 
     guidance_scale: float | None = flag(None, "guidance scale: the embedded guidance of a guidance-distilled "
                                         "backbone, or classifier-free guidance")
+
+
+@dataclass
+class SourceSizeFlags(BackboneConfig):
+    """The size edit source images are resized to, shared by the editing backbones (their DEFAULTS say which)."""
+
+    source_size: str | None = flag(None, "the size edit source images are resized to: 'preferred' (the size the "
+                                   "backbone's pipeline picks for an image of the run's aspect ratio, about 1 "
+                                   "megapixel) or 'generation' (--h x --w)", choices=SOURCE_SIZES)
 
 
 class BackboneSpec:
@@ -192,3 +203,29 @@ def check_sizes(section, multiple: int, why: str, names=("h", "w")) -> None:
         size = getattr(section, name, None)
         if size is not None and (size <= 0 or size % multiple):
             raise ValueError(f"--{name}: {size} is not a positive multiple of {multiple} ({why})")
+
+
+class EditSpec:
+    """What the instruction-based editing backbones share (mixed in before their base spec; their section has
+    SourceSizeFlags and their encoder stores SOURCE_IMAGE_KEY): JSONL prompts with source images resized to
+    `source_resolution`, source | results evaluation grids, the edit rewards."""
+
+    prompt_format: ClassVar[str] = "jsonl"
+    eval_rewards: ClassVar[tuple[str, ...]] = ("source_consistency", "clip_directional")
+    grid_condition: ClassVar[str | None] = SOURCE_IMAGE_KEY  # evaluation grids read source | results
+    comparison_flags: ClassVar[tuple[str, ...]] = ()  # the method comparison trains text-to-image prompts
+
+    def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
+        """(h, w) the sources of a run at `height` x `width` are resized to, for a --source_size value."""
+        raise NotImplementedError
+
+    def source_size(self, values) -> tuple[int, int]:
+        """(h, w) of the stored sources for the size flags in `values` (as `encoder_sizes` reads them)."""
+        sizes = self.encoder_sizes(values)
+        return self.source_resolution(sizes["h"], sizes["w"], sizes["source_size"])
+
+    def image_size(self, values) -> tuple[int, int]:
+        return self.source_size(values)
+
+    def default_prompts(self) -> Path:
+        return REPO_ASSETS / "edit_prompts.jsonl"

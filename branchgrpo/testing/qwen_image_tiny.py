@@ -32,9 +32,9 @@ VAE_CONFIG = dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 
-def qwen_tokenizer():
-    """A Qwen2Tokenizer (byte-level BPE, Qwen's pre-tokenizer) whose merges are trained on the system template and a
-    small English vocabulary, so that the template's words are single tokens as in the real 151k-token vocabulary."""
+def qwen_tokenizer(template: str = PROMPT_TEMPLATE):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen's pre-tokenizer) whose merges are trained on the system `template` and
+    a small English vocabulary, so that the template's words are single tokens as in the real 151k-token vocabulary."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -44,7 +44,9 @@ def qwen_tokenizer():
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    corpus = [PROMPT_TEMPLATE.format(" ".join(_T5_WORDS)).replace("<|im_start|>", "").replace("<|im_end|>", "")]
+    corpus = [template.format(" ".join(_T5_WORDS))]
+    for token in CHAT_TOKENS:
+        corpus = [text.replace(token, "") for text in corpus]
     bpe.train_from_iterator(corpus * 3, trainers.BpeTrainer(
         vocab_size=2000, min_frequency=1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=_merges(bpe), additional_special_tokens=list(CHAT_TOKENS))

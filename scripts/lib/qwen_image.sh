@@ -1,5 +1,8 @@
 # Shared body of the Qwen-Image launchers (like scripts/lib/flux.sh): documented defaults, input checks, torchrun.
 # The sourcing launcher sets ALGO_ARGS (its algorithm's flags) and NAME; its own arguments ("$@") come last and win.
+# A Qwen-Image-family backbone (Qwen-Image-Edit, scripts/lib/qwen_image_edit.sh) runs these with QWEN_BACKBONE (the
+# --model; default qwen_image), QWEN_CHECKPOINT and QWEN_DOC (what the messages name), QWEN_DATA_JSON and QWEN_REWARD
+# (its defaults for DATA_JSON and REWARD) set in the environment.
 #
 # Environment (defaults): NPROC (8) per node; NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT for multi-node;
 # MODEL_PATH (data/qwen_image: Qwen/Qwen-Image in diffusers layout); DATA_JSON (data/qwen_image_embeddings/index.json);
@@ -14,12 +17,15 @@
 # 1/true/yes/on or 0/false/no/off, anything else is refused; PYTHON.
 source "$REPO_ROOT/scripts/lib/common.sh"
 
+QWEN_BACKBONE="${QWEN_BACKBONE:-qwen_image}"
+QWEN_CHECKPOINT="${QWEN_CHECKPOINT:-Qwen/Qwen-Image}"
+QWEN_DOC="${QWEN_DOC:-docs/qwen_image.md}"
 NPROC="${NPROC:-8}"
-MODEL_PATH="${MODEL_PATH:-data/qwen_image}"
-DATA_JSON="${DATA_JSON:-data/qwen_image_embeddings/index.json}"
+MODEL_PATH="${MODEL_PATH:-data/$QWEN_BACKBONE}"
+DATA_JSON="${DATA_JSON:-${QWEN_DATA_JSON:-data/qwen_image_embeddings/index.json}}"
 HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
-REWARD="${REWARD:-hps=1.0}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/qwen_image_${NAME}}"
+REWARD="${REWARD:-${QWEN_REWARD:-hps=1.0}}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/${QWEN_BACKBONE}_${NAME}}"
 TIME_SHIFT="${TIME_SHIFT:-dynamic}"
 
 bg_bool USE_LORA 1
@@ -30,9 +36,9 @@ if [[ "$TIME_SHIFT" != static && "$TIME_SHIFT" != dynamic ]]; then
   exit 2
 fi
 bg_python
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Qwen/Qwen-Image there in diffusers layout (docs/qwen_image.md)"
-bg_require_parts "$MODEL_PATH" docs/qwen_image.md transformer vae
-bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_qwen_image_rl_embeddings.sh first"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $QWEN_CHECKPOINT there in diffusers layout ($QWEN_DOC)"
+bg_require_parts "$MODEL_PATH" "$QWEN_DOC" transformer vae
+bg_require_file "$DATA_JSON" "DATA_JSON: run scripts/preprocess/preprocess_${QWEN_BACKBONE}_rl_embeddings.sh first"
 if [[ "$REWARD" == *hps* ]]; then
   bg_require_file "$HPS_CKPT_DIR/HPS_v2.1_compressed.pt" "HPS_CKPT_DIR: HPS-v2.1 checkpoint missing (hps_ckpt/README.md)"
 fi
@@ -45,7 +51,7 @@ else
   DEFAULT_LR=1e-5 DEFAULT_ACCUM=1
 fi
 COMMON_ARGS=(
-  --model qwen_image --pretrained_model_name_or_path "$MODEL_PATH" --data_json_path "$DATA_JSON"
+  --model "$QWEN_BACKBONE" --pretrained_model_name_or_path "$MODEL_PATH" --data_json_path "$DATA_JSON"
   --reward "$REWARD" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
   --h "${H:-512}" --w "${W:-512}" --guidance_scale "${GUIDANCE:-4.0}" --time_shift "$TIME_SHIFT" --shift "${SHIFT:-3}"
   --seed 42 --train_batch_size "${TRAIN_BATCH_SIZE:-1}" --learning_rate "${LR:-$DEFAULT_LR}" --weight_decay 1e-4

@@ -1,0 +1,308 @@
+"""Qwen-Image-Edit (instruction-based image editing) as a `FlowAdapter`: Qwen-Image's adapter (models/qwen_image.py)
+with the source image's latents appended to the image tokens, built once per prompt by the prompt encoder
+(preprocessing, evaluation) and entered at every step, in rollout and training alike, as diffusers'
+QwenImageEditPipeline enters them.
+
+Conventions verified against diffusers 0.42 (QwenImageEditPipeline; tests/test_qwen_image_edit.py):
+- Prompts are JSONL lines `{"prompt": <edit instruction>, "image": <source image>}` (data/preprocess.py). The source
+  is resized (PIL Lanczos, no crop: the pipeline's VaeImageProcessor) to the source size, and that image is both
+  - seen by Qwen2.5-VL: the instruction in the pipeline's edit template, the source's vision tokens in its user turn
+    (the Qwen2VLProcessor of the checkpoint's `processor/` resizes it again to multiples of 28 pixels), the last
+    hidden state with the template's first 64 tokens dropped. The negative prompt (`--negative_prompt`, default " ")
+    is encoded the same way WITH the source image, so it is stored per prompt, not once per dataset;
+  - encoded by the VAE: its mode, normalised per channel ((z - latents_mean) / latents_std) and 2x2-packed, stored as
+    `image_latents` [(h_s / 16)(w_s / 16), 64] fp32; its pixels as `source_image` uint8 and the line's mask as
+    `edit_mask` (the edit rewards' inputs, as FLUX.1-Kontext stores them: models/flux_kontext.py).
+  Embeddings are zero-padded to the source's vision tokens + --max_sequence_length (the instruction's tokens) with
+  their mask; an instruction longer than that is refused (the pipeline never truncates).
+- The source size is fixed per run (the stored latents have one shape): `--source_size preferred` (default) is the
+  pipeline's choice for an image of the run's aspect ratio (about 1024 x 1024 pixels in area, sides multiples of
+  32); `generation` is --h/--w. Source images whose aspect ratio is more than 10% off the source size are refused (or
+  skipped) by line number.
+- At every step the transformer sees [x ; source tokens] along the sequence with `img_shapes` = [(1, h/16, w/16),
+  (1, h_s/16, w_s/16)] (the source's rotary grid follows the generated one's), and its prediction is sliced back to
+  the generated tokens. The source latents enter unchanged (no noise) at every sigma.
+- Edit-2509 (`qwen_image_edit_plus`, QwenImageEditPlusPipeline), one source per edit: the same, except that the
+  template's user turn names the picture ("Picture 1: " + its vision tokens, then the instruction) and the vision
+  tower sees a copy of about 384 x 384 pixels resized from the original (the VAE's copy too is resized from it).
+- True CFG with the per-token norm rescale, the schedule (mu from the generated tokens only, shift_terminal), the
+  velocity sign, decode, LoRA targets and exports are Qwen-Image's: the transformer is a QwenImageTransformer2DModel
+  of Qwen-Image's shape. Exports load with `QwenImageTransformer2DModel.from_pretrained` and
+  `QwenImageEditPipeline.load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from branchgrpo.models import register_backbone
+from branchgrpo.models.diffusers_backbone import load_part, load_pretrained
+from branchgrpo.models.flux import pack_latents
+from branchgrpo.models.flux_kontext import MASK_KEY, edit_mask
+from branchgrpo.models.qwen_image import (
+    QWEN_LAYOUT,
+    QwenImageAdapter,
+    QwenImageConfig,
+    QwenImageSpec,
+    QwenRelease,
+    check_qwen_config,
+    check_qwen_folder,
+    load_qwen_image,
+    load_text_encoder,
+    negative_prompt,
+    text_length,
+)
+from branchgrpo.models.spec import SOURCE_IMAGE_KEY, EditSpec, SizeFlags, SourceSizeFlags, check_sizes
+from branchgrpo.models.support import PlannerModel
+
+PIPELINE = "QwenImageEditPipeline"
+QWEN_IMAGE_EDIT = QwenRelease("qwen_image_edit", PIPELINE, "Qwen/Qwen-Image-Edit, instruction-based editing",
+                              "docs/editing.md", (*QWEN_LAYOUT, "processor/"), "data/qwen_image_edit")
+# QwenImageEditPipeline's template; the embedding keeps what follows its first TEMPLATE_TOKENS tokens.
+EDIT_TEMPLATE = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
+                 "objects, background), then explain how the user's text instruction should alter or modify the "
+                 "image. Generate a new image that meets the user's requirements while maintaining consistency with "
+                 "the original input where appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>"
+                 "<|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
+TEMPLATE_TOKENS = 64
+SOURCE_AREA = 1024 * 1024  # the pipeline's source area in pixels
+# Edit-2509 (QwenImageEditPlusPipeline): the same system turn, each image named in the user turn, and Qwen2.5-VL sees
+# a smaller copy of the source (about 384 x 384 pixels) than the VAE.
+PLUS_PIPELINE = "QwenImageEditPlusPipeline"
+QWEN_IMAGE_EDIT_PLUS = QwenRelease("qwen_image_edit_plus", PLUS_PIPELINE, "Qwen/Qwen-Image-Edit-2509, instruction-based "
+                                   "editing", "docs/editing.md", (*QWEN_LAYOUT, "processor/"),
+                                   "data/qwen_image_edit_plus")
+PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
+PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+PLUS_VISION_AREA = 384 * 384
+
+
+class EditEncoding(NamedTuple):
+    """How a release puts the source before Qwen2.5-VL: its template, whether the user turn names the picture
+    (PICTURE), and the area of the copy the vision tower sees (None: the VAE's copy)."""
+
+    template: str
+    picture: bool
+    vision_area: int | None
+
+
+EDIT_ENCODING = EditEncoding(EDIT_TEMPLATE, False, None)
+PLUS_ENCODING = EditEncoding(PLUS_TEMPLATE, True, PLUS_VISION_AREA)
+SOURCE_KEYS = ("image_latents",)  # per-prompt tensors the transformer reads, besides the text
+
+
+def source_resolution(height: int, width: int, source_size: str) -> tuple[int, int]:
+    """(h, w) the source images of a run at --h/--w are resized to: the run's size, or the size the pipeline picks
+    for an image of the run's aspect ratio."""
+    return (height, width) if source_size == "generation" else area_size(SOURCE_AREA, width / height)
+
+
+def area_size(area: int, ratio: float) -> tuple[int, int]:
+    """(h, w) of about `area` pixels at aspect ratio `ratio` (w / h), sides multiples of 32: the pipelines' rule."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    width, height, _ = calculate_dimensions(area, ratio)
+    return int(height), int(width)
+
+
+class QwenImageEditAdapter(QwenImageAdapter):
+    """QwenImageTransformer2DModel (Qwen-Image-Edit) + its VAE: Qwen-Image with the source tokens after the
+    generated ones."""
+
+    name = "qwen_image_edit"
+    pipeline_class_name = PIPELINE
+
+    def __init__(self, transformer, vae, height: int, width: int, guidance_scale: float = 4.0,
+                 scheduler_config: dict | None = None, source_size: tuple[int, int] | None = None):
+        super().__init__(transformer, vae, height, width, guidance_scale, scheduler_config)
+        self.source_h, self.source_w = source_size or (height, width)
+        factor = 2 * self.vae_scale_factor
+        check_sizes(SizeFlags(self.source_h, self.source_w), factor, "the source size (--source_size): 2x2 packing")
+        self.source_grid = (1, self.source_h // factor, self.source_w // factor)
+
+    @property
+    def embedding_keys(self) -> tuple[str, ...]:
+        return super().embedding_keys + SOURCE_KEYS
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """v = eps - x0 of the generated tokens [B, L, 64]: the transformer runs on [x ; source tokens]."""
+        assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
+        source = self.source_tokens(cond).to(device=latents.device, dtype=latents.dtype)
+        return self.guided_velocity(torch.cat([latents, source], dim=1), sigmas, cond, [self.grid, self.source_grid])
+
+    def source_tokens(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "image_latents" not in cond:
+            raise KeyError("Qwen-Image-Edit needs cond['image_latents'] (the source image's packed latents, written "
+                           "per prompt by the qwen_image_edit preprocess script)")
+        source = cond["image_latents"]
+        expected = (self.source_grid[1] * self.source_grid[2], self.latent_shape[1])
+        if tuple(source.shape[1:]) != expected:
+            raise ValueError(f"image_latents of shape {list(source.shape[1:])} were encoded for another source size "
+                             f"than this run's {self.source_w} x {self.source_h} ({list(expected)}; --h, --w, "
+                             "--source_size); preprocess with the run's H, W and SOURCE_SIZE")
+        return source
+
+
+def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: str,
+                       kind: QwenRelease = QWEN_IMAGE_EDIT, encoding: EditEncoding = EDIT_ENCODING):
+    """`encode(records) -> {prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
+    image_latents, source_image, edit_mask}` for `PromptRecord`s, each equal to what QwenImageEditPipeline builds from
+    the same instruction, negative prompt and source image at the source size (module docstring). One record at a
+    time, as the pipeline takes one source per call. The VAE runs in fp32; the latents are stored in fp32."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils import load_image
+
+    root = check_qwen_folder(model_path, ("text_encoder", "processor", "vae"), kind)
+    max_len, negative = text_length(args), negative_prompt(args)
+    source_h, source_w = source_resolution(h, w, source_size)
+    device = torch.device(device)
+    from transformers import Qwen2VLProcessor  # after the checks: slow import
+
+    processor = load_pretrained(
+        lambda: Qwen2VLProcessor.from_pretrained(str(root / "processor"), local_files_only=True),
+        root / "processor", "Qwen2VL processor", "the pipeline's processor/ folder")
+    text_encoder, dtype = load_text_encoder(root, device, args)
+    vae = load_part(AutoencoderKLQwenImage, root, "vae", "Qwen-Image VAE", torch_dtype=torch.float32)
+    vae = vae.to(device).eval().requires_grad_(False)
+    view = (1, int(vae.config.z_dim), 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(view)
+    std = torch.tensor(vae.config.latents_std, device=device).view(view)
+    pixels = VaeImageProcessor(vae_scale_factor=2 ** len(vae.config.temperal_downsample) * 2)
+
+    def embed(text: str, image, record) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, L, D] and [1, L] for the text and the source image, L = vision tokens + max_len."""
+        named = PICTURE.format(1) if encoding.picture else ""
+        inputs = processor(text=[encoding.template.format(named + text)], images=image, padding=True,
+                           return_tensors="pt")
+        inputs = inputs.to(device)
+        hidden = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                              output_hidden_states=True).hidden_states[-1]
+        kept = hidden[0][inputs["attention_mask"][0].bool()][TEMPLATE_TOKENS:]
+        vision = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+        if len(kept) > vision + max_len:
+            raise ValueError(f"line {record.line}: {len(kept) - vision} tokens besides the source's {vision} vision "
+                             f"tokens, more than --max_sequence_length {max_len}; raise it (at most 1024)")
+        embeds, mask = hidden.new_zeros(1, vision + max_len, hidden.shape[-1]), torch.zeros(
+            1, vision + max_len, dtype=torch.long, device=device)
+        embeds[0, : len(kept)], mask[0, : len(kept)] = kept, 1
+        return embeds.to(dtype), mask
+
+    @torch.no_grad()
+    def encode_one(record) -> dict[str, torch.Tensor]:
+        original = load_image(str(record.image))
+        if encoding.vision_area is None:  # the VAE's copy
+            image = pixels.resize(original, source_h, source_w)
+            source = pixels.preprocess(image, source_h, source_w)  # [1, 3, h, w] in [-1, 1]
+        else:  # a smaller copy for the vision tower, the VAE's resized from the original
+            image = pixels.resize(original, *area_size(encoding.vision_area, source_w / source_h))
+            source = pixels.preprocess(original, source_h, source_w)
+        z = vae.encode(source.unsqueeze(2).to(device)).latent_dist.mode()
+        out = dict(zip(("prompt_embeds", "prompt_embeds_mask"), embed(record.text, image, record)))
+        out.update(zip(("negative_prompt_embeds", "negative_prompt_embeds_mask"), embed(negative, image, record)))
+        out["image_latents"] = pack_latents(((z - mean) / std)[:, :, 0]).float()
+        out[SOURCE_IMAGE_KEY] = ((source + 1.0) * 127.5).round().to(torch.uint8)  # the pixels the VAE saw
+        out[MASK_KEY] = edit_mask(record.mask, source_h, source_w)[None]
+        return out
+
+    def encode(records) -> dict[str, torch.Tensor]:
+        rows = [encode_one(record) for record in records]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    return encode
+
+
+@dataclass
+class QwenImageEditConfig(SourceSizeFlags, QwenImageConfig):
+    """Qwen-Image-Edit's flags: Qwen-Image's, and the size the source images are resized to ('preferred': the
+    pipeline's choice for the run's aspect ratio, about 1024 x 1024 in area)."""
+
+    DEFAULTS = {**QwenImageConfig.DEFAULTS, "source_size": "preferred"}
+
+
+@register_backbone
+class QwenImageEditSpec(EditSpec, QwenImageSpec):
+    """Qwen-Image-Edit (instruction-based image editing), diffusers layout; prompts are JSONL lines with a source
+    image; tiny stand-in: `python -m branchgrpo.make_tiny qwen_image_edit DIR`."""
+
+    name = "qwen_image_edit"
+    Config = QwenImageEditConfig
+    # the stored source latents and vision tokens depend on the source size: the encoder takes the run's size flags
+    encoder_flags = QwenImageSpec.encoder_flags + ("h", "w", "source_size")
+    tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit"
+    planner_configs = ("qwen-image-edit",)
+    kind, encoding = QWEN_IMAGE_EDIT, EDIT_ENCODING  # the release's folder checks and how it encodes the source
+    adapter_class: type = QwenImageEditAdapter
+
+    def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:
+        return source_resolution(height, width, source_size)
+
+    def check_files(self, model_cfg, transformer_root=None) -> None:
+        root = model_cfg.pretrained_model_name_or_path
+        if root is not None and Path(root).is_dir():
+            check_qwen_folder(root, (), self.kind)
+        super().check_files(model_cfg, transformer_root)
+
+    def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:
+        size = model_cfg.backbone.resolved
+        check_qwen_config(size("h"), size("w"), transformer, vae, config_path, self.kind)
+
+    def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> QwenImageEditAdapter:
+        size = model_cfg.backbone.resolved
+        return load_qwen_image(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
+                               width=size("w"), guidance_scale=size("guidance_scale"),
+                               transformer_path=transformer_path, kind=self.kind,
+                               adapter_class=self.adapter_class, source_size=self.source_size(model_cfg.backbone))
+
+    def prompt_encoder(self, model_path, device, settings):
+        return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings), kind=self.kind,
+                                  encoding=self.encoding)
+
+    def tokens_per_sample(self, adapter: QwenImageEditAdapter, cond) -> int:
+        source = adapter.source_grid[1] * adapter.source_grid[2]
+        return super().tokens_per_sample(adapter, cond) + (2 if adapter.uses_cfg else 1) * source
+
+    def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
+        """Qwen-Image's, with the source tokens in every forward ([generated ; source] image tokens, both grids in
+        `img_shapes`) and the source's vision tokens in the text."""
+        source_h, source_w = self.source_size(model_cfg.backbone)
+        source = (1, source_h // 16, source_w // 16)
+        seen_h, seen_w = (source_h, source_w) if self.encoding.vision_area is None else area_size(
+            self.encoding.vision_area, source_w / source_h)
+        vision = round(seen_h / 28) * round(seen_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
+        model = super().planner_model(model_cfg, config, dtype, device, text_tokens + vision)
+
+        def inputs(batch: int) -> dict:
+            kwargs = model.inputs(batch)
+            image = kwargs["hidden_states"]
+            with torch.device(device):
+                tokens = torch.randn(image.shape[0], source[1] * source[2], image.shape[2], dtype=dtype)
+            return {**kwargs, "hidden_states": torch.cat([image, tokens], dim=1),
+                    "img_shapes": [[shapes[0], source] for shapes in kwargs["img_shapes"]]}
+
+        return model._replace(inputs=inputs, description=f"{model.description} + {source[1] * source[2]} source "
+                                                         f"tokens ({source_w}x{source_h}; {vision} vision tokens)")
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    """Qwen-Image-Edit-2509: Qwen-Image-Edit's adapter (one source), exported for QwenImageEditPlusPipeline."""
+
+    name = "qwen_image_edit_plus"
+    pipeline_class_name = PLUS_PIPELINE
+
+
+@register_backbone
+class QwenImageEditPlusSpec(QwenImageEditSpec):
+    """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) with one source image per edit; tiny stand-in:
+    `python -m branchgrpo.make_tiny qwen_image_edit_plus DIR`."""
+
+    name = "qwen_image_edit_plus"
+    tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit_plus"
+    planner_configs = ("qwen-image-edit-2509",)
+    kind, encoding = QWEN_IMAGE_EDIT_PLUS, PLUS_ENCODING
+    adapter_class = QwenImageEditPlusAdapter
