@@ -69,8 +69,10 @@ class FlowAdapter(abc.ABC):
         return None
 
     def to(self, device: torch.device | str) -> "FlowAdapter":
-        """Move every module the adapter owns (transformer, VAE, ...) to `device`."""
+        """Move the modules the adapter samples with (its transformer and, where it has one, its VAE) to `device`."""
         self.transformer.to(device)
+        if getattr(self, "vae", None) is not None:
+            self.vae.to(device)
         return self
 
     def export(self, out_dir: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -209,11 +209,6 @@ class FluxAdapter(DiffusersExportMixin, FlowAdapter):
         model = _unwrap(self.transformer)
         return [*model.transformer_blocks, *model.single_transformer_blocks]
 
-    def to(self, device: torch.device | str) -> "FluxAdapter":
-        self.transformer.to(device)
-        self.vae.to(device)
-        return self
-
 
 def scheduler_mu(scheduler_config: dict, image_seq_len: int) -> float:
     """The resolution-dependent shift mu the diffusers pipelines with packed latents (FLUX, Qwen-Image) compute for

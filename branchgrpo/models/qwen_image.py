@@ -276,11 +276,6 @@ class QwenImageAdapter(DiffusersExportMixin, FlowAdapter):
         """The 60 dual-stream blocks of Qwen-Image (FSDP2 / activation-checkpointing units)."""
         return list(_unwrap(self.transformer).transformer_blocks)
 
-    def to(self, device: torch.device | str) -> "QwenImageAdapter":
-        self.transformer.to(device)
-        self.vae.to(device)
-        return self
-
 
 def load_qwen_image(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype | None = None, height: int = 1024, width: int = 1024,

@@ -247,11 +247,6 @@ class SD3Adapter(DiffusersExportMixin, FlowAdapter):
         """The JointTransformerBlocks (24 for Medium, 38 for Large): FSDP2 / activation-checkpointing units."""
         return list(_unwrap(self.transformer).transformer_blocks)
 
-    def to(self, device: torch.device | str) -> "SD3Adapter":
-        self.transformer.to(device)
-        self.vae.to(device)
-        return self
-
 
 def load_sd3(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              vae_dtype: torch.dtype = torch.float32, height: int = 512, width: int = 512, guidance_scale: float = 4.5,

@@ -322,11 +322,6 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
         """The WanTransformerBlocks (30 for 1.3B, 40 for 14B): FSDP2 / activation-checkpointing units."""
         return list(_unwrap(self.transformer).blocks)
 
-    def to(self, device: torch.device | str) -> "WanAdapter":
-        self.transformer.to(device)
-        self.vae.to(device)
-        return self
-
 
 def load_wan(model_path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              vae_dtype: torch.dtype = torch.float32, height: int = 480, width: int = 832, num_frames: int = 81,
