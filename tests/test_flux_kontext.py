@@ -222,8 +222,9 @@ def test_other_checkpoints_are_refused(kontext_dir, tmp_path, spec):
 
 
 def test_edit_jsonl_lines_are_checked_against_the_source_size(tmp_path):
-    """Generic JSONL checks on edit lines: "images" lists (at most as many as the backbone takes), empty
-    instructions, sources whose aspect ratio the model would distort - refused or skipped by line number."""
+    """Generic JSONL checks on edit lines: "images" lists (at most as many as the backbone takes, as many on every
+    line), empty instructions, sources whose aspect ratio the model would distort - refused or skipped by line
+    number."""
     Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "square.png")
     Image.new("RGB", (96, 48), (200, 40, 40)).save(tmp_path / "wide.png")
     lines = ['{"prompt": "make it blue", "image": "square.png"}', '{"prompt": "  ", "image": "square.png"}',
@@ -241,7 +242,14 @@ def test_edit_jsonl_lines_are_checked_against_the_source_size(tmp_path):
     prompts = read_prompts(tmp_path / "edits.jsonl", "jsonl", "skip", image_size=(1024, 1024))
     assert prompts.texts == ["make it blue", "one in a list"] and prompts.skipped["wrong_size"] == 1
     several = read_prompts(tmp_path / "edits.jsonl", "jsonl", "skip", max_images=3)
-    assert several.items[2].images == (tmp_path / "square.png",) * 2 and several.items[2].line == 4
+    # line 4 gives two images where line 1 gives one: the stored conditioning has one shape per run
+    assert [r.line for r in several.items] == [1, 3, 6] and several.skipped["bad_line"] == 3
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "two sources", "images": ["square.png", "wide.png"]}\n'
+                                          '{"prompt": "one source", "image": "square.png"}\n')
+    with pytest.raises(ValueError, match=r"line 2: 1 image\(s\), but line 1 gives 2: every line of a file must"):
+        read_prompts(tmp_path / "pairs.jsonl", "jsonl", max_images=3)
+    pairs = read_prompts(tmp_path / "pairs.jsonl", "jsonl", "skip", max_images=3)
+    assert [r.images for r in pairs.items] == [(tmp_path / "square.png", tmp_path / "wide.png")]
 
 
 def test_the_edit_mask_is_stored_at_the_source_size(kontext_dir, spec, cond, tmp_path):

@@ -96,10 +96,14 @@ def _rollout(adapter, cond, steps):
     return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves), sigmas
 
 
-def _source(record):
+def load_source(path):
     from diffusers.utils import load_image
 
-    return load_image(str(record.image))
+    return load_image(str(path))
+
+
+def _source(record):
+    return load_source(record.image)
 
 
 def _pipeline(pipe, record, noise, steps, guidance=4.0):
@@ -271,7 +275,7 @@ def test_planner_builds_the_release_on_the_meta_device(model, shipped, vision):
     assert inputs["encoder_hidden_states"].shape[1] == 512 + vision
 
 
-# ----- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline), one source ----------------------------------------------
+# ----- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline), two sources per edit --------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -290,30 +294,67 @@ def plus_pipe(plus_dir):
     return pipe
 
 
+def _two_source_records(folder):
+    edit = REPO / "assets" / "edit"
+    (folder / "pairs.jsonl").write_text(json.dumps({"prompt": "Put the ball from picture 1 in front of the house",
+                                                    "images": [str(edit / "red_ball.png"),
+                                                               str(edit / "blue_house.png")]}) + "\n")
+    return read_prompts(folder / "pairs.jsonl", "jsonl", image_size=(1024, 1024), max_images=3).items
+
+
 @pytest.mark.slow
-def test_edit_2509_rollouts_and_conditioning_match_the_plus_pipeline(plus_dir, plus_pipe, records):
-    """Edit-2509's encoding ("Picture 1:" before the instruction, Qwen2.5-VL on a 384 x 384 copy, the VAE on the
-    1024 x 1024 one) equals the pipeline's `encode_prompt`, and the rollouts of 2, 3 and 4 steps equal the pipeline's
-    (encoding the instruction, negative prompt and source itself)."""
+def test_edit_2509_rollouts_and_conditioning_match_the_plus_pipeline_with_two_sources(plus_dir, plus_pipe,
+                                                                                       tmp_path):
+    """Edit-2509 with two sources per edit: the encoding ("Picture 1: <vision> Picture 2: <vision>" before the
+    instruction, Qwen2.5-VL on a 384 x 384 copy of each, the VAE on the 1024 x 1024 ones, their latents one after
+    another) equals the pipeline's `encode_prompt`, and the rollouts of 2, 3 and 4 steps equal the pipeline's
+    (encoding the instruction, negative prompt and both sources itself; 4 + 2 x 4096 tokens per forward). That the
+    second source changes the prediction: test_edit_2509_velocity_takes_up_to_three_sources."""
     spec = get_backbone("qwen_image_edit_plus")
+    records = _two_source_records(tmp_path)
     with torch.no_grad():
         cond = spec.prompt_encoder(str(plus_dir), "cpu", _settings())(records)
-    seen = plus_pipe.image_processor.resize(_source(records[0]), 384, 384)
+    sources = [load_source(path) for path in records[0].images]
+    seen = [plus_pipe.image_processor.resize(image, 384, 384) for image in sources]
     with torch.no_grad():
-        ref, _ = plus_pipe.encode_prompt(records[0].text, image=[seen], device="cpu")
+        ref, _ = plus_pipe.encode_prompt(records[0].text, image=seen, device="cpu")
     length = ref.shape[1]
-    assert int(cond["prompt_embeds_mask"][0].sum()) == length and length < 300  # 196 vision tokens, not 1369
+    assert int(cond["prompt_embeds_mask"][0].sum()) == length and length < 500  # 2 x 196 vision tokens, not 2 x 1369
     torch.testing.assert_close(cond["prompt_embeds"][0, :length], ref[0], atol=1e-6, rtol=1e-5)
+    assert cond["image_latents"].shape == (1, 2 * 4096, 64) and cond["source_image"].shape == (1, 3, 1024, 1024)
     adapter = spec.load(ModelConfig.for_backbone("qwen_image_edit_plus", str(plus_dir), h=SIZE, w=SIZE), "cpu")
     assert adapter.pipeline_class_name == "QwenImageEditPlusPipeline"
     for steps in (2, 3, 4):
         noise, ours, _ = _rollout(adapter, cond, steps)
-        out = plus_pipe(image=[_source(records[0])], prompt=records[0].text, negative_prompt=NEGATIVE,
-                        true_cfg_scale=4.0, latents=noise.clone(), num_inference_steps=steps, height=SIZE, width=SIZE,
+        out = plus_pipe(image=sources, prompt=records[0].text, negative_prompt=NEGATIVE, true_cfg_scale=4.0,
+                        latents=noise.clone(), num_inference_steps=steps, height=SIZE, width=SIZE,
                         output_type="latent")
-        print(f"Edit-2509, steps {steps}: max abs diff {(ours - out.images).abs().max().item():.3g}")
+        print(f"Edit-2509, two sources, steps {steps}: max abs diff {(ours - out.images).abs().max().item():.3g}")
         assert (ours - noise).abs().max() > 0.1
         assert (ours - out.images).abs().max().item() <= PARITY_ATOL
+
+
+def test_edit_2509_velocity_takes_up_to_three_sources(adapter):
+    """The tiny transformer on random conditioning of the stored shapes (sources at the generation size: 4 tokens
+    each): 1 to 3 sources run, a 4th or a partial one is refused naming the limit or the source size; the one-source
+    release refuses a second source."""
+    plus, one = (get_backbone(name).adapter_class(adapter.transformer, adapter.vae, SIZE, SIZE)
+                 for name in ("qwen_image_edit_plus", "qwen_image_edit"))
+    text = {"prompt_embeds": torch.randn(1, 6, 32), "prompt_embeds_mask": torch.ones(1, 6, dtype=torch.long)}
+    cond = {**text, **{f"negative_{k}": v for k, v in text.items()}}
+    x, sigma = torch.randn(1, *plus.latent_shape), torch.tensor([0.5])
+    outputs = []
+    for count in (1, 2, 3):
+        sources = {**cond, "image_latents": torch.randn(1, 4 * count, 64, generator=torch.Generator().manual_seed(0))}
+        outputs.append(plus.velocity(x, sigma, sources))
+        assert get_backbone("qwen_image_edit_plus").tokens_per_sample(plus, sources) == 2 * (4 + 6 + 4 * count)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4  # a second source changes the prediction
+    with pytest.raises(ValueError, match="hold 4 source images, but --model qwen_image_edit_plus takes at most 3"):
+        plus.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 16, 64)})
+    with pytest.raises(ValueError, match="another source size"):
+        plus.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 6, 64)})
+    with pytest.raises(ValueError, match="--model qwen_image_edit takes at most 1"):
+        one.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 8, 64)})
 
 
 def test_edit_2509_and_edit_folders_are_told_apart(edit_dir, tmp_path):

@@ -6,9 +6,10 @@ conditioning image(s): `{"prompt": "...", "image": "path/to/first_frame.png"}` (
 source image with the edit instruction as the prompt) or, for backbones that take several, `"images": [...]`, and for
 an edit optionally `"mask"`, an image whose white pixels mark the region the instruction may change (relative paths
 are resolved against the file's folder; the encoder takes `PromptRecord`s). A JSONL line that cannot be used -
-not a JSON object with a non-empty "prompt" and an "image" or "images" (at most as many as the backbone takes), an
-image that is missing, cannot be decoded, or whose aspect ratio is off the size the backbone resizes it to by more
-than ASPECT_TOLERANCE (the pipeline would stretch it) - is reported with its line number, and the whole file refused
+not a JSON object with a non-empty "prompt" and an "image" or "images" (at most as many as the backbone takes, and
+as many on every line as on the first usable one: the stored conditioning has one shape per run), an image that is
+missing, cannot be decoded, or whose aspect ratio is off the size the backbone resizes it to by more than
+ASPECT_TOLERANCE (the pipeline would stretch it) - is reported with its line number, and the whole file refused
 (`bad_lines="refuse"`, the default) or the line left out (`"skip"`, counted in the index).
 
 Each rank encodes the shards `s` with `s % world_size == rank`; finished shards are skipped, so a killed run resumes
@@ -129,6 +130,10 @@ def read_jsonl_prompts(path: str | Path, bad_lines: str = "refuse", image_size: 
             skipped["empty"] += 1
             continue
         record, problem = _parse_record(line, number, path.parent, max_images)
+        if problem is None and records and len(record.images) != len(records[0].images):
+            problem = ("bad_line", f"{len(record.images)} image(s), but line {records[0].line} gives "
+                       f"{len(records[0].images)}: every line of a file must give the same number (the stored "
+                       "conditioning has one shape per run)")
         for image in (*record.images, *([record.mask] if record.mask else [])) if problem is None else ():
             problem = problem or _check_image(image, image_size)
         if problem is not None:

@@ -22,9 +22,15 @@ Conventions verified against diffusers 0.42 (QwenImageEditPipeline; tests/test_q
 - At every step the transformer sees [x ; source tokens] along the sequence with `img_shapes` = [(1, h/16, w/16),
   (1, h_s/16, w_s/16)] (the source's rotary grid follows the generated one's), and its prediction is sliced back to
   the generated tokens. The source latents enter unchanged (no noise) at every sigma.
-- Edit-2509 (`qwen_image_edit_plus`, QwenImageEditPlusPipeline), one source per edit: the same, except that the
-  template's user turn names the picture ("Picture 1: " + its vision tokens, then the instruction) and the vision
-  tower sees a copy of about 384 x 384 pixels resized from the original (the VAE's copy too is resized from it).
+- Edit-2509 (`qwen_image_edit_plus`, QwenImageEditPlusPipeline) takes 1 to PLUS_MAX_SOURCES source images per edit
+  (`"images": [...]`; the release's model card gives its best results with 1 to 3): the same system turn, the user
+  turn names each picture ("Picture 1: " + its vision tokens, "Picture 2: " + ..., then the instruction), the vision
+  tower sees a copy of each of about 384 x 384 pixels resized from the original, and the VAE a copy of each at the
+  source size (resized from the original too). `image_latents` holds the sources' packed latents one after another
+  [n (h_s / 16)(w_s / 16), 64], and the transformer sees [x ; source 1 ; source 2 ...] with one grid per source in
+  `img_shapes`. Every line of a prompt file gives the same number of sources (data/preprocess.py): the stored
+  conditioning has one shape per run. `source_image` and `edit_mask` are the FIRST source's ("Picture 1"): the
+  edit rewards compare the result to it, so put the image being edited first and the references after it.
 - True CFG with the per-token norm rescale, the schedule (mu from the generated tokens only, shift_terminal), the
   velocity sign, decode, LoRA targets and exports are Qwen-Image's: the transformer is a QwenImageTransformer2DModel
   of Qwen-Image's shape. Exports load with `QwenImageTransformer2DModel.from_pretrained` and
@@ -79,6 +85,7 @@ QWEN_IMAGE_EDIT_PLUS = QwenRelease("qwen_image_edit_plus", PLUS_PIPELINE, "Qwen/
 PLUS_TEMPLATE = EDIT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "")
 PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 PLUS_VISION_AREA = 384 * 384
+PLUS_MAX_SOURCES = 3  # Qwen-Image-Edit-2509's model card: multi-image editing works best with 1 to 3 inputs
 
 
 class EditEncoding(NamedTuple):
@@ -115,6 +122,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     name = "qwen_image_edit"
     pipeline_class_name = PIPELINE
+    max_sources = 1  # source images per edit its pipeline takes
 
     def __init__(self, transformer, vae, height: int, width: int, guidance_scale: float = 4.0,
                  scheduler_config: dict | None = None, source_size: tuple[int, int] | None = None):
@@ -129,30 +137,38 @@ class QwenImageEditAdapter(QwenImageAdapter):
         return super().embedding_keys + SOURCE_KEYS
 
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """v = eps - x0 of the generated tokens [B, L, 64]: the transformer runs on [x ; source tokens]."""
+        """v = eps - x0 of the generated tokens [B, L, 64]: the transformer runs on [x ; source tokens], one grid
+        per source."""
         assert tuple(latents.shape[1:]) == self.latent_shape, (tuple(latents.shape), self.latent_shape)
         source = self.source_tokens(cond).to(device=latents.device, dtype=latents.dtype)
-        return self.guided_velocity(torch.cat([latents, source], dim=1), sigmas, cond, [self.grid, self.source_grid])
+        num_sources = source.shape[1] // (self.source_grid[1] * self.source_grid[2])
+        return self.guided_velocity(torch.cat([latents, source], dim=1), sigmas, cond,
+                                    [self.grid] + [self.source_grid] * num_sources)
 
     def source_tokens(self, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sources' packed latents [B, n x source tokens, 64], checked against the run's source size."""
         if "image_latents" not in cond:
-            raise KeyError("Qwen-Image-Edit needs cond['image_latents'] (the source image's packed latents, written "
+            raise KeyError("Qwen-Image-Edit needs cond['image_latents'] (the source images' packed latents, written "
                            "per prompt by the qwen_image_edit preprocess script)")
         source = cond["image_latents"]
-        expected = (self.source_grid[1] * self.source_grid[2], self.latent_shape[1])
-        if tuple(source.shape[1:]) != expected:
+        per_source, channels = self.source_grid[1] * self.source_grid[2], self.latent_shape[1]
+        tokens = source.shape[1]
+        if source.shape[2] != channels or not tokens or tokens % per_source:
             raise ValueError(f"image_latents of shape {list(source.shape[1:])} were encoded for another source size "
-                             f"than this run's {self.source_w} x {self.source_h} ({list(expected)}; --h, --w, "
-                             "--source_size); preprocess with the run's H, W and SOURCE_SIZE")
+                             f"than this run's {self.source_w} x {self.source_h} ([n x {per_source}, {channels}] for "
+                             "n sources; --h, --w, --source_size); preprocess with the run's H, W and SOURCE_SIZE")
+        if tokens // per_source > self.max_sources:
+            raise ValueError(f"image_latents hold {tokens // per_source} source images, but --model {self.name} "
+                             f"takes at most {self.max_sources} per edit")
         return source
 
 
 def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: str,
                        kind: QwenRelease = QWEN_IMAGE_EDIT, encoding: EditEncoding = EDIT_ENCODING):
     """`encode(records) -> {prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask,
-    image_latents, source_image, edit_mask}` for `PromptRecord`s, each equal to what QwenImageEditPipeline builds from
-    the same instruction, negative prompt and source image at the source size (module docstring). One record at a
-    time, as the pipeline takes one source per call. The VAE runs in fp32; the latents are stored in fp32."""
+    image_latents, source_image, edit_mask}` for `PromptRecord`s, each equal to what the release's pipeline builds
+    from the same instruction, negative prompt and source images at the source size (module docstring). One record
+    at a time, as the pipelines take one edit per call. The VAE runs in fp32; the latents are stored in fp32."""
     from diffusers import AutoencoderKLQwenImage
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.utils import load_image
@@ -174,39 +190,44 @@ def build_edit_encoder(model_path, device, args, h: int, w: int, source_size: st
     std = torch.tensor(vae.config.latents_std, device=device).view(view)
     pixels = VaeImageProcessor(vae_scale_factor=2 ** len(vae.config.temperal_downsample) * 2)
 
-    def embed(text: str, image, record) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, L, D] and [1, L] for the text and the source image, L = vision tokens + max_len."""
-        named = PICTURE.format(1) if encoding.picture else ""
-        inputs = processor(text=[encoding.template.format(named + text)], images=image, padding=True,
+    def embed(text: str, images: list, record) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, L, D] and [1, L] for the text and the source images, L = their vision tokens + max_len."""
+        named = "".join(PICTURE.format(i + 1) for i in range(len(images))) if encoding.picture else ""
+        inputs = processor(text=[encoding.template.format(named + text)], images=images, padding=True,
                            return_tensors="pt")
         inputs = inputs.to(device)
         hidden = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                               output_hidden_states=True).hidden_states[-1]
         kept = hidden[0][inputs["attention_mask"][0].bool()][TEMPLATE_TOKENS:]
-        vision = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+        vision = int(inputs["image_grid_thw"].prod(-1).sum()) // processor.image_processor.merge_size ** 2
         if len(kept) > vision + max_len:
-            raise ValueError(f"line {record.line}: {len(kept) - vision} tokens besides the source's {vision} vision "
+            raise ValueError(f"line {record.line}: {len(kept) - vision} tokens besides the sources' {vision} vision "
                              f"tokens, more than --max_sequence_length {max_len}; raise it (at most 1024)")
         embeds, mask = hidden.new_zeros(1, vision + max_len, hidden.shape[-1]), torch.zeros(
             1, vision + max_len, dtype=torch.long, device=device)
         embeds[0, : len(kept)], mask[0, : len(kept)] = kept, 1
         return embeds.to(dtype), mask
 
+    def latents(source: torch.Tensor) -> torch.Tensor:
+        """[1, tokens, 64] fp32: a source's VAE mode, normalised per channel and packed."""
+        z = vae.encode(source.unsqueeze(2).to(device)).latent_dist.mode()
+        return pack_latents(((z - mean) / std)[:, :, 0]).float()
+
     @torch.no_grad()
     def encode_one(record) -> dict[str, torch.Tensor]:
-        original = load_image(str(record.image))
-        if encoding.vision_area is None:  # the VAE's copy
-            image = pixels.resize(original, source_h, source_w)
-            source = pixels.preprocess(image, source_h, source_w)  # [1, 3, h, w] in [-1, 1]
+        originals = [load_image(str(path)) for path in record.images]
+        if encoding.vision_area is None:  # the vision tower sees the VAE's copy
+            seen = [pixels.resize(original, source_h, source_w) for original in originals]
+            sources = [pixels.preprocess(image, source_h, source_w) for image in seen]  # [1, 3, h, w] in [-1, 1]
         else:  # a smaller copy for the vision tower, the VAE's resized from the original
-            image = pixels.resize(original, *area_size(encoding.vision_area, source_w / source_h))
-            source = pixels.preprocess(original, source_h, source_w)
-        z = vae.encode(source.unsqueeze(2).to(device)).latent_dist.mode()
-        out = dict(zip(("prompt_embeds", "prompt_embeds_mask"), embed(record.text, image, record)))
-        out.update(zip(("negative_prompt_embeds", "negative_prompt_embeds_mask"), embed(negative, image, record)))
-        out["image_latents"] = pack_latents(((z - mean) / std)[:, :, 0]).float()
-        out[SOURCE_IMAGE_KEY] = ((source + 1.0) * 127.5).round().to(torch.uint8)  # the pixels the VAE saw
+            vision_size = area_size(encoding.vision_area, source_w / source_h)
+            seen = [pixels.resize(original, *vision_size) for original in originals]
+            sources = [pixels.preprocess(original, source_h, source_w) for original in originals]
+        out = dict(zip(("prompt_embeds", "prompt_embeds_mask"), embed(record.text, seen, record)))
+        out.update(zip(("negative_prompt_embeds", "negative_prompt_embeds_mask"), embed(negative, seen, record)))
+        out["image_latents"] = torch.cat([latents(source) for source in sources], dim=1)  # one after another
+        out[SOURCE_IMAGE_KEY] = ((sources[0] + 1.0) * 127.5).round().to(torch.uint8)  # the first, as the VAE saw it
         out[MASK_KEY] = edit_mask(record.mask, source_h, source_w)[None]
         return out
 
@@ -264,7 +285,7 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
                                   encoding=self.encoding)
 
     def tokens_per_sample(self, adapter: QwenImageEditAdapter, cond) -> int:
-        source = adapter.source_grid[1] * adapter.source_grid[2]
+        source = cond["image_latents"].shape[1]  # every source's tokens
         return super().tokens_per_sample(adapter, cond) + (2 if adapter.uses_cfg else 1) * source
 
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
@@ -290,19 +311,22 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
 
 
 class QwenImageEditPlusAdapter(QwenImageEditAdapter):
-    """Qwen-Image-Edit-2509: Qwen-Image-Edit's adapter (one source), exported for QwenImageEditPlusPipeline."""
+    """Qwen-Image-Edit-2509: Qwen-Image-Edit's adapter with up to PLUS_MAX_SOURCES sources per edit, exported for
+    QwenImageEditPlusPipeline."""
 
     name = "qwen_image_edit_plus"
     pipeline_class_name = PLUS_PIPELINE
+    max_sources = PLUS_MAX_SOURCES
 
 
 @register_backbone
 class QwenImageEditPlusSpec(QwenImageEditSpec):
-    """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) with one source image per edit; tiny stand-in:
-    `python -m branchgrpo.make_tiny qwen_image_edit_plus DIR`."""
+    """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) with 1 to 3 source images per edit (the same number on every
+    line of a prompt file); tiny stand-in: `python -m branchgrpo.make_tiny qwen_image_edit_plus DIR`."""
 
     name = "qwen_image_edit_plus"
     tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit_plus"
     planner_configs = ("qwen-image-edit-2509",)
     kind, encoding = QWEN_IMAGE_EDIT_PLUS, PLUS_ENCODING
     adapter_class = QwenImageEditPlusAdapter
+    max_images = PLUS_MAX_SOURCES
