@@ -1,8 +1,10 @@
-"""Qwen-Image-Edit end to end through the launchers on a tiny checkpoint: make_tiny qwen_image_edit -> the edit
-preprocess launcher (2 processes, the shipped edit JSONL, sources at the generation size) -> the Qwen-Image-Edit
-BranchGRPO launcher (2 processes, FSDP2, LoRA, true CFG on the dynamic schedule, a tree) with source consistency as
-the reward -> the LoRA loads through QwenImageEditPipeline.load_lora_weights and predicts as our adapter with the
-trained LoRA fused does."""
+"""Qwen-Image-Edit-2509 with two sources per edit end to end through the edit launchers (EDIT_MODEL=
+qwen_image_edit_plus) on a tiny checkpoint: make_tiny qwen_image_edit_plus -> the edit preprocess launcher (2
+processes, the shipped edit JSONL's edits each with a second source, sources at the generation size) -> the
+Qwen-Image-Edit BranchGRPO launcher (2 processes, FSDP2, LoRA, true CFG on the dynamic schedule, a tree) with source
+consistency to the first source as the reward -> the LoRA loads through QwenImageEditPlusPipeline.load_lora_weights
+and predicts as our adapter with the trained LoRA fused does. Qwen-Image-Edit (one source) shares the launchers and
+the adapter; its own training iteration is tests/test_qwen_image_edit.py's."""
 
 import json
 import os
@@ -31,23 +33,29 @@ def tiny(tmp_path_factory):
     from branchgrpo.cli.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("qwen_image_edit_e2e")
-    make_tiny("qwen_image_edit", str(root / "edit"))
+    make_tiny("qwen_image_edit_plus", str(root / "edit"))
+    assets = REPO / "assets"
+    lines = [json.loads(line) for line in (assets / "edit_prompts.jsonl").read_text().splitlines()]
+    (root / "pairs.jsonl").write_text("".join(  # the edit's source first (the rewards compare to it), then another
+        json.dumps({"prompt": e["prompt"], "images": [str(assets / e["image"]), str(assets / "edit/green_tree.png")]})
+        + "\n" for e in lines))
     out = run(["bash", "scripts/preprocess/preprocess_qwen_image_edit_rl_embeddings.sh", "--shard_size", "3",
                "--device", "cpu"],
-              env=dict(NPROC="2", MODEL_PATH=str(root / "edit"), OUTPUT_DIR=str(root / "emb"), H="32", W="32",
-                       MAX_SEQUENCE_LENGTH="48", MASTER_PORT=str(free_port())))  # PROMPTS: assets/edit_prompts.jsonl
+              env=dict(NPROC="2", EDIT_MODEL="qwen_image_edit_plus", MODEL_PATH=str(root / "edit"),
+                       PROMPTS=str(root / "pairs.jsonl"), OUTPUT_DIR=str(root / "emb"), H="32", W="32",
+                       MAX_SEQUENCE_LENGTH="64", MASTER_PORT=str(free_port())))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "rank 1: shard 2/2 written" in out.stderr  # the second process encoded its share
     index = json.loads((root / "emb" / "index.json").read_text())
-    assert index["model"] == "qwen_image_edit" and index["num_prompts"] == 6
-    assert index["keys"]["image_latents"] == {"shape": [4, 64], "dtype": "F32"}
-    # a 32 x 32 source is 56 x 56 for Qwen2.5-VL (its smallest image): 4 vision tokens + 48
-    assert index["keys"]["negative_prompt_embeds"] == {"shape": [52, 32], "dtype": "F32"}
+    assert index["model"] == "qwen_image_edit_plus" and index["num_prompts"] == 6
+    assert index["keys"]["image_latents"] == {"shape": [2 * 4, 64], "dtype": "F32"}  # two 32 x 32 sources
+    # Qwen2.5-VL sees a 384 x 384 copy of each source: 2 x 196 vision tokens + 64 (instruction and "Picture i: ")
+    assert index["keys"]["negative_prompt_embeds"] == {"shape": [2 * 196 + 64, 32], "dtype": "F32"}
     return root
 
 
-def test_lora_tree_training_exports_an_adapter_the_edit_pipeline_loads(tiny, tmp_path):
-    from diffusers import QwenImageEditPipeline
+def test_lora_tree_training_on_two_sources_exports_an_adapter_the_edit_pipeline_loads(tiny, tmp_path):
+    from diffusers import QwenImageEditPlusPipeline
 
     from branchgrpo.config.sections import ModelConfig
     from branchgrpo.data.embeddings import EmbeddingStore
@@ -55,7 +63,8 @@ def test_lora_tree_training_exports_an_adapter_the_edit_pipeline_loads(tiny, tmp
     from branchgrpo.models.base import velocity_fn
 
     out = tmp_path / "lora"
-    env = dict(NPROC="2", MODEL_PATH=str(tiny / "edit"), DATA_JSON=str(tiny / "emb" / "index.json"),
+    env = dict(NPROC="2", EDIT_MODEL="qwen_image_edit_plus", MODEL_PATH=str(tiny / "edit"),
+               DATA_JSON=str(tiny / "emb" / "index.json"),
                HPS_CKPT_DIR=str(tmp_path / "no_rewards"), OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()),
                REWARD="source_consistency=1.0", LORA_RANK="4", LORA_ALPHA="8")  # USE_LORA: the launcher's 1
     args = [*SIZE, "--sampling_steps", "4", "--tree_split_points", "0,1", "--max_train_steps", "2", "--device", "cpu",
@@ -73,8 +82,9 @@ def test_lora_tree_training_exports_an_adapter_the_edit_pipeline_loads(tiny, tmp
     folder = out / "checkpoints" / "checkpoint-2" / "model"
 
     # the pipeline with the exported LoRA predicts as our adapter with the same LoRA fused does
-    spec = get_backbone("qwen_image_edit")
-    model_cfg = ModelConfig.for_backbone("qwen_image_edit", str(tiny / "edit"), h=32, w=32, source_size="generation")
+    spec = get_backbone("qwen_image_edit_plus")
+    model_cfg = ModelConfig.for_backbone("qwen_image_edit_plus", str(tiny / "edit"), h=32, w=32,
+                                         source_size="generation")
     cond = EmbeddingStore(tiny / "emb" / "index.json").batch([0])
     tuned = spec.load_for_eval(model_cfg, folder, "diffusers_lora", "cpu").adapter
     base = spec.load(model_cfg, "cpu")
@@ -84,7 +94,7 @@ def test_lora_tree_training_exports_an_adapter_the_edit_pipeline_loads(tiny, tmp
         v_tuned = velocity_fn(tuned, cond)(x, sigma, torch.tensor([0]))
         v_base = velocity_fn(base, cond)(x, sigma, torch.tensor([0]))
     assert (v_tuned - v_base).abs().max() > 1e-4  # the training moved the LoRA
-    pipe = QwenImageEditPipeline.from_pretrained(str(tiny / "edit"))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(tiny / "edit"))
     pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
     base.transformer = pipe.transformer  # the pipeline's LoRA'd transformer in our adapter
     with torch.no_grad():
