@@ -7,13 +7,15 @@
 # source size, its pixels, and its VAE latents (mode, normalised per channel, packed) - for the size H x W and
 # SOURCE_SIZE (train with the same). A killed run resumes: finished shards are skipped. Bad lines (not JSON, empty
 # instruction, missing or unreadable image, aspect ratio more than 10% off the source size) are listed by line
-# number and refused, or left out with BAD_LINES=skip.
+# number and refused, or left out with BAD_LINES=skip. Edit-2509 (EDIT_MODEL=qwen_image_edit_plus) takes 1 to 3
+# sources per line as "images": [...] (the same number on every line; "Picture i:" each, the first is the one the
+# rewards compare with).
 #
 #   bash scripts/preprocess/preprocess_qwen_image_edit_rl_embeddings.sh                 # defaults below, 8 GPUs
 #   NPROC=1 PROMPTS=my_edits.jsonl BAD_LINES=skip bash scripts/preprocess/preprocess_qwen_image_edit_rl_embeddings.sh
 #
 # Environment (defaults): NPROC (8) processes; EDIT_MODEL (qwen_image_edit; qwen_image_edit_plus for
-# Qwen-Image-Edit-2509, one source per line); MODEL_PATH (data/$EDIT_MODEL) the release in diffusers layout; PROMPTS (assets/edit_prompts.jsonl: 6 edits of 4 rendered sources, for smoke runs);
+# Qwen-Image-Edit-2509); MODEL_PATH (data/$EDIT_MODEL) the release in diffusers layout; PROMPTS (assets/edit_prompts.jsonl: 6 edits of 4 rendered sources, for smoke runs);
 # OUTPUT_DIR (data/${EDIT_MODEL}_embeddings); H, W (512), SOURCE_SIZE (generation | preferred), as in the finetune
 # launchers; MAX_SEQUENCE_LENGTH (512: the instruction's tokens besides the source's); NEGATIVE_PROMPT (unset: " ";
 # set it, even to "", to override); BAD_LINES (refuse | skip); MASTER_ADDR, MASTER_PORT for torchrun; PYTHON to
