@@ -163,6 +163,7 @@ def test_i2v_lora_on_both_experts_with_two_processes_loads_in_the_pipeline(i2v, 
     out = tmp_path / "lora"
     entries = launch("scripts/finetune/finetune_wan22_i2v_branchgrpo_8gpus.sh", out, env, args)
     assert all(0 < e["reward_mean"] < 1 for e in entries)  # first-frame consistency
+    print("iteration seconds (LoRA, 2 processes):", [round(e["iter_time_s"], 2) for e in entries])
     pipe = WanImageToVideoPipeline.from_pretrained(str(i2v / "wan22_i2v"))
     before = {name: _output(getattr(pipe, name)) for name in ("transformer", "transformer_2")}
     for name, expert in zip(LORA_FILES, ("transformer", "transformer_2")):
