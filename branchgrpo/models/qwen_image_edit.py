@@ -289,8 +289,8 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
         return super().tokens_per_sample(adapter, cond) + (2 if adapter.uses_cfg else 1) * source
 
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
-        """Qwen-Image's, with the source tokens in every forward ([generated ; source] image tokens, both grids in
-        `img_shapes`) and the source's vision tokens in the text."""
+        """Qwen-Image's, with one source's tokens in every forward ([generated ; source] image tokens, both grids in
+        `img_shapes`) and its vision tokens in the text (each more source of Edit-2509 adds as many of both)."""
         source_h, source_w = self.source_size(model_cfg.backbone)
         source = (1, source_h // 16, source_w // 16)
         seen_h, seen_w = (source_h, source_w) if self.encoding.vision_area is None else area_size(
