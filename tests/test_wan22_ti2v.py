@@ -198,3 +198,50 @@ def test_prompt_and_condition_encoding_equal_the_pipelines(ti2v_dir, pipes, cond
             assert (condition - cond["image_latents"][i:i + 1]).abs().max().item() <= 1e-6
             assert torch.equal(mask[0, 0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]))
     assert cond["first_frame"].shape == (2, 3, HEIGHT, WIDTH) and cond["first_frame"].dtype == torch.uint8
+
+
+def test_other_backbones_folders_and_bad_sizes_are_refused_in_one_line(ti2v_dir, tmp_path):
+    wan21 = tmp_path / "wan21"
+    make_tiny("wan", str(wan21))
+    with pytest.raises(ValueError, match="wan21: not a Wan2.2 TI2V-5B checkpoint .*expand_timesteps"):
+        _load(wan21)
+    with pytest.raises(ValueError, match="ti2v: a Wan2.2 TI2V-5B checkpoint .*use --model wan22_ti2v"):
+        load_wan(str(ti2v_dir), "cpu", height=HEIGHT, width=WIDTH, num_frames=FRAMES)  # --model wan
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(ti2v_dir, no_vae, ignore=shutil.ignore_patterns("vae"))
+    with pytest.raises(FileNotFoundError, match="no_vae lacks vae"):
+        _load(no_vae)
+    with pytest.raises(ValueError, match="--h: 48 is not a multiple of 32"):
+        load_wan(str(ti2v_dir), "cpu", height=48, width=WIDTH, num_frames=FRAMES, adapter_class=Wan22TI2VAdapter)
+    with pytest.raises(ValueError, match="--w: 80 is not a positive multiple of 32"):
+        get_backbone("wan22_ti2v").Config(w=80).validate()
+    with pytest.raises(ValueError, match="--num_frames: 1 frames are 1 latent frame"):
+        load_wan(str(ti2v_dir), "cpu", height=HEIGHT, width=WIDTH, num_frames=1, adapter_class=Wan22TI2VImageAdapter)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ti2v_dir, swapped)
+    vae = json.loads((swapped / "vae" / "config.json").read_text())
+    (swapped / "vae" / "config.json").write_text(json.dumps({**vae, "z_dim": 16}))
+    with pytest.raises(ValueError, match="takes 48 channels but the VAE's 16 latent channels make 16"):
+        _load(swapped)
+
+
+def test_condition_of_another_size_is_refused(ti2v_dir, cond):
+    adapter = load_wan(str(ti2v_dir), "cpu", height=HEIGHT, width=WIDTH * 2, num_frames=FRAMES,
+                       adapter_class=Wan22TI2VImageAdapter)
+    x = torch.zeros(2, *adapter.latent_shape)
+    with pytest.raises(ValueError, match="image_latents of shape .* another video size .*--w 128"):
+        adapter.velocity(x, torch.ones(2), cond)
+
+
+def test_planner_counts_the_shipped_config():
+    """models/configs/wan2.2-ti2v-5b.json (the release's transformer: 30 blocks of width 3072, FFN 14336, 48
+    channels) built on the meta device: 5.0B parameters, as the release says."""
+    from branchgrpo.config.sections import ModelConfig
+
+    spec = get_backbone("wan22_ti2v")
+    config, _ = spec.planner_config(ModelConfig(model="wan22_ti2v"))
+    model_cfg = SimpleNamespace(backbone=spec.Config())
+    planned = spec.planner_model(model_cfg, config, torch.bfloat16)
+    count = sum(p.numel() for p in planned.transformer.parameters())
+    assert count == 4_999_787_712 and abs(count / 5.0e9 - 1) < 0.02
+    assert len(planned.blocks) == 30 and planned.latent_numel == 48 * 31 * 44 * 80  # 121 x 704 x 1280
