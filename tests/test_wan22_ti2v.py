@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -41,7 +41,7 @@ from branchgrpo.models.diffusers_backbone import build_transformer
 from branchgrpo.models.guidance import guidance_on
 from branchgrpo.models.spec import check_sizes
 from branchgrpo.models.support import PlannerModel
-from branchgrpo.models.wan import WAN_LAYOUT, WanAdapter, WanConfig, WanSpec, load_wan
+from branchgrpo.models.wan import WAN_LAYOUT, WanAdapter, WanConfig, WanSpec
 from branchgrpo.models.wan_i2v import WanI2VSpec, build_i2v_encoder
 
 TI2V_KIND = "Wan2.2-TI2V-5B"
@@ -146,12 +146,6 @@ class Wan22TI2VSpec(WanSpec):
     adapter_class = Wan22TI2VAdapter
     tiny = "branchgrpo.testing.wan22_ti2v_tiny:make_tiny_wan22_ti2v"
     planner_configs = ("wan2.2-ti2v-5b",)
-
-    def load(self, model_cfg, device, dtype=torch.float32, transformer_path=None) -> Wan22TI2VAdapter:
-        size = model_cfg.backbone.resolved
-        return load_wan(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
-                        width=size("w"), num_frames=size("num_frames"), guidance_scale=size("guidance_scale"),
-                        transformer_path=transformer_path, adapter_class=self.adapter_class)
 
     def tokens_per_sample(self, adapter: Wan22TI2VAdapter, cond) -> int:
         tokens = adapter.token_mask.numel() + cond["prompt_embeds"].shape[1]  # the given frame's tokens included
