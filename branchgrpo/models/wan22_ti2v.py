@@ -72,9 +72,6 @@ class Wan22TI2VAdapter(WanAdapter):
         frame_mask[:self.given_frames] = 0.0
         self.token_mask = frame_mask.repeat_interleave((h // patch[1]) * (w // patch[2]))
 
-    def model_input(self, latents: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return latents
-
     def transformer_inputs(self, latents: torch.Tensor, sigmas: torch.Tensor,
                            cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Wan's inputs with the timestep per token, [B, tokens]: t = 1000 sigma of the sample, 0 on given frames
