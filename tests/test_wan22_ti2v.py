@@ -26,7 +26,7 @@ from branchgrpo.core.rollout import NoiseKeys, run_rollout
 from branchgrpo.data.preprocess import PromptRecord
 from branchgrpo.models import get_backbone
 from branchgrpo.models.base import decode_media, gather_cond
-from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, load_wan
+from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, WanAdapter, load_wan
 from branchgrpo.models.wan22_ti2v import Wan22TI2VAdapter, Wan22TI2VImageAdapter
 
 pytestmark = pytest.mark.slow  # every test builds or loads the tiny pipeline
@@ -177,6 +177,9 @@ def test_per_token_timesteps_and_the_given_frame(ti2v_dir, cond):
     with torch.no_grad():
         video = decode_media(adapter, x, {"image_latents": cond["image_latents"]})
     assert video.shape == (2, 3, FRAMES, HEIGHT, WIDTH)
+    with torch.no_grad():  # the VAE is causal in time: the first frame is the given frame's decode alone
+        given_alone = WanAdapter.decode(adapter, cond["image_latents"])
+    torch.testing.assert_close(video[:, :, :1], given_alone, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="given first frame"):
         adapter.decode(x)
 
@@ -197,6 +200,24 @@ def test_prompt_and_condition_encoding_equal_the_pipelines(ti2v_dir, pipes, cond
             assert (condition - cond["image_latents"][i:i + 1]).abs().max().item() <= 1e-6
             assert torch.equal(mask[0, 0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]))
     assert cond["first_frame"].shape == (2, 3, HEIGHT, WIDTH) and cond["first_frame"].dtype == torch.uint8
+
+
+def test_full_export_loads_in_diffusers(ti2v_dir, tmp_path):
+    """`export` writes transformer/ that WanTransformer3DModel.from_pretrained loads as the trained module."""
+    from diffusers import WanTransformer3DModel
+
+    adapter = _load(ti2v_dir)
+    with torch.no_grad():
+        adapter.transformer.proj_out.weight.add_(0.01)  # stands in for training
+    adapter.export(str(tmp_path / "model"))
+    loaded = WanTransformer3DModel.from_pretrained(str(tmp_path / "model"), subfolder="transformer")
+    base = WanTransformer3DModel.from_pretrained(str(ti2v_dir), subfolder="transformer")
+    x = torch.randn(1, 48, 2, 2, 4, generator=torch.Generator().manual_seed(4))
+    inputs = dict(hidden_states=x, timestep=torch.full((1, 4), 500.0), encoder_hidden_states=torch.randn(1, 8, 32),
+                  return_dict=False)
+    with torch.no_grad():
+        ours, theirs, before = (m(**inputs)[0] for m in (adapter.transformer, loaded, base))
+    assert torch.equal(ours, theirs) and not torch.allclose(theirs, before)
 
 
 def test_other_backbones_folders_and_bad_sizes_are_refused_in_one_line(ti2v_dir, tmp_path):

@@ -1,9 +1,10 @@
 """Wan2.2 TI2V-5B end to end through the launchers on a tiny checkpoint: make_tiny wan22_ti2v -> the preprocess
-launcher in both modes (image-to-video on the shipped JSONL of rendered first frames, text-to-video on two prompts)
+launcher (image-to-video, on the shipped JSONL of rendered first frames)
 -> image-to-video BranchGRPO with 2 processes (FSDP2, LoRA, a tree) and the first-frame reward, whose decoded videos
 start with the given frame -> the LoRA loads through WanImageToVideoPipeline.load_lora_weights and changes the
-transformer; the evaluation CLI reproduces the trainer's held-out evaluation; a text-to-video DanceGRPO full
-fine-tune exports transformer/ for WanTransformer3DModel.from_pretrained."""
+transformer; the evaluation CLI reproduces the trainer's held-out evaluation. (The full export's loading in
+WanTransformer3DModel.from_pretrained is tested in-process in tests/test_wan22_ti2v.py: a training run here costs
+more than it adds.)"""
 
 import json
 import math
@@ -29,23 +30,17 @@ def run(cmd, env, timeout=400):
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def preprocess(root, image_to_video, **env):
-    out = root / ("emb_i2v" if image_to_video else "emb_t2v")
-    proc = run(["bash", "scripts/preprocess/preprocess_wan22_ti2v_rl_embeddings.sh", "--device", "cpu"],
-               env=dict(env, NPROC="1", MODEL_PATH=str(root / "ti2v"), OUTPUT_DIR=str(out), H=H, W=W,
-                        MAX_SEQUENCE_LENGTH="16", IMAGE_TO_VIDEO=str(int(image_to_video)),
-                        MASTER_PORT=str(free_port())))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "index.json").read_text()), out / "index.json"
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from branchgrpo.cli.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("ti2v_e2e")
     make_tiny("wan22_ti2v", str(root / "ti2v"))
-    index, _ = preprocess(root, True)  # PROMPTS: the default, assets/i2v_prompts.jsonl
+    proc = run(["bash", "scripts/preprocess/preprocess_wan22_ti2v_rl_embeddings.sh", "--device", "cpu"],
+               env=dict(NPROC="1", MODEL_PATH=str(root / "ti2v"), OUTPUT_DIR=str(root / "emb_i2v"), H=H, W=W,
+                        MAX_SEQUENCE_LENGTH="16", IMAGE_TO_VIDEO="1", MASTER_PORT=str(free_port())))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # PROMPTS: the default, assets/i2v_prompts.jsonl
+    index = json.loads((root / "emb_i2v" / "index.json").read_text())
     assert index["model"] == "wan22_ti2v_i2v" and index["num_prompts"] == 6
     assert {"prompt_embeds", "image_latents", "first_frame"} <= set(index["keys"])
     assert index["keys"]["image_latents"]["shape"] == [48, 1, 6, 10]  # the frame encoded alone
@@ -71,17 +66,17 @@ def test_image_to_video_tree_with_two_processes_fsdp2_and_lora(tiny, tmp_path):
     env = dict(NPROC="2", IMAGE_TO_VIDEO="1", USE_LORA="1", MODEL_PATH=str(tiny / "ti2v"),
                DATA_JSON=str(tiny / "emb_i2v" / "index.json"), HPS_CKPT_DIR=str(tiny / "no_rewards"),
                OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD="first_frame_consistency=1.0")
-    args = [*SIZE[:8], "--tree_split_points", "0,1", "--max_train_steps", "2", "--device", "cpu", "--mixed_precision",
+    args = [*SIZE[:8], "--tree_split_points", "0,1", "--max_train_steps", "1", "--device", "cpu", "--mixed_precision",
             "fp32", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--num_eval_prompts", "2",
-            "--checkpointing_steps", "2", "--report_to", "none", "--save_rollout_samples", "0"]
+            "--checkpointing_steps", "1", "--report_to", "none", "--save_rollout_samples", "0"]
     proc = run(["bash", "scripts/finetune/finetune_wan22_ti2v_branchgrpo_8gpus.sh", *args], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "parallel=fsdp" in proc.stderr
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(entries) == 2 and entries[0]["first_ratio_min"] == 1.0 == entries[0]["first_ratio_max"]
-    assert all(0.0 < e["reward_mean"] <= 1.0 for e in entries)  # each leaf's decoded first frame vs its image
+    assert len(entries) == 1 and entries[0]["first_ratio_min"] == 1.0 == entries[0]["first_ratio_max"]
+    assert 0.0 < entries[0]["reward_mean"] <= 1.0  # each leaf's decoded first frame vs its image
     summary = json.loads((out / "summary.json").read_text())
-    checkpoint = out / "checkpoints" / "checkpoint-2"
+    checkpoint = out / "checkpoints" / "checkpoint-1"
     pipe = WanImageToVideoPipeline.from_pretrained(str(tiny / "ti2v"), image_encoder=None, image_processor=None)
     before = _output(pipe.transformer)
     pipe.load_lora_weights(str(checkpoint / "model"), weight_name="pytorch_lora_weights.safetensors")
@@ -95,25 +90,3 @@ def test_image_to_video_tree_with_two_processes_fsdp2_and_lora(tiny, tmp_path):
     assert result["weights"].startswith("LoRA from")
     assert math.isclose(result["metrics"]["first_frame_consistency"]["mean"], summary["eval_reward_after"],
                         rel_tol=1e-4)
-
-
-def test_text_to_video_full_finetune_exports_a_loadable_transformer(tiny, tmp_path):
-    from diffusers import WanTransformer3DModel
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join((REPO / "assets" / "video_prompts.txt").read_text().splitlines()[:2]) + "\n")
-    index, data = preprocess(tiny, False, PROMPTS=str(prompts))
-    assert index["model"] == "wan22_ti2v" and "image_latents" not in index["keys"]
-    out = tmp_path / "t2v"
-    env = dict(NPROC="1", MODEL_PATH=str(tiny / "ti2v"), DATA_JSON=str(data), HPS_CKPT_DIR=str(tiny / "no_rewards"),
-               OUTPUT_DIR=str(out), MASTER_PORT=str(free_port()), REWARD="temporal_consistency=1.0",
-               NUM_GENERATIONS="2")
-    args = [*SIZE[:8], "--max_train_steps", "1", "--device", "cpu", "--mixed_precision", "fp32", "--learning_rate",
-            "1e-3", "--num_eval_prompts", "1", "--checkpointing_steps", "1", "--report_to", "none",
-            "--save_rollout_samples", "0", "--train_batch_size", "2"]
-    proc = run(["bash", "scripts/finetune/finetune_wan22_ti2v_dancegrpo_8gpus.sh", *args], env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    trained = WanTransformer3DModel.from_pretrained(str(out / "checkpoints" / "checkpoint-1" / "model"),
-                                                    subfolder="transformer")
-    base = WanTransformer3DModel.from_pretrained(str(tiny / "ti2v"), subfolder="transformer")
-    assert not torch.equal(_output(trained), _output(base))
