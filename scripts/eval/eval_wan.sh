@@ -30,7 +30,7 @@ bg_eval_setup "$WAN_BACKBONE"
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
 bg_require_number GUIDANCE SHIFT
 bg_python
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/$WAN_BACKBONE.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (${WAN_DOC:-docs/$WAN_BACKBONE.md})"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
 bg_eval_check_checkpoint

@@ -14,6 +14,6 @@ BACKBONE=wan22_ti2v
 DEFAULT_PROMPTS=assets/video_prompts.txt
 [[ "$IMAGE_TO_VIDEO" == 1 ]] && { BACKBONE=wan22_ti2v_i2v; DEFAULT_PROMPTS=assets/i2v_prompts.jsonl; }
 PROMPTS="${PROMPTS:-$DEFAULT_PROMPTS}"
-WAN_BACKBONE="$BACKBONE" WAN_CHECKPOINT=Wan2.2-TI2V-5B MODEL_PATH="${MODEL_PATH:-data/wan22_ti2v}" PROMPTS="$PROMPTS" \
+WAN_BACKBONE="$BACKBONE" WAN_CHECKPOINT=Wan2.2-TI2V-5B WAN_DOC=docs/wan22.md MODEL_PATH="${MODEL_PATH:-data/wan22_ti2v}" PROMPTS="$PROMPTS" \
   H="${H:-704}" W="${W:-1280}" GUIDANCE="${GUIDANCE:-5.0}" SHIFT="${SHIFT:-5}" \
   exec bash "$REPO_ROOT/scripts/eval/eval_wan.sh" "$@"
