@@ -29,8 +29,9 @@ def _one_thread_and_seed():
 # leave the other core idle while it finishes. The rest keep their order.
 LONGEST_FIRST = ("test_wan_i2v_e2e.py", "test_wan_e2e.py", "test_flux_e2e.py", "test_sd3_e2e.py", "test_preemption.py",
                  "test_qwen_image_e2e.py", "test_distributed.py", "test_reward_server.py", "test_flux_kontext_e2e.py",
-                 "test_wan22_e2e.py", "test_resume.py", "test_launchers.py", "test_bench.py", "test_compare.py",
-                 "test_dynamic.py", "test_trainer.py", "test_compile.py", "test_flow_grpo.py", "test_overlap.py")
+                 "test_wan22_e2e.py", "test_wan22_ti2v_e2e.py", "test_resume.py", "test_launchers.py", "test_bench.py",
+                 "test_compare.py", "test_dynamic.py", "test_trainer.py", "test_compile.py", "test_flow_grpo.py",
+                 "test_overlap.py")
 
 
 def pytest_collection_modifyitems(items):

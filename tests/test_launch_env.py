@@ -4,6 +4,7 @@ one, the torchrun variables must make sense - and a CONFIG that does not exist i
 with PYTHON pointing at a shim that prints the command it was asked to run instead of running it."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -83,3 +84,18 @@ def test_a_missing_config_is_named_as_config_not_as_algo(env, tmp_path):
     line = refused(env, toy, CONFIG=str(tmp_path / "mine.yaml"))
     assert line.startswith("error: CONFIG:") and "mine.yaml" in line and "ALGO" not in line, line
     assert refused(env, toy, ALGO="ppo").startswith("error: ALGO: no toy config for ALGO=ppo")
+
+
+def test_every_script_parses_and_what_it_runs_or_sources_exists():
+    """A launcher that is a thin wrapper (`source scripts/lib/X.sh`, `exec bash scripts/.../Y.sh`) breaks silently
+    when its target is renamed: every script under scripts/ must parse, and every script path it names must exist."""
+    named = re.compile(r"(?:source|exec bash|bash)\s+\"?(?:\$REPO_ROOT/)?(scripts/[\w/.-]+\.sh)")
+    scripts = sorted((REPO / "scripts").rglob("*.sh"))
+    assert len(scripts) > 40
+    missing = []
+    for script in scripts:
+        parsed = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{script}: {parsed.stderr}"
+        missing += [f"{script} -> {target}" for target in named.findall(script.read_text())
+                    if not (REPO / target).is_file()]
+    assert not missing, missing

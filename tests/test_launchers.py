@@ -165,6 +165,17 @@ def test_kontext_launchers(shim):
         ("flux_kontext", "dancegrpo", 12, 1024, "preferred", 3.0)
 
 
+@pytest.mark.parametrize("script,model,algo", [
+    ("finetune_kontext_flow_grpo_8gpus.sh", "flux_kontext", "flow_grpo"),
+    ("finetune_qwen_image_edit_g2rpo_8gpus.sh", "qwen_image_edit", "g2rpo")])
+def test_the_other_edit_launchers(shim, script, model, algo):
+    """Every algorithm launcher of the edit models is its text-to-image launcher with the edit settings (two of
+    them here, one per edit model: they are the same two lines; test_launch_env.py checks every script's targets)."""
+    cfg = launch(shim, script)["cfg"]
+    assert (cfg["model"], cfg["algo"], cfg["h"], cfg["source_size"], cfg["time_shift"], cfg["reward"]) == \
+        (model, algo, 512, "generation", "dynamic", "clip_directional=1.0,source_consistency=0.5")
+
+
 @pytest.mark.parametrize("script,model,guidance,shift,algo", [
     ("finetune_wan22_branchgrpo_8gpus.sh", "wan22", (4.0, 3.0), 12.0, "branchgrpo"),
     ("finetune_wan22_g2rpo_8gpus.sh", "wan22", (4.0, 3.0), 12.0, "g2rpo"),

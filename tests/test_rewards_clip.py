@@ -454,7 +454,7 @@ def _tiny_decoder(seed=0):
         conv.weight.copy_(weights)
         conv.bias.zero_()
 
-    def decode(latents_N4hw):
+    def decode(latents_N4hw, conditions=None):  # decode_and_score hands each chunk's conditions
         with torch.no_grad():
             up = torch.nn.functional.interpolate(conv(latents_N4hw), scale_factor=4, mode="bicubic")
         return torch.sigmoid(up).to(torch.float16)  # decode's dtype is not float32: decode_and_score casts

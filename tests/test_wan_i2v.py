@@ -434,7 +434,7 @@ def test_reward_sets_pass_conditioning_only_to_the_rewards_that_read_it():
     conditions = rewards.conditions(per_prompt, index)
     assert list(conditions) == ["first_frame"] and torch.equal(conditions["first_frame"], frames[index])
     videos = _videos(frames[index], 0.05)
-    scores, _ = decode_and_score(lambda z: z, videos, list("wxyz"), rewards, 3, conditions)  # chunks of 3 + 1
+    scores, _ = decode_and_score(lambda z, rows: z, videos, list("wxyz"), rewards, 3, conditions)  # chunks of 3 + 1
     alone = rewards.score(videos, list("wxyz"), conditions)
     assert all(torch.equal(scores[k], alone[k]) for k in scores)
     assert RewardSet({"t": build_reward("temporal_consistency")}, {"t": 1.0}).conditions(per_prompt, index) == {}

@@ -20,7 +20,7 @@ import torch
 
 from branchgrpo.core import plans, sde
 from branchgrpo.data.embeddings import with_extras
-from branchgrpo.models.base import velocity_fn
+from branchgrpo.models.base import decode_media, velocity_fn
 from branchgrpo.rewards._image import as_unit_images, resized_to
 from branchgrpo.rewards.base import RewardSet, decode_and_score, parse_reward_spec
 from branchgrpo.core.rollout import NoiseKeys, run_rollout
@@ -102,10 +102,10 @@ def generate_and_score(adapter, media_kind: str, embeddings: dict[str, torch.Ten
         forwards += graph.num_forward_passes
         # media to the CPU chunk by chunk: a chunk of decoded videos can outgrow the GPU
         chunk_texts = [texts[int(p)] for p in sample_prompt]
-        chunk_scores, media = decode_and_score(lambda z: adapter.decode(z).cpu(), graph.node_latents(graph.leaves),
-                                               chunk_texts, rewards,
+        chunk_scores, media = decode_and_score(lambda z, rows: decode_media(adapter, z, rows).cpu(),
+                                               graph.node_latents(graph.leaves), chunk_texts, rewards,
                                                settings.reward_batch_size,
-                                               rewards.conditions(embeddings, sample_prompt))
+                                               rewards.conditions(embeddings, sample_prompt, also=adapter.decode_keys))
         if media_metrics is not None:
             chunk_scores.update(media_metrics(media, chunk_texts))
         for name, values in chunk_scores.items():

@@ -24,6 +24,7 @@ BUILTIN_BACKBONES = (
     "branchgrpo.models.qwen_image",
     "branchgrpo.models.wan22",
     "branchgrpo.models.qwen_image_edit",  # Qwen-Image-Edit and Edit-2509
+    "branchgrpo.models.wan22_ti2v",  # Wan2.2 TI2V-5B, text- and image-to-video
 )
 _REGISTRY: dict[str, BackboneSpec] = {}
 

@@ -35,6 +35,10 @@ class FlowAdapter(abc.ABC):
     latent_shape: tuple[int, ...] = ()
     #: the keys of the prompt-embedding dict this adapter consumes (the preprocess step writes them)
     embedding_keys: tuple[str, ...] = ()
+    #: per-prompt embedding keys `decode` also reads, as `decode(latents, cond)` with one row per latent: a part of the
+    #: media that is given, not sampled, and so not in the latents (Wan2.2 TI2V image-to-video's first frame); ()
+    #: for most backbones, whose `decode(latents)` reads the latents alone (`decode_media` calls either)
+    decode_keys: tuple[str, ...] = ()
     #: module names that LoRA targets by default
     default_lora_targets: tuple[str, ...] = ()
     #: the static time shift of the checkpoint's own scheduler, when it ships one (None: no opinion). Training uses
@@ -112,6 +116,18 @@ def velocity_fn(adapter: "FlowAdapter", embeddings: dict[str, torch.Tensor], aut
             return adapter.velocity(x, sigma, gather_cond(embeddings, rows)).float()
 
     return velocity
+
+
+def decode_media(adapter: "FlowAdapter", latents: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`adapter.decode` of latents [N, ...] whose per-sample conditioning rows are `conditions` ({key: [N, ...]}, as
+    `decode_and_score` hands a chunk's): the keys of `decode_keys` go to the decoders that read some."""
+    if not adapter.decode_keys:
+        return adapter.decode(latents)
+    missing = [key for key in adapter.decode_keys if key not in conditions]
+    if missing:
+        raise KeyError(f"the '{adapter.name}' backbone decodes with {missing} of the prompt embeddings, which the "
+                       "caller did not pass")
+    return adapter.decode(latents, {key: conditions[key] for key in adapter.decode_keys})
 
 
 def gather_cond(embeddings: dict[str, torch.Tensor], prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:

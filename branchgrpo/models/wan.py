@@ -21,8 +21,9 @@ Supported: Wan2.1 text-to-video (1.3B and 14B) in diffusers layout; image-to-vid
 (models/wan_i2v.py), which subclasses this adapter (its transformer takes CLIP image tokens and 20 extra condition
 channels per step: the two hooks `model_input` / `image_inputs` below); Wan2.2 T2V-A14B (two experts) is the
 `wan22` backbone (models/wan22.py), which subclasses it too (`transformer_inputs` / `negative_inputs` / `guided`
-below). Not supported (clear error at load): Wan2.2 I2V-A14B (two experts, no CLIP tokens), TI2V-5B (per-token
-timesteps) and the first-last-frame model.
+below), as is I2V-A14B (`wan22_i2v`); Wan2.2 TI2V-5B (per-token timesteps, the 48-channel Wan2.2 VAE) is the
+`wan22_ti2v` / `wan22_ti2v_i2v` backbones (models/wan22_ti2v.py: `transformer_inputs` / `model_input`). Not
+supported (clear error at load): the first-last-frame model.
 
 dtypes: master weights fp32 (`load_wan(dtype=...)`), the caller sets bf16 autocast around `velocity`; embeddings are
 cast to the transformer's dtype, the velocity is returned in fp32. The VAE runs in `vae_dtype` (fp32 by default:
@@ -170,9 +171,14 @@ def _check_supported(root: Path, transformer_config: dict, adapter_class: type["
     read from model_index.json and the transformer's config (before weights load); else one line naming the folder
     and the backbone that takes it."""
     index = _read_json(root / "model_index.json")
-    if index.get("expand_timesteps"):
-        raise ValueError(f"{root}: a Wan2.2 TI2V-5B checkpoint (expand_timesteps: per-token timesteps); not "
-                         "supported yet (docs/wan.md)")
+    per_token = bool(index.get("expand_timesteps"))
+    if per_token != adapter_class.per_token_timesteps:
+        if per_token:
+            raise ValueError(f"{root}: a Wan2.2 TI2V-5B checkpoint (expand_timesteps in model_index.json: one timestep "
+                             f"per token); the {adapter_class.name} backbone does not take it: use --model wan22_ti2v "
+                             "(text-to-video) or wan22_ti2v_i2v (image-to-video) (docs/wan22.md)")
+        raise ValueError(f"{root}: not a Wan2.2 TI2V-5B checkpoint (model_index.json lacks expand_timesteps: true); "
+                         f"the {adapter_class.name} backbone takes Wan2.2-TI2V-5B-Diffusers (docs/wan22.md)")
     two_experts = index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None
     image_dim, in_channels = transformer_config.get("image_dim"), transformer_config.get("in_channels", 16)
     is_i2v = image_dim is not None or in_channels != transformer_config.get("out_channels", 16)
@@ -215,6 +221,8 @@ class WanAdapter(DiffusersExportMixin, FlowAdapter):
     #: the transformer takes the image conditioning (models/wan_i2v.py), CLIP image tokens among it; two experts
     #: (Wan2.2 A14B, models/wan22.py); read by the loader's checks
     image_to_video, image_tokens, two_experts = False, False, False
+    #: one timestep per token (`expand_timesteps` of Wan2.2 TI2V-5B, models/wan22_ti2v.py); read by the loader's checks
+    per_token_timesteps = False
     #: what the loader's messages call the checkpoint, and the folder layout they list
     checkpoint_kind, checkpoint_layout = "Wan2.1-T2V", WAN_LAYOUT
     #: LoRA targets looked for in the transformer (those found become `default_lora_targets`)

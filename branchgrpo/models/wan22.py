@@ -28,7 +28,7 @@ Image-to-video (`wan22_i2v`, Wan2.2-I2V-A14B, boundary 0.9): Wan2.1-I2V's channe
 preprocessing) through both experts, without CLIP image tokens (the checkpoint has no image encoder; diffusers'
 WanImageToVideoPipeline computes none when `boundary_ratio` is set).
 
-Supported: Wan2.2-T2V-A14B and I2V-A14B in diffusers layout. Not supported (a clear error at load): TI2V-5B.
+Supported: Wan2.2-T2V-A14B and I2V-A14B in diffusers layout; TI2V-5B is the `wan22_ti2v` backbone (models/wan22_ti2v.py).
 """
 
 from __future__ import annotations

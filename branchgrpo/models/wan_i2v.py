@@ -24,7 +24,7 @@ Conventions verified against diffusers 0.42 (WanImageToVideoPipeline; tests/test
 Supported: Wan2.1-I2V-14B-480P and -720P in diffusers layout (their 720P scheduler's shift is read as for T2V: pass
 --shift to match it); Wan2.2 I2V-A14B (two experts, no CLIP tokens) is the `wan22_i2v` backbone (models/wan22.py),
 whose adapter reuses `model_input` and whose encoder is `build_i2v_encoder(image_tokens=False)`. Not supported (a
-clear error at load): Wan2.2 TI2V-5B (per-token timesteps), the first-last-frame model (two conditioning images),
+clear error at load; Wan2.2 TI2V-5B is models/wan22_ti2v.py): the first-last-frame model (two conditioning images),
 last-image conditioning, and Wan's own choice of the video size from the image's aspect ratio (sizes are fixed per
 run; the preprocessing refuses images whose aspect ratio is off the video's).
 """

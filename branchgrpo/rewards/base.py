@@ -296,15 +296,17 @@ class RewardSet:
         keys = [key for model in self.models.values() for key in getattr(model, "conditioning", ())]
         return tuple(dict.fromkeys(keys))
 
-    def conditions(self, per_prompt: dict[str, torch.Tensor] | None,
-                   prompt_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The tensors the set's rewards read, one row per sample: row `prompt_index[i]` of `per_prompt[key]` (all
-        rows in order when `prompt_index` is None), on the CPU. Empty when no reward reads any; a missing key is
-        left out here and reported by `score`, naming the reward."""
-        if not self.condition_keys or per_prompt is None:
+    def conditions(self, per_prompt: dict[str, torch.Tensor] | None, prompt_index: torch.Tensor | None = None,
+                   also: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """The tensors the set's rewards read (and the keys `also` names: those the backbone's decoder reads), one
+        row per sample: row `prompt_index[i]` of `per_prompt[key]` (all rows in order when `prompt_index` is None),
+        on the CPU. Empty when nothing reads any; a missing key is left out here and reported by `score`, naming
+        the reward (or by the decoder)."""
+        keys = tuple(dict.fromkeys((*self.condition_keys, *also)))
+        if not keys or per_prompt is None:
             return {}
         out = {}
-        for key in self.condition_keys:
+        for key in keys:
             if key in per_prompt:
                 value = per_prompt[key]
                 rows = value if prompt_index is None else value.index_select(0, prompt_index.to(value.device))
@@ -371,11 +373,12 @@ def build_reward_set(spec: str, mode: str, device: torch.device | str, options: 
 
 
 @torch.no_grad()
-def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, prompts: Sequence[str],
-                     rewards: RewardSet, batch_size: int, conditions: dict[str, torch.Tensor] | None = None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def decode_and_score(decode: Callable[[torch.Tensor, dict], torch.Tensor], latents: torch.Tensor,
+                     prompts: Sequence[str], rewards: RewardSet, batch_size: int,
+                     conditions: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Decode `latents` [N, ...] in chunks of `batch_size` and score each chunk with `rewards` (one prompt per latent;
-    `conditions`: per-sample tensors [N, ...] for the rewards that read some, see `RewardSet.conditions`).
+    `conditions`: per-sample tensors [N, ...] for the rewards that read some, see `RewardSet.conditions`, and for
+    the decoder: `decode(latents chunk, that chunk's conditions)`, e.g. `partial(models.base.decode_media, adapter)`).
 
     Returns ({reward: float32 [N] on the CPU}, media [N, ...] float32 where `decode` put it). Chunk by chunk, so the
     reward models see the same batches as when all media are decoded first and then scored in chunks of the same
@@ -389,19 +392,20 @@ def decode_and_score(decode: Callable[[torch.Tensor], torch.Tensor], latents: to
     prompts = list(prompts)
     media_parts, score_parts = [], {name: [] for name in rewards.models}
     for start in range(0, num, batch_size):
-        media = decode(latents[start : start + batch_size]).float()
         chunk = {key: value[start : start + batch_size] for key, value in (conditions or {}).items()}
+        media = decode(latents[start : start + batch_size], chunk).float()
         for name, values in rewards.score(media, prompts[start : start + batch_size], chunk).items():
             score_parts[name].append(values)
         media_parts.append(media)
     return {name: torch.cat(parts) for name, parts in score_parts.items()}, torch.cat(media_parts)
 
 
-def score_latents(decode: Callable[[torch.Tensor], torch.Tensor], rewards: RewardSet, texts: Sequence[str],
-                  batch_size: int, per_prompt: dict | None, latents: torch.Tensor, prompt_index: torch.Tensor
-                  ) -> torch.Tensor:
+def score_latents(decode: Callable[[torch.Tensor, dict], torch.Tensor], rewards: RewardSet, texts: Sequence[str],
+                  batch_size: int, per_prompt: dict | None, latents: torch.Tensor, prompt_index: torch.Tensor,
+                  decode_keys: Sequence[str] = ()) -> torch.Tensor:
     """The weighted total reward of decoded `latents` [N, ...] whose prompts are rows `prompt_index` [N] of `texts`
-    (guided expansion scores x0-predictions with it): float32 [N] on the CPU."""
-    conditions = rewards.conditions(per_prompt, prompt_index.cpu())
+    (guided expansion scores x0-predictions with it): float32 [N] on the CPU. `decode` as for `decode_and_score`,
+    reading the per-prompt `decode_keys`."""
+    conditions = rewards.conditions(per_prompt, prompt_index.cpu(), also=decode_keys)
     scores, _ = decode_and_score(decode, latents, [texts[int(p)] for p in prompt_index], rewards, batch_size, conditions)
     return rewards.weighted_sum(scores)

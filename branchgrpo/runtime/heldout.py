@@ -8,6 +8,7 @@ samples with a finite reward; how many were not is reported beside them (a mean 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -15,6 +16,7 @@ from branchgrpo.core import distributed, sde
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.prompts import eval_prompts
 from branchgrpo.core.plans import group_plan
+from branchgrpo.models.base import decode_media
 from branchgrpo.rewards.base import RewardSet, decode_and_score
 from branchgrpo.core.rollout import NoiseKeys, run_rollout
 
@@ -51,8 +53,9 @@ class Evaluator:
         graph = run_rollout(plan, velocity_for(embeddings), sigmas, kernel,
                             NoiseKeys(self.cfg.eval_seed, 0, tuple(self.sample_ids)), adapter.latent_shape, device,
                             batch_size=self.rollout_batch_size)
-        scores, media = decode_and_score(adapter.decode, graph.node_latents(graph.leaves), self.texts, rewards,
-                                         self.reward_batch_size, rewards.conditions(per_prompt))
+        scores, media = decode_and_score(partial(decode_media, adapter), graph.node_latents(graph.leaves), self.texts,
+                                         rewards, self.reward_batch_size,
+                                         rewards.conditions(per_prompt, also=adapter.decode_keys))
         keep = ~torch.tensor(self.is_pad)
         per_reward = {}
         total = torch.zeros(keep.numel(), dtype=torch.float64)

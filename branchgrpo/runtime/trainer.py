@@ -34,7 +34,7 @@ from branchgrpo.runtime.heldout import Evaluator
 from branchgrpo.runtime.metrics import IterationResults, finite_samples, iteration_metrics
 from branchgrpo.runtime.monitor import HackingMonitor
 from branchgrpo.core.graph import RolloutGraph
-from branchgrpo.models.base import check_embedding_keys, velocity_fn
+from branchgrpo.models.base import check_embedding_keys, decode_media, velocity_fn
 from branchgrpo.models.lora import adapter_weights
 from branchgrpo.runtime.optim import build_lr_scheduler, build_optimizer
 from branchgrpo.runtime.overlap import LeafScorer, overlap_chunks, rollout_while_scoring
@@ -273,8 +273,9 @@ class Trainer:
         setup = RolloutSetup(self._velocity(embeddings, prompt_of), self.sigmas, self.kernel, noise,
                              self.adapter.latent_shape, self.device, s.rollout_batch_size,
                              keep_means=self.cfg.loss.ratio_norm)
-        score = partial(score_latents, self.adapter.decode, self.rewards, batch.texts, r.reward_batch_size,
-                        batch.embeddings)  # reward-guided expansion scores x0-predictions at its splits
+        # reward-guided expansion scores x0-predictions at its splits
+        score = partial(score_latents, partial(decode_media, self.adapter), self.rewards, batch.texts,
+                        r.reward_batch_size, batch.embeddings, decode_keys=self.adapter.decode_keys)
 
         def scorer(latents: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
             return score(latents, prompt_index + first)
@@ -305,14 +306,16 @@ class Trainer:
         """(latents, prompts, conditions) of the graph's leaves, whose prompts are rows `first + graph.prompt`."""
         leaves = graph.leaves
         index = graph.prompt[leaves] + first
-        conditions = self.rewards.conditions(per_prompt, index)  # e.g. I2V's first frame; mostly {}
+        # e.g. I2V's first frame for a reward, TI2V's given frame for the decoder; mostly {}
+        conditions = self.rewards.conditions(per_prompt, index, also=self.adapter.decode_keys)
         return graph.node_latents(leaves), [texts[int(p)] for p in index], conditions
 
     @torch.no_grad()
     def score(self, graph: RolloutGraph, texts: list[str],
               per_prompt: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The leaves' rewards ({reward: float32 [leaves]}) and their decoded media."""
-        decode = self.preempt.guarded(self.adapter.decode, "decode and reward chunk")  # a cut point per chunk
+        # a cut point per chunk
+        decode = self.preempt.guarded(partial(decode_media, self.adapter), "decode and reward chunk")
         latents, prompts, conditions = self._leaf_inputs(graph, texts, per_prompt)
         return decode_and_score(decode, latents, prompts, self.rewards, self.cfg.reward.reward_batch_size, conditions)
 
@@ -324,7 +327,8 @@ class Trainer:
         collective, which the worker's calls would interleave with this thread's."""
 
         def score_batch(latents, prompts, conditions):
-            return decode_and_score(self.adapter.decode, latents, prompts, self.rewards, len(prompts), conditions)
+            return decode_and_score(partial(decode_media, self.adapter), latents, prompts, self.rewards, len(prompts),
+                                    conditions)
 
         return rollout_while_scoring(len(batch.keys), self.overlap_chunks, partial(self.rollout, embeddings, batch, it),
                                      partial(self._leaf_inputs, texts=batch.texts, per_prompt=batch.embeddings),

@@ -20,16 +20,10 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
+source scripts/lib/eval.sh
 
 MODEL_PATH="${MODEL_PATH:-data/flux}"
-PROMPTS="${PROMPTS:-assets/prompts.txt}"
-HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
-CHECKPOINT="${CHECKPOINT:-}"
-bg_bool USE_EMA 0
-NAME="base"
-[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
-[[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/flux_${NAME}}"
+bg_eval_setup flux
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
 bg_require_number GUIDANCE SHIFT
@@ -45,9 +39,7 @@ else
   bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
   PROMPT_ARGS=(--prompts "$PROMPTS")
 fi
-[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
-[[ "$USE_EMA" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
-[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: every reward will be skipped" >&2
+bg_eval_check_checkpoint
 bg_check_inputs
 
 ARGS=(
@@ -57,10 +49,5 @@ ARGS=(
   --shift "${SHIFT:-3}" --time_shift "${TIME_SHIFT:-static}"
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
-[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
-[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 
-export TOKENIZERS_PARALLELISM=false
-echo "[eval flux] $NAME -> $OUTPUT_DIR"
-"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
+bg_eval_run flux "${ARGS[@]}" -- "$@"

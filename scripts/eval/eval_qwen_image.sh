@@ -19,16 +19,10 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
+source scripts/lib/eval.sh
 
 MODEL_PATH="${MODEL_PATH:-data/qwen_image}"
-PROMPTS="${PROMPTS:-assets/prompts.txt}"
-HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
-CHECKPOINT="${CHECKPOINT:-}"
-bg_bool USE_EMA 0
-NAME="base"
-[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
-[[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/qwen_image_${NAME}}"
+bg_eval_setup qwen_image
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
 bg_require_number GUIDANCE SHIFT
@@ -36,9 +30,7 @@ bg_python
 bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Qwen/Qwen-Image there in diffusers layout (docs/qwen_image.md)"
 bg_require_parts "$MODEL_PATH" docs/qwen_image.md vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
-[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
-[[ "$USE_EMA" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
-[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: every reward will be skipped" >&2
+bg_eval_check_checkpoint
 bg_check_inputs
 
 ARGS=(
@@ -48,11 +40,6 @@ ARGS=(
   --shift "${SHIFT:-3}" --time_shift "${TIME_SHIFT:-dynamic}"
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
-[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
-[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 [[ -n "${NEGATIVE_PROMPT+set}" ]] && ARGS+=(--negative_prompt "$NEGATIVE_PROMPT")
 
-export TOKENIZERS_PARALLELISM=false
-echo "[eval qwen_image] $NAME -> $OUTPUT_DIR"
-"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
+bg_eval_run qwen_image "${ARGS[@]}" -- "$@"

@@ -18,16 +18,10 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
+source scripts/lib/eval.sh
 
 MODEL_PATH="${MODEL_PATH:-data/sd3}"
-PROMPTS="${PROMPTS:-assets/prompts.txt}"
-HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
-CHECKPOINT="${CHECKPOINT:-}"
-bg_bool USE_EMA 0
-NAME="base"
-[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
-[[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/sd3_${NAME}}"
+bg_eval_setup sd3
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W T5_SEQUENCE_LENGTH
 bg_require_number GUIDANCE SHIFT SLG_SCALE
@@ -36,9 +30,7 @@ bg_require_dir "$MODEL_PATH" "MODEL_PATH: put Stable Diffusion 3.5 there in diff
 bg_require_parts "$MODEL_PATH" docs/sd3.md vae text_encoder text_encoder_2 text_encoder_3 tokenizer tokenizer_2 \
   tokenizer_3
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
-[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
-[[ "$USE_EMA" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
-[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: every reward will be skipped" >&2
+bg_eval_check_checkpoint
 bg_check_inputs
 
 ARGS=(
@@ -51,10 +43,5 @@ ARGS=(
 [[ -n "${NEGATIVE_PROMPT:-}" ]] && ARGS+=(--negative_prompt "$NEGATIVE_PROMPT")
 [[ -n "${SKIP_LAYERS:-}" ]] && ARGS+=(--skip_layer_guidance "$SKIP_LAYERS"
                                      --skip_layer_guidance_scale "${SLG_SCALE:-2.8}")
-[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
-[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 
-export TOKENIZERS_PARALLELISM=false
-echo "[eval sd3] $NAME -> $OUTPUT_DIR"
-"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
+bg_eval_run sd3 "${ARGS[@]}" -- "$@"

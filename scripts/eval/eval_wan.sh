@@ -19,28 +19,21 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
 source scripts/lib/common.sh
+source scripts/lib/eval.sh
 
 WAN_BACKBONE="${WAN_BACKBONE:-wan}"  # wan22: scripts/eval/eval_wan22.sh
 WAN_CHECKPOINT="${WAN_CHECKPOINT:-Wan2.1-T2V-1.3B}"
 MODEL_PATH="${MODEL_PATH:-data/$WAN_BACKBONE}"
 PROMPTS="${PROMPTS:-assets/video_prompts.txt}"
-HPS_CKPT_DIR="${HPS_CKPT_DIR:-hps_ckpt}"
-CHECKPOINT="${CHECKPOINT:-}"
-bg_bool USE_EMA 0
-NAME="base"
-[[ -n "$CHECKPOINT" ]] && NAME="$(basename "$(dirname "$(dirname "$CHECKPOINT")")")_$(basename "$CHECKPOINT")"
-[[ "$USE_EMA" == 1 ]] && NAME="${NAME}_ema"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/eval/${WAN_BACKBONE}_${NAME}}"
+bg_eval_setup "$WAN_BACKBONE"
 
 bg_require_int NUM_PROMPTS SAMPLES SEED STEPS H W FRAMES
 bg_require_number GUIDANCE SHIFT
 bg_python
-bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (docs/$WAN_BACKBONE.md)"
+bg_require_dir "$MODEL_PATH" "MODEL_PATH: put $WAN_CHECKPOINT there in diffusers layout (${WAN_DOC:-docs/$WAN_BACKBONE.md})"
 bg_require_parts "$MODEL_PATH" docs/wan.md transformer vae text_encoder tokenizer
 bg_require_file "$PROMPTS" "PROMPTS: a prompt file, one prompt per line"
-[[ -n "$CHECKPOINT" ]] && { [[ -e "$CHECKPOINT" ]] || { echo "error: CHECKPOINT=$CHECKPOINT not found" >&2; BG_MISSING=1; }; }
-[[ "$USE_EMA" == 1 && -z "$CHECKPOINT" ]] && { echo "error: USE_EMA=1 needs CHECKPOINT" >&2; BG_MISSING=1; }
-[[ -d "$HPS_CKPT_DIR" ]] || echo "warning: HPS_CKPT_DIR=$HPS_CKPT_DIR not found: only checkpoint-free rewards will run" >&2
+bg_eval_check_checkpoint
 bg_check_inputs
 
 ARGS=(
@@ -50,10 +43,5 @@ ARGS=(
   --num_frames "${FRAMES:-33}" --shift "${SHIFT:-3}"
   --rewards "${REWARDS:-all}" --reward_model_dir "$HPS_CKPT_DIR" --output_dir "$OUTPUT_DIR"
 )
-[[ -n "$CHECKPOINT" ]] && ARGS+=(--checkpoint "$CHECKPOINT")
-[[ "$USE_EMA" == 1 ]] && ARGS+=(--use_ema)
-[[ -n "${SAVE_IMAGES:-}" ]] && ARGS+=(--save_images "$SAVE_IMAGES")
 
-export TOKENIZERS_PARALLELISM=false
-echo "[eval $WAN_BACKBONE] $NAME -> $OUTPUT_DIR"
-"$PY" -m branchgrpo.cli.eval "${ARGS[@]}" "$@"
+bg_eval_run "$WAN_BACKBONE" "${ARGS[@]}" -- "$@"

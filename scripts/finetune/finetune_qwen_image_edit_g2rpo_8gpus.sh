@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# G2RPO on Qwen-Image-Edit (EDIT_MODEL=qwen_image_edit_plus for Edit-2509): the Qwen-Image G2RPO launcher (16 steps,
+# single-SDE-step members at steps 0..7, granularities 1, 2, 3) at 512 x 512 with 512 x 512 sources and the edit
+# rewards. Environment: scripts/lib/qwen_image_edit.sh and scripts/lib/qwen_image.sh. Extra flags go to the trainer
+# and win. See docs/editing.md.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+source scripts/lib/qwen_image_edit.sh
+exec bash scripts/finetune/finetune_qwen_image_g2rpo_8gpus.sh "${EDIT_ARGS[@]}" "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# DanceGRPO on Wan2.2 TI2V-5B, one node of 8 GPUs: NUM_GENERATIONS (16) videos per prompt, 20 steps, eta 0.3, a
+# fraction TF (1.0) of the timesteps trained, at the release's 704 x 1280, shift 5 and guidance 5.0, 33 frames.
+# IMAGE_TO_VIDEO=1 trains image-to-video from the same checkpoint. Environment and defaults:
+# scripts/lib/wan22_ti2v.sh and scripts/lib/wan.sh. Extra flags go to the trainer.
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO_ROOT"
+TF="${TF:-1.0}"
+ALGO_ARGS=(--algo dancegrpo --sampling_steps 20 --num_generations "${NUM_GENERATIONS:-16}" --eta 0.3 --sde_kernel dance
+           --timestep_fraction "$TF" --init_same_noise)
+NAME="dancegrpo_tf${TF}"
+source scripts/lib/wan22_ti2v.sh
