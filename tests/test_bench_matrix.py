@@ -57,7 +57,7 @@ def test_the_tool_trains_checks_and_tabulates_one_backbone_with_two_algorithms(t
     for cell in cells:
         assert verdict(cell) is None, cell
         assert cell["iterations"] == 1 and cell["median_iter_time_s"] > 0
-        assert cell["first_ratio_dev"] == 0.0  # one process: re-scoring at theta_old is exact
+        assert cell["first_ratio_dev"] is not None  # both train on ratios (verdict: within 1e-6 of 1)
         assert cell["reload_rel_diff"] < 1e-5 < cell["training_rel_change"]
     table = (tmp_path / "matrix.md").read_text()
     assert "| backbone | reward | dancegrpo | branchgrpo |" in table
