@@ -60,5 +60,5 @@ def test_the_tool_trains_checks_and_tabulates_one_backbone_with_two_algorithms(t
         assert cell["first_ratio_dev"] is not None  # both train on ratios (verdict: within 1e-6 of 1)
         assert cell["reload_rel_diff"] < 1e-5 < cell["training_rel_change"]
     table = (tmp_path / "matrix.md").read_text()
-    assert "| backbone | reward | dancegrpo | branchgrpo |" in table
+    assert "| backbone | reward | dancegrpo | branchgrpo | row median |" in table
     assert "| flux | hps | pass L " in table and "- toy: no tiny checkpoint" in table

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -141,14 +142,14 @@ def run_flags(common: list[str], algo, mode: str, iterations: int, output_dir: P
 
 def run_backbone(spec, row: int, algos: list, args, folder: Path) -> list[dict]:
     """One record per (algorithm, mode) of the backbone: its torchrun job's, or the error that kept it from running."""
-    from branchgrpo.runtime.entry import USER_ERRORS
+    from branchgrpo.bench.matrix_worker import one_line, run_plan
 
     modes = run_modes(args.modes, row, len(algos))
     cells = [(algo, mode) for algo, algo_modes in zip(algos, modes) for mode in algo_modes]
     try:
         prepared = prepare_backbone(spec, folder)
-    except USER_ERRORS as err:
-        return [dict(algo=a.name, mode=m, error=f"preparation: {err}") for a, m in cells]
+    except Exception as err:  # noqa: BLE001 - a backbone that cannot even be prepared is a failing row, with its line
+        return [dict(algo=a.name, mode=m, error=f"preparation: {one_line(err)}") for a, m in cells]
     results = folder / "results"
     results.mkdir(exist_ok=True)
     for old in results.glob("rank*.jsonl"):
@@ -158,8 +159,6 @@ def run_backbone(spec, row: int, algos: list, args, folder: Path) -> list[dict]:
     plan = folder / "plan.json"
     plan.write_text(json.dumps({"runs": runs, "results": str(results)}, indent=1))
     if args.nproc == 1:  # in this process, as the launchers run one process without torchrun
-        from branchgrpo.bench.matrix_worker import run_plan
-
         run_plan(json.loads(plan.read_text()))
         job_error = None
     else:
@@ -240,20 +239,30 @@ def matrix_markdown(result: dict) -> str:
                                          (f" {time_s:.2f} s" if time_s is not None else ""))
             if why is not None:
                 failures.append(f"- {name} x {record['algo']} ({record['mode']}): {why}")
-        rows.append([name, entry["reward"], *[" / ".join(cells[a]) or "-" for a in algos]])
+        times = [r["median_iter_time_s"] for r in entry["cells"] if r.get("median_iter_time_s") is not None]
+        rows.append([name, entry["reward"], *[" / ".join(cells[a]) or "-" for a in algos],
+                     f"{statistics.median(times):.2f} s" if times else "-"])
     machine = result["machine"]
+    parallel = sorted({cell["parallel"] for entry in result["backbones"].values() for cell in entry.get("cells", ())
+                       if "parallel" in cell})
     text = [f"Backbone matrix: {result['iterations']} iterations per run, {result['sampling_steps']} sampling steps, "
-            f"{result['nproc']} processes per backbone (FSDP2), modes {result['modes']}; commit {result['commit']}; "
+            f"{result['nproc']} processes per backbone (parallel: {', '.join(parallel) or '-'}), modes "
+            f"{result['modes']}; commit {result['commit']}; "
             f"{machine['cpu_count']} CPUs, torch {machine['torch']}, load average (1, 5, 15 min) "
-            f"{machine['load_average_start']} at the start, {machine['load_average_end']} at the end; "
+            f"{_loads(machine['load_average_start'])} at the start, {_loads(machine['load_average_end'])} at the end; "
             f"{result['wall_s']:.0f} s in all.", "",
-            "Cells: pass/FAIL, F (full model) or L (LoRA), median seconds per training iteration.", "",
-            md_table(["backbone", "reward", *algos], rows)]
+            "Cells: pass/FAIL, F (full model) or L (LoRA), median seconds per training iteration (the row median: "
+            "over the row's cells).", "",
+            md_table(["backbone", "reward", *algos, "row median"], rows)]
     if failures:
         text += ["", "Failures:", *failures]
     if skipped:
         text += ["", "Skipped:", *skipped]
     return "\n".join(text) + "\n"
+
+
+def _loads(values: list[float] | None) -> str:
+    return " / ".join(f"{v:.2f}" for v in values) if values else "n/a"
 
 
 def _commit() -> str:
@@ -297,7 +306,7 @@ def run(args) -> dict:
         print(f"[matrix] {name}: {len(algos)} algorithms, {args.nproc} processes", flush=True)
         began = time.time()
         cells = run_backbone(spec, row, algos, args, out / name)
-        result["backbones"][name] = dict(reward=cells[0]["reward"] if cells else None, cells=cells,
+        result["backbones"][name] = dict(reward=cells[0].get("reward") if cells else None, cells=cells,
                                          wall_s=time.time() - began)
         for record in cells:
             why = verdict(record)

@@ -38,7 +38,7 @@ def run_plan(plan: dict) -> None:
         try:
             distributed.barrier()  # the next run starts together, or not at all
         except RuntimeError as err:
-            broken = f"not run: the process group broke after {run['algo']} ({_one_line(err)})"
+            broken = f"not run: the process group broke after {run['algo']} ({one_line(err)})"
     distributed.shutdown(clean=broken is None)
 
 
@@ -55,7 +55,7 @@ def _run_one(args: list[str], is_main: bool) -> dict:
         if is_main:
             record.update(iteration_checks(trainer.metrics.entries))
     except Exception as err:  # noqa: BLE001 - any failure is a row of the table, with its line
-        return {"error": _one_line(err), "run_s": time.time() - start}
+        return {"error": one_line(err), "run_s": time.time() - start}
     record["run_s"] = time.time() - start
     return record
 
@@ -107,7 +107,8 @@ def export_check(trainer) -> dict:
                 training_rel_change=relative_difference(base))
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:400]
 
