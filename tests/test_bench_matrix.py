@@ -46,7 +46,7 @@ def test_the_tool_trains_checks_and_tabulates_one_backbone_with_two_algorithms(t
     from branchgrpo.bench.matrix import main
 
     assert main(["--output_dir", str(tmp_path), "--backbones", "toy,flux", "--algos", "dancegrpo,branchgrpo",
-                 "--iterations", "1", "--nproc", "1"]) == 0
+                 "--iterations", "1", "--nproc", "1", "--modes", "alternate"]) == 0
     result = json.loads((tmp_path / "matrix.json").read_text())
     assert result["algorithms"] == ["dancegrpo", "branchgrpo"]
     assert "no tiny checkpoint" in result["backbones"]["toy"]["skipped"]

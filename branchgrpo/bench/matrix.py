@@ -1,7 +1,7 @@
 """Every algorithm on every backbone, measured: `python -m branchgrpo.bench.matrix` (scripts/bench/backbone_matrix.sh).
 
     python -m branchgrpo.bench.matrix --output_dir outputs/matrix
-    python -m branchgrpo.bench.matrix --backbones sd3,wan22 --algos branchgrpo,diffusion_nft --modes both
+    python -m branchgrpo.bench.matrix --backbones sd3,wan22 --algos branchgrpo,diffusion_nft --modes lora
 
 The rows are the registered backbones (branchgrpo.models), the columns the registered algorithms
 (branchgrpo.algorithms): a new unit appears by itself. A backbone runs when its spec has a tiny checkpoint
@@ -10,12 +10,12 @@ skipped. For each backbone, once: the tiny checkpoint, the training reward (the 
 that needs no file, else the first with a tiny checkpoint of its own, branchgrpo.testing), and the embeddings of the
 first prompts of its default prompt file, encoded by its own encoders. Then ONE torchrun job of --nproc processes
 (branchgrpo.bench.matrix_worker) trains every algorithm in turn, --iterations iterations at 6 sampling steps with the
-algorithm's `tiny_flags`, under FSDP2 (`--parallel auto` with several processes), the full model or LoRA
-(--modes: `alternate` switches between them from algorithm to algorithm, starting one backbone with the full model
-and the next with LoRA, so that every algorithm meets both across the backbones).
+algorithm's `tiny_flags`, under FSDP2 (`--parallel auto` with several processes), the full model and LoRA
+(--modes both; `alternate` switches between them from algorithm to algorithm, starting one backbone with the full
+model and the next with LoRA, so that every algorithm still meets both across the backbones).
 
 A cell passes when every iteration's loss and rewards are finite, the first ratio of each iteration is 1 at
-theta_old (within 1e-6; algorithms without ratios: n/a), and the last checkpoint's export, loaded as the evaluation
+theta_old (within 1e-6; algorithms that do not train on ratios: n/a), and the last checkpoint's export, loaded as the evaluation
 CLI loads it, predicts as the trained model (max relative difference 1e-5) while training moved the prediction.
 A failure is the run's one-line error (or the check that failed). Writes matrix.json and matrix.md (pass/fail, the
 median iteration time, the commit and the load average) into --output_dir.
@@ -36,7 +36,7 @@ from types import SimpleNamespace
 from branchgrpo.runtime.entry import add_debug_flag, run_cli
 from branchgrpo.runtime.outputs import writable_folder
 
-MODES = ("alternate", "full", "lora", "both")
+MODES = ("both", "alternate", "full", "lora")
 SAMPLING_STEPS = 6  # what the algorithms' tiny_flags are written for
 NUM_PROMPTS = 4  # prompts embedded per backbone: one per process and iteration at --nproc 2, plus the held-out one
 LORA_FLAGS = ["--use_lora", "--lora_rank", "4", "--lora_alpha", "8"]
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="outputs/bench/matrix", help="matrix.json, matrix.md and the work folders")
     p.add_argument("--backbones", default="", help="comma-separated backbones (default: every registered one)")
     p.add_argument("--algos", default="", help="comma-separated algorithms (default: every registered one)")
-    p.add_argument("--modes", choices=MODES, default="alternate", help="full model or LoRA per algorithm: alternate "
-                   "(one per algorithm, switching), full, lora, or both (every algorithm twice)")
+    p.add_argument("--modes", choices=MODES, default="both", help="full model or LoRA per algorithm: both (every "
+                   "algorithm twice; the fixed costs dominate on tiny checkpoints), alternate (one per algorithm, "
+                   "switching), full, or lora")
     p.add_argument("--iterations", type=int, default=2, help="training iterations per run")
     p.add_argument("--nproc", type=int, default=2, help="processes of each backbone's torchrun job (1: no torchrun, "
                    "the runs in this process)")

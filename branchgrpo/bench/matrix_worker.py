@@ -46,30 +46,33 @@ def _run_one(args: list[str], is_main: bool) -> dict:
     """Train one configuration and check it; {"error": one line} when anything raised."""
     from branchgrpo.config import parse_train_config
     from branchgrpo.runtime.trainer import Trainer
+    from branchgrpo.runtime.update import EdgeObjective
 
     start = time.time()
     try:
         trainer = Trainer(parse_train_config(args))
         trainer.train()
         record = dict(parallel=trainer.prepared.mode, **export_check(trainer))
-        if is_main:
-            record.update(iteration_checks(trainer.metrics.entries))
+        if is_main:  # the clipped surrogate over rollout edges trains on ratios; a unit's own objective may not
+            record.update(iteration_checks(trainer.metrics.entries,
+                                           isinstance(trainer.updater.objective, EdgeObjective)))
     except Exception as err:  # noqa: BLE001 - any failure is a row of the table, with its line
         return {"error": one_line(err), "run_s": time.time() - start}
     record["run_s"] = time.time() - start
     return record
 
 
-def iteration_checks(entries: list[dict]) -> dict:
+def iteration_checks(entries: list[dict], has_ratios: bool) -> dict:
     """What the metrics of the iterations must show: a finite loss and finite rewards in each, and, where the
-    algorithm trains on ratios, the first ratio of each iteration at 1 (it re-scores the weights that rolled out)."""
+    algorithm trains on ratios, the first ratio of each iteration at 1 (it re-scores the weights that rolled out;
+    without ratios, as DiffusionNFT, `first_ratio_dev` is None)."""
     from branchgrpo.runtime.update import ratio_deviation
 
     def finite(key):
         return all(e[key] is not None and math.isfinite(e[key]) for e in entries)
 
     ratios = [ratio_deviation(e["first_ratio_min"], e["first_ratio_max"]) for e in entries
-              if e.get("first_ratio_min") is not None and math.isfinite(e["first_ratio_min"])]
+              if has_ratios and e.get("first_ratio_min") is not None and math.isfinite(e["first_ratio_min"])]
     times = [e["iter_time_s"] for e in entries]
     return dict(iterations=len(entries), loss_finite=finite("loss"),
                 rewards_finite=finite("reward_mean") and all(e["nonfinite_rewards"] == 0 for e in entries),
