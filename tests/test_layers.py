@@ -1,4 +1,4 @@
-"""The package's layers (.importlinter): entry points > benchmarks and evaluation > runtime and planner > config >
+"""The package's layers (.importlinter): entry points > benchmarks > evaluation > runtime and planner > config >
 test fixtures > units (algorithms, models, rewards, data) > the toy's parts > core, and core imports no model library.
 An upward import fails here with import-linter's report, which names the importing module, the imported one and the
 line."""

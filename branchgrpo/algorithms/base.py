@@ -194,6 +194,9 @@ class Algorithm(abc.ABC):
     #: rows of the method comparison (branchgrpo.bench.compare): id -> (table label, trainer flags); "{interval}"
     #: stands for the sliding-schedule interval of the run
     presets: ClassVar[dict[str, tuple[str, list[str]]]] = {}
+    #: its flags in a tiny smoke run of 6 sampling steps (the backbone matrix, branchgrpo.bench.matrix): a few
+    #: samples per prompt; (): its defaults
+    tiny_flags: ClassVar[tuple[str, ...]] = ()
     #: the run keeps theta_old, a second copy of the trained weights (a copy of the LoRA tensors under LoRA, of this
     #: rank's shards under FSDP2) that samples the rollouts and moves towards theta by `old_policy_decay`
     keeps_old_policy: ClassVar[bool] = False

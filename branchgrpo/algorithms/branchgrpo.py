@@ -165,6 +165,7 @@ class BranchGRPO(Algorithm):
     name = "branchgrpo"
     Config = BranchGRPOConfig
     default_kernel = "dance"
+    tiny_flags = ("--tree_split_points", "0,2")
     presets = {
         "branchgrpo": ("BranchGRPO", _PAPER_TREE),
         "branchgrpo_widpru": ("BranchGRPO-WidPru", [*_PAPER_TREE, "--width_pruning_mode", "1"]),

@@ -29,6 +29,7 @@ class DanceGRPO(Algorithm):
     name = "dancegrpo"
     Config = DanceGRPOConfig
     default_kernel = "dance"
+    tiny_flags = ("--num_generations", "4")
     presets = {
         "dancegrpo_tf1.0": ("DanceGRPO (tf=1.0)", [*_DANCE, "--timestep_fraction", "1.0"]),
         "dancegrpo_tf0.6": ("DanceGRPO (tf=0.6)", [*_DANCE, "--timestep_fraction", "0.6"]),

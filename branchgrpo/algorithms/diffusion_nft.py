@@ -85,6 +85,7 @@ class DiffusionNFT(Algorithm):
     Config = DiffusionNFTConfig
     default_kernel = "dance"  # acts only at the tree sampler's splits
     keeps_old_policy = True
+    tiny_flags = ("--num_generations", "4")
     presets = {
         "diffusion_nft": ("DiffusionNFT (ODE, G=16)", [*_NFT, "--nft_sampler", "ode", "--num_generations", "16"]),
         "diffusion_nft_tree": ("DiffusionNFT (tree sampler)", [*_NFT, "--nft_sampler", "tree", "--nft_split_points",

@@ -28,6 +28,7 @@ class FlowGRPO(Algorithm):
     name = "flow_grpo"
     Config = FlowGRPOConfig
     default_kernel = "flow"
+    tiny_flags = ("--num_generations", "4")
     # f = 1: the reference's 0.99 drops only its last transition, the deterministic one here
     presets = {
         "flow_grpo": ("Flow-GRPO", ["--algo", "flow_grpo", "--num_generations", "16", "--sde_kernel", "flow", "--eta",

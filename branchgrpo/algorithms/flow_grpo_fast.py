@@ -45,6 +45,7 @@ class FlowGRPOFast(Algorithm):
     name = "flow_grpo_fast"
     Config = FlowGRPOFastConfig
     default_kernel = "flow"
+    tiny_flags = ("--num_generations", "4")
     # the CPS row is the reference's FLUX recipe (cps, eta 0.8, w 3)
     presets = {
         "flow_grpo_fast": ("Flow-GRPO-Fast", ["--algo", "flow_grpo_fast", "--num_generations", "16", "--sde_kernel",

@@ -47,6 +47,7 @@ class G2RPO(Algorithm):
     name = "g2rpo"
     Config = G2RPOConfig
     default_kernel = "flow"
+    tiny_flags = ("--num_generations", "4")
     presets = {
         "g2rpo": ("G2RPO", ["--algo", "g2rpo", "--num_generations", "16", "--sde_kernel", "flow", "--eta", "0.7",
                             "--g2rpo_steps", "0,3,6,9", "--g2rpo_granularities", "1,2,3"]),

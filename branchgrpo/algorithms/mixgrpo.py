@@ -26,6 +26,7 @@ class MixGRPO(Algorithm):
     name = "mixgrpo"
     Config = MixGRPOConfig
     default_kernel = "flow"
+    tiny_flags = ("--num_generations", "4")
     presets = {
         "mixgrpo": ("MixGRPO (20,5)", ["--algo", "mixgrpo", "--num_generations", "16", "--sde_kernel", "flow", "--eta",
                                        "0.7", "--mix_sde_window_size", "5", "--mix_window_interval", "{interval}",

@@ -372,6 +372,7 @@ class FluxSpec(DiffusersSpec, PlannerSupport, StandInSupport, FixtureSupport):
     eval_rewards = ("hps", "pickscore", "clip", "imagereward")
     encoder_flags = ("max_sequence_length",)
     tiny = "branchgrpo.testing.flux_tiny:make_tiny_flux"
+    tiny_run = {"h": 32, "w": 32, "max_sequence_length": 16}
     planner_configs = ("flux1-dev",)
     random_shapes = {"tiny": {"h": 64, "w": 64}, "full": {}}
     # the settings of scripts/lib/flux.sh

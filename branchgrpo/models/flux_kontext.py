@@ -189,6 +189,7 @@ class FluxKontextSpec(EditSpec, FluxSpec):
     # the stored source latents depend on the source size: the encoder takes the run's size flags
     encoder_flags = FluxSpec.encoder_flags + ("h", "w", "source_size")
     tiny = "branchgrpo.testing.flux_kontext_tiny:make_tiny_flux_kontext"
+    tiny_run = {"h": 32, "w": 32, "source_size": "generation", "max_sequence_length": 16}
     planner_configs = ("flux1-kontext-dev",)
 
     def source_resolution(self, height: int, width: int, source_size: str) -> tuple[int, int]:

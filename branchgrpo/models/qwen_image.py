@@ -415,6 +415,7 @@ class QwenImageSpec(DiffusersSpec, PlannerSupport, BenchSupport, FixtureSupport)
     eval_rewards = ("hps", "pickscore", "clip", "imagereward")
     encoder_flags = ("max_sequence_length", "negative_prompt")
     tiny = "branchgrpo.testing.qwen_image_tiny:make_tiny_qwen_image"
+    tiny_run = {"h": 32, "w": 32, "max_sequence_length": 48}
     planner_configs = ("qwen-image",)
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:

@@ -256,6 +256,7 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
     # the stored source latents and vision tokens depend on the source size: the encoder takes the run's size flags
     encoder_flags = QwenImageSpec.encoder_flags + ("h", "w", "source_size")
     tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit"
+    tiny_run = {"h": 32, "w": 32, "source_size": "generation", "max_sequence_length": 48}
     planner_configs = ("qwen-image-edit",)
     kind, encoding = QWEN_IMAGE_EDIT, EDIT_ENCODING  # the release's folder checks and how it encodes the source
     adapter_class: type = QwenImageEditAdapter

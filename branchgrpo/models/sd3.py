@@ -393,6 +393,7 @@ class SD3Spec(DiffusersSpec, PlannerSupport, FixtureSupport):
     eval_rewards = ("hps", "pickscore", "clip", "imagereward")
     encoder_flags = ("negative_prompt", "t5_sequence_length")
     tiny = "branchgrpo.testing.sd3_tiny:make_tiny_sd3"
+    tiny_run = {"h": 32, "w": 32, "t5_sequence_length": 8}
     planner_configs = ("sd3.5-medium", "sd3.5-large")
 
     def check_config_sizes(self, model_cfg, transformer, vae, config_path) -> None:

@@ -7,7 +7,8 @@ tools check for. A spec without one is simply not offered by that tool, and aski
 - `BenchSupport`: the token count of the benchmarks' MFU and the trainer flags of the method comparison
   (branchgrpo/bench/, branchgrpo/cli/compare.py); `StandInSupport` adds transformers of named shapes with random
   weights and random conditioning (`--random_shape`: no files needed; the GPU check);
-- `FixtureSupport`: the writer of its tiny random checkpoint (`python -m branchgrpo.make_tiny`, tests).
+- `FixtureSupport`: the writer of its tiny random checkpoint (`python -m branchgrpo.make_tiny`, tests) and the sizes
+  of a smoke run on it (`python -m branchgrpo.bench.matrix`).
 """
 
 from __future__ import annotations
@@ -124,3 +125,7 @@ class FixtureSupport:
     #: "module:function(out_dir, seed)" of branchgrpo.testing that writes it (imported on use: fixtures sit above
     #: the units)
     tiny: ClassVar[str]
+    #: the sizes of a CPU smoke run on it (the backbone matrix, branchgrpo.bench.matrix): values of its section's
+    #: flags and, under "max_sequence_length", the text length its prompts are encoded with; {}: none given (the
+    #: matrix then reports the backbone as failing instead of running it at full size)
+    tiny_run: ClassVar[dict] = {}

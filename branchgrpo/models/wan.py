@@ -449,6 +449,7 @@ class WanSpec(DiffusersSpec, PlannerSupport, BenchSupport, FixtureSupport):
     eval_rewards = ("frame_reward", "temporal_consistency", "videoalign")
     encoder_flags = ("max_sequence_length", "negative_prompt")
     tiny = "branchgrpo.testing.wan_tiny:make_tiny_wan"
+    tiny_run = {"h": 32, "w": 48, "num_frames": 9, "max_sequence_length": 16}
     planner_configs = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
     #: the adapter `load` builds (and whose `image_to_video` the checkpoint checks follow)
     adapter_class: type[WanAdapter] = WanAdapter

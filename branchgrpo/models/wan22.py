@@ -314,6 +314,7 @@ class Wan22I2VSpec(Wan22Spec):
     encoder_flags = WanI2VSpec.encoder_flags
     prompt_format = "jsonl"
     tiny = "branchgrpo.testing.wan22_tiny:make_tiny_wan22_i2v"
+    tiny_run = WanI2VSpec.tiny_run
     planner_configs = ("wan2.2-i2v-a14b",)
 
     def prompt_encoder(self, model_path, device, settings):

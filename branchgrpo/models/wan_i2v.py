@@ -203,6 +203,8 @@ class WanI2VSpec(WanSpec):
     encoder_flags = WanSpec.encoder_flags + ("h", "w", "num_frames")
     prompt_format = "jsonl"
     tiny = "branchgrpo.testing.wan_i2v_tiny:make_tiny_wan_i2v"
+    # 5:3 as the assets' first frames; the I2V attention splits the context at exactly 512 text tokens
+    tiny_run = {"h": 48, "w": 80, "num_frames": 9, "max_sequence_length": 512}
     planner_configs = ("wan2.1-i2v-14b",)
 
     def prompt_encoder(self, model_path, device, settings):

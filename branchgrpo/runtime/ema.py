@@ -23,6 +23,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _resharded(model: nn.Module) -> nn.Module:
+    """`model` with every FSDP2 unit on its shards, which are what the copies here hold. FSDP2 keeps the root unit's
+    parameters gathered after a forward without backward (an evaluation; DiffusionNFT's rollout with theta_old), and
+    while they are, `named_parameters` gives the gathered tensors: a copy into them would not reach the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float, device: str = "cpu"):
         self.decay = decay
@@ -38,13 +50,13 @@ class EMA:
         """shadow <- d shadow + (1 - d) param, d = `decay` (a schedule's value: DiffusionNFT's old policy) or the
         fixed --ema_decay."""
         d = self.decay if decay is None else decay
-        for name, param in model.named_parameters():
+        for name, param in _resharded(model).named_parameters():
             if name in self.shadow:
                 self.shadow[name].lerp_(_local(param.detach()).to(self._where(param), torch.float32), 1.0 - d)
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
-        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        params = {n: p for n, p in _resharded(model).named_parameters() if n in self.shadow}
         backup = {n: _local(p.detach()).clone() for n, p in params.items()}
         try:
             with torch.no_grad():
@@ -52,6 +64,7 @@ class EMA:
                     _local(p.data).copy_(self.shadow[n])
             yield
         finally:
+            _resharded(model)  # the forwards inside may have gathered the root unit again
             with torch.no_grad():
                 for n, p in params.items():
                     _local(p.data).copy_(backup[n])

@@ -20,6 +20,20 @@ TINY_REWARDS = {
     "geneval": "branchgrpo.testing.geneval_tiny:make_tiny_geneval",
 }
 
+# reward kind -> "module:function(out_dir)": the reward options a run needs to score with the tiny checkpoint written
+# to out_dir; a kind not listed needs none (its files sit under --reward_model_dir by their released names)
+TINY_REWARD_OPTIONS = {
+    "hps": "branchgrpo.testing.clip_tiny:tiny_hps_options",
+}
+
+
+def tiny_reward_options(kind: str, out_dir) -> dict:
+    """The options of reward `kind` for its tiny checkpoint in `out_dir` (a --reward_options entry)."""
+    if kind not in TINY_REWARD_OPTIONS:
+        return {}
+    module, _, func = TINY_REWARD_OPTIONS[kind].partition(":")
+    return getattr(importlib.import_module(module), func)(str(out_dir))
+
 
 def call_writer(target: str, out_dir: str, seed: int = 0):
     """Run the writer "module:function" as function(out_dir, seed=seed)."""

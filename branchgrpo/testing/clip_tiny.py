@@ -85,6 +85,12 @@ def make_tiny_hps(out_dir: str, seed: int = 0) -> Path:
     return path
 
 
+def tiny_hps_options(out_dir: str) -> dict:
+    """The hps reward's options for the checkpoint `make_tiny_hps(out_dir)` wrote: its architecture is the tiny one,
+    registered from the config written beside it."""
+    return {"arch": TINY_HPS_ARCH, "model_config_dir": str(Path(out_dir) / "open_clip_configs")}
+
+
 def _write_hf_clip(model_dir: Path | None, processor_dir: Path, seed: int) -> None:
     """A tiny transformers CLIPModel in `model_dir` (None: skip) and its tokenizer + image processor config."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
