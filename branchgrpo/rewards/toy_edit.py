@@ -5,9 +5,12 @@ per-prompt `source_image` the edit preprocessing stores (as for the real edit ba
 scores result against source in [0, 1] as the product of four terms:
 
     edit_done    attribute edit: the asked attribute moved the asked way, judged against the source: the change
-                 sign * (m(result) - m(source)) over `full` (the 25th percentile of the change the exact edit makes,
+                 sign * (m(result) - m(source)) over `full` (the 75th percentile of the change the exact edit makes,
                  toy/edit.py), capped at 1, and falling back to 0 between `over_start` and `over_end` (2x and 3x the
-                 exact edit's 95th percentile): over-editing is not a better edit.
+                 exact edit's 95th percentile): over-editing is not a better edit. `full` sits high on purpose: with
+                 a lower cap (the 25th percentile, measured) a model that already edits most of the way scores 1 on
+                 edit_done, so within a group only the keep terms differ, and they all favour editing less - GRPO
+                 then drifted every edit toward "more ink" (thinner and narrower fell to 0 in 30 iterations).
                  class edit: p(asked digit | result) from the toy's digit classifier.
     class_kept   attribute edits: min(1, 2 p(source's class | result)) - the digit stays what it was; 1 for class edits
     style_kept   mean over the attributes the instruction does not ask about (all three for a class edit) of a
@@ -72,7 +75,7 @@ def fit_reward_config(changes: dict[str, dict[str, torch.Tensor]], spread: dict[
         for axis in AXES:
             if instruction is not None and axis == instruction.axis:
                 moved = instruction.sign * change[axis]
-                entry.update(full=torch.quantile(moved, 0.25).item(), over_start=2 * torch.quantile(moved, 0.95).item(),
+                entry.update(full=torch.quantile(moved, 0.75).item(), over_start=2 * torch.quantile(moved, 0.95).item(),
                              over_end=3 * torch.quantile(moved, 0.95).item())
             else:
                 entry["tolerance"][axis] = max(torch.quantile(change[axis].abs(), 0.95).item(),
