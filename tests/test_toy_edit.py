@@ -181,3 +181,20 @@ def test_branchgrpo_trains_the_edit_toy_with_the_source_at_every_node(tmp_path):
     entries = metrics(out)
     assert len(entries) == 2 and all(e["first_ratio_min"] == e["first_ratio_max"] == 1.0 for e in entries)
     assert all(0.0 < e["reward_mean"] < 1.0 for e in entries)
+
+
+def test_edit_grid_rows_are_source_base_and_runs(tmp_path):
+    """The docs' before/after grid: one row per model after the sources, all from the same noise (a run equal to
+    the base gives the base's row and score)."""
+    from PIL import Image
+
+    from branchgrpo.bench.edit_grid import _main, edit_rows
+
+    load_toy(None, "cpu", ToyEditAdapter).export(str(tmp_path / "copy"))
+    images, labels = edit_rows({"base": None, "copy": tmp_path / "copy"}, num_edits=3, steps=2, seed=0)
+    assert images.shape == (9, 1, 8, 8) and labels[0] == "source"
+    assert torch.equal(images[3:6], images[6:9]) and labels[1].split()[1] == labels[2].split()[1]
+    _main(["--out", str(tmp_path / "grid.png"), "--num_edits", "3", "--steps", "2", f"copy={tmp_path / 'copy'}"])
+    assert Image.open(tmp_path / "grid.png").size[0] == 3 * 8 * 8
+    with pytest.raises(ValueError, match="LABEL=FOLDER"):
+        _main(["--out", str(tmp_path / "g.png"), "nolabel"])
