@@ -74,7 +74,7 @@ def method_args(name: str, iterations: int, eval_every: int, output_dir: Path, c
 
 
 def builtin_embeddings(model: str, output_dir: Path) -> tuple[Path, Path] | None:
-    """Train and held-out prompt embeddings of a backbone that ships its prompts (the toy), through the real
+    """Train and held-out prompt embeddings of a backbone that ships its prompts (the toys), through the real
     preprocess step (once per output dir); None for backbones whose prompts the user provides."""
     from branchgrpo.data.preprocess import run_preprocess
     from branchgrpo.models import get_backbone
@@ -85,7 +85,7 @@ def builtin_embeddings(model: str, output_dir: Path) -> tuple[Path, Path] | None
         return None
     encode = spec.prompt_encoder(None, "cpu", None)
     root = output_dir / "embeddings"
-    return tuple(run_preprocess(path, root / part, model, encode, shard_size=256)
+    return tuple(run_preprocess(path, root / part, model, encode, shard_size=256, prompt_format=spec.prompt_format)
                  for path, part in zip(prompts, ("train", "eval")))
 
 

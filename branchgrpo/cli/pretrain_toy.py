@@ -1,6 +1,8 @@
-"""Pretrain the toy from real digits and write the checkpoint it ships with (see branchgrpo.runtime.pretrain_toy):
+"""Pretrain the toy from real digits and write the checkpoint it ships with (see branchgrpo.runtime.pretrain_toy),
+or, with `--task edit`, the edit toy (branchgrpo.runtime.pretrain_toy_edit):
 
     python -m branchgrpo.cli.pretrain_toy --out branchgrpo/toy/assets --seed 0
+    python -m branchgrpo.cli.pretrain_toy --task edit --out branchgrpo/toy/edit_assets --seed 0 --steps 600
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from branchgrpo.rewards.toy import CLASSIFIER_WEIGHTS, REWARD_CONFIG, ToyReward
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m branchgrpo.cli.pretrain_toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (branchgrpo/toy/assets to refresh the shipped model)")
+    p.add_argument("--task", choices=("digits", "edit"), default="digits", help="digits: the text-to-digit toy; "
+                   "edit: the edit toy (instruction + source digit -> edited digit; the --mention_prob, --ramp_* and "
+                   "--classifier_c flags do not apply: it reuses the toy's classifier)")
+    p.add_argument("--out", required=True, help="output folder (branchgrpo/toy/assets, or branchgrpo/toy/edit_assets "
+                   "with --task edit, to refresh the shipped model)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random")
     p.add_argument("--steps", type=int, default=1500, help="flow-matching optimizer steps")
     p.add_argument("--batch_size", type=int, default=256, help="real digits per step")
@@ -64,6 +70,12 @@ def _main(argv: list[str]) -> None:
     # Bit-for-bit reruns: on CPU the backward of an index gather (index_put_ with accumulate) sums in a
     # thread-dependent order unless deterministic algorithms are requested.
     torch.use_deterministic_algorithms(True)
+    if args.task == "edit":
+        from branchgrpo.runtime.pretrain_toy_edit import pretrain_edit
+
+        report = pretrain_edit(args, out)
+        print(f"wrote {out} in {report['total_time_s']:.0f} s", flush=True)
+        return
     start = time.time()
     images_N1HW, labels_N = data.load_real_digits()
 

@@ -16,6 +16,7 @@ from branchgrpo.models.spec import MEDIA_KINDS, BackboneConfig, BackboneSpec
 
 BUILTIN_BACKBONES = (
     "branchgrpo.models.toy",
+    "branchgrpo.models.toy_edit",
     "branchgrpo.models.flux",
     "branchgrpo.models.flux_kontext",
     "branchgrpo.models.wan",

@@ -51,8 +51,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def _checkpoint_dir(model_path: str | Path | None) -> Path:
-    folder = Path(model_path) if model_path is not None else ASSETS_DIR
+def _checkpoint_dir(model_path: str | Path | None, default: Path = ASSETS_DIR) -> Path:
+    folder = Path(model_path) if model_path is not None else default
     if not folder.is_dir():
         raise FileNotFoundError(f"--model_path: toy checkpoint folder {folder} does not exist")
     return folder
@@ -86,28 +86,32 @@ def _save_module(folder: Path, weights: str, config_file: str, config: dict, ten
 
 
 def save_text_encoder(encoder: ToyTextEncoder, out_dir: str | Path) -> None:
-    config = {**asdict(encoder.config), "vocab": list(VOCAB)}
+    config = {**asdict(encoder.config), "vocab": list(encoder.tokenizer.vocab)}
     _save_module(Path(out_dir), TEXT_ENCODER_WEIGHTS, TEXT_ENCODER_CONFIG, config, encoder.state_dict())
 
 
-def load_text_encoder(model_path: str | Path | None = None, device: torch.device | str = "cpu") -> ToyTextEncoder:
-    """The frozen text encoder of a toy checkpoint folder (None: the shipped one), in eval mode."""
-    folder = _checkpoint_dir(model_path)
+def load_text_encoder(model_path: str | Path | None = None, device: torch.device | str = "cpu",
+                      kind: type["ToyAdapter"] | None = None) -> ToyTextEncoder:
+    """The frozen text encoder of a toy checkpoint folder (None: the shipped one of `kind`, default ToyAdapter), in
+    eval mode."""
+    kind = kind or ToyAdapter
+    folder = _checkpoint_dir(model_path, kind.assets_dir)
     config = _read_json(folder / TEXT_ENCODER_CONFIG)
     config.pop("format", None)
     vocab = config.pop("vocab")
-    if tuple(vocab) != VOCAB:
-        raise ValueError(f"{folder / TEXT_ENCODER_CONFIG}: its vocabulary differs from this version's toy grammar")
-    encoder = ToyTextEncoder(_config_from_dict(TextEncoderConfig, config))
+    if tuple(vocab) != kind.vocab:
+        raise ValueError(f"{folder / TEXT_ENCODER_CONFIG}: its vocabulary differs from this version's "
+                         f"{kind.name} grammar")
+    encoder = ToyTextEncoder(_config_from_dict(TextEncoderConfig, config), kind.vocab)
     _load_weights(encoder, folder / TEXT_ENCODER_WEIGHTS, folder / TEXT_ENCODER_CONFIG)
     encoder.requires_grad_(False)
     return encoder.eval().to(device)
 
 
-def build_prompt_encoder(model_path, device, args=None):
+def build_prompt_encoder(model_path, device, args=None, kind: type["ToyAdapter"] | None = None):
     """For `python -m branchgrpo.cli.preprocess --model toy`: encode(texts) -> {prompt_embeds [n, L, D],
     pooled_prompt_embeds [n, D]} in fp32. Unknown words raise ValueError naming the word and the vocabulary."""
-    encoder = load_text_encoder(model_path, device)
+    encoder = load_text_encoder(model_path, device, kind)
 
     @torch.no_grad()
     def encode(texts: list[str]) -> dict[str, torch.Tensor]:
@@ -120,6 +124,8 @@ class ToyAdapter(FlowAdapter):
     """FlowAdapter of the toy: latents `[B, 1, 8, 8]` are the pixels mapped to [-1, 1] (there is no VAE)."""
 
     name = "toy"
+    assets_dir = ASSETS_DIR  # the checkpoint folder shipped in the package (a `model_path` of None)
+    vocab = VOCAB  # the words its text encoder knows
     latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     embedding_keys = ("prompt_embeds", "pooled_prompt_embeds")
     #: every Linear of the repeated blocks (module-name suffixes, as peft's target_modules takes them)
@@ -134,8 +140,14 @@ class ToyAdapter(FlowAdapter):
         """v `[B, 1, 8, 8]` fp32; bitwise the same for a sample whatever batch it is computed in (CPU, fp32)."""
         if sigmas.dim() != 1 or sigmas.shape[0] != latents.shape[0]:
             raise ValueError(f"toy velocity: sigmas must be [B] = [{latents.shape[0]}], got {tuple(sigmas.shape)}")
-        v = self.transformer(latents, sigmas, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        v = self.transformer(latents, sigmas, cond["prompt_embeds"], cond["pooled_prompt_embeds"],
+                             self.image_condition(cond))
         return v.float()
+
+    def image_condition(self, cond: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The image latents the network is conditioned on by channel concatenation (FlowConfig.cond_channels);
+        None: the text-to-image toy has none."""
+        return None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return latents_to_images(latents)
@@ -172,18 +184,20 @@ class ToyAdapter(FlowAdapter):
             save_text_encoder(self.text_encoder, out_dir)
 
 
-def load_toy(model_path: str | Path | None = None, device: torch.device | str = "cpu") -> ToyAdapter:
-    """The toy adapter from a checkpoint folder (None: the one shipped in branchgrpo/toy/assets/).
+def load_toy(model_path: str | Path | None = None, device: torch.device | str = "cpu",
+             kind: type[ToyAdapter] = ToyAdapter) -> ToyAdapter:
+    """The toy adapter (of class `kind`: ToyAdapter, or the edit toy's) from a checkpoint folder (None: the one
+    shipped in the package, `kind.assets_dir`).
 
     The flow network is returned trainable (requires_grad) in eval mode (it has no dropout or batch norm, so the
     mode changes nothing); the text encoder is frozen."""
-    folder = _checkpoint_dir(model_path)
+    folder = _checkpoint_dir(model_path, kind.assets_dir)
     config = _read_json(folder / TRANSFORMER_CONFIG)
     config.pop("format", None)
     transformer = ToyFlowTransformer(_config_from_dict(FlowConfig, config))
     _load_weights(transformer, folder / TRANSFORMER_WEIGHTS, folder / TRANSFORMER_CONFIG)
-    text_encoder = load_text_encoder(folder, device)
-    return ToyAdapter(transformer.eval().to(device), text_encoder)
+    text_encoder = load_text_encoder(folder, device, kind)
+    return kind(transformer.eval().to(device), text_encoder)
 
 
 @register_backbone
@@ -191,6 +205,7 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
     """The embedded default: 0.26M parameters, shipped in the package, no flags of its own."""
 
     name = "toy"
+    adapter_class: type[ToyAdapter] = ToyAdapter  # what it loads (and whose shipped checkpoint a None path means)
     needs_pretrained = False
     default_parallel = "ddp"  # replicating 0.26M parameters is cheaper than sharding them
     is_large = False
@@ -204,7 +219,7 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
                         "20", "--eval_samples_per_prompt", "4", "--device", "cpu", "--seed", "42")
 
     def load(self, model_cfg, device, dtype=torch.float32) -> ToyAdapter:
-        adapter = load_toy(model_cfg.pretrained_model_name_or_path, device)
+        adapter = load_toy(model_cfg.pretrained_model_name_or_path, device, self.adapter_class)
         adapter.transformer.to(dtype)
         return adapter
 
@@ -213,8 +228,8 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
         merged into the base's weights. The toy stays in fp32 whatever `dtype` (0.26M weights: nothing to save)."""
         base = model_cfg.pretrained_model_name_or_path
         if layout == "toy_full":
-            return EvalModel(load_toy(weights, device), f"full weights from {weights}", weights)
-        adapter = load_toy(base, device)
+            return EvalModel(load_toy(weights, device, self.adapter_class), f"full weights from {weights}", weights)
+        adapter = load_toy(base, device, self.adapter_class)
         if layout is None:
             return EvalModel(adapter, "base", base)
         merge_saved_adapter(adapter.transformer, weights)
@@ -224,7 +239,7 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
         return adapter.config.num_patches + cond["prompt_embeds"].shape[1]
 
     def prompt_encoder(self, model_path, device, settings=None):
-        return build_prompt_encoder(model_path, device, settings)
+        return build_prompt_encoder(model_path, device, settings, self.adapter_class)
 
     def default_prompts(self) -> Path:
         return self.builtin_prompts()[1]
@@ -237,7 +252,8 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
     def planner_config(self, model_cfg, name=None) -> tuple[dict, str]:
         if name is not None:
             return super().planner_config(model_cfg, name)
-        path = _checkpoint_dir(getattr(model_cfg, "pretrained_model_name_or_path", None)) / TRANSFORMER_CONFIG
+        path = _checkpoint_dir(getattr(model_cfg, "pretrained_model_name_or_path", None),
+                               self.adapter_class.assets_dir) / TRANSFORMER_CONFIG
         config = _read_json(path)
         config.pop("format", None)
         return config, str(path)
@@ -250,10 +266,12 @@ class ToySpec(BackboneSpec, PlannerSupport, BenchSupport):
         def inputs(batch: int) -> dict:
             with torch.device(device):
                 side = flow.image_size
+                cond = (dict(cond_latents_BCHW=torch.randn(batch, flow.cond_channels, side, side, dtype=dtype))
+                        if flow.cond_channels else {})
                 return dict(latents_BCHW=torch.randn(batch, flow.in_channels, side, side, dtype=dtype),
                             sigmas_B=torch.ones(batch), prompt_embeds_BLD=torch.randn(batch, text_tokens, flow.text_dim,
                                                                                dtype=dtype),
-                            pooled_BD=torch.randn(batch, flow.text_dim, dtype=dtype))
+                            pooled_BD=torch.randn(batch, flow.text_dim, dtype=dtype), **cond)
 
         return PlannerModel(transformer, list(transformer.blocks), inputs, ToyAdapter.default_lora_targets,
                             flow.in_channels * flow.image_size ** 2, f"8x8 digits: {flow.num_patches} patch + "

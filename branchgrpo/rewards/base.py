@@ -43,6 +43,7 @@ LocalPath = NewType("LocalPath", str)
 # Modules that register built-in rewards, imported on first use (the registry: one line per reward module).
 BUILTIN_REWARD_MODULES = (
     "branchgrpo.rewards.toy",
+    "branchgrpo.rewards.toy_edit",
     "branchgrpo.rewards.hps",
     "branchgrpo.rewards.pickscore",
     "branchgrpo.rewards.clipscore",

@@ -132,12 +132,26 @@ class CaptionSampler:
 def train_flow(args, images_N1HW, labels_N, poles_NA) -> tuple[ToyFlowTransformer, ToyTextEncoder, dict]:
     """Jointly train text encoder + flow network; returns their EMA copies and the loss history."""
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     nets = nn.ModuleDict({"flow": ToyFlowTransformer(FlowConfig()), "text": ToyTextEncoder(TextEncoderConfig())})
-    ema = copy.deepcopy(nets).requires_grad_(False)
     captions = CaptionSampler(labels_N, poles_NA, args.mention_prob)
-    ids_PL, mask_PL = nets["text"].tokenizer(captions.texts)
     x0_N1HW = data.images_to_latents(images_N1HW)
+
+    def draw_batch(gen: torch.Generator):
+        idx_B = torch.randint(len(labels_N), (args.batch_size,), generator=gen)
+        prompt_B = captions(idx_B, gen)
+        return x0_N1HW[idx_B], prompt_B, None
+
+    return fit_flow(nets, captions.texts, draw_batch, args)
+
+
+def fit_flow(nets: nn.ModuleDict, texts: list[str], draw_batch, args) -> tuple[ToyFlowTransformer, ToyTextEncoder,
+                                                                             dict]:
+    """Flow matching of nets["flow"] and nets["text"] jointly (AdamW, warm-up + cosine, EMA): each step
+    `draw_batch(gen)` gives clean latents `[B, 1, 8, 8]`, their prompts (indices into `texts`) and the conditioning
+    image latents (None without); returns the EMA copies and the loss history."""
+    gen = torch.Generator().manual_seed(args.seed)
+    ema = copy.deepcopy(nets).requires_grad_(False)
+    ids_PL, mask_PL = nets["text"].tokenizer(texts)
     optimizer = torch.optim.AdamW(nets.parameters(), lr=args.lr, weight_decay=0.0)
     params, ema_params = list(nets.parameters()), list(ema.parameters())
     history, window, start = [], [], time.time()
@@ -145,14 +159,12 @@ def train_flow(args, images_N1HW, labels_N, poles_NA) -> tuple[ToyFlowTransforme
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx_B = torch.randint(len(labels_N), (args.batch_size,), generator=gen)
-        prompt_B = captions(idx_B, gen)
-        x0 = x0_N1HW[idx_B]
+        x0, prompt_B, cond_latents = draw_batch(gen)
         eps = torch.randn(x0.shape, generator=gen)
         sigma_B = sde.static_shift(torch.rand(args.batch_size, generator=gen), args.train_shift)
         x_sigma = (1 - sigma_B.view(-1, 1, 1, 1)) * x0 + sigma_B.view(-1, 1, 1, 1) * eps
-        embeds_PLD, pooled_PD = nets["text"](ids_PL, mask_PL)  # all 270 prompts: cheaper than per-sample
-        v = nets["flow"](x_sigma, sigma_B, embeds_PLD[prompt_B], pooled_PD[prompt_B])
+        embeds_PLD, pooled_PD = nets["text"](ids_PL, mask_PL)  # every prompt: cheaper than per-sample
+        v = nets["flow"](x_sigma, sigma_B, embeds_PLD[prompt_B], pooled_PD[prompt_B], cond_latents)
         loss = (v - (eps - x0)).square().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

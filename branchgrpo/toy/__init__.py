@@ -8,6 +8,9 @@ no download.
 - `reward.py`    rewards "toy" (= "toy_digit" x "toy_style"), registered with branchgrpo.rewards
 - `pretrain.py`  `python -m branchgrpo.cli.pretrain_toy --out DIR`, which produced `assets/`
 - `assets/`      the shipped checkpoint, reward classifier and ramps, prompt lists, pretrain_report.json
+- `edit.py`      the edit toy's instruction grammar ("make it bolder", "turn it into a seven") and exact edits of
+                 real digits (models/toy_edit.py, rewards/toy_edit.py, docs/editing.md section 9)
+- `edit_assets/` the edit toy's checkpoint, reward thresholds, built-in JSONL edits with their source PNGs, report
 
 The FlowAdapter is in `branchgrpo.models.toy` (`load_toy`, `ToyAdapter`, `build_prompt_encoder`).
 """

@@ -100,8 +100,8 @@ def parse_prompt(text: str) -> PromptSpec:
     return PromptSpec(digit, tuple((axis, poles[axis]) for axis in ATTRIBUTE_AXES if axis in poles))
 
 
-def unknown_word_message(text: str, word: str) -> str:
-    allowed = ", ".join(w for w in VOCAB if w != PAD_TOKEN)
+def unknown_word_message(text: str, word: str, vocab: tuple[str, ...] = VOCAB) -> str:
+    allowed = ", ".join(w for w in vocab if w != PAD_TOKEN)
     return f"toy prompt {text!r}: unknown word '{word}'; the toy's vocabulary is: {allowed}"
 
 

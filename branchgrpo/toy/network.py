@@ -51,11 +51,13 @@ def _config_from_dict(cls, values: dict):
 
 
 class WordTokenizer:
-    """Words of the toy grammar -> ids `[n, L]` (0-padded) and a mask `[n, L]` (True on words)."""
+    """Words of a vocabulary (the toy grammar's by default; index = token id, 0 = padding) -> ids `[n, L]`
+    (0-padded) and a mask `[n, L]` (True on words)."""
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, vocab: tuple[str, ...] = VOCAB):
         self.max_length = max_length
-        self.word_to_id = {word: i for i, word in enumerate(VOCAB)}
+        self.vocab = vocab
+        self.word_to_id = {word: i for i, word in enumerate(vocab)}
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids_NL = torch.zeros(len(texts), self.max_length, dtype=torch.long)
@@ -67,7 +69,7 @@ class WordTokenizer:
                 raise ValueError(f"toy prompt {text!r}: {len(words)} words, the toy encodes at most {self.max_length}")
             for col, word in enumerate(words):
                 if word not in self.word_to_id or word == PAD_TOKEN:
-                    raise ValueError(unknown_word_message(text, word))
+                    raise ValueError(unknown_word_message(text, word, self.vocab))
                 ids_NL[row, col] = self.word_to_id[word]
         return ids_NL, ids_NL != 0
 
@@ -102,10 +104,12 @@ class _EncoderLayer(nn.Module):
 class ToyTextEncoder(nn.Module):
     """Word embeddings + position embeddings + a small transformer. prompt_embeds are zero on padding."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, vocab: tuple[str, ...] = VOCAB):
         super().__init__()
+        if len(vocab) != config.vocab_size:
+            raise ValueError(f"toy text encoder: vocab_size {config.vocab_size} but a vocabulary of {len(vocab)} words")
         self.config = config
-        self.tokenizer = WordTokenizer(config.max_length)
+        self.tokenizer = WordTokenizer(config.max_length, vocab)
         self.token_embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = nn.Parameter(torch.randn(config.max_length, config.dim) * 0.02)
         self.layers = nn.ModuleList(_EncoderLayer(config.dim, config.num_heads) for _ in range(config.num_layers))
@@ -145,6 +149,9 @@ class FlowConfig:
     mlp_ratio: int = 2  # MLP hidden width = mlp_ratio * dim
     text_dim: int = 32  # D of the text encoder's embeddings (any number L of text tokens works)
     freq_dim: int = 64  # sinusoidal features of the noise level
+    #: channels of a conditioning image concatenated to the latents before patching (as Wan I2V conditions on its
+    #: first frame); 0: none (the text-to-image toy), > 0: `forward` requires `cond_latents_BCHW` (the edit toy)
+    cond_channels: int = 0
 
     @property
     def num_patches(self) -> int:
@@ -195,13 +202,14 @@ class ToyBlock(nn.Module):
 
 
 class ToyFlowTransformer(nn.Module):
-    """v(x, sigma | text) for latents `[B, 1, 8, 8]`; v = eps - x0."""
+    """v(x, sigma | text) for latents `[B, 1, 8, 8]`; v = eps - x0. With `cond_channels`, v(x, sigma | text, image):
+    the conditioning image's channels join the latents' in each patch (the output keeps `in_channels`)."""
 
     def __init__(self, config: FlowConfig):
         super().__init__()
         self.config = config
         c, p, dim = config.in_channels, config.patch_size, config.dim
-        self.patch_embed = nn.Linear(c * p * p, dim)
+        self.patch_embed = nn.Linear((c + config.cond_channels) * p * p, dim)
         self.pos_embed = nn.Parameter(torch.randn(1, config.num_patches, dim) * 0.02)
         self.context_embedder = nn.Linear(config.text_dim, dim)
         self.time_in, self.time_out = nn.Linear(config.freq_dim, dim), nn.Linear(dim, dim)
@@ -229,9 +237,14 @@ class ToyFlowTransformer(nn.Module):
 
     def forward(
         self, latents_BCHW: torch.Tensor, sigmas_B: torch.Tensor, prompt_embeds_BLD: torch.Tensor,
-        pooled_BD: torch.Tensor,
+        pooled_BD: torch.Tensor, cond_latents_BCHW: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.patch_embed.weight.dtype
+        if (cond_latents_BCHW is not None) != (self.config.cond_channels > 0):
+            raise ValueError(f"toy flow network: cond_channels is {self.config.cond_channels}, so cond_latents_BCHW "
+                             f"must be {'given' if self.config.cond_channels else 'None'}")
+        if cond_latents_BCHW is not None:
+            latents_BCHW = torch.cat([latents_BCHW.to(dtype), cond_latents_BCHW.to(dtype)], dim=1)
         freqs_BF = sigma_features(sigmas_B, self.config.freq_dim).to(dtype)
         time_BD = _rowwise(self.time_out, F.gelu(_rowwise(self.time_in, freqs_BF)))
         text_BD = _rowwise(self.text_out, F.gelu(_rowwise(self.text_in, pooled_BD.to(dtype))))

@@ -9,11 +9,14 @@
 #   MODEL=flux NPROC=8 MODEL_PATH=data/flux DATA_JSON=data/rl_embeddings/index.json ITERATIONS=100 \
 #     bash scripts/bench/compare_methods.sh                                  # FLUX.1-dev, one torchrun per method
 #
-# Environment (defaults): MODEL (toy | flux); ITERATIONS (100); METHODS (all; comma list of dancegrpo_tf1.0,
+#   MODEL=toy_edit SEEDS=1,2,3 ITERATIONS=10 METHODS=dancegrpo_tf1.0,branchgrpo bash scripts/bench/compare_methods.sh
+#                                                                            # the edit toy (docs/editing.md)
+#
+# Environment (defaults): MODEL (toy | toy_edit | flux); ITERATIONS (100); METHODS (all; comma list of dancegrpo_tf1.0,
 # dancegrpo_tf0.6, mixgrpo, branchgrpo, branchgrpo_widpru, branchgrpo_deppru, branchgrpo_mix, g2rpo, flow_grpo,
 # flow_grpo_fast, flow_grpo_fast_cps, diffusion_nft, diffusion_nft_tree); SEEDS (empty: one run per method; "1,2,3":
 # one per seed, with means and 95% intervals, eval reward against forward-pass equivalents and time, compute to reach
-# DanceGRPO's final reward); OUTPUT_DIR (outputs/compare for the toy, outputs/compare_flux for flux); EVAL_EVERY
+# DanceGRPO's final reward); OUTPUT_DIR (outputs/compare for the toy, outputs/compare_<MODEL> otherwise); EVAL_EVERY
 # (ITERATIONS / 5); NUM_THREADS (1); SKIP_SETUP=1 skips env_setup.sh; PYTHON.
 # flux only: NPROC (8 processes per method, torchrun), MODEL_PATH (data/flux), DATA_JSON
 # (data/rl_embeddings/index.json), EVAL_DATA_JSON (optional), HPS_CKPT_DIR (hps_ckpt), REWARD (hps=1.0), H, W (720),
@@ -44,6 +47,8 @@ TRAINER_ARGS=()
 case "$MODEL" in
   toy)
     OUTPUT_DIR="${OUTPUT_DIR:-outputs/compare}" ;;
+  toy_edit)
+    OUTPUT_DIR="${OUTPUT_DIR:-outputs/compare_toy_edit}" ;;
   flux)
     OUTPUT_DIR="${OUTPUT_DIR:-outputs/compare_flux}"
     NPROC="${NPROC:-8}"
@@ -61,7 +66,7 @@ case "$MODEL" in
                    --reward "$REWARD" --reward_model_dir "$HPS_CKPT_DIR" --h "${H:-720}" --w "${W:-720}")
     [[ -n "${EVAL_DATA_JSON:-}" ]] && TRAINER_ARGS+=(--eval_data_json_path "$EVAL_DATA_JSON")
     export MASTER_PORT="${MASTER_PORT:-29517}" TOKENIZERS_PARALLELISM=false ;;
-  *) echo "error: MODEL must be toy or flux (got '$MODEL')" >&2; BG_MISSING=1 ;;
+  *) echo "error: MODEL must be toy, toy_edit or flux (got '$MODEL')" >&2; BG_MISSING=1 ;;
 esac
 bg_check_inputs
 

@@ -14,31 +14,6 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
-source scripts/lib/common.sh
-
-ALGO="${ALGO:-branchgrpo}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/toy_${ALGO}}"
-bg_bool SKIP_SETUP 0
-if [[ -n "${CONFIG:-}" ]]; then
-  bg_require_file "$CONFIG" "CONFIG: the YAML file of flag values it names"
-else
-  CONFIG="configs/toy_${ALGO}.yaml"
-  bg_require_file "$CONFIG" "ALGO: no toy config for ALGO=$ALGO (configs/toy_*.yaml lists those there are)"
-fi
-bg_check_inputs
-[[ "$SKIP_SETUP" == 1 ]] || bash env_setup.sh
-bg_python
-
-# 1. the toy's prompts -> embeddings, through the same preprocess step and format as FLUX (skipped when done)
-TRAIN_PROMPTS="$("$PY" -c 'from branchgrpo.toy.data import train_prompts_path as p; print(p())')"
-EVAL_PROMPTS="$("$PY" -c 'from branchgrpo.toy.data import eval_prompts_path as p; print(p())')"
-"$PY" -m branchgrpo.cli.preprocess --model toy --device cpu --prompts "$TRAIN_PROMPTS" \
-  --output_dir "$OUTPUT_DIR/embeddings/train" --shard_size 256
-"$PY" -m branchgrpo.cli.preprocess --model toy --device cpu --prompts "$EVAL_PROMPTS" \
-  --output_dir "$OUTPUT_DIR/embeddings/eval" --shard_size 256
-
-# 2. GRPO
-bg_launch branchgrpo.cli.train --config "$CONFIG" --device cpu \
-  --data_json_path "$OUTPUT_DIR/embeddings/train/index.json" \
-  --eval_data_json_path "$OUTPUT_DIR/embeddings/eval/index.json" \
-  --output_dir "$OUTPUT_DIR" "$@"
+TOY_BACKBONE=toy
+TOY_TRAIN_ARGS=()  # configs/toy_$ALGO.yaml says model: toy, reward: toy
+source scripts/lib/toy.sh
