@@ -143,6 +143,7 @@ class Wan22TI2VSpec(WanSpec):
     adapter_class = Wan22TI2VAdapter
     tiny = "branchgrpo.testing.wan22_ti2v_tiny:make_tiny_wan22_ti2v"
     planner_configs = ("wan2.2-ti2v-5b",)
+    tiny_run = {"h": 32, "w": 64, "num_frames": 9, "max_sequence_length": 16}  # sides: multiples of 32
 
     def tokens_per_sample(self, adapter: Wan22TI2VAdapter, cond) -> int:
         tokens = adapter.token_mask.numel() + cond["prompt_embeds"].shape[1]  # the given frame's tokens included
@@ -182,6 +183,7 @@ class Wan22TI2VImageSpec(Wan22TI2VSpec):
     # the stored first-frame latents depend on the video's sides (not on its length: the frame is encoded alone)
     encoder_flags = WanSpec.encoder_flags + ("h", "w")
     prompt_format = "jsonl"
+    tiny_run = {"h": 96, "w": 160, "num_frames": 9, "max_sequence_length": 16}  # 5:3, the assets' first frames
 
     def prompt_encoder(self, model_path, device, settings):
         sizes = self.encoder_sizes(settings)
