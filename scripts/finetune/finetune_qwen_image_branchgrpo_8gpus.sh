@@ -7,10 +7,6 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
-VARIANT="${VARIANT:-base}"
-ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
-           --eta 0.3 --sde_kernel dance --clip_range 1e-3 --init_same_noise --tree_split_noise_scale 1.0)
 source scripts/lib/common.sh
-bg_branchgrpo_variant "$VARIANT"
-NAME="branchgrpo_${VARIANT}"
+bg_branchgrpo_tree --clip_range 1e-3 --tree_split_noise_scale 1.0
 source scripts/lib/qwen_image.sh

@@ -11,12 +11,8 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
-VARIANT="${VARIANT:-base}"
-ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
-           --eta 0.3 --sde_kernel dance --init_same_noise)
 source scripts/lib/common.sh
-bg_branchgrpo_variant "$VARIANT"
-NAME="branchgrpo_${VARIANT}"
+bg_branchgrpo_tree
 WAN_BACKBONE=wan_i2v
 WAN_CHECKPOINT="Wan2.1-I2V-14B-480P (or -720P)"
 source scripts/lib/wan.sh

@@ -142,14 +142,20 @@ bg_report_failure() {
   echo "$line" >&2
 }
 
-# BranchGRPO variants of the paper's table -> trainer flags (appended to ALGO_ARGS); VARIANT=base|widpru|deppru|mix
-bg_branchgrpo_variant() {
-  case "$1" in
+# The paper's BranchGRPO tree for a launcher: 20 steps, splits SPLIT_POINTS (0,3,6,9: 16 leaves per prompt), K = 2,
+# eta 0.3, the dance kernel, one shared initial noise per prompt, then the arguments given (a backbone's additions)
+# and VARIANT's flags (base | widpru | deppru | mix, the paper's variants); sets ALGO_ARGS and NAME.
+bg_branchgrpo_tree() {
+  VARIANT="${VARIANT:-base}"
+  ALGO_ARGS=(--algo branchgrpo --sampling_steps 20 --tree_split_points "${SPLIT_POINTS:-0,3,6,9}" --branch_factor 2
+             --eta 0.3 --sde_kernel dance --init_same_noise "$@")
+  case "$VARIANT" in
     base) ;;
     widpru) ALGO_ARGS+=(--width_pruning_mode 1) ;;
     deppru) ALGO_ARGS+=(--depth_pruning 15,16,17,18 --depth_pruning_slide --depth_pruning_slide_interval 30
                         --depth_pruning_stop_depth 9) ;;
     mix) ALGO_ARGS+=(--mix_ode_sde_tree --mix_sde_window_size 4 --mix_window_interval 30) ;;
-    *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$1')" >&2; exit 2 ;;
+    *) echo "error: VARIANT must be base, widpru, deppru or mix (got '$VARIANT')" >&2; exit 2 ;;
   esac
+  NAME="branchgrpo_${VARIANT}"
 }
