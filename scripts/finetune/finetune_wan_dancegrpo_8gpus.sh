@@ -5,8 +5,6 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO_ROOT"
-TF="${TF:-1.0}"
-ALGO_ARGS=(--algo dancegrpo --sampling_steps 20 --num_generations "${NUM_GENERATIONS:-16}" --eta 0.3 --sde_kernel dance
-           --timestep_fraction "$TF" --init_same_noise)
-NAME="dancegrpo_tf${TF}"
+source scripts/lib/common.sh
+bg_dancegrpo_group 16 20
 source scripts/lib/wan.sh

@@ -142,6 +142,17 @@ bg_report_failure() {
   echo "$line" >&2
 }
 
+# DanceGRPO's group for a launcher: GENERATIONS (the backbone's default; NUM_GENERATIONS overrides it) independent
+# SDE trajectories per prompt over STEPS sampling steps, eta 0.3, the dance kernel, one shared initial noise, the
+# first TF (1.0) of the steps trained, then the arguments given (a backbone's additions); sets ALGO_ARGS and NAME.
+bg_dancegrpo_group() {
+  local generations="$1" steps="$2"; shift 2
+  TF="${TF:-1.0}"
+  ALGO_ARGS=(--algo dancegrpo --sampling_steps "$steps" --num_generations "${NUM_GENERATIONS:-$generations}" --eta 0.3
+             --sde_kernel dance --timestep_fraction "$TF" --init_same_noise "$@")
+  NAME="dancegrpo_tf${TF}"
+}
+
 # The paper's BranchGRPO tree for a launcher: 20 steps, splits SPLIT_POINTS (0,3,6,9: 16 leaves per prompt), K = 2,
 # eta 0.3, the dance kernel, one shared initial noise per prompt, then the arguments given (a backbone's additions)
 # and VARIANT's flags (base | widpru | deppru | mix, the paper's variants); sets ALGO_ARGS and NAME.
