@@ -275,6 +275,31 @@ def test_planner_builds_the_release_on_the_meta_device(model, shipped, vision):
     assert inputs["encoder_hidden_states"].shape[1] == 512 + vision
 
 
+def test_edit_2509_planner_counts_num_sources():
+    """`--num_sources 3`: three sources' tokens in every forward (one grid each) and three vision copies in the text,
+    so the memory per GPU grows with the count; out-of-range counts are refused naming the flag."""
+    from branchgrpo.config import config_from_flags
+    from branchgrpo.planner.gpu_memory import memory_model
+    from branchgrpo.planner.memory import total_bytes
+
+    totals = []
+    for count in (1, 3):
+        cfg = config_from_flags({"model": "qwen_image_edit_plus", "h": 512, "w": 512, "num_sources": count,
+                                 "source_size": "generation"}, validate="none")
+        config, _ = cfg.model.spec.planner_config(cfg.model)
+        inputs = cfg.model.spec.planner_model(cfg.model, config, torch.bfloat16).inputs(1)
+        assert inputs["hidden_states"].shape == (2, 1024 + count * 1024, 64)
+        assert inputs["img_shapes"][0] == [(1, 32, 32)] + [(1, 32, 32)] * count
+        assert inputs["encoder_hidden_states"].shape[1] == 512 + count * 14 ** 2
+        model, _ = memory_model(cfg, {"nodes": 20, "train_forward_passes": 20}, 8, None, None)
+        totals.append(total_bytes(model, 2)[0])
+    assert totals[1] > totals[0]
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"--num_sources: need 1 to 3 source images per edit, got {bad}"):
+            config_from_flags({"model": "qwen_image_edit_plus", "num_sources": bad}, validate="none").model.backbone\
+                .validate()
+
+
 # ----- Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline), two sources per edit --------------------------------------
 
 
@@ -355,6 +380,10 @@ def test_edit_2509_velocity_takes_up_to_three_sources(adapter):
         plus.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 6, 64)})
     with pytest.raises(ValueError, match="--model qwen_image_edit takes at most 1"):
         one.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 8, 64)})
+    two = get_backbone("qwen_image_edit_plus").adapter_class(adapter.transformer, adapter.vae, SIZE, SIZE,
+                                                            num_sources=2)
+    with pytest.raises(ValueError, match="hold 1 source image\\(s\\) per edit, but --num_sources is 2"):
+        two.velocity(x, sigma, {**cond, "image_latents": torch.randn(1, 4, 64)})
 
 
 def test_edit_2509_and_edit_folders_are_told_apart(edit_dir, tmp_path):

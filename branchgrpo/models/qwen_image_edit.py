@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import torch
 
+from branchgrpo.core.flags import flag
 from branchgrpo.models import register_backbone
 from branchgrpo.models.diffusers_backbone import load_part, load_pretrained
 from branchgrpo.models.flux import pack_latents
@@ -125,9 +126,11 @@ class QwenImageEditAdapter(QwenImageAdapter):
     max_sources = 1  # source images per edit its pipeline takes
 
     def __init__(self, transformer, vae, height: int, width: int, guidance_scale: float = 4.0,
-                 scheduler_config: dict | None = None, source_size: tuple[int, int] | None = None):
+                 scheduler_config: dict | None = None, source_size: tuple[int, int] | None = None,
+                 num_sources: int | None = None):
         super().__init__(transformer, vae, height, width, guidance_scale, scheduler_config)
         self.source_h, self.source_w = source_size or (height, width)
+        self.num_sources = num_sources  # None: any number up to max_sources (Edit-2509's --num_sources)
         factor = 2 * self.vae_scale_factor
         check_sizes(SizeFlags(self.source_h, self.source_w), factor, "the source size (--source_size): 2x2 packing")
         self.source_grid = (1, self.source_h // factor, self.source_w // factor)
@@ -160,6 +163,9 @@ class QwenImageEditAdapter(QwenImageAdapter):
         if tokens // per_source > self.max_sources:
             raise ValueError(f"image_latents hold {tokens // per_source} source images, but --model {self.name} "
                              f"takes at most {self.max_sources} per edit")
+        if self.num_sources is not None and tokens // per_source != self.num_sources:
+            raise ValueError(f"image_latents hold {tokens // per_source} source image(s) per edit, but --num_sources "
+                             f"is {self.num_sources}: preprocess prompt lines with that many images, or change it")
         return source
 
 
@@ -279,7 +285,12 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
         return load_qwen_image(model_cfg.pretrained_model_name_or_path, device, dtype=dtype, height=size("h"),
                                width=size("w"), guidance_scale=size("guidance_scale"),
                                transformer_path=transformer_path, kind=self.kind,
-                               adapter_class=self.adapter_class, source_size=self.source_size(model_cfg.backbone))
+                               adapter_class=self.adapter_class, source_size=self.source_size(model_cfg.backbone),
+                               num_sources=self.planned_sources(model_cfg.backbone, default=None))
+
+    def planned_sources(self, section, default: int | None = 1) -> int | None:
+        """Source images per edit the run is declared with (Edit-2509's --num_sources), else `default`."""
+        return 1
 
     def prompt_encoder(self, model_path, device, settings):
         return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings), kind=self.kind,
@@ -290,25 +301,27 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
         return super().tokens_per_sample(adapter, cond) + (2 if adapter.uses_cfg else 1) * source
 
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
-        """Qwen-Image's, with one source's tokens in every forward ([generated ; source] image tokens, both grids in
-        `img_shapes`) and its vision tokens in the text (each more source of Edit-2509 adds as many of both)."""
+        """Qwen-Image's, with each source's tokens in every forward ([generated ; source 1 ; ...] image tokens, one
+        grid each in `img_shapes`) and each source's vision tokens in the text (Edit-2509: --num_sources of them)."""
+        num = self.planned_sources(model_cfg.backbone)
         source_h, source_w = self.source_size(model_cfg.backbone)
         source = (1, source_h // 16, source_w // 16)
         seen_h, seen_w = (source_h, source_w) if self.encoding.vision_area is None else area_size(
             self.encoding.vision_area, source_w / source_h)
-        vision = round(seen_h / 28) * round(seen_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
+        vision = num * round(seen_h / 28) * round(seen_w / 28)  # Qwen2.5-VL: 14-pixel patches merged 2x2
         model = super().planner_model(model_cfg, config, dtype, device, text_tokens + vision)
 
         def inputs(batch: int) -> dict:
             kwargs = model.inputs(batch)
             image = kwargs["hidden_states"]
             with torch.device(device):
-                tokens = torch.randn(image.shape[0], source[1] * source[2], image.shape[2], dtype=dtype)
+                tokens = torch.randn(image.shape[0], num * source[1] * source[2], image.shape[2], dtype=dtype)
             return {**kwargs, "hidden_states": torch.cat([image, tokens], dim=1),
-                    "img_shapes": [[shapes[0], source] for shapes in kwargs["img_shapes"]]}
+                    "img_shapes": [[shapes[0]] + [source] * num for shapes in kwargs["img_shapes"]]}
 
-        return model._replace(inputs=inputs, description=f"{model.description} + {source[1] * source[2]} source "
-                                                         f"tokens ({source_w}x{source_h}; {vision} vision tokens)")
+        sources = f"{num} x {source[1] * source[2]}" if num > 1 else f"{source[1] * source[2]}"
+        return model._replace(inputs=inputs, description=f"{model.description} + {sources} source tokens "
+                                                         f"({source_w}x{source_h}; {vision} vision tokens)")
 
 
 class QwenImageEditPlusAdapter(QwenImageEditAdapter):
@@ -320,14 +333,33 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
     max_sources = PLUS_MAX_SOURCES
 
 
+@dataclass
+class QwenImageEditPlusConfig(QwenImageEditConfig):
+    """Edit-2509's flags: Qwen-Image-Edit's, and how many source images each edit gives."""
+
+    num_sources: int | None = flag(None, f"source images per edit (1 to {PLUS_MAX_SOURCES}): the memory planner "
+                                   "counts this many (default 1), and training refuses prompt embeddings stored with "
+                                   "another number (default: any)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_sources is not None and not 1 <= self.num_sources <= PLUS_MAX_SOURCES:
+            raise ValueError(f"--num_sources: need 1 to {PLUS_MAX_SOURCES} source images per edit, got "
+                             f"{self.num_sources}")
+
+
 @register_backbone
 class QwenImageEditPlusSpec(QwenImageEditSpec):
     """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) with 1 to 3 source images per edit (the same number on every
     line of a prompt file); tiny stand-in: `python -m branchgrpo.make_tiny qwen_image_edit_plus DIR`."""
 
     name = "qwen_image_edit_plus"
+    Config = QwenImageEditPlusConfig
     tiny = "branchgrpo.testing.qwen_image_edit_tiny:make_tiny_qwen_image_edit_plus"
     planner_configs = ("qwen-image-edit-2509",)
     kind, encoding = QWEN_IMAGE_EDIT_PLUS, PLUS_ENCODING
     adapter_class = QwenImageEditPlusAdapter
     max_images = PLUS_MAX_SOURCES
+
+    def planned_sources(self, section, default: int | None = 1) -> int | None:
+        return default if section.num_sources is None else section.num_sources
