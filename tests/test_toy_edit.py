@@ -198,3 +198,27 @@ def test_edit_grid_rows_are_source_base_and_runs(tmp_path):
     assert Image.open(tmp_path / "grid.png").size[0] == 3 * 8 * 8
     with pytest.raises(ValueError, match="LABEL=FOLDER"):
         _main(["--out", str(tmp_path / "g.png"), "nolabel"])
+
+
+def test_edit_breakdown_rows_are_per_instruction_means_of_the_held_out_edits(tmp_path, reward):
+    """The per-instruction table: every held-out instruction kind with its sample count, the "all" row the
+    count-weighted mean of the rows and the reward's own mean; two runs equal to the base give the base's means
+    with a zero interval."""
+    from branchgrpo.bench.edit_breakdown import ALL, _main, breakdown, instruction_kind
+    from branchgrpo.bench.edit_grid import edit_results, held_out_edits
+
+    load_toy(None, "cpu", ToyEditAdapter).export(str(tmp_path / "copy"))
+    result = breakdown({"base": [None], "copies": [tmp_path / "copy"] * 2}, samples=1, steps=2, seed=0)
+    counts, base, copies = result["counts"], result["table"]["base"], result["table"]["copies"]
+    kinds = {instruction_kind(edit.render_instruction(i)) for i in edit.all_instructions()}
+    assert set(counts) == kinds | {ALL} and counts[ALL] == 40 and sum(counts.values()) == 80
+    assert sum(base[k][0] * counts[k] for k in kinds) / 40 == pytest.approx(base[ALL][0], abs=1e-6)
+    texts, cond = held_out_edits(None, 1)
+    noise = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert reward(edit_results(None, cond, noise, 2), texts, cond).mean().item() == pytest.approx(base[ALL][0])
+    assert all(copies[k][0] == pytest.approx(base[k][0]) and copies[k][1] == 0.0 for k in counts)
+    assert base[ALL][1] is None  # one run: no interval
+    _main(["--samples", "1", "--steps", "2", "--out", str(tmp_path / "t.md"), f"copy={tmp_path / 'copy'}"])
+    assert (tmp_path / "t.md").read_text().count("\n") == 2 + len(counts)
+    with pytest.raises(ValueError, match="given twice"):
+        _main([f"base={tmp_path / 'copy'}"])

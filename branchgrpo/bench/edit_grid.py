@@ -29,30 +29,44 @@ def exported_model(run: Path) -> Path:
     return run / "checkpoints" / latest.read_text().strip() / "model"
 
 
-@torch.no_grad()
-def edit_rows(models: dict[str, Path | None], num_edits: int, steps: int, seed: int) -> tuple[torch.Tensor, list]:
-    """Images `[(1 + len(models)) * num_edits, 1, 8, 8]` (row-major: sources, then each model) and row labels."""
-    from branchgrpo.core import sde
+def held_out_edits(num_edits: int | None = None, samples: int = 1) -> tuple[list[str], dict]:
+    """The first `num_edits` built-in held-out edits (all: None), each repeated `samples` times: their instructions
+    and their encoded conditioning (source pixels included)."""
     from branchgrpo.data.preprocess import read_prompts
-    from branchgrpo.models.spec import SOURCE_IMAGE_KEY
-    from branchgrpo.models.toy import load_toy
-    from branchgrpo.models.toy_edit import ToyEditAdapter, build_edit_encoder, source_pixels
-    from branchgrpo.rewards.toy_edit import ToyEditReward
-    from branchgrpo.runtime.pretrain_toy import sample_latents
+    from branchgrpo.models.toy_edit import build_edit_encoder
     from branchgrpo.toy.edit import eval_edits_path
 
     records = read_prompts(eval_edits_path(), "jsonl").items[:num_edits]
-    cond = build_edit_encoder(None, "cpu")(records)
-    texts = [r.text for r in records]
+    cond = {k: v.repeat_interleave(samples, dim=0) for k, v in build_edit_encoder(None, "cpu")(records).items()}
+    return [r.text for r in records for _ in range(samples)], cond
+
+
+@torch.no_grad()
+def edit_results(folder: Path | None, cond: dict, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """Images `[B, 1, 8, 8]` of the edit toy in `folder` (None: the shipped base) sampled by ODE from `noise`."""
+    from branchgrpo.core import sde
+    from branchgrpo.models.toy import load_toy
+    from branchgrpo.models.toy_edit import ToyEditAdapter
+    from branchgrpo.runtime.pretrain_toy import sample_latents
+
+    adapter = load_toy(folder, "cpu", ToyEditAdapter)
+    return adapter.decode(sample_latents(adapter, cond, noise, sde.make_sigmas(steps, shift=3.0)))
+
+
+def edit_rows(models: dict[str, Path | None], num_edits: int, steps: int, seed: int) -> tuple[torch.Tensor, list]:
+    """Images `[(1 + len(models)) * num_edits, 1, 8, 8]` (row-major: sources, then each model) and row labels."""
+    from branchgrpo.models.spec import SOURCE_IMAGE_KEY
+    from branchgrpo.models.toy_edit import source_pixels
+    from branchgrpo.rewards.toy_edit import ToyEditReward
+
+    texts, cond = held_out_edits(num_edits)
     reward = ToyEditReward()
-    noise = torch.randn(len(records), 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(texts), 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     rows, labels = [source_pixels(cond[SOURCE_IMAGE_KEY])], ["source"]
     for name, folder in models.items():
-        adapter = load_toy(folder, "cpu", ToyEditAdapter)
-        images = adapter.decode(sample_latents(adapter, cond, noise, sde.make_sigmas(steps, shift=3.0)))
-        score = reward(images, texts, cond).mean().item()
+        images = edit_results(folder, cond, noise, steps)
         rows.append(images)
-        labels.append(f"{name} ({score:.2f})")
+        labels.append(f"{name} ({reward(images, texts, cond).mean().item():.2f})")
     return torch.cat(rows), labels
 
 
