@@ -9,7 +9,7 @@
 #   MODEL=flux NPROC=8 MODEL_PATH=data/flux DATA_JSON=data/rl_embeddings/index.json ITERATIONS=100 \
 #     bash scripts/bench/compare_methods.sh                                  # FLUX.1-dev, one torchrun per method
 #
-#   MODEL=toy_edit SEEDS=1,2,3 ITERATIONS=10 METHODS=dancegrpo_tf1.0,branchgrpo bash scripts/bench/compare_methods.sh
+#   MODEL=toy_edit SEEDS=1,2,3,4,5 ITERATIONS=40 METHODS=dancegrpo_tf1.0,branchgrpo bash scripts/bench/compare_methods.sh
 #                                                                            # the edit toy (docs/editing.md)
 #
 # Environment (defaults): MODEL (toy | toy_edit | flux); ITERATIONS (100); METHODS (all; comma list of dancegrpo_tf1.0,
