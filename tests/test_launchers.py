@@ -1,6 +1,7 @@
 """Every FLUX and Wan launcher, as users run it, hands the trainer a configuration that the real flag parser and
 validator accept and that has the paper's settings: the launcher runs with PYTHON pointing at a shim that, instead
-of training, parses the trainer arguments with `parse_train_config` and counts them with `branchgrpo.plan`.
+of training, records the trainer arguments, which the test then parses with `parse_train_config` and counts with
+`branchgrpo.plan` (in the test's process: a launch costs the shell, not a torch import).
 (The FLUX and Wan end-to-end tests train through the BranchGRPO launchers; this covers all of them in seconds.)"""
 
 import json
@@ -17,14 +18,11 @@ pytestmark = pytest.mark.slow  # multi-process, end-to-end or model-building: no
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    """A `python` that replaces `-m branchgrpo.cli.train ARGS` by: validate ARGS, print config + plan counts."""
+    """A `python` that replaces `-m branchgrpo.cli.train ARGS` by writing ARGS (NUL-separated) to $BG_SHIM_ARGS."""
     root = tmp_path_factory.mktemp("launchers")
     script = root / "python"
-    check = ("import json, sys; from branchgrpo.config import parse_train_config; "
-             "from branchgrpo.planner.counts import count; cfg = parse_train_config(sys.argv[1:]); "
-             "print('CONFIG ' + json.dumps({'cfg': cfg.flags, 'plan': count(cfg, 0)}))")
     script.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == "-m" && "$2" == "branchgrpo.cli.train" ]]; then\n'
-                      f'  shift 2; exec {sys.executable} -c "{check}" "$@"\nfi\nexec {sys.executable} "$@"\n')
+                      f'  shift 2; printf "%s\\0" "$@" > "$BG_SHIM_ARGS"; exit 0\nfi\nexec {sys.executable} "$@"\n')
     script.chmod(0o755)
     # the launchers only check that the inputs exist
     for backbone in ("flux", "flux_kontext", "wan", "wan_i2v", "sd3", "qwen_image", "qwen_image_edit"):
@@ -38,16 +36,23 @@ def shim(tmp_path_factory):
 
 
 def launch(shim, script: str, *args: str, **env) -> dict:
+    """{"cfg": the flags the launcher hands the trainer, as the trainer's parser and validator take them; "plan": their
+    counts}."""
+    from branchgrpo.config import parse_train_config
+    from branchgrpo.planner.counts import count
+
     name = next(b for b in ("wan_i2v", "wan", "sd3", "qwen_image_edit", "qwen_image", "kontext", "flux") if b in script)
     backbone = {"kontext": "flux_kontext"}.get(name, name)
+    recorded = shim / "args"
+    recorded.unlink(missing_ok=True)
     full_env = dict(os.environ, PYTHON=str(shim / "python"), NPROC="1", MODEL_PATH=str(shim / backbone),
                     DATA_JSON=str(shim / f"{backbone}.json"), HPS_CKPT_DIR=str(shim / "hps"),
-                    OUTPUT_DIR=str(shim / "out"), **env)
+                    OUTPUT_DIR=str(shim / "out"), BG_SHIM_ARGS=str(recorded), **env)
     proc = subprocess.run(["bash", f"scripts/finetune/{script}", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("CONFIG ")][-1]
-    return json.loads(line[len("CONFIG "):])
+    assert proc.returncode == 0 and recorded.is_file(), proc.stderr[-3000:]
+    cfg = parse_train_config(recorded.read_text().split("\0")[:-1])
+    return json.loads(json.dumps({"cfg": cfg.flags, "plan": count(cfg, 0)}))
 
 
 PAPER = dict(sampling_steps=20, shift=3.0, h=720, w=720, learning_rate=1e-5, clip_range=1e-3, adv_clip_max=5.0,
