@@ -24,14 +24,13 @@ def _one_thread_and_seed():
     torch.set_num_threads(1)
 
 
-# The longest files first (measured: the video e2e files and the preemption tests take 2-3 minutes each on 2 cores):
-# with one pytest-xdist worker per core and whole files per worker (--dist loadfile), a long file started last would
-# leave the other core idle while it finishes. The rest keep their order.
-LONGEST_FIRST = ("test_wan_i2v_e2e.py", "test_wan_e2e.py", "test_flux_e2e.py", "test_sd3_e2e.py", "test_preemption.py",
-                 "test_qwen_image_e2e.py", "test_distributed.py", "test_reward_server.py", "test_flux_kontext_e2e.py",
-                 "test_wan22_e2e.py", "test_wan22_ti2v_e2e.py", "test_resume.py", "test_launchers.py", "test_bench.py",
-                 "test_compare.py", "test_dynamic.py", "test_trainer.py", "test_compile.py", "test_flow_grpo.py",
-                 "test_overlap.py")
+# The longest files first (measured with --durations=0 on 2 cores, 2026-12-07: 134 s for test_preemption.py down to
+# 22 s for test_compare.py): with one pytest-xdist worker per core and whole files per worker (--dist loadfile), a
+# long file started last would leave the other core idle while it finishes. The rest keep their order.
+LONGEST_FIRST = ("test_preemption.py", "test_flux_e2e.py", "test_wan22_e2e.py", "test_qwen_image_edit.py",
+                 "test_distributed.py", "test_wan_i2v_e2e.py", "test_wan_e2e.py", "test_reward_server.py",
+                 "test_qwen_image_e2e.py", "test_sd3_e2e.py", "test_flux_kontext_e2e.py", "test_qwen_image_edit_e2e.py",
+                 "test_resume.py", "test_wan22_ti2v_e2e.py", "test_preprocess.py", "test_compare.py")
 
 
 def pytest_collection_modifyitems(items):
