@@ -198,6 +198,8 @@ def test_edit_grid_rows_are_source_base_and_runs(tmp_path):
     assert Image.open(tmp_path / "grid.png").size[0] == 3 * 8 * 8
     with pytest.raises(ValueError, match="LABEL=FOLDER"):
         _main(["--out", str(tmp_path / "g.png"), "nolabel"])
+    with pytest.raises(ValueError, match="one folder per label"):
+        _main(["--out", str(tmp_path / "g.png"), f"copy={tmp_path / 'copy'},{tmp_path / 'copy'}"])
 
 
 def test_edit_breakdown_rows_are_per_instruction_means_of_the_held_out_edits(tmp_path, reward):

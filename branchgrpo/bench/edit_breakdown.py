@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from branchgrpo.bench.dynamic import mean_ci
-from branchgrpo.bench.edit_grid import edit_results, exported_model, held_out_edits
-from branchgrpo.runtime.entry import add_debug_flag, run_cli
+from branchgrpo.bench.edit_grid import add_sampling_flags, edit_results, held_out_edits, labelled_runs
+from branchgrpo.runtime.entry import run_cli
 
 ALL = "all edits"
 
@@ -85,21 +85,11 @@ def _main(argv: list[str]) -> None:
                                            "one method), one column each")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--samples", type=int, default=4, help="samples per held-out edit (the trainer's evaluation: 4)")
-    p.add_argument("--steps", type=int, default=20, help="ODE sampling steps (shift 3, as the trainer samples)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
-    add_debug_flag(p)
+    add_sampling_flags(p)
     args = p.parse_args(argv)
     if args.samples < 1 or args.steps < 1:
         raise ValueError("--samples and --steps: need >= 1")
-    columns: dict[str, list[Path | None]] = {"base": [None]}
-    for item in args.runs:
-        label, sep, folders = item.partition("=")
-        paths = [Path(f) for f in folders.split(",") if f]
-        if not sep or not label or not paths or not all(f.is_dir() for f in paths):
-            raise ValueError(f"runs: expected LABEL=FOLDER[,FOLDER...] with existing folders, got '{item}'")
-        if label in columns:
-            raise ValueError(f"runs: the label '{label}' is given twice")
-        columns[label] = [exported_model(f) for f in paths]
+    columns: dict[str, list[Path | None]] = {"base": [None], **labelled_runs(args.runs)}
     out = writable_file(args.out, "--out") if args.out else None
     text = format_markdown(breakdown(columns, args.samples, args.steps, args.seed),
                            {label: len(folders) for label, folders in columns.items()})

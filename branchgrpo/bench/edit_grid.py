@@ -70,6 +70,27 @@ def edit_rows(models: dict[str, Path | None], num_edits: int, steps: int, seed: 
     return torch.cat(rows), labels
 
 
+def labelled_runs(items: list[str]) -> dict[str, list[Path]]:
+    """LABEL=FOLDER[,FOLDER...] arguments -> {label: each folder's toy export (`exported_model`)}; "base" is taken."""
+    runs: dict[str, list[Path]] = {}
+    for item in items:
+        label, sep, folders = item.partition("=")
+        paths = [Path(f) for f in folders.split(",") if f]
+        if not sep or not label or not paths or not all(f.is_dir() for f in paths):
+            raise ValueError(f"runs: expected LABEL=FOLDER[,FOLDER...] with existing folders, got '{item}'")
+        if label in runs or label == "base":
+            raise ValueError(f"runs: the label '{label}' is given twice (or is 'base', the shipped model's)")
+        runs[label] = [exported_model(f) for f in paths]
+    return runs
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--steps, --seed and --debug of the edit toy's bench tools (this one, edit_breakdown)."""
+    p.add_argument("--steps", type=int, default=20, help="ODE sampling steps (shift 3, as the trainer samples)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
+    add_debug_flag(p)
+
+
 def main(argv=None) -> int:
     return run_cli(_main, argv)
 
@@ -82,18 +103,15 @@ def _main(argv: list[str]) -> None:
     p.add_argument("runs", nargs="+", help="LABEL=FOLDER: a training run or a toy_edit export, one row each")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--num_edits", type=int, default=10, help="the first N built-in held-out edits (columns)")
-    p.add_argument("--steps", type=int, default=20, help="ODE sampling steps (shift 3, as the trainer samples)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shared noise")
-    add_debug_flag(p)
+    add_sampling_flags(p)
     args = p.parse_args(argv)
     if args.num_edits < 1 or args.steps < 1:
         raise ValueError("--num_edits and --steps: need >= 1")
-    models = {"base": None}
-    for item in args.runs:
-        label, sep, folder = item.partition("=")
-        if not sep or not label or not Path(folder).is_dir():
-            raise ValueError(f"runs: expected LABEL=FOLDER with an existing folder, got '{item}'")
-        models[label] = exported_model(Path(folder))
+    runs = labelled_runs(args.runs)
+    several = [label for label, folders in runs.items() if len(folders) > 1]
+    if several:
+        raise ValueError(f"runs: one folder per label (a row each), got several for {', '.join(several)}")
+    models = {"base": None, **{label: folders[0] for label, folders in runs.items()}}
     out = writable_file(args.out, "--out")
     images, labels = edit_rows(models, args.num_edits, args.steps, args.seed)
     save_grid(images, out, columns=len(images) // len(labels), labels=labels, scale=8)
