@@ -26,12 +26,12 @@ from PIL import Image
 
 from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.config.sections import ModelConfig
-from branchgrpo.core import plans, sde
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core import sde
 from branchgrpo.data.preprocess import read_prompts
 from branchgrpo.models import get_backbone
-from branchgrpo.models.base import velocity_fn
 from branchgrpo.models.flux_kontext import FluxKontextAdapter, source_resolution
+
+from trainer_utils import ode_chains
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_PROMPTS = REPO / "assets" / "edit_prompts.jsonl"
@@ -88,12 +88,7 @@ def pipe(kontext_dir):
 
 def _rollout(adapter, cond, steps):
     """The trainer's sampler at eta = 0 (one ODE chain per prompt), with the pipeline's shift: (noise, final)."""
-    sigmas = sde.make_sigmas(steps, mu=adapter.mu())
-    graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity_fn(adapter, cond), sigmas,
-                        sde.Kernel("dance", 0.3), NoiseKeys(0, 0, tuple(range(len(cond["image_latents"])))),
-                        adapter.latent_shape, "cpu",
-                        keep_all_latents=True)
-    return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves)
+    return ode_chains(adapter, cond, sde.make_sigmas(steps, mu=adapter.mu()), len(cond["image_latents"]))
 
 
 def _pipeline(pipe, image, noise, cond, row, steps, auto_resize=False):

@@ -22,11 +22,9 @@ import pytest
 import torch
 
 from branchgrpo.cli.make_tiny import make_tiny
-from branchgrpo.core import plans, sde
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core import sde
 from branchgrpo.data.embeddings import with_extras
 from branchgrpo.models import get_backbone
-from branchgrpo.models.base import velocity_fn
 from branchgrpo.models.qwen_image import (
     PROMPT_TEMPLATE,
     TEMPLATE_TOKENS,
@@ -34,6 +32,8 @@ from branchgrpo.models.qwen_image import (
     build_prompt_encoder,
     load_qwen_image,
 )
+
+from trainer_utils import ode_chains
 
 HEIGHT, WIDTH = 64, 48  # non-square on purpose: packing or rotary-grid order errors show up as mismatches
 PROMPTS = ["a red cat sitting on a wooden table",
@@ -81,10 +81,7 @@ def adapter(qwen_dir):
 def _rollout(adapter, cond, steps):
     """The trainer's sampler at eta = 0 on the dynamic schedule (one ODE chain per prompt): (noise, final latents)."""
     sigmas = sde.make_sigmas(steps, mu=adapter.mu(), shift_terminal=adapter.shift_terminal)
-    graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity_fn(adapter, cond), sigmas,
-                        sde.Kernel("dance", 0.3), NoiseKeys(0, 0, (0, 1)), adapter.latent_shape, "cpu",
-                        keep_all_latents=True)
-    return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves), sigmas
+    return (*ode_chains(adapter, cond, sigmas, 2), sigmas)
 
 
 def _pipeline(pipe, noise, steps, guidance, output_type="latent"):

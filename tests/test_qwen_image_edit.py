@@ -25,12 +25,12 @@ import torch
 
 from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.config.sections import ModelConfig
-from branchgrpo.core import plans, sde
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core import sde
 from branchgrpo.data.preprocess import read_prompts
 from branchgrpo.models import get_backbone
-from branchgrpo.models.base import velocity_fn
 from branchgrpo.models.qwen_image_edit import EDIT_TEMPLATE, TEMPLATE_TOKENS, source_resolution
+
+from trainer_utils import ode_chains
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 ASSET_PROMPTS = REPO / "assets" / "edit_prompts.jsonl"
@@ -90,10 +90,7 @@ def pipe(edit_dir):
 def _rollout(adapter, cond, steps):
     """The trainer's sampler at eta = 0 on the dynamic schedule (one ODE chain per prompt): (noise, final, sigmas)."""
     sigmas = sde.make_sigmas(steps, mu=adapter.mu(), shift_terminal=adapter.shift_terminal)
-    graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity_fn(adapter, cond), sigmas,
-                        sde.Kernel("dance", 0.3), NoiseKeys(0, 0, tuple(range(len(cond["image_latents"])))),
-                        adapter.latent_shape, "cpu", keep_all_latents=True)
-    return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves), sigmas
+    return (*ode_chains(adapter, cond, sigmas, len(cond["image_latents"])), sigmas)
 
 
 def load_source(path):

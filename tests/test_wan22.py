@@ -27,6 +27,8 @@ from branchgrpo.models import get_backbone
 from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, load_wan
 from branchgrpo.models.wan22 import load_wan22
 
+from trainer_utils import ode_chains
+
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 9, 32, 48
 PROMPTS = ["a red cat sitting on a wooden table", "an astronaut riding a horse in the desert at sunset"]
@@ -89,19 +91,7 @@ def _pipeline_run(pipe, x, cond, steps):
 
 def _rollout(adapter, cond, steps):
     """The trainer's rollout code on one ODE chain per prompt: (initial noise, final latents)."""
-    from branchgrpo.core import plans
-    from branchgrpo.core.rollout import NoiseKeys, run_rollout
-    from branchgrpo.models.base import gather_cond
-
-    def velocity(x, sigma, prompt):
-        return adapter.velocity(x, sigma, gather_cond(cond, prompt))
-
-    with torch.no_grad():
-        graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity, sde.make_sigmas(steps, shift=SHIFT),
-                            sde.Kernel("dance", 0.3), NoiseKeys(5, 0, (0, 1)), adapter.latent_shape, "cpu",
-                            batch_size=8, keep_all_latents=True)
-    roots = torch.nonzero(graph.parent < 0).flatten()
-    return graph.node_latents(roots), graph.node_latents(graph.leaves)
+    return ode_chains(adapter, cond, sde.make_sigmas(steps, shift=SHIFT), 2, seed=5, batch_size=8)
 
 
 @pytest.mark.slow

@@ -21,13 +21,14 @@ import pytest
 import torch
 
 from branchgrpo.cli.make_tiny import make_tiny
-from branchgrpo.core import plans, sde
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+from branchgrpo.core import sde
 from branchgrpo.data.preprocess import PromptRecord
 from branchgrpo.models import get_backbone
-from branchgrpo.models.base import decode_media, gather_cond
+from branchgrpo.models.base import decode_media
 from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, WanAdapter, load_wan
 from branchgrpo.models.wan22_ti2v import Wan22TI2VAdapter, Wan22TI2VImageAdapter
+
+from trainer_utils import ode_chains
 
 pytestmark = pytest.mark.slow  # every test builds or loads the tiny pipeline
 
@@ -97,16 +98,7 @@ def _load(folder, adapter_class=Wan22TI2VAdapter, **kwargs):
 
 def _rollout(adapter, cond, steps):
     """The trainer's rollout code on one ODE chain per prompt: (initial noise, final latents)."""
-
-    def velocity(x, sigma, prompt):
-        return adapter.velocity(x, sigma, gather_cond(cond, prompt))
-
-    with torch.no_grad():
-        graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity, sde.make_sigmas(steps, shift=SHIFT),
-                            sde.Kernel("dance", 0.3), NoiseKeys(5, 0, (0, 1)), adapter.latent_shape, "cpu",
-                            batch_size=8, keep_all_latents=True)
-    roots = torch.nonzero(graph.parent < 0).flatten()
-    return graph.node_latents(roots), graph.node_latents(graph.leaves)
+    return ode_chains(adapter, cond, sde.make_sigmas(steps, shift=SHIFT), 2, seed=5, batch_size=8)
 
 
 def _our_grid(pipe, steps):

@@ -26,16 +26,16 @@ import pytest
 import torch
 from PIL import Image
 
-from branchgrpo.core import plans, sde
+from branchgrpo.core import sde
 from branchgrpo.data.embeddings import EmbeddingStore, with_extras
 from branchgrpo.data.preprocess import read_prompts, run_preprocess
 from branchgrpo.cli.make_tiny import make_tiny
 from branchgrpo.models import get_backbone
-from branchgrpo.models.base import velocity_fn
 from branchgrpo.models.wan import DEFAULT_NEGATIVE_PROMPT, load_wan
 from branchgrpo.models.wan_i2v import WanI2VAdapter, load_image
 from branchgrpo.rewards.base import RewardSet, build_reward, decode_and_score
-from branchgrpo.core.rollout import NoiseKeys, run_rollout
+
+from trainer_utils import ode_chains
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_PROMPTS = REPO / "assets" / "i2v_prompts.jsonl"
@@ -91,11 +91,7 @@ def pipe(i2v_dir):
 
 def _rollout(adapter, cond, steps=STEPS):
     """The trainer's sampler at eta = 0 (one ODE chain per prompt): (initial noise, final latents)."""
-    sigmas = sde.make_sigmas(steps, shift=adapter.native_shift)
-    graph = run_rollout(plans.group_plan(steps, 1, sde_steps=[]), velocity_fn(adapter, cond), sigmas,
-                        sde.Kernel("dance", 0.3), NoiseKeys(0, 0, (0, 1)), adapter.latent_shape, "cpu",
-                        keep_all_latents=True)
-    return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves)
+    return ode_chains(adapter, cond, sde.make_sigmas(steps, shift=adapter.native_shift), 2)
 
 
 def _pipeline(pipe, record, noise, cond, row, guidance, steps=STEPS):

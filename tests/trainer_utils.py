@@ -1,4 +1,5 @@
-"""Helpers for the trainer tests: toy embeddings on disk and small, fast training runs on the shipped toy model."""
+"""Helpers for the trainer tests: toy embeddings on disk, small, fast training runs on the shipped toy model, and the
+trainer's rollout as the backbone parity tests run it."""
 
 from __future__ import annotations
 
@@ -109,3 +110,20 @@ def processes_naming(text: str) -> list[int]:
         if state != "Z" and text.encode() in cmd:
             found.append(int(entry.name))
     return found
+
+
+def ode_chains(adapter, cond: dict, sigmas: torch.Tensor, num_prompts: int, seed: int = 0,
+               batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's rollout code at eta = 0 (what the backbones' parity tests compare with their pipelines): one ODE
+    chain per prompt of `cond` on `sigmas`, the initial noise keyed by (seed, prompt), through the trainer's velocity
+    closure. Returns (initial noise, final latents), one row per prompt."""
+    from branchgrpo.core import plans, sde
+    from branchgrpo.core.rollout import NoiseKeys, run_rollout
+    from branchgrpo.models.base import velocity_fn
+
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    with torch.no_grad():
+        graph = run_rollout(plans.group_plan(len(sigmas) - 1, 1, sde_steps=[]), velocity_fn(adapter, cond), sigmas,
+                            sde.Kernel("dance", 0.3), NoiseKeys(seed, 0, tuple(range(num_prompts))),
+                            adapter.latent_shape, "cpu", keep_all_latents=True, **sizes)
+    return graph.node_latents(torch.nonzero(graph.parent < 0).flatten()), graph.node_latents(graph.leaves)

@@ -286,11 +286,11 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
                                width=size("w"), guidance_scale=size("guidance_scale"),
                                transformer_path=transformer_path, kind=self.kind,
                                adapter_class=self.adapter_class, source_size=self.source_size(model_cfg.backbone),
-                               num_sources=self.planned_sources(model_cfg.backbone, default=None))
+                               num_sources=self.declared_sources(model_cfg.backbone))
 
-    def planned_sources(self, section, default: int | None = 1) -> int | None:
-        """Source images per edit the run is declared with (Edit-2509's --num_sources), else `default`."""
-        return 1
+    def declared_sources(self, section) -> int | None:
+        """Source images per edit the run declares (Edit-2509's --num_sources); None: not declared (any number)."""
+        return None
 
     def prompt_encoder(self, model_path, device, settings):
         return build_edit_encoder(model_path, device, settings, **self.encoder_sizes(settings), kind=self.kind,
@@ -303,7 +303,7 @@ class QwenImageEditSpec(EditSpec, QwenImageSpec):
     def planner_model(self, model_cfg, config, dtype, device="meta", text_tokens=512) -> PlannerModel:
         """Qwen-Image's, with each source's tokens in every forward ([generated ; source 1 ; ...] image tokens, one
         grid each in `img_shapes`) and each source's vision tokens in the text (Edit-2509: --num_sources of them)."""
-        num = self.planned_sources(model_cfg.backbone)
+        num = self.declared_sources(model_cfg.backbone) or 1
         source_h, source_w = self.source_size(model_cfg.backbone)
         source = (1, source_h // 16, source_w // 16)
         seen_h, seen_w = (source_h, source_w) if self.encoding.vision_area is None else area_size(
@@ -361,5 +361,5 @@ class QwenImageEditPlusSpec(QwenImageEditSpec):
     adapter_class = QwenImageEditPlusAdapter
     max_images = PLUS_MAX_SOURCES
 
-    def planned_sources(self, section, default: int | None = 1) -> int | None:
-        return default if section.num_sources is None else section.num_sources
+    def declared_sources(self, section) -> int | None:
+        return section.num_sources
